@@ -1,0 +1,1 @@
+"""Contracts of tgis: the client (``fmaas``) and shard gRPC protocols and the plugin hooks."""

@@ -1,0 +1,1 @@
+"""The tgis router and launcher: client gRPC API, batching, detokenization, metrics. No torch."""

@@ -1,0 +1,133 @@
+"""A request between its arrival and its last token: detokenizes, checks stopping, emits events."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Collection, Sequence
+
+from tgis_proto import shard_pb2 as pb
+from tgis_router import metrics
+from tgis_router.detokenize import IncrementalDetokenizer
+from tgis_router.events import Event, Finish, InputTokens, NewToken, TokenDetail
+from tgis_router.requests import StopReason, ValidatedRequest
+from tgis_router.stopping import token_stop_reason
+from tgis_router.tokenization import TokenizerPool
+
+
+class ActiveRequest:
+    def __init__(
+        self,
+        request_id: int,
+        request: ValidatedRequest,
+        tokenizer: TokenizerPool,
+        eos_token_ids: Collection[int],
+        skip_special_tokens: bool,
+        kind: str,
+    ):
+        self.id = request_id
+        self.request = request
+        self.kind = kind
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.arrival = time.monotonic()
+        self.generated = 0
+        self.finished = False
+        self._tokenizer = tokenizer
+        self._eos_token_ids = eos_token_ids
+        self._detokenizer = IncrementalDetokenizer(tokenizer.tokenizer, request.input_ids, skip_special_tokens)
+        self._prefill_at: float | None = None
+        self._last_token_at: float | None = None
+
+    def to_shard_request(self) -> pb.Request:
+        params = self.request.params
+        sampling = params.sampling
+        response = params.response
+        lp = params.length_penalty
+        return pb.Request(
+            id=self.id,
+            input_ids=self.request.input_ids,
+            max_new_tokens=self.request.max_new_tokens,
+            chooser=pb.NextTokenChooser(
+                sample=params.sample,
+                temperature=sampling.temperature,
+                top_k=sampling.top_k,
+                top_p=sampling.top_p,
+                typical_p=sampling.typical_p,
+                seed=self.request.seed,
+                repetition_penalty=params.repetition_penalty,
+                length_penalty=lp is not None,
+                length_penalty_start=lp.start_index if lp else 0,
+                length_penalty_decay=lp.decay_factor if lp else 0.0,
+                min_new_tokens=params.min_new_tokens,
+            ),
+            details=pb.TokenDetailOptions(
+                logprobs=response.token_logprobs,
+                ranks=response.token_ranks,
+                top_n=response.top_n_tokens,
+                input_tokens=response.input_tokens,
+            ),
+        )
+
+    def started(self) -> None:
+        """Called when the request's prefill is sent."""
+        self._prefill_at = time.monotonic()
+        metrics.request_queue_duration.observe(self._prefill_at - self.arrival)
+
+    def _detail(self, token: pb.Token) -> TokenDetail:
+        return TokenDetail(
+            text=self._tokenizer.id_to_token(token.id),
+            logprob=token.logprob,
+            rank=token.rank,
+            top_tokens=tuple((self._tokenizer.id_to_token(t.id), t.logprob) for t in token.top_tokens),
+        )
+
+    def add_input_tokens(self, details: Sequence[pb.Token]) -> None:
+        """Emits the input tokens; details (logprobs) are present when the shard computed them."""
+        tokens = tuple(
+            self._detail(details[i]) if i < len(details) else TokenDetail(self._tokenizer.id_to_token(token_id))
+            for i, token_id in enumerate(self.request.input_ids)
+        )
+        self.events.put_nowait(InputTokens(tokens))
+
+    def add_token(self, token: pb.Token) -> bool:
+        """Records one generated token; True when the request is now finished."""
+        if self.finished:
+            return True
+        now = time.monotonic()
+        if self._last_token_at is None:
+            metrics.request_time_to_first_token.observe(now - self.arrival)
+        else:
+            metrics.request_inter_token_latency.observe(now - self._last_token_at)
+        self._last_token_at = now
+        self.generated += 1
+        text = self._detokenizer.add(token.id)
+        reason = token_stop_reason(self.request, token.id, self.generated, self._eos_token_ids)
+        finish = Finish(reason) if reason is not None else None
+        self.events.put_nowait(NewToken(text, self.generated, self._detail(token), finish))
+        if finish is not None:
+            self._finished(finish)
+        return self.finished
+
+    def finish(self, reason: StopReason, error: str | None = None) -> None:
+        """Ends the request without a token (error, time limit, shutdown)."""
+        if not self.finished:
+            finish = Finish(reason, error=error)
+            self.events.put_nowait(finish)
+            self._finished(finish)
+
+    def cancel(self) -> None:
+        """The client left: stop generating; nobody reads events any more."""
+        if not self.finished:
+            self._finished(Finish(StopReason.CANCELLED))
+
+    def _finished(self, finish: Finish) -> None:
+        self.finished = True
+        now = time.monotonic()
+        if finish.reason == StopReason.ERROR:
+            metrics.request_failure.labels(err="generate").inc()
+        else:
+            metrics.request_success.labels(stop_reason=finish.reason.name, kind=self.kind).inc()
+        metrics.request_generated_tokens.observe(self.generated)
+        metrics.request_duration.observe(now - self.arrival)
+        if self._prefill_at is not None:
+            metrics.request_inference_duration.observe(now - self._prefill_at)

@@ -1,0 +1,212 @@
+"""Launcher and router options: flags with upper-cased env-var equivalents, parsed once."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+class ConfigError(Exception):
+    """A bad option value; the message is one line naming the option."""
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise ValueError(f"must be > 0, got {number}")
+    return number
+
+
+def _fraction(value: str) -> float:
+    number = float(value)
+    if not 0.0 <= number <= 1.0:
+        raise ValueError(f"must be between 0 and 1, got {number}")
+    return number
+
+
+def _percent(value: str) -> int:
+    number = int(value)
+    if not 0 <= number < 100:
+        raise ValueError(f"must be a percentage in [0, 100), got {number}")
+    return number
+
+
+def _port(value: str) -> int:
+    number = int(value)
+    if not 0 < number < 65536:
+        raise ValueError(f"must be a port number, got {number}")
+    return number
+
+
+def _dtype(value: str) -> str:
+    if value not in DTYPES:
+        raise ValueError(f"must be one of {', '.join(DTYPES)}, got {value!r}")
+    return value
+
+
+def _log_level(value: str) -> str:
+    level = value.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError(f"unknown log level {value!r}")
+    return level
+
+
+@dataclass(frozen=True)
+class Option:
+    field: str
+    parse: Callable[[str], Any]
+    help: str
+
+    @property
+    def env(self) -> str:
+        return self.field.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class LauncherConfig:
+    """Every option of text-generation-launcher; built once by :func:`parse_config`."""
+
+    model_name: str = DEFAULT_MODEL
+    revision: str | None = None
+    deployment_framework: str = "hf_transformers"
+    dtype_str: str | None = None
+    num_gpus: int | None = None
+    num_shard: int | None = None
+    max_concurrent_requests: int = 512
+    max_sequence_length: int | None = None
+    max_new_tokens: int = 1024
+    max_batch_size: int = 12
+    max_prefill_padding: float = 0.2
+    batch_safety_margin: int = 20
+    max_waiting_tokens: int = 24
+    port: int = 3000
+    grpc_port: int = 8033
+    shard_uds_path: str = "/tmp/tgis-shard"
+    master_addr: str = "localhost"
+    master_port: int = 29500
+    tls_cert_path: str | None = None
+    tls_key_path: str | None = None
+    tls_client_ca_cert_path: str | None = None
+    output_special_tokens: bool = False
+    default_include_stop_seqs: bool = True
+    prefix_store_path: str | None = None
+    prompt_cache_size_mb: int = 512
+    pt2_compile: bool = False
+    estimate_memory: str = "auto"
+    tgis_plugins: str | None = None
+    json_output: bool = False
+    log_level: str = "INFO"
+    tokenizer_workers: int = 2
+    shard_torch_threads: int | None = None
+    cuda_visible_devices: str | None = None
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("model_name", str, "local model folder or hub id already in the HF cache"),
+    Option("revision", str, "hub revision of MODEL_NAME"),
+    Option("deployment_framework", str, "engine: hf_transformers, tgis_native (hf_custom_tp), ..."),
+    Option("dtype_str", _dtype, "float32, float16 or bfloat16 (CPU default float32)"),
+    Option("num_gpus", _positive_int, "number of shards (one per GPU)"),
+    Option("num_shard", _positive_int, "same as NUM_GPUS"),
+    Option("max_concurrent_requests", _positive_int, "inputs in flight (queued + running) before refusing"),
+    Option("max_sequence_length", _positive_int, "input + output token limit (default from config.json)"),
+    Option("max_new_tokens", _positive_int, "largest max_new_tokens a request may ask for"),
+    Option("max_batch_size", _positive_int, "most requests decoding together"),
+    Option("max_prefill_padding", _fraction, "largest fraction of padding in a prefill batch"),
+    Option("batch_safety_margin", _percent, "percent of free memory kept out of the batch weight limit"),
+    Option("max_waiting_tokens", _positive_int, "decode steps a waiting request may be passed over"),
+    Option("port", _port, "HTTP port for /health and /metrics"),
+    Option("grpc_port", _port, "gRPC port of fmaas.GenerationService"),
+    Option("shard_uds_path", str, "unix socket path prefix of the shards ({path}-{rank})"),
+    Option("master_addr", str, "torch.distributed master address"),
+    Option("master_port", _port, "torch.distributed master port"),
+    Option("tls_cert_path", str, "server certificate (PEM) to serve gRPC over TLS"),
+    Option("tls_key_path", str, "server private key (PEM)"),
+    Option("tls_client_ca_cert_path", str, "CA certificate (PEM) to require client certificates (mTLS)"),
+    Option("output_special_tokens", _bool, "keep special tokens in generated text"),
+    Option("default_include_stop_seqs", _bool, "include the matched stop sequence in text by default"),
+    Option("prefix_store_path", str, "folder of prompt prefixes (PEFT prompt tuning)"),
+    Option("prompt_cache_size_mb", _positive_int, "memory for cached prompt prefixes"),
+    Option("pt2_compile", _bool, "compile the model with torch.compile"),
+    Option("estimate_memory", str, "auto, manual or off"),
+    Option("tgis_plugins", str, "comma-separated allow-list of installed plugins to load"),
+    Option("json_output", _bool, "log as JSON lines"),
+    Option("log_level", _log_level, "DEBUG, INFO, WARNING, ERROR"),
+    Option("tokenizer_workers", _positive_int, "threads tokenizing requests off the event loop"),
+    Option("shard_torch_threads", _positive_int, "torch threads per shard process (default: torch's)"),
+    Option("cuda_visible_devices", str, "GPUs the shards may use"),
+)
+
+
+def _arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="text-generation-launcher",
+        description="Starts the model shards and the gRPC router. Every flag has an env-var "
+        "equivalent: --max-batch-size is MAX_BATCH_SIZE; a flag wins over its env var.",
+    )
+    for option in OPTIONS:
+        parser.add_argument(option.flag, dest=option.field, default=None, help=f"{option.help} [{option.env}]")
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> LauncherConfig:
+    """Flags win over env vars, env vars over defaults; each value is checked here, once."""
+    environ = os.environ if environ is None else environ
+    args = _arg_parser().parse_args(argv)
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        raw = getattr(args, option.field)
+        source = option.flag
+        if raw is None and option.env in environ:
+            raw, source = environ[option.env], option.env
+        if raw is None or (raw == "" and option.field != "cuda_visible_devices"):
+            continue
+        try:
+            values[option.field] = option.parse(raw)
+        except ValueError as e:
+            raise ConfigError(f"invalid value for {source}: {e}") from None
+    config = LauncherConfig(**values)
+    _check(config)
+    return config
+
+
+def _check(config: LauncherConfig) -> None:
+    if config.num_gpus and config.num_shard and config.num_gpus != config.num_shard:
+        raise ConfigError(f"NUM_GPUS ({config.num_gpus}) and NUM_SHARD ({config.num_shard}) disagree")
+    if bool(config.tls_cert_path) != bool(config.tls_key_path):
+        raise ConfigError("TLS_CERT_PATH and TLS_KEY_PATH must be given together")
+    if config.tls_client_ca_cert_path and not config.tls_cert_path:
+        raise ConfigError("TLS_CLIENT_CA_CERT_PATH needs TLS_CERT_PATH and TLS_KEY_PATH")
+    if config.estimate_memory not in ("auto", "manual", "off"):
+        raise ConfigError(
+            f"invalid value for ESTIMATE_MEMORY: must be auto, manual or off, got {config.estimate_memory!r}"
+        )
+    if config.port == config.grpc_port:
+        raise ConfigError(f"PORT and GRPC_PORT are both {config.port}")
+
+
+def num_shards(config: LauncherConfig) -> int:
+    """NUM_GPUS/NUM_SHARD, else the devices in CUDA_VISIBLE_DEVICES (empty means 1), else 1."""
+    if config.num_gpus or config.num_shard:
+        return config.num_gpus or config.num_shard or 1
+    devices = [d for d in (config.cuda_visible_devices or "").split(",") if d.strip()]
+    return max(1, len(devices))

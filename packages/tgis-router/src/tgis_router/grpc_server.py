@@ -1,0 +1,178 @@
+"""fmaas.GenerationService: validation, admission, and answers assembled from request events."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator, Collection
+from dataclasses import dataclass
+
+import grpc
+
+from tgis_proto import generation_pb2 as fmaas
+from tgis_proto import generation_pb2_grpc as fmaas_grpc
+from tgis_router import metrics
+from tgis_router.active import ActiveRequest
+from tgis_router.errors import OverloadedError, RouterError, ValidationError
+from tgis_router.queue import RequestQueue
+from tgis_router.responses import stream_responses, unary_response
+from tgis_router.tokenization import TokenizerPool
+from tgis_router.validation import Limits, validate_input, validate_params
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    encoder_decoder: bool
+    eos_token_ids: frozenset[int]
+    max_sequence_length: int
+    max_new_tokens: int
+
+
+class GenerationService(fmaas_grpc.GenerationServiceServicer):
+    def __init__(
+        self,
+        model: ModelFacts,
+        limits: Limits,
+        tokenizer: TokenizerPool,
+        queue: RequestQueue,
+        max_concurrent_requests: int,
+        output_special_tokens: bool,
+    ):
+        self._model = model
+        self._limits = limits
+        self._tokenizer = tokenizer
+        self._queue = queue
+        self._max_concurrent = max_concurrent_requests
+        self._skip_special_tokens = not output_special_tokens
+        self._in_flight = 0
+        self._request_ids = itertools.count(1)
+
+    def _admit(self, n: int) -> None:
+        if self._in_flight + n > self._max_concurrent:
+            raise OverloadedError()
+        self._in_flight += n
+        metrics.requests_in_flight.set(self._in_flight)
+
+    def _release(self, n: int) -> None:
+        self._in_flight -= n
+        metrics.requests_in_flight.set(self._in_flight)
+
+    async def _submit(
+        self, texts: list[str], prefix_id: str | None, params: fmaas.Parameters, kind: str
+    ) -> list[ActiveRequest]:
+        """Validates the call as a whole, then queues every input; nothing is queued on error."""
+        if prefix_id:
+            raise ValidationError(
+                f"can't retrieve prompt prefix with id '{prefix_id}': prefix id \"{prefix_id}\" not found"
+            )
+        generation_params = validate_params(params, self._limits)
+        tokenized = await self._tokenizer.encode(texts, keep_last=generation_params.truncate_input_tokens)
+        validated = [
+            validate_input(text, t.ids, generation_params, self._limits)
+            for text, t in zip(texts, tokenized, strict=True)
+        ]
+        entries = [
+            ActiveRequest(
+                next(self._request_ids),
+                request,
+                self._tokenizer,
+                self._model.eos_token_ids,
+                self._skip_special_tokens,
+                kind,
+            )
+            for request in validated
+        ]
+        for entry in entries:
+            metrics.request_input_length.observe(len(entry.request.input_ids))
+            self._queue.put(entry)
+        return entries
+
+    @property
+    def _separator(self) -> str:
+        return "\n\n" if self._model.encoder_decoder else ""
+
+    async def Generate(
+        self, request: fmaas.BatchedGenerationRequest, context: grpc.aio.ServicerContext
+    ) -> fmaas.BatchedGenerationResponse:
+        n = len(request.requests)
+        metrics.request_count.labels(kind="batch").inc(n)
+        if n == 0:
+            return fmaas.BatchedGenerationResponse()
+        entries: list[ActiveRequest] = []
+        try:
+            self._admit(n)
+            try:
+                prefix_id = request.prefix_id if request.HasField("prefix_id") else None
+                entries = await self._submit([r.text for r in request.requests], prefix_id, request.params, "batch")
+                responses = await asyncio.gather(*(unary_response(e, self._separator) for e in entries))
+                return fmaas.BatchedGenerationResponse(responses=responses)
+            finally:
+                _cancel_unfinished(entries)
+                self._release(n)
+        except RouterError as e:
+            await _abort(context, e)
+            raise  # abort raised already; this line only satisfies the type checker
+
+    async def GenerateStream(
+        self, request: fmaas.SingleGenerationRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[fmaas.GenerationResponse]:
+        metrics.request_count.labels(kind="stream").inc()
+        entries: list[ActiveRequest] = []
+        try:
+            self._admit(1)
+            try:
+                prefix_id = request.prefix_id if request.HasField("prefix_id") else None
+                entries = await self._submit([request.request.text], prefix_id, request.params, "stream")
+                async for message in stream_responses(entries[0]):
+                    yield message
+            finally:
+                _cancel_unfinished(entries)
+                self._release(1)
+        except RouterError as e:
+            await _abort(context, e)
+
+    async def Tokenize(
+        self, request: fmaas.BatchedTokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> fmaas.BatchedTokenizeResponse:
+        texts = [r.text for r in request.requests]
+        if not texts:
+            return fmaas.BatchedTokenizeResponse()
+        encoded = await self._tokenizer.encode(texts, keep_last=request.truncate_input_tokens)
+        responses = []
+        for e in encoded:
+            response = fmaas.TokenizeResponse(token_count=len(e.ids))
+            if request.return_tokens:
+                response.tokens.extend(e.tokens)
+            if request.return_offsets:
+                response.offsets.extend(fmaas.TokenizeResponse.Offset(start=s, end=end) for s, end in e.offsets)
+            responses.append(response)
+        return fmaas.BatchedTokenizeResponse(responses=responses)
+
+    async def ModelInfo(
+        self, request: fmaas.ModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> fmaas.ModelInfoResponse:
+        kind = (
+            fmaas.ModelInfoResponse.ENCODER_DECODER
+            if self._model.encoder_decoder
+            else fmaas.ModelInfoResponse.DECODER_ONLY
+        )
+        return fmaas.ModelInfoResponse(
+            model_kind=kind,
+            max_sequence_length=self._model.max_sequence_length,
+            max_new_tokens=self._model.max_new_tokens,
+        )
+
+
+def _cancel_unfinished(entries: Collection[ActiveRequest]) -> None:
+    # Reached on normal return too, where every entry is finished and this does nothing.
+    for entry in entries:
+        entry.cancel()
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: RouterError) -> None:
+    label = type(error).__name__.removesuffix("Error").lower()
+    metrics.request_failure.labels(err=label).inc()
+    await context.abort(error.status, str(error))

@@ -1,0 +1,52 @@
+"""HTTP port: /metrics (Prometheus) and /health (200 only when every shard computes)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import make_wsgi_app
+
+log = logging.getLogger(__name__)
+
+_HEALTH_TIMEOUT_S = 60.0
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        log.debug(format, *args)
+
+
+def start_http_server(
+    port: int, health: Callable[[], Awaitable[None]], loop: asyncio.AbstractEventLoop
+) -> _ThreadingWSGIServer:
+    """Serves in a daemon thread; health checks run on the router's event loop."""
+    metrics_app = make_wsgi_app()
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            return metrics_app(environ, start_response)
+        if path == "/health":
+            try:
+                asyncio.run_coroutine_threadsafe(health(), loop).result(timeout=_HEALTH_TIMEOUT_S)
+            except Exception as e:
+                start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+                return [f"unhealthy: {e}\n".encode()]
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"ok\n"]
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found\n"]
+
+    server = make_server("0.0.0.0", port, app, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    return server

@@ -1,0 +1,221 @@
+"""``text-generation-launcher``: prepares the model, starts the shards and the router, watches them.
+
+Exits non-zero (after stopping the rest) when any child dies; forwards SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tgis_proto.plugins import PluginError, Registry, load_registry
+from tgis_router.config import ConfigError, LauncherConfig, num_shards, parse_config
+from tgis_router.router import ModelSetup, run_router
+from tgis_router.shard_client import ShardClient
+
+log = logging.getLogger("tgis_router.launcher")
+
+SHARD_READY_TIMEOUT_S = 1800.0
+SHARD_STOP_TIMEOUT_S = 10.0
+
+
+class LaunchError(Exception):
+    """Start-up cannot continue; the message is one line for the user."""
+
+
+def _server_command() -> list[str]:
+    executable = shutil.which("text-generation-server")
+    return [executable] if executable else [sys.executable, "-m", "tgis_shard.cli"]
+
+
+def _model_args(config: LauncherConfig) -> list[str]:
+    args = [config.model_name, "--deployment-framework", config.deployment_framework]
+    if config.revision:
+        args += ["--revision", config.revision]
+    return args
+
+
+def _check_plugins(config: LauncherConfig, registry: Registry) -> None:
+    try:
+        engine = registry.engine(config.deployment_framework)
+    except PluginError as e:
+        raise LaunchError(str(e)) from None
+    if not engine.needs_model_family and engine.name == "hf_transformers" and num_shards(config) > 1:
+        raise LaunchError(
+            f"engine hf_transformers runs on one device but {num_shards(config)} shards were asked; "
+            "use DEPLOYMENT_FRAMEWORK=tgis_native to shard a model"
+        )
+
+
+async def _prepare(config: LauncherConfig) -> dict:
+    """Runs ``text-generation-server prepare`` (which may convert the embedded model once)."""
+    process = await asyncio.create_subprocess_exec(
+        *_server_command(),
+        "prepare",
+        *_model_args(config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=_child_env(config),
+    )
+    stdout, stderr = await process.communicate()
+    if process.returncode != 0:
+        lines = [line for line in stderr.decode(errors="replace").splitlines() if line.strip()]
+        last = lines[-1].removeprefix("text-generation-server: error: ") if lines else ""
+        raise LaunchError(last or f"model preparation failed with code {process.returncode}")
+    return json.loads(stdout.decode().strip().splitlines()[-1])
+
+
+def _child_env(config: LauncherConfig, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["LOG_LEVEL"] = config.log_level
+    if config.tgis_plugins:
+        env["TGIS_PLUGINS"] = config.tgis_plugins
+    env.update(extra)
+    return env
+
+
+async def _start_shards(
+    config: LauncherConfig, model_dir: str, max_sequence_length: int
+) -> list[asyncio.subprocess.Process]:
+    world_size = num_shards(config)
+    processes = []
+    for rank in range(world_size):
+        args = [
+            *_server_command(),
+            "serve",
+            model_dir,
+            "--deployment-framework",
+            config.deployment_framework,
+            "--uds-path",
+            f"{config.shard_uds_path}-{rank}",
+            "--max-sequence-length",
+            str(max_sequence_length),
+        ]
+        if config.dtype_str:
+            args += ["--dtype-str", config.dtype_str]
+        env = _child_env(
+            config,
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR=config.master_addr,
+            MASTER_PORT=str(config.master_port),
+            # Weights come from local folders only; a shard must never reach a hub.
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+        )
+        if config.shard_torch_threads:
+            env["TGIS_TORCH_THREADS"] = str(config.shard_torch_threads)
+        processes.append(await asyncio.create_subprocess_exec(*args, env=env))
+    return processes
+
+
+async def _first_exit(processes: Sequence[asyncio.subprocess.Process]) -> tuple[int, int]:
+    """Waits until any child exits; returns (index, exit code)."""
+    waits = {asyncio.ensure_future(p.wait()): i for i, p in enumerate(processes)}
+    try:
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        task = next(iter(done))
+        return waits[task], task.result()
+    finally:
+        for task in waits:
+            task.cancel()
+
+
+async def _stop_processes(processes: Sequence[asyncio.subprocess.Process]) -> None:
+    for process in processes:
+        if process.returncode is None:
+            process.terminate()
+    try:
+        await asyncio.wait_for(asyncio.gather(*(p.wait() for p in processes)), SHARD_STOP_TIMEOUT_S)
+    except TimeoutError:
+        for process in processes:
+            if process.returncode is None:
+                process.kill()
+        await asyncio.gather(*(p.wait() for p in processes))
+
+
+async def _launch(config: LauncherConfig) -> int:
+    registry = load_registry(allow_list=config.tgis_plugins)
+    _check_plugins(config, registry)
+    description = await _prepare(config)
+    try:
+        registry.check_servable(config.deployment_framework, description["model_type"])
+    except PluginError as e:
+        raise LaunchError(str(e)) from None
+    max_sequence_length = config.max_sequence_length or description["max_sequence_length"]
+    if config.max_new_tokens >= max_sequence_length:
+        log.warning("MAX_NEW_TOKENS %d >= MAX_SEQUENCE_LENGTH %d", config.max_new_tokens, max_sequence_length)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    processes = await _start_shards(config, description["model_dir"], max_sequence_length)
+    shards = ShardClient([f"{config.shard_uds_path}-{rank}" for rank in range(len(processes))])
+    children_exit = asyncio.ensure_future(_first_exit(processes))
+    stop_wait = asyncio.ensure_future(stop.wait())
+    router: asyncio.Task | None = None
+    try:
+        info_task = asyncio.ensure_future(shards.info(timeout=SHARD_READY_TIMEOUT_S))
+        await asyncio.wait((info_task, children_exit, stop_wait), return_when=asyncio.FIRST_COMPLETED)
+        if not info_task.done():
+            info_task.cancel()
+            if children_exit.done():
+                rank, code = children_exit.result()
+                raise LaunchError(f"shard {rank} exited with code {code} before it was ready")
+            return 0
+        info = info_task.result()
+        log.info("%d shard(s) ready: %s on %s (%s)", len(processes), info.engine, info.device, info.dtype)
+        setup = ModelSetup(Path(description["tokenizer_file"]), max_sequence_length)
+        router = asyncio.ensure_future(run_router(config, setup, shards, info, stop))
+        await asyncio.wait((router, children_exit, stop_wait), return_when=asyncio.FIRST_COMPLETED)
+        if children_exit.done():
+            rank, code = children_exit.result()
+            log.error("shard %d exited with code %d; stopping", rank, code)
+            return 1
+        if router.done() and router.exception() is not None:
+            log.error("router failed: %s", router.exception())
+            return 1
+        log.info("signal received; shutting down")
+        return 0
+    finally:
+        stop.set()
+        if router is not None:
+            await asyncio.gather(router, return_exceptions=True)
+        children_exit.cancel()
+        stop_wait.cancel()
+        await _stop_processes(processes)
+        await shards.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config = parse_config(argv)
+    except ConfigError as e:
+        print(f"text-generation-launcher: error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level,
+        format='{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","message":"%(message)s"}'
+        if config.json_output
+        else "%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return asyncio.run(_launch(config))
+    except LaunchError as e:
+        print(f"text-generation-launcher: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

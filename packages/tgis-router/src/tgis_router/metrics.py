@@ -1,0 +1,39 @@
+"""Prometheus series with TGIS names, plus time-to-first-token and inter-token latency."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+request_count = Counter("tgi_request_count", "Generation requests received (inputs)", ["kind"])
+request_success = Counter("tgi_request_success", "Inputs finished successfully", ["stop_reason", "kind"])
+request_failure = Counter("tgi_request_failure", "Calls or inputs that failed", ["err"])
+request_input_length = Histogram("tgi_request_input_length", "Input tokens per input", buckets=_TOKEN_BUCKETS)
+request_generated_tokens = Histogram(
+    "tgi_request_generated_tokens", "Generated tokens per input", buckets=_TOKEN_BUCKETS
+)
+request_queue_duration = Histogram(
+    "tgi_request_queue_duration", "Seconds from arrival to prefill", buckets=_LATENCY_BUCKETS
+)
+request_inference_duration = Histogram(
+    "tgi_request_inference_duration", "Seconds from prefill to finish", buckets=_LATENCY_BUCKETS
+)
+request_duration = Histogram("tgi_request_duration", "Seconds from arrival to finish", buckets=_LATENCY_BUCKETS)
+request_time_to_first_token = Histogram(
+    "tgi_request_time_to_first_token", "Seconds from arrival to the first generated token", buckets=_LATENCY_BUCKETS
+)
+request_inter_token_latency = Histogram(
+    "tgi_request_inter_token_latency", "Seconds between consecutive tokens of an input", buckets=_LATENCY_BUCKETS
+)
+batch_inference_batch_size = Histogram(
+    "tgi_batch_inference_batch_size", "Requests per model step", ["method"], buckets=_TOKEN_BUCKETS
+)
+batch_inference_duration = Histogram(
+    "tgi_batch_inference_duration", "Seconds per model step", ["method"], buckets=_LATENCY_BUCKETS
+)
+batch_inference_count = Counter("tgi_batch_inference_count", "Model steps", ["method"])
+batch_current_size = Gauge("tgi_batch_current_size", "Requests in the running batch")
+queue_size = Gauge("tgi_queue_size", "Inputs waiting for a batch")
+requests_in_flight = Gauge("tgi_requests_in_flight", "Inputs queued or running")

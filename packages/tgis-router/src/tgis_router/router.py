@@ -1,0 +1,101 @@
+"""The router: client-facing gRPC server, HTTP health/metrics, and the batching loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tgis_proto import generation_pb2 as fmaas
+from tgis_proto import generation_pb2_grpc as fmaas_grpc
+from tgis_proto import shard_pb2 as shard_pb
+from tgis_router.batcher import Batcher
+from tgis_router.config import LauncherConfig
+from tgis_router.grpc_server import GenerationService, ModelFacts
+from tgis_router.http_server import start_http_server
+from tgis_router.queue import RequestQueue
+from tgis_router.shard_client import ShardClient
+from tgis_router.tokenization import TokenizerPool
+from tgis_router.validation import Limits
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = fmaas.DESCRIPTOR.services_by_name["GenerationService"].full_name
+
+
+@dataclass(frozen=True)
+class ModelSetup:
+    """What ``text-generation-server prepare`` found, plus the resolved sequence limit."""
+
+    tokenizer_file: Path
+    max_sequence_length: int
+
+
+def _server_credentials(config: LauncherConfig) -> grpc.ServerCredentials | None:
+    if not config.tls_cert_path:
+        return None
+    key = Path(config.tls_key_path or "").read_bytes()
+    cert = Path(config.tls_cert_path).read_bytes()
+    if config.tls_client_ca_cert_path:
+        ca = Path(config.tls_client_ca_cert_path).read_bytes()
+        return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
+    return grpc.ssl_server_credentials([(key, cert)])
+
+
+async def run_router(
+    config: LauncherConfig, setup: ModelSetup, shards: ShardClient, info: shard_pb.InfoResponse, stop: asyncio.Event
+) -> None:
+    """Serves until ``stop`` is set, then drains gracefully."""
+    model = ModelFacts(
+        encoder_decoder=info.model_kind == shard_pb.ENCODER_DECODER,
+        eos_token_ids=frozenset(info.eos_token_ids),
+        max_sequence_length=setup.max_sequence_length,
+        max_new_tokens=config.max_new_tokens,
+    )
+    limits = Limits(config.max_new_tokens, setup.max_sequence_length, config.default_include_stop_seqs)
+    tokenizer = TokenizerPool(setup.tokenizer_file, config.tokenizer_workers)
+    queue = RequestQueue()
+    service = GenerationService(
+        model, limits, tokenizer, queue, config.max_concurrent_requests, config.output_special_tokens
+    )
+    batcher_task = asyncio.create_task(Batcher(shards, queue, config.max_batch_size).run(), name="batcher")
+
+    server = grpc.aio.server()
+    fmaas_grpc.add_GenerationServiceServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"[::]:{config.grpc_port}"
+    credentials = _server_credentials(config)
+    if credentials is None:
+        server.add_insecure_port(address)
+    else:
+        server.add_secure_port(address, credentials)
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    http = start_http_server(config.port, lambda: shards.health(timeout=60), asyncio.get_running_loop())
+    log.info("router ready: gRPC on port %d, HTTP /health and /metrics on port %d", config.grpc_port, config.port)
+    print(
+        f"tgis is serving fmaas.GenerationService on localhost:{config.grpc_port}. Try:\n"
+        f"  python -m tgis_router.client --address localhost:{config.grpc_port} 'The capital of France is'",
+        flush=True,
+    )
+    stop_task = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait((stop_task, batcher_task), return_when=asyncio.FIRST_COMPLETED)
+        if batcher_task.done():
+            raise RuntimeError(f"the batching loop stopped: {batcher_task.exception()!r}")
+    finally:
+        stop_task.cancel()
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(grace=5)
+        http.shutdown()
+        batcher_task.cancel()
+        await asyncio.gather(batcher_task, return_exceptions=True)
+        tokenizer.close()

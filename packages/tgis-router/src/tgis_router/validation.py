@@ -1,0 +1,123 @@
+"""Client parameters → GenerationParams, with TGIS's defaults and error messages word for word."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+from tgis_proto import generation_pb2 as fmaas
+from tgis_router.errors import ValidationError
+from tgis_router.requests import GenerationParams, LengthPenalty, ResponseOptions, SamplingParams, ValidatedRequest
+
+DEFAULT_MAX_NEW_TOKENS = 20
+MAX_STOP_SEQUENCES = 6
+MAX_STOP_SEQUENCE_BYTES = 240
+MIN_TEMPERATURE = 0.05
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_new_tokens: int
+    max_sequence_length: int
+    default_include_stop_seqs: bool
+
+
+def validate_params(params: fmaas.Parameters, limits: Limits) -> GenerationParams:
+    """Checks the parameters shared by every input of a call."""
+    sample = params.method == fmaas.SAMPLE
+    sampling = SamplingParams()
+    if sample:
+        s = params.sampling
+        if s.temperature != 0 and s.temperature < MIN_TEMPERATURE:
+            raise ValidationError(f"temperature must be >= {MIN_TEMPERATURE}")
+        if s.top_p < 0.0 or s.top_p > 1.0:
+            raise ValidationError("top_p must be > 0.0 and <= 1.0")
+        if s.typical_p > 1.0:
+            raise ValidationError("typical_p must be <= 1.0")
+        sampling = SamplingParams(
+            temperature=s.temperature or 1.0,
+            top_k=s.top_k,
+            top_p=s.top_p or 1.0,
+            typical_p=s.typical_p or 1.0,
+            seed=s.seed if s.HasField("seed") else None,
+        )
+    stopping = params.stopping
+    max_new_tokens = stopping.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    if max_new_tokens > limits.max_new_tokens:
+        raise ValidationError(f"max_new_tokens must be <= {limits.max_new_tokens}")
+    if stopping.min_new_tokens > max_new_tokens:
+        raise ValidationError("min_new_tokens must be <= max_new_tokens")
+    decoding = params.decoding
+    if decoding.repetition_penalty < 0.0:
+        raise ValidationError("repetition_penalty must be > 0.0")
+    length_penalty = None
+    if decoding.HasField("length_penalty"):
+        lp = decoding.length_penalty
+        if not 1.0 <= lp.decay_factor <= 10.0:
+            raise ValidationError("length_penalty must be >= 1.0 and <= 10.0")
+        length_penalty = LengthPenalty(lp.start_index, lp.decay_factor)
+    stop_sequences = tuple(s for s in stopping.stop_sequences if s)
+    if len(stop_sequences) > MAX_STOP_SEQUENCES or any(
+        len(s.encode()) > MAX_STOP_SEQUENCE_BYTES for s in stop_sequences
+    ):
+        raise ValidationError(
+            f"can specify at most {MAX_STOP_SEQUENCES} non-empty stop sequences, "
+            f"each not more than {MAX_STOP_SEQUENCE_BYTES} UTF8 bytes"
+        )
+    r = params.response
+    if (r.token_logprobs or r.token_ranks or r.top_n_tokens) and not (r.input_tokens or r.generated_tokens):
+        raise ValidationError("must request input and/or generated tokens to request extra token detail")
+    return GenerationParams(
+        sample=sample,
+        sampling=sampling,
+        repetition_penalty=decoding.repetition_penalty,
+        length_penalty=length_penalty,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=stopping.min_new_tokens,
+        time_limit_millis=stopping.time_limit_millis,
+        stop_sequences=stop_sequences,
+        include_stop_sequence=(
+            stopping.include_stop_sequence
+            if stopping.HasField("include_stop_sequence")
+            else limits.default_include_stop_seqs
+        ),
+        response=ResponseOptions(
+            input_text=r.input_text,
+            generated_tokens=r.generated_tokens,
+            input_tokens=r.input_tokens,
+            token_logprobs=r.token_logprobs,
+            token_ranks=r.token_ranks,
+            top_n_tokens=r.top_n_tokens,
+        ),
+        truncate_input_tokens=params.truncate_input_tokens,
+    )
+
+
+def validate_input(
+    text: str, input_ids: list[int], params: GenerationParams, limits: Limits, prefix_length: int = 0
+) -> ValidatedRequest:
+    """Checks one tokenized input against the sequence-length limit and fixes its seed."""
+    n = len(input_ids)
+    if n + prefix_length >= limits.max_sequence_length:
+        raise ValidationError(
+            f"input tokens ({n}) plus prefix length ({prefix_length}) must be < {limits.max_sequence_length}"
+        )
+    if n + prefix_length + params.min_new_tokens > limits.max_sequence_length:
+        raise ValidationError(
+            f"input tokens ({n}) plus prefix length ({prefix_length}) plus min_new_tokens "
+            f"({params.min_new_tokens}) must be <= {limits.max_sequence_length}"
+        )
+    room = limits.max_sequence_length - n - prefix_length
+    max_new_tokens = min(params.max_new_tokens, room)
+    seed = 0
+    if params.sample:
+        # Each input without a seed gets its own, returned to the client for reproduction.
+        seed = params.sampling.seed if params.sampling.seed is not None else secrets.randbelow(2**32)
+    return ValidatedRequest(
+        text=text,
+        input_ids=tuple(input_ids),
+        params=params,
+        max_new_tokens=max_new_tokens,
+        token_limited=max_new_tokens < params.max_new_tokens,
+        seed=seed,
+    )

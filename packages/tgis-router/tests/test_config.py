@@ -1,0 +1,56 @@
+"""Launcher options: flags over env vars over defaults, one clear line per bad value."""
+
+import pytest
+
+from tgis_router.config import ConfigError, num_shards, parse_config
+
+
+def test_defaults_match_tgis():
+    config = parse_config([], environ={})
+    assert config.max_batch_size == 12
+    assert config.max_concurrent_requests == 512
+    assert config.max_new_tokens == 1024
+    assert config.grpc_port == 8033
+    assert config.port == 3000
+    assert config.deployment_framework == "hf_transformers"
+    assert config.default_include_stop_seqs is True
+
+
+def test_flag_wins_over_env_var():
+    config = parse_config(["--max-batch-size", "3"], environ={"MAX_BATCH_SIZE": "7", "MAX_NEW_TOKENS": "99"})
+    assert config.max_batch_size == 3
+    assert config.max_new_tokens == 99
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "message"),
+    [
+        (["--max-batch-size", "abc"], {}, "--max-batch-size"),
+        ([], {"MAX_BATCH_SIZE": "0"}, "MAX_BATCH_SIZE: must be > 0"),
+        ([], {"DTYPE_STR": "float8"}, "DTYPE_STR: must be one of"),
+        ([], {"OUTPUT_SPECIAL_TOKENS": "maybe"}, "OUTPUT_SPECIAL_TOKENS"),
+        ([], {"NUM_GPUS": "2", "NUM_SHARD": "4"}, "NUM_GPUS (2) and NUM_SHARD (4) disagree"),
+        ([], {"TLS_CERT_PATH": "/c.pem"}, "TLS_CERT_PATH and TLS_KEY_PATH"),
+        ([], {"ESTIMATE_MEMORY": "sometimes"}, "ESTIMATE_MEMORY"),
+        (["--max-prefill-padding", "1.5"], {}, "--max-prefill-padding"),
+    ],
+)
+def test_bad_values_name_the_option(argv, environ, message):
+    with pytest.raises(ConfigError, match=r"invalid value|disagree|must be given|needs") as e:
+        parse_config(argv, environ=environ)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({}, 1),
+        ({"CUDA_VISIBLE_DEVICES": ""}, 1),
+        ({"CUDA_VISIBLE_DEVICES": "0,1,2"}, 3),
+        ({"CUDA_VISIBLE_DEVICES": "0,1", "NUM_GPUS": "1"}, 1),
+        ({"NUM_SHARD": "2"}, 2),
+    ],
+)
+def test_shard_count_from_num_gpus_or_visible_devices(environ, expected):
+    assert num_shards(parse_config([], environ=environ)) == expected

@@ -1,0 +1,1 @@
+"""The tgis shard: runs a model on one rank and answers the router over a unix socket."""

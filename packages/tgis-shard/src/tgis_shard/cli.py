@@ -1,0 +1,144 @@
+"""``text-generation-server``: serve | prepare | plugins | download-weights | convert-to-safetensors."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from tgis_proto.plugins import PluginError
+from tgis_shard import model_files
+from tgis_shard.embedded import DEFAULT_MODEL, EmbeddedModelError
+from tgis_shard.registry import shard_registry
+
+log = logging.getLogger("tgis_shard")
+
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="text-generation-server", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("model_name", nargs="?", default=DEFAULT_MODEL, help="local folder or hub id in the HF cache")
+        p.add_argument("--revision", default=None)
+        p.add_argument(
+            "--cache-dir", type=Path, default=model_files.default_cache_dir(), help="where converted files go"
+        )
+        p.add_argument("--deployment-framework", default="hf_transformers", help="engine name")
+
+    prepare = sub.add_parser("prepare", help="resolve the model folder and print its description as JSON")
+    model_args(prepare)
+
+    serve = sub.add_parser("serve", help="serve one rank on a unix socket")
+    model_args(serve)
+    serve.add_argument("--uds-path", type=Path, required=True)
+    serve.add_argument("--dtype-str", choices=_DTYPES, default=None)
+    serve.add_argument("--max-sequence-length", type=int, default=None)
+
+    sub.add_parser("plugins", help="list installed plugins, engines and model families")
+
+    download = sub.add_parser("download-weights", help="fill the HF cache with a model's files")
+    download.add_argument("model_name")
+    download.add_argument("--revision", default=None)
+    download.add_argument("--extension", default=".json,.safetensors,.md,.model,.py,.txt")
+
+    convert = sub.add_parser("convert-to-safetensors", help="convert .bin weights to .safetensors")
+    convert.add_argument("model_name")
+    convert.add_argument("--revision", default=None)
+    convert.add_argument("--cache-dir", type=Path, default=model_files.default_cache_dir())
+    return parser
+
+
+def _prepare(args: argparse.Namespace) -> model_files.ModelDescription:
+    model_dir = model_files.resolve_model_dir(args.model_name, args.revision, args.cache_dir)
+    description = model_files.describe(model_dir, args.cache_dir)
+    registry = shard_registry(os.environ.get("TGIS_PLUGINS"))
+    registry.check_servable(args.deployment_framework, description.model_type)
+    return description
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import torch
+
+    from tgis_shard.engines.base import ShardContext
+    from tgis_shard.server import serve
+
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    threads = os.environ.get("TGIS_TORCH_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    description = _prepare(args)
+    model_dir = Path(description.model_dir)
+    device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
+    dtype_name = args.dtype_str or ("bfloat16" if device.type == "cuda" else "float32")
+    registry = shard_registry(os.environ.get("TGIS_PLUGINS"))
+    ctx = ShardContext(
+        model_dir=model_dir,
+        model_type=description.model_type,
+        dtype=getattr(torch, dtype_name),
+        device=device,
+        rank=rank,
+        world_size=world_size,
+        max_sequence_length=args.max_sequence_length or description.max_sequence_length,
+        registry=registry,
+    )
+    from tgis_proto.plugins import resolve
+
+    create_engine = resolve(registry.engine(args.deployment_framework).target)
+    engine = create_engine(ctx)
+    log.info("rank %d/%d: %s loaded on %s as %s", rank, world_size, model_dir, device, dtype_name)
+    serve(engine, args.uds_path)
+
+
+def _plugins() -> None:
+    registry = shard_registry(os.environ.get("TGIS_PLUGINS"))
+    print("plugins:", ", ".join(registry.plugins) or "none")
+    print("engines:")
+    for name in registry.engine_names():
+        entry = registry.engine(name)
+        aliases = f" (aliases: {', '.join(entry.aliases)})" if entry.aliases else ""
+        print(f"  {name}{aliases} [{entry.plugin}] {entry.description}")
+    print("model families:")
+    for model_type, entry in sorted(registry.model_families.items()):
+        print(f"  {model_type} -> {entry.target} [{entry.plugin}] engines: {', '.join(entry.engines)}")
+    if not registry.model_families:
+        print("  none")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.command == "prepare":
+            print(_prepare(args).to_json())
+        elif args.command == "serve":
+            _serve(args)
+        elif args.command == "plugins":
+            _plugins()
+        elif args.command == "download-weights":
+            from tgis_shard.weights import download_weights
+
+            print(download_weights(args.model_name, args.revision, args.extension))
+        elif args.command == "convert-to-safetensors":
+            from tgis_shard.weights import convert_to_safetensors
+
+            model_dir = model_files.resolve_model_dir(args.model_name, args.revision, args.cache_dir)
+            for path in convert_to_safetensors(model_dir):
+                print(path)
+    except (model_files.ModelNotFoundError, EmbeddedModelError, PluginError, FileNotFoundError) as e:
+        print(f"text-generation-server: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

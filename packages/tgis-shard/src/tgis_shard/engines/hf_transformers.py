@@ -1,0 +1,219 @@
+"""The ``hf_transformers`` engine: any transformers causal LM, batched with left padding.
+
+Batches follow continuous batching: a prefilled batch is concatenated into the running one
+(caches and masks left-padded to a common length) and finished requests are pruned, trimming
+columns that only padding still uses.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationConfig, PreTrainedModel
+
+from tgis_proto import shard_pb2 as pb
+from tgis_shard.engines import kv_cache
+from tgis_shard.engines.base import BatchState, Engine, GeneratedToken, ShardContext
+from tgis_shard.logits import BatchTokenChooser, ChosenTokens
+
+
+class UnsupportedModelError(Exception):
+    """The model cannot be served by this engine."""
+
+
+@dataclass
+class CausalLMBatch(BatchState):
+    """Requests decoding together. The cache covers every token except ``input_ids``."""
+
+    batch_id: int
+    ids: list[int]
+    input_ids: torch.Tensor  # [batch, 1]: the last chosen tokens, fed to the next step
+    attention_mask: torch.Tensor  # [batch, cached positions], left-padded
+    position_ids: torch.Tensor  # [batch, 1]: position of input_ids in each sequence
+    cache: DynamicCache
+    chooser: BatchTokenChooser
+
+    @property
+    def request_ids(self) -> list[int]:
+        return list(self.ids)
+
+    def filter(self, keep_request_ids: Sequence[int]) -> CausalLMBatch | None:
+        keep = set(keep_request_ids)
+        rows = [i for i, rid in enumerate(self.ids) if rid in keep]
+        if not rows:
+            return None
+        if len(rows) == len(self.ids):
+            return self
+        index = torch.tensor(rows, device=self.input_ids.device)
+        mask = self.attention_mask[index]
+        # Columns left of the longest remaining sequence hold only padding now.
+        keep_last = int(mask.sum(dim=1).max())
+        kv_cache.select_rows(self.cache, index, keep_last)
+        self.ids = [self.ids[i] for i in rows]
+        self.input_ids = self.input_ids[index]
+        self.attention_mask = mask[:, -keep_last:]
+        self.position_ids = self.position_ids[index]
+        self.chooser = self.chooser.select(rows)
+        return self
+
+
+class CausalLMEngine(Engine):
+    def __init__(self, model: PreTrainedModel, ctx: ShardContext, eos_token_ids: list[int]):
+        self.model = model
+        self.ctx = ctx
+        self.eos_token_ids = eos_token_ids
+        self.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        accepted = inspect.signature(model.forward).parameters
+        # Some architectures (BLOOM's ALiBi) derive positions from the mask and take no ids.
+        self._takes_position_ids = "position_ids" in accepted
+        self._takes_logits_to_keep = "logits_to_keep" in accepted
+        # transformers renamed past_key_values to cache (5.2x); both spellings are in the field.
+        self._cache_kwarg = "cache" if "cache" in accepted else "past_key_values"
+
+    def info(self) -> pb.InfoResponse:
+        return pb.InfoResponse(
+            model_kind=pb.DECODER_ONLY,
+            eos_token_ids=self.eos_token_ids,
+            vocab_size=self.model.config.vocab_size,
+            batch_padding=True,
+            engine="hf_transformers",
+            model_type=self.ctx.model_type,
+            dtype=str(self.ctx.dtype).removeprefix("torch."),
+            world_size=self.ctx.world_size,
+            device=str(self.ctx.device),
+        )
+
+    def _forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: DynamicCache,
+        last_only: bool,
+    ) -> torch.Tensor:
+        kwargs: dict[str, object] = {}
+        if self._takes_position_ids:
+            kwargs["position_ids"] = position_ids
+        if last_only and self._takes_logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        kwargs[self._cache_kwarg] = cache
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **kwargs)
+        return out.logits[:, -1, :]
+
+    @torch.inference_mode()
+    def prefill(self, batch: pb.Batch) -> tuple[list[GeneratedToken], CausalLMBatch]:
+        device = self.ctx.device
+        lengths = [len(r.input_ids) for r in batch.requests]
+        width = max(lengths)
+        input_ids = torch.full((len(lengths), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(lengths), width), dtype=torch.long)
+        for row, (request, length) in enumerate(zip(batch.requests, lengths, strict=True)):
+            input_ids[row, width - length :] = torch.tensor(list(request.input_ids), dtype=torch.long)
+            mask[row, width - length :] = 1
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(input_ids, mask, position_ids, cache, last_only=True)
+        chooser = BatchTokenChooser([r.chooser for r in batch.requests], [r.details for r in batch.requests])
+        chosen = chooser.choose(logits)
+        state = CausalLMBatch(
+            batch_id=batch.id,
+            ids=[r.id for r in batch.requests],
+            input_ids=chosen.token_ids.unsqueeze(1),
+            attention_mask=mask,
+            position_ids=position_ids[:, -1:] + 1,
+            cache=cache,
+            chooser=chooser,
+        )
+        return _generated(state.ids, chosen), state
+
+    def concatenate(self, states: Sequence[BatchState]) -> CausalLMBatch:
+        batches = [_causal(s) for s in states]
+        if len(batches) == 1:
+            return batches[0]
+        length = max(b.attention_mask.shape[1] for b in batches)
+        first = batches[0]
+        first.cache = kv_cache.concatenate([b.cache for b in batches], length)
+        first.attention_mask = torch.cat(
+            [torch.nn.functional.pad(b.attention_mask, (length - b.attention_mask.shape[1], 0)) for b in batches]
+        )
+        first.ids = [rid for b in batches for rid in b.ids]
+        first.input_ids = torch.cat([b.input_ids for b in batches])
+        first.position_ids = torch.cat([b.position_ids for b in batches])
+        first.chooser = BatchTokenChooser.concatenate([b.chooser for b in batches])
+        return first
+
+    @torch.inference_mode()
+    def decode(self, state: BatchState) -> list[GeneratedToken]:
+        batch = _causal(state)
+        ones = torch.ones((len(batch.ids), 1), dtype=batch.attention_mask.dtype, device=self.ctx.device)
+        mask = torch.cat([batch.attention_mask, ones], dim=1)
+        logits = self._forward(batch.input_ids, mask, batch.position_ids, batch.cache, last_only=False)
+        chosen = batch.chooser.choose(logits)
+        batch.attention_mask = mask
+        batch.input_ids = chosen.token_ids.unsqueeze(1)
+        batch.position_ids = batch.position_ids + 1
+        return _generated(batch.ids, chosen)
+
+    @torch.inference_mode()
+    def health_check(self) -> None:
+        ids = torch.tensor([[self.pad_token_id]], device=self.ctx.device)
+        logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        if not torch.isfinite(logits).all():
+            raise RuntimeError("health check forward pass produced non-finite logits")
+
+
+def _causal(state: BatchState) -> CausalLMBatch:
+    if not isinstance(state, CausalLMBatch):
+        raise TypeError(f"hf_transformers cannot use a {type(state).__name__}")
+    return state
+
+
+def _generated(ids: Sequence[int], chosen: ChosenTokens) -> list[GeneratedToken]:
+    token_ids = chosen.token_ids.tolist()
+    logprobs = chosen.logprobs.tolist() if chosen.logprobs is not None else None
+    ranks = chosen.ranks.tolist() if chosen.ranks is not None else None
+    top_ids = chosen.top_ids.tolist() if chosen.top_ids is not None else None
+    top_lps = chosen.top_logprobs.tolist() if chosen.top_logprobs is not None else None
+    return [
+        GeneratedToken(
+            request_id=rid,
+            token_id=token_ids[row],
+            logprob=logprobs[row] if logprobs is not None else float("nan"),
+            rank=ranks[row] if ranks is not None else 0,
+            top_tokens=tuple(zip(top_ids[row], top_lps[row], strict=True)) if top_ids and top_lps else (),
+        )
+        for row, rid in enumerate(ids)
+    ]
+
+
+def eos_token_ids(model_dir: object, config: object) -> list[int]:
+    """EOS ids from generation_config.json (which may list several), else from config.json."""
+    try:
+        eos = GenerationConfig.from_pretrained(model_dir, local_files_only=True).eos_token_id
+    except OSError:
+        eos = None
+    if eos is None:
+        eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in eos] if isinstance(eos, list | tuple) else [int(eos)]
+
+
+def create_engine(ctx: ShardContext) -> CausalLMEngine:
+    """Loads the model from its folder (never from a hub) onto the shard's device."""
+    if ctx.world_size != 1:
+        raise UnsupportedModelError(
+            "hf_transformers runs on one device; use DEPLOYMENT_FRAMEWORK=tgis_native to shard a model"
+        )
+    config = AutoConfig.from_pretrained(ctx.model_dir, local_files_only=True)
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"model_type {ctx.model_type!r} is encoder-decoder; hf_transformers serves causal LMs only so far"
+        )
+    model = AutoModelForCausalLM.from_pretrained(ctx.model_dir, dtype=ctx.dtype, local_files_only=True)
+    model = model.to(ctx.device).eval()
+    return CausalLMEngine(model, ctx, eos_token_ids(ctx.model_dir, config))

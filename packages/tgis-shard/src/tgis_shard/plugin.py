@@ -1,0 +1,16 @@
+"""The built-in engines, registered like any third-party plugin (torch-free)."""
+
+from __future__ import annotations
+
+from tgis_proto.plugins import EngineRegistrar, hookimpl
+
+BUILTIN_PLUGIN = ("tgis-shard", "tgis_shard.plugin")
+
+
+@hookimpl
+def tgis_register_engines(register: EngineRegistrar) -> None:
+    register(
+        "hf_transformers",
+        "tgis_shard.engines.hf_transformers:create_engine",
+        description="any transformers causal LM, on one GPU or the CPU",
+    )

@@ -1,0 +1,123 @@
+"""The shard's gRPC server: keeps batch states by id and runs the router's batch operations."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Iterable
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+from tgis_proto import shard_pb2 as pb
+from tgis_proto import shard_pb2_grpc as pb_grpc
+from tgis_shard.engines.base import BatchState, Engine, GeneratedToken
+
+log = logging.getLogger(__name__)
+
+
+def _to_proto(tokens: Iterable[GeneratedToken]) -> list[pb.Generation]:
+    return [
+        pb.Generation(
+            request_id=t.request_id,
+            token=pb.Token(
+                id=t.token_id,
+                logprob=t.logprob,
+                rank=t.rank,
+                top_tokens=[pb.TopToken(id=i, logprob=lp) for i, lp in t.top_tokens],
+            ),
+            input_tokens=t.input_tokens,
+        )
+        for t in tokens
+    ]
+
+
+class ShardServicer(pb_grpc.ShardServiceServicer):
+    """Runs one operation at a time: batch state is not shared between concurrent steps."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.batches: dict[int, BatchState] = {}
+        self._lock = threading.Lock()
+
+    def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:
+        return self.engine.info()
+
+    def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthResponse:
+        with self._lock:
+            try:
+                self.engine.health_check()
+            except Exception as e:
+                log.exception("health check failed")
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"forward pass failed: {e}")
+        return pb.HealthResponse()
+
+    def Prefill(self, request: pb.PrefillRequest, context: grpc.ServicerContext) -> pb.StepResponse:
+        with self._lock:
+            if request.batch.id in self.batches:
+                context.abort(grpc.StatusCode.ALREADY_EXISTS, f"batch {request.batch.id} already exists")
+            try:
+                tokens, state = self.engine.prefill(request.batch)
+            except Exception as e:
+                log.exception("prefill of batch %d failed", request.batch.id)
+                context.abort(grpc.StatusCode.INTERNAL, f"prefill failed: {e}")
+            self.batches[state.batch_id] = state
+            return pb.StepResponse(generations=_to_proto(tokens), batch_id=state.batch_id)
+
+    def NextToken(self, request: pb.NextTokenRequest, context: grpc.ServicerContext) -> pb.StepResponse:
+        with self._lock:
+            batch_ids = [request.batch_id, *request.merge_batch_ids]
+            missing = [b for b in batch_ids if b not in self.batches]
+            if missing:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"unknown batch ids {missing}")
+            states = [self.batches.pop(b) for b in batch_ids]
+            drop = set(request.drop_request_ids)
+            try:
+                kept = [s.filter([r for r in s.request_ids if r not in drop]) for s in states]
+                alive = [s for s in kept if s is not None]
+                if not alive:
+                    return pb.StepResponse(batch_id=0)
+                state = self.engine.concatenate(alive)
+                state.batch_id = request.batch_id
+                tokens = self.engine.decode(state)
+            except Exception as e:
+                # The batch's tensors may be half-updated: it is dropped, the router fails its requests.
+                log.exception("next token step of batch %d failed", request.batch_id)
+                context.abort(grpc.StatusCode.INTERNAL, f"next token step failed: {e}")
+            self.batches[state.batch_id] = state
+            return pb.StepResponse(generations=_to_proto(tokens), batch_id=state.batch_id)
+
+    def ClearCache(self, request: pb.ClearCacheRequest, context: grpc.ServicerContext) -> pb.ClearCacheResponse:
+        with self._lock:
+            if request.HasField("batch_id"):
+                self.batches.pop(request.batch_id, None)
+            else:
+                self.batches.clear()
+        return pb.ClearCacheResponse()
+
+
+def serve(engine: Engine, uds_path: Path) -> None:
+    """Serves until SIGTERM/SIGINT; removes a stale socket file first."""
+    if uds_path.exists():
+        os.unlink(uds_path)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4),
+        options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)],
+    )
+    pb_grpc.add_ShardServiceServicer_to_server(ShardServicer(engine), server)
+    server.add_insecure_port(f"unix://{uds_path}")
+    stopped = threading.Event()
+
+    def _stop(signum: int, frame: object) -> None:
+        log.info("signal %d: shard stopping", signum)
+        stopped.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    server.start()
+    log.info("shard serving on unix://%s", uds_path)
+    stopped.wait()
+    server.stop(grace=2).wait()

@@ -1,0 +1,59 @@
+"""text-generation-server: prepare, plugins, convert-to-safetensors, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from tests.support.tiny_models import build_tiny_causal_lm
+from tgis_shard.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("llama"), arch="llama")
+
+
+def test_prepare_describes_the_model(model_dir, capsys, tmp_path):
+    assert main(["prepare", str(model_dir), "--cache-dir", str(tmp_path)]) == 0
+    description = json.loads(capsys.readouterr().out)
+    assert description["model_type"] == "llama"
+    assert description["max_sequence_length"] == 256
+    assert description["tokenizer_file"].endswith("tokenizer.json")
+    assert not description["encoder_decoder"]
+
+
+def test_prepare_names_a_missing_model(capsys, tmp_path):
+    assert main(["prepare", "no-such-org/no-such-model", "--cache-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "model 'no-such-org/no-such-model' not found" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_prepare_names_installed_engines_for_an_unknown_one(model_dir, capsys, tmp_path):
+    assert main(["prepare", str(model_dir), "--deployment-framework", "nope", "--cache-dir", str(tmp_path)]) == 2
+    assert "unknown engine (DEPLOYMENT_FRAMEWORK) 'nope'; installed engines: hf_transformers" in capsys.readouterr().err
+
+
+def test_plugins_lists_builtin_engine(capsys):
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "hf_transformers" in out
+    assert "tgis-shard" in out
+
+
+def test_convert_to_safetensors_keeps_tied_weights(model_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    state = model.state_dict()
+    state["lm_head.weight"] = state["model.embed_tokens.weight"]  # shares storage
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    assert main(["convert-to-safetensors", str(tmp_path)]) == 0
+    converted = load_file(tmp_path / "model.safetensors")
+    assert set(converted) == set(state)
+    assert torch.equal(converted["lm_head.weight"], state["model.embed_tokens.weight"])

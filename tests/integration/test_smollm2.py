@@ -1,0 +1,78 @@
+"""The embedded default model, SmolLM2-135M-Instruct (LLaMA, GQA, tied embeddings), end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.support.server import launcher
+from tgis_proto import generation_pb2 as fmaas
+from tgis_shard.embedded import DEFAULT_MODEL
+from tgis_shard.model_files import default_cache_dir, resolve_model_dir
+
+PROMPTS = ["The capital of France is", "Write a haiku about the sea:\n"]
+MAX_NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    # The same conversion the server does on first use; done here so the reference can load it.
+    return resolve_model_dir(DEFAULT_MODEL, None, default_cache_dir())
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    with launcher(None) as running:  # no MODEL_NAME: the embedded default
+        yield running
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    outputs = []
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        generated = model.generate(ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)[0, ids.shape[1] :]
+        outputs.append(generated.tolist())
+    return tokenizer, outputs
+
+
+def _params() -> fmaas.Parameters:
+    return fmaas.Parameters(
+        stopping=fmaas.StoppingCriteria(max_new_tokens=MAX_NEW_TOKENS),
+        response=fmaas.ResponseOptions(generated_tokens=True),
+    )
+
+
+def test_capital_of_france_is_paris(server):
+    request = fmaas.BatchedGenerationRequest(requests=[fmaas.GenerationRequest(text=PROMPTS[0])], params=_params())
+    assert server.stub.Generate(request).responses[0].text.startswith(" Paris")
+
+
+def test_greedy_batch_equals_transformers_generate(server, reference):
+    tokenizer, expected = reference
+    request = fmaas.BatchedGenerationRequest(
+        requests=[fmaas.GenerationRequest(text=p) for p in PROMPTS], params=_params()
+    )
+    for response, ids in zip(server.stub.Generate(request).responses, expected, strict=True):
+        assert [t.text for t in response.tokens] == tokenizer.convert_ids_to_tokens(ids)
+        assert response.text == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_stream_equals_unary(server):
+    request = fmaas.SingleGenerationRequest(request=fmaas.GenerationRequest(text=PROMPTS[1]), params=_params())
+    messages = list(server.stub.GenerateStream(request))
+    unary = server.stub.Generate(
+        fmaas.BatchedGenerationRequest(requests=[request.request], params=request.params)
+    ).responses[0]
+    assert "".join(m.text for m in messages) == unary.text
+    assert [t.text for m in messages for t in m.tokens] == [t.text for t in unary.tokens]
+    assert messages[-1].stop_reason == unary.stop_reason == fmaas.MAX_TOKENS
+
+
+def test_model_info_reads_the_context_length_from_config(server):
+    info = server.stub.ModelInfo(fmaas.ModelInfoRequest())
+    assert info.max_sequence_length == 8192
+    assert info.model_kind == fmaas.ModelInfoResponse.DECODER_ONLY

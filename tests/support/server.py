@@ -1,0 +1,110 @@
+"""Starting the real text-generation-launcher in a test and talking to it over gRPC."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tgis_proto import generation_pb2_grpc as fmaas_grpc
+
+READY_TIMEOUT_S = 300.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher_command() -> list[str]:
+    executable = shutil.which("text-generation-launcher")
+    return [executable] if executable else [sys.executable, "-m", "tgis_router.launcher"]
+
+
+@dataclass
+class RunningServer:
+    process: subprocess.Popen
+    grpc_port: int
+    http_port: int
+    channel: grpc.Channel
+    stub: fmaas_grpc.GenerationServiceStub
+    log_file: Path
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace")
+
+
+def _wait_ready(process: subprocess.Popen, channel: grpc.Channel, log_file: Path) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"launcher exited with {process.returncode}:\n{log_file.read_text()[-4000:]}")
+        try:
+            status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"launcher not ready after {READY_TIMEOUT_S}s:\n{log_file.read_text()[-4000:]}")
+
+
+def stop(process: subprocess.Popen, timeout: float = 30.0) -> int:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+@contextmanager
+def launcher(model: str | Path | None, *args: str, env: Mapping[str, str] | None = None) -> Iterator[RunningServer]:
+    """Runs the launcher on ``model`` (None: the embedded default) with free ports and one torch
+    thread per shard, since the test machine's 2 cores are shared by every process."""
+    grpc_port, http_port = free_port(), free_port()
+    workdir = Path(tempfile.mkdtemp(prefix="tgis-test-"))
+    log_file = workdir / "launcher.log"
+    full_env = {
+        **os.environ,
+        "SHARD_TORCH_THREADS": "1",
+        "LOG_LEVEL": "INFO",
+        **(env or {}),
+    }
+    command = [
+        *launcher_command(),
+        *(["--model-name", str(model)] if model is not None else []),
+        "--grpc-port",
+        str(grpc_port),
+        "--port",
+        str(http_port),
+        "--shard-uds-path",
+        str(workdir / "shard"),
+        *args,
+    ]
+    with open(log_file, "wb") as log:
+        process = subprocess.Popen(command, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    channel = grpc.insecure_channel(f"localhost:{grpc_port}")
+    try:
+        _wait_ready(process, channel, log_file)
+        yield RunningServer(process, grpc_port, http_port, channel, fmaas_grpc.GenerationServiceStub(channel), log_file)
+    finally:
+        channel.close()
+        stop(process)
+        shutil.rmtree(workdir, ignore_errors=True)
