@@ -75,7 +75,9 @@ def stop(process: subprocess.Popen, timeout: float = 30.0) -> int:
 
 
 @contextmanager
-def launcher(model: str | Path | None, *args: str, env: Mapping[str, str] | None = None) -> Iterator[RunningServer]:
+def launcher(
+    model: str | Path | None, *args: str, env: Mapping[str, str] | None = None, executable: str | None = None
+) -> Iterator[RunningServer]:
     """Runs the launcher on ``model`` (None: the embedded default) with free ports and one torch
     thread per shard, since the test machine's 2 cores are shared by every process."""
     grpc_port, http_port = free_port(), free_port()
@@ -88,7 +90,7 @@ def launcher(model: str | Path | None, *args: str, env: Mapping[str, str] | None
         **(env or {}),
     }
     command = [
-        *launcher_command(),
+        *([executable] if executable else launcher_command()),
         *(["--model-name", str(model)] if model is not None else []),
         "--grpc-port",
         str(grpc_port),

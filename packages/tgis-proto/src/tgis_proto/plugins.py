@@ -6,6 +6,7 @@ registered at runtime in one process is never seen by another.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -163,39 +164,38 @@ def plugin_manager(
     return pm
 
 
+def _register_engine(
+    registry: Registry,
+    plugin: str,
+    name: str,
+    target: str,
+    *,
+    aliases: Sequence[str] = (),
+    needs_model_family: bool = False,
+    description: str = "",
+) -> None:
+    registry._add_engine(plugin, EngineEntry(name, target, plugin, tuple(aliases), needs_model_family, description))
+
+
+def _register_model_family(
+    registry: Registry,
+    plugin: str,
+    model_type: str,
+    target: str,
+    *,
+    aliases: Sequence[str] = (),
+    engines: Sequence[str] = ("tgis_native",),
+) -> None:
+    registry._add_model_family(plugin, ModelFamilyEntry(model_type, target, plugin, tuple(aliases), tuple(engines)))
+
+
 def load_registry(default_plugins: Iterable[tuple[str, str]] = (), allow_list: str | None = None) -> Registry:
     """Builds the registry by calling every plugin's registration hooks."""
     pm = plugin_manager(default_plugins, allow_list)
     registry = Registry(plugins=[name for name, _ in pm.list_name_plugin()])
+    # Each hook implementation gets a register callback that knows which plugin is calling.
     for impl in pm.hook.tgis_register_engines.get_hookimpls():
-        plugin = impl.plugin_name
-
-        def register_engine(
-            name: str,
-            target: str,
-            *,
-            aliases: Sequence[str] = (),
-            needs_model_family: bool = False,
-            description: str = "",
-            _plugin: str = plugin,
-        ) -> None:
-            entry = EngineEntry(name, target, _plugin, tuple(aliases), needs_model_family, description)
-            registry._add_engine(_plugin, entry)
-
-        impl.function(register=register_engine)
+        impl.function(register=functools.partial(_register_engine, registry, impl.plugin_name))
     for impl in pm.hook.tgis_register_models.get_hookimpls():
-        plugin = impl.plugin_name
-
-        def register_model(
-            model_type: str,
-            target: str,
-            *,
-            aliases: Sequence[str] = (),
-            engines: Sequence[str] = ("tgis_native",),
-            _plugin: str = plugin,
-        ) -> None:
-            entry = ModelFamilyEntry(model_type, target, _plugin, tuple(aliases), tuple(engines))
-            registry._add_model_family(_plugin, entry)
-
-        impl.function(register=register_model)
+        impl.function(register=functools.partial(_register_model_family, registry, impl.plugin_name))
     return registry

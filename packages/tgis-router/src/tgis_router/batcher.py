@@ -32,11 +32,16 @@ class Batcher:
     async def run(self) -> None:
         """Runs until cancelled; a failed step fails its requests, never the loop."""
         while True:
-            if self._running_batch_id is None:
-                await self._queue.wait()
-                self._running_batch_id = await self._prefill(self._max_batch_size)
-            else:
-                await self._next_token()
+            try:
+                if self._running_batch_id is None:
+                    await self._queue.wait()
+                    self._running_batch_id = await self._prefill(self._max_batch_size)
+                else:
+                    await self._next_token()
+            except Exception:
+                # A bug must not silently stall every future request: fail what is running, go on.
+                log.exception("batching step failed")
+                await self._abandon_running("internal error in the batching loop")
 
     async def _timed(self, method: str, size: int, call: Awaitable[pb.StepResponse]) -> pb.StepResponse:
         started = time.monotonic()
@@ -59,6 +64,8 @@ class Batcher:
             response = await self._timed("prefill", len(entries), self._shards.prefill(batch))
         except grpc.aio.AioRpcError as e:
             self._fail(entries, f"prefill failed: {e.details()}")
+            for entry in entries:
+                del self._running[entry.id]
             await self._clear(batch.id)
             return None
         self._dispatch(response)
@@ -80,11 +87,7 @@ class Batcher:
             call = self._shards.next_token(self._running_batch_id, merge, drop)
             response = await self._timed("next_token", len(self._running), call)
         except grpc.aio.AioRpcError as e:
-            self._fail(list(self._running.values()), f"generation failed: {e.details()}")
-            self._running.clear()
-            self._running_batch_id = None
-            for batch_id in batch_ids:
-                await self._clear(batch_id)
+            await self._abandon_running(f"generation failed: {e.details()}", batch_ids)
             return
         metrics.batch_current_size.set(len(self._running))
         if response.batch_id == 0:
@@ -102,12 +105,24 @@ class Batcher:
                 entry.add_input_tokens(generation.input_tokens)
             entry.add_token(generation.token)
 
+    async def _abandon_running(self, message: str, batch_ids: list[int] | None = None) -> None:
+        """Fails every running request and drops their shard batches (all of them if unknown)."""
+        self._fail(list(self._running.values()), message)
+        self._running.clear()
+        self._running_batch_id = None
+        metrics.batch_current_size.set(0)
+        if batch_ids is None:
+            await self._clear(None)
+        else:
+            for batch_id in batch_ids:
+                await self._clear(batch_id)
+
     def _fail(self, entries: list[ActiveRequest], message: str) -> None:
         log.error(message)
         for entry in entries:
             entry.finish(StopReason.ERROR, error=message)
 
-    async def _clear(self, batch_id: int) -> None:
+    async def _clear(self, batch_id: int | None) -> None:
         try:
             await self._shards.clear_cache(batch_id)
         except grpc.aio.AioRpcError as e:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tgis_proto.plugins import PluginError, Registry, load_registry
 from tgis_router.config import ConfigError, LauncherConfig, num_shards, parse_config
+from tgis_router.logs import configure_logging
 from tgis_router.router import ModelSetup, run_router
 from tgis_router.shard_client import ShardClient
 
@@ -203,13 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"text-generation-launcher: error: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level,
-        format='{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","message":"%(message)s"}'
-        if config.json_output
-        else "%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(config.log_level, config.json_output)
     try:
         return asyncio.run(_launch(config))
     except LaunchError as e:
