@@ -76,3 +76,35 @@ def test_model_info_reads_the_context_length_from_config(server):
     info = server.stub.ModelInfo(fmaas.ModelInfoRequest())
     assert info.max_sequence_length == 8192
     assert info.model_kind == fmaas.ModelInfoResponse.DECODER_ONLY
+
+
+def test_seeded_sampling_is_reproducible_inside_a_batch(server):
+    params = fmaas.Parameters(
+        method=fmaas.SAMPLE,
+        sampling=fmaas.SamplingParameters(seed=5, temperature=0.8, top_p=0.95),
+        stopping=fmaas.StoppingCriteria(max_new_tokens=MAX_NEW_TOKENS),
+    )
+    alone = server.stub.Generate(
+        fmaas.BatchedGenerationRequest(requests=[fmaas.GenerationRequest(text=PROMPTS[1])], params=params)
+    ).responses[0]
+    batched = server.stub.Generate(
+        fmaas.BatchedGenerationRequest(requests=[fmaas.GenerationRequest(text=p) for p in PROMPTS], params=params)
+    ).responses[1]
+    assert alone.seed == batched.seed == 5
+    assert alone.text == batched.text
+
+
+def test_stop_sequence_and_logprobs_against_the_reference(server, reference):
+    tokenizer, expected = reference
+    text = tokenizer.decode(expected[0], skip_special_tokens=True)  # " Paris. ..." greedy text
+    stop = "."
+    params = fmaas.Parameters(
+        stopping=fmaas.StoppingCriteria(max_new_tokens=MAX_NEW_TOKENS, stop_sequences=[stop]),
+        response=fmaas.ResponseOptions(generated_tokens=True, token_logprobs=True),
+    )
+    request = fmaas.BatchedGenerationRequest(requests=[fmaas.GenerationRequest(text=PROMPTS[0])], params=params)
+    response = server.stub.Generate(request).responses[0]
+    assert response.stop_reason == fmaas.STOP_SEQUENCE
+    assert response.text == text[: text.index(stop) + 1]
+    assert all(t.logprob <= 0 for t in response.tokens)
+    assert response.tokens[0].logprob > -1.0  # " Paris" is the model's confident first choice

@@ -11,7 +11,7 @@ from tgis_router import metrics
 from tgis_router.detokenize import IncrementalDetokenizer
 from tgis_router.events import Event, Finish, InputTokens, NewToken, TokenDetail
 from tgis_router.requests import StopReason, ValidatedRequest
-from tgis_router.stopping import token_stop_reason
+from tgis_router.stopping import StopSequenceFilter, token_stop_reason
 from tgis_router.tokenization import TokenizerPool
 
 
@@ -24,19 +24,33 @@ class ActiveRequest:
         eos_token_ids: Collection[int],
         skip_special_tokens: bool,
         kind: str,
+        arrival: float,
+        continues_prompt: bool,
     ):
+        """``arrival``: time.monotonic() when the call arrived; time limits count from it.
+        ``continues_prompt``: the output continues the input text (decoder-only models), so it is
+        decoded in the input's context; a seq2seq output is a text of its own."""
         self.id = request_id
         self.request = request
         self.kind = kind
         self.events: asyncio.Queue[Event] = asyncio.Queue()
-        self.arrival = time.monotonic()
+        self.arrival = arrival
         self.generated = 0
         self.finished = False
         self._tokenizer = tokenizer
         self._eos_token_ids = eos_token_ids
-        self._detokenizer = IncrementalDetokenizer(tokenizer.tokenizer, request.input_ids, skip_special_tokens)
+        context = request.input_ids if continues_prompt else ()
+        self._detokenizer = IncrementalDetokenizer(tokenizer.tokenizer, context, skip_special_tokens)
+        self._stop_sequences = StopSequenceFilter(request.params.stop_sequences, request.params.include_stop_sequence)
         self._prefill_at: float | None = None
         self._last_token_at: float | None = None
+        self._deadline: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        if request.params.time_limit_millis:
+            self._deadline = arrival + request.params.time_limit_millis / 1000
+            # Fires while queued or between steps; a token arriving late is checked in add_token.
+            delay = max(0.0, self._deadline - time.monotonic())
+            self._timer = asyncio.get_running_loop().call_later(delay, self.finish, StopReason.TIME_LIMIT)
 
     def to_shard_request(self) -> pb.Request:
         params = self.request.params
@@ -100,9 +114,20 @@ class ActiveRequest:
             metrics.request_inter_token_latency.observe(now - self._last_token_at)
         self._last_token_at = now
         self.generated += 1
-        text = self._detokenizer.add(token.id)
-        reason = token_stop_reason(self.request, token.id, self.generated, self._eos_token_ids)
-        finish = Finish(reason) if reason is not None else None
+        delta = self._detokenizer.add(token.id)
+        if self._deadline is not None and now >= self._deadline:
+            reason: StopReason | None = StopReason.TIME_LIMIT
+        else:
+            reason = token_stop_reason(self.request, token.id, self.generated, self._eos_token_ids)
+        stop_sequence = ""
+        if reason is None:
+            step = self._stop_sequences.add(delta, active=self.generated >= self.request.params.min_new_tokens)
+            text = step.emit
+            if step.stop_sequence is not None:
+                reason, stop_sequence = StopReason.STOP_SEQUENCE, step.stop_sequence
+        else:
+            text = self._stop_sequences.flush() + delta
+        finish = Finish(reason, stop_sequence) if reason is not None else None
         self.events.put_nowait(NewToken(text, self.generated, self._detail(token), finish))
         if finish is not None:
             self._finished(finish)
@@ -111,7 +136,7 @@ class ActiveRequest:
     def finish(self, reason: StopReason, error: str | None = None) -> None:
         """Ends the request without a token (error, time limit, shutdown)."""
         if not self.finished:
-            finish = Finish(reason, error=error)
+            finish = Finish(reason, error=error, text=self._stop_sequences.flush())
             self.events.put_nowait(finish)
             self._finished(finish)
 
@@ -122,6 +147,8 @@ class ActiveRequest:
 
     def _finished(self, finish: Finish) -> None:
         self.finished = True
+        if self._timer is not None:
+            self._timer.cancel()
         now = time.monotonic()
         if finish.reason == StopReason.ERROR:
             metrics.request_failure.labels(err="generate").inc()

@@ -19,9 +19,12 @@ class TokenDetail:
 
 @dataclass(frozen=True)
 class Finish:
+    """The end of an input; ``text`` is text held back for stop sequences, released now."""
+
     reason: StopReason
     stop_sequence: str = ""
     error: str | None = None
+    text: str = ""
 
 
 @dataclass(frozen=True)

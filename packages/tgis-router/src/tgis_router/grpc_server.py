@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 
@@ -64,6 +65,7 @@ class GenerationService(fmaas_grpc.GenerationServiceServicer):
         self, texts: list[str], prefix_id: str | None, params: fmaas.Parameters, kind: str
     ) -> list[ActiveRequest]:
         """Validates the call as a whole, then queues every input; nothing is queued on error."""
+        arrival = time.monotonic()
         if prefix_id:
             raise ValidationError(
                 f"can't retrieve prompt prefix with id '{prefix_id}': prefix id \"{prefix_id}\" not found"
@@ -82,6 +84,8 @@ class GenerationService(fmaas_grpc.GenerationServiceServicer):
                 self._model.eos_token_ids,
                 self._skip_special_tokens,
                 kind,
+                arrival,
+                continues_prompt=not self._model.encoder_decoder,
             )
             for request in validated
         ]

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from tgis_proto import generation_pb2 as fmaas
 from tgis_router.active import ActiveRequest
 from tgis_router.errors import GenerationFailedError
-from tgis_router.events import Finish, InputTokens, NewToken, TokenDetail
+from tgis_router.events import Finish, InputTokens, TokenDetail
 from tgis_router.requests import ResponseOptions, StopReason
 
 
@@ -37,47 +37,59 @@ def _seed(entry: ActiveRequest) -> int:
 
 
 async def stream_responses(entry: ActiveRequest) -> AsyncIterator[fmaas.GenerationResponse]:
-    """The stream of one input: header, input tokens, one message per token, a closing message."""
+    """The stream of one input: header, input tokens, one message per token, a closing message.
+
+    The header waits for the first event, so an input that ends before its first token (its
+    time limit expired in the queue) gets a single message.
+    """
     request = entry.request
     options = request.params.response
-    yield fmaas.GenerationResponse(
+    header = fmaas.GenerationResponse(
         input_token_count=len(request.input_ids),
         seed=_seed(entry),
         text=request.text if options.input_text else "",
     )
+    event = await entry.events.get()
+    if isinstance(event, Finish):
+        _raise_if_error(event)
+        header.stop_reason = int(event.reason)
+        yield header
+        return
+    yield header
     pending = ""  # text of tokens whose message was not sent yet
     while True:
-        event = await entry.events.get()
         if isinstance(event, InputTokens):
             yield fmaas.GenerationResponse(input_tokens=[token_info(t, options) for t in event.tokens])
-            continue
-        if isinstance(event, Finish):
+        elif isinstance(event, Finish):
             _raise_if_error(event)
             yield fmaas.GenerationResponse(
-                text=pending,
+                text=pending + event.text,
                 generated_token_count=entry.generated,
                 stop_reason=int(event.reason),
                 stop_sequence=event.stop_sequence,
                 seed=_seed(entry),
             )
             return
-        assert isinstance(event, NewToken)
-        text = pending + event.text
-        tokens = [token_info(event.token, options)] if options.generated_tokens else []
-        if event.finish is not None:
-            yield fmaas.GenerationResponse(
-                text=text,
-                generated_token_count=event.generated_token_count,
-                tokens=tokens,
-                stop_reason=int(event.finish.reason),
-                stop_sequence=event.finish.stop_sequence,
-                seed=_seed(entry),
-            )
-            return
-        if not text and not tokens:
-            continue
-        pending = ""
-        yield fmaas.GenerationResponse(text=text, generated_token_count=event.generated_token_count, tokens=tokens)
+        else:
+            text = pending + event.text
+            tokens = [token_info(event.token, options)] if options.generated_tokens else []
+            if event.finish is not None:
+                yield fmaas.GenerationResponse(
+                    text=text,
+                    generated_token_count=event.generated_token_count,
+                    tokens=tokens,
+                    stop_reason=int(event.finish.reason),
+                    stop_sequence=event.finish.stop_sequence,
+                    seed=_seed(entry),
+                )
+                return
+            pending = text
+            if text or tokens:
+                pending = ""
+                yield fmaas.GenerationResponse(
+                    text=text, generated_token_count=event.generated_token_count, tokens=tokens
+                )
+        event = await entry.events.get()
 
 
 async def unary_response(entry: ActiveRequest, separator: str = "") -> fmaas.GenerationResponse:
@@ -92,7 +104,9 @@ async def unary_response(entry: ActiveRequest, separator: str = "") -> fmaas.Gen
             response.input_tokens.extend(token_info(t, options) for t in event.tokens)
             continue
         finish = event if isinstance(event, Finish) else event.finish
-        if isinstance(event, NewToken):
+        if isinstance(event, Finish):
+            parts.append(event.text)
+        else:
             parts.append(event.text)
             response.generated_token_count = event.generated_token_count
             if options.generated_tokens:

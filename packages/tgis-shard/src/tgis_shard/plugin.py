@@ -12,5 +12,5 @@ def tgis_register_engines(register: EngineRegistrar) -> None:
     register(
         "hf_transformers",
         "tgis_shard.engines.hf_transformers:create_engine",
-        description="any transformers causal LM, on one GPU or the CPU",
+        description="any transformers causal or encoder-decoder LM, on one GPU or the CPU",
     )

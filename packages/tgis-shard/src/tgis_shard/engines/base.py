@@ -11,6 +11,7 @@ import torch
 
 from tgis_proto import shard_pb2 as pb
 from tgis_proto.plugins import Registry
+from tgis_shard.logits import BatchTokenChooser, ChosenTokens, top_tokens
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,10 @@ class GeneratedToken:
     rank: int = 0
     top_tokens: tuple[tuple[int, float], ...] = ()
     input_tokens: tuple[pb.Token, ...] = ()
+
+
+class UnsupportedModelError(Exception):
+    """The model cannot be served by this engine."""
 
 
 class BatchState(ABC):
@@ -74,3 +79,20 @@ class Engine(ABC):
     @abstractmethod
     def health_check(self) -> None:
         """Runs a real one-token forward pass; raises when the model cannot compute."""
+
+
+def generated_tokens(ids: Sequence[int], chosen: ChosenTokens, chooser: BatchTokenChooser) -> list[GeneratedToken]:
+    """Per-request results; each request gets only the details it asked for."""
+    token_ids = chosen.token_ids.tolist()
+    details = chosen.details
+    if details is None:
+        return [GeneratedToken(request_id=rid, token_id=token_ids[row]) for row, rid in enumerate(ids)]
+    logprobs, ranks = details.logprobs.tolist(), details.ranks.tolist()
+    top_ids = details.top_ids.tolist() if details.top_ids is not None else None
+    top_lps = details.top_logprobs.tolist() if details.top_logprobs is not None else None
+    results = []
+    for row, rid in enumerate(ids):
+        n = chooser.requests[row].details.top_n
+        top = top_tokens(top_ids[row], top_lps[row], n) if top_ids is not None and top_lps is not None else ()
+        results.append(GeneratedToken(rid, token_ids[row], logprobs[row], ranks[row], top))
+    return results

@@ -1,4 +1,4 @@
-"""The ``hf_transformers`` engine: any transformers causal LM, batched with left padding.
+"""The ``hf_transformers`` engine: any transformers causal LM, batched with left padding (seq2seq: see seq2seq.py).
 
 Batches follow continuous batching: a prefilled batch is concatenated into the running one
 (caches and masks left-padded to a common length) and finished requests are pruned, trimming
@@ -9,19 +9,29 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    DynamicCache,
+    GenerationConfig,
+    PreTrainedModel,
+)
 
 from tgis_proto import shard_pb2 as pb
 from tgis_shard.engines import kv_cache
-from tgis_shard.engines.base import BatchState, Engine, GeneratedToken, ShardContext
-from tgis_shard.logits import BatchTokenChooser, ChosenTokens
-
-
-class UnsupportedModelError(Exception):
-    """The model cannot be served by this engine."""
+from tgis_shard.engines.base import (
+    BatchState,
+    Engine,
+    GeneratedToken,
+    ShardContext,
+    UnsupportedModelError,
+    generated_tokens,
+)
+from tgis_shard.logits import BatchTokenChooser, token_details, top_tokens
 
 
 @dataclass
@@ -101,7 +111,7 @@ class CausalLMEngine(Engine):
             kwargs["logits_to_keep"] = 1
         kwargs[self._cache_kwarg] = cache
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **kwargs)
-        return out.logits[:, -1, :]
+        return out.logits
 
     @torch.inference_mode()
     def prefill(self, batch: pb.Batch) -> tuple[list[GeneratedToken], CausalLMBatch]:
@@ -116,9 +126,12 @@ class CausalLMEngine(Engine):
         input_ids, mask = input_ids.to(device), mask.to(device)
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
-        logits = self._forward(input_ids, mask, position_ids, cache, last_only=True)
-        chooser = BatchTokenChooser([r.chooser for r in batch.requests], [r.details for r in batch.requests])
-        chosen = chooser.choose(logits)
+        want_inputs = any(r.details.input_tokens for r in batch.requests)
+        logits = self._forward(input_ids, mask, position_ids, cache, last_only=not want_inputs)
+        chooser = BatchTokenChooser.from_requests(
+            batch.requests, self.eos_token_ids, self.model.config.vocab_size, device, prompt_in_history=True
+        )
+        chosen = chooser.choose(logits[:, -1, :])
         state = CausalLMBatch(
             batch_id=batch.id,
             ids=[r.id for r in batch.requests],
@@ -128,7 +141,15 @@ class CausalLMEngine(Engine):
             cache=cache,
             chooser=chooser,
         )
-        return _generated(state.ids, chosen), state
+        tokens = generated_tokens(state.ids, chosen, chooser)
+        if want_inputs:
+            tokens = [
+                replace(token, input_tokens=input_token_details(request, logits[row], width))
+                if request.details.input_tokens
+                else token
+                for row, (token, request) in enumerate(zip(tokens, batch.requests, strict=True))
+            ]
+        return tokens, state
 
     def concatenate(self, states: Sequence[BatchState]) -> CausalLMBatch:
         batches = [_causal(s) for s in states]
@@ -151,12 +172,12 @@ class CausalLMEngine(Engine):
         batch = _causal(state)
         ones = torch.ones((len(batch.ids), 1), dtype=batch.attention_mask.dtype, device=self.ctx.device)
         mask = torch.cat([batch.attention_mask, ones], dim=1)
-        logits = self._forward(batch.input_ids, mask, batch.position_ids, batch.cache, last_only=False)
-        chosen = batch.chooser.choose(logits)
+        logits = self._forward(batch.input_ids, mask, batch.position_ids, batch.cache, last_only=True)
+        chosen = batch.chooser.choose(logits[:, -1, :])
         batch.attention_mask = mask
         batch.input_ids = chosen.token_ids.unsqueeze(1)
         batch.position_ids = batch.position_ids + 1
-        return _generated(batch.ids, chosen)
+        return generated_tokens(batch.ids, chosen, batch.chooser)
 
     @torch.inference_mode()
     def health_check(self) -> None:
@@ -172,22 +193,35 @@ def _causal(state: BatchState) -> CausalLMBatch:
     return state
 
 
-def _generated(ids: Sequence[int], chosen: ChosenTokens) -> list[GeneratedToken]:
-    token_ids = chosen.token_ids.tolist()
-    logprobs = chosen.logprobs.tolist() if chosen.logprobs is not None else None
-    ranks = chosen.ranks.tolist() if chosen.ranks is not None else None
-    top_ids = chosen.top_ids.tolist() if chosen.top_ids is not None else None
-    top_lps = chosen.top_logprobs.tolist() if chosen.top_logprobs is not None else None
-    return [
-        GeneratedToken(
-            request_id=rid,
-            token_id=token_ids[row],
-            logprob=logprobs[row] if logprobs is not None else float("nan"),
-            rank=ranks[row] if ranks is not None else 0,
-            top_tokens=tuple(zip(top_ids[row], top_lps[row], strict=True)) if top_ids and top_lps else (),
+def input_token_details(request: pb.Request, logits: torch.Tensor, end: int) -> tuple[pb.Token, ...]:
+    """Details of a prompt's tokens from the prefill logits of its row (columns before ``end``).
+
+    Token i is scored by the logits at position i - 1, from the raw model scores (the processor
+    chain describes generation state that does not exist for the prompt). The first token has
+    no predecessor: NaN, no rank, no top tokens.
+    """
+    ids = list(request.input_ids)
+    first = pb.Token(id=ids[0], logprob=float("nan"))
+    if len(ids) == 1:
+        return (first,)
+    logprobs = logits[end - len(ids) : end - 1].float().log_softmax(dim=-1)
+    following = torch.tensor(ids[1:], device=logits.device)
+    details = token_details(logprobs, following, request.details.top_n)
+    values, ranks = details.logprobs.tolist(), details.ranks.tolist()
+    top_ids = details.top_ids.tolist() if details.top_ids is not None else None
+    top_lps = details.top_logprobs.tolist() if details.top_logprobs is not None else None
+    tokens = [first]
+    for i, token_id in enumerate(ids[1:]):
+        top = top_tokens(top_ids[i], top_lps[i], request.details.top_n) if top_ids and top_lps else ()
+        tokens.append(
+            pb.Token(
+                id=token_id,
+                logprob=values[i],
+                rank=ranks[i],
+                top_tokens=[pb.TopToken(id=t, logprob=lp) for t, lp in top],
+            )
         )
-        for row, rid in enumerate(ids)
-    ]
+    return tuple(tokens)
 
 
 def eos_token_ids(model_dir: object, config: object) -> list[int]:
@@ -203,7 +237,7 @@ def eos_token_ids(model_dir: object, config: object) -> list[int]:
     return [int(e) for e in eos] if isinstance(eos, list | tuple) else [int(eos)]
 
 
-def create_engine(ctx: ShardContext) -> CausalLMEngine:
+def create_engine(ctx: ShardContext) -> Engine:
     """Loads the model from its folder (never from a hub) onto the shard's device."""
     if ctx.world_size != 1:
         raise UnsupportedModelError(
@@ -211,9 +245,11 @@ def create_engine(ctx: ShardContext) -> CausalLMEngine:
         )
     config = AutoConfig.from_pretrained(ctx.model_dir, local_files_only=True)
     if getattr(config, "is_encoder_decoder", False):
-        raise UnsupportedModelError(
-            f"model_type {ctx.model_type!r} is encoder-decoder; hf_transformers serves causal LMs only so far"
-        )
+        # Imported here: the seq2seq engine reuses this module's helpers.
+        from tgis_shard.engines.seq2seq import Seq2SeqLMEngine
+
+        seq2seq = AutoModelForSeq2SeqLM.from_pretrained(ctx.model_dir, dtype=ctx.dtype, local_files_only=True)
+        return Seq2SeqLMEngine(seq2seq.to(ctx.device).eval(), ctx, eos_token_ids(ctx.model_dir, config))
     model = AutoModelForCausalLM.from_pretrained(ctx.model_dir, dtype=ctx.dtype, local_files_only=True)
     model = model.to(ctx.device).eval()
     return CausalLMEngine(model, ctx, eos_token_ids(ctx.model_dir, config))

@@ -1,12 +1,14 @@
-"""Batch surgery on transformers' dynamic KV caches: select rows, concatenate left-padded.
+"""Batch surgery on transformers' dynamic KV caches: select rows, concatenate padded.
 
-Caches hold keys and values as [batch, heads, seq, head_dim] per layer, left-padded so that the
-newest position of every row is the last column.
+Caches hold keys and values as [batch, heads, seq, head_dim] per layer. Self-attention caches are
+left-padded so that the newest position of every row is the last column; encoder-decoder
+cross-attention caches cover the encoder's right-padded positions and use the ``*_right_padded``
+variants.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,16 +32,39 @@ def select_rows(cache: DynamicCache, rows: torch.Tensor, keep_last: int) -> None
         layer.values = layer.values[rows, :, -keep_last:, :]
 
 
+def select_rows_right_padded(cache: DynamicCache, rows: torch.Tensor, keep_first: int) -> None:
+    """Keeps ``rows`` and the first ``keep_first`` positions of every layer, in place."""
+    for layer in _layers(cache):
+        layer.keys = layer.keys[rows, :, :keep_first, :]
+        layer.values = layer.values[rows, :, :keep_first, :]
+
+
 def concatenate(caches: Sequence[DynamicCache], length: int) -> DynamicCache:
     """Stacks caches along the batch, left-padding each to ``length`` positions; reuses the first."""
+    return _concatenate(caches, length, _left_pad)
+
+
+def concatenate_right_padded(caches: Sequence[DynamicCache], length: int) -> DynamicCache:
+    """Stacks caches along the batch, right-padding each to ``length`` positions; reuses the first."""
+    return _concatenate(caches, length, _right_pad)
+
+
+def _concatenate(
+    caches: Sequence[DynamicCache], length: int, pad: Callable[[torch.Tensor, int], torch.Tensor]
+) -> DynamicCache:
     merged = caches[0]
     per_layer = zip(*(_layers(c) for c in caches), strict=True)
     for target, layers in zip(merged.layers, per_layer, strict=True):
-        target.keys = torch.cat([_left_pad(layer.keys, length) for layer in layers])
-        target.values = torch.cat([_left_pad(layer.values, length) for layer in layers])
+        target.keys = torch.cat([pad(layer.keys, length) for layer in layers])
+        target.values = torch.cat([pad(layer.values, length) for layer in layers])
     return merged
 
 
 def _left_pad(states: torch.Tensor, length: int) -> torch.Tensor:
     missing = length - states.shape[-2]
     return F.pad(states, (0, 0, missing, 0)) if missing else states
+
+
+def _right_pad(states: torch.Tensor, length: int) -> torch.Tensor:
+    missing = length - states.shape[-2]
+    return F.pad(states, (0, 0, 0, missing)) if missing else states

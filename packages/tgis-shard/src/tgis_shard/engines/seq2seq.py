@@ -1,0 +1,303 @@
+"""The ``hf_transformers`` engine for encoder-decoder LMs (T5, mT0, BART, ...).
+
+The encoder runs once per request at prefill; each step then runs one decoder position for every
+row. Requests join and leave a running batch as in the causal engine, with two padding regimes:
+
+* the encoder side (hidden states, their mask, the cross-attention cache) is right-padded, so the
+  prompt sits at columns ``0 .. len - 1`` exactly as when run alone (T5's relative buckets and
+  BART's learned encoder positions see the same positions);
+* the decoder side (self-attention cache and its mask) is left-padded, so every row's newest
+  position is the last column, whatever step it joined at.
+
+Left padding shifts a row's cache columns, not its positions: T5 derives positions from column
+differences (unchanged), while decoders with absolute positions get each row's own position.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput
+
+from tgis_proto import shard_pb2 as pb
+from tgis_shard.engines import kv_cache
+from tgis_shard.engines.base import (
+    BatchState,
+    Engine,
+    GeneratedToken,
+    ShardContext,
+    UnsupportedModelError,
+    generated_tokens,
+)
+from tgis_shard.logits import BatchTokenChooser
+
+
+@dataclass
+class Seq2SeqLMBatch(BatchState):
+    """Requests decoding together. The decoder cache covers every decoder token except ``decoder_input_ids``."""
+
+    batch_id: int
+    ids: list[int]
+    encoder_hidden: torch.Tensor  # [batch, encoder positions, hidden], right-padded
+    encoder_mask: torch.Tensor  # [batch, encoder positions], right-padded
+    decoder_input_ids: torch.Tensor  # [batch, 1]: the last chosen tokens, fed to the next step
+    decoder_mask: torch.Tensor  # [batch, cached decoder positions], left-padded
+    cache: EncoderDecoderCache
+    chooser: BatchTokenChooser
+
+    @property
+    def request_ids(self) -> list[int]:
+        return list(self.ids)
+
+    def filter(self, keep_request_ids: Sequence[int]) -> Seq2SeqLMBatch | None:
+        keep = set(keep_request_ids)
+        rows = [i for i, rid in enumerate(self.ids) if rid in keep]
+        if not rows:
+            return None
+        if len(rows) == len(self.ids):
+            return self
+        index = torch.tensor(rows, device=self.decoder_input_ids.device)
+        encoder_mask = self.encoder_mask[index]
+        decoder_mask = self.decoder_mask[index]
+        # Encoder columns right of the longest remaining prompt, and decoder columns left of the
+        # longest remaining decoder sequence, hold only padding now.
+        keep_first = int(encoder_mask.sum(dim=1).max())
+        keep_last = int(decoder_mask.sum(dim=1).max())
+        kv_cache.select_rows(self.cache.self_attention_cache, index, keep_last)
+        kv_cache.select_rows_right_padded(self.cache.cross_attention_cache, index, keep_first)
+        self.ids = [self.ids[i] for i in rows]
+        self.encoder_hidden = self.encoder_hidden[index, :keep_first]
+        self.encoder_mask = encoder_mask[:, :keep_first]
+        self.decoder_input_ids = self.decoder_input_ids[index]
+        self.decoder_mask = decoder_mask[:, -keep_last:]
+        self.chooser = self.chooser.select(rows)
+        return self
+
+
+class _RowPositions:
+    """Feeds per-row ids to a decoder's absolute position embedding (BART, mBART, Marian, Pegasus).
+
+    Those decoders embed position ``cache length + i`` for every row and take no position ids in
+    ``forward``; a row that joined a running batch later is at a smaller position than the
+    left-padded cache is long. Their ``embed_positions`` module does take ``position_ids``, so
+    hooks substitute each row's own positions while a step runs (and restore [batch, seq, hidden]:
+    BART's module adds a leading axis to the ids it is given).
+    """
+
+    def __init__(self, module: nn.Module):
+        self._signature = inspect.signature(module.forward)
+        self._ids: torch.Tensor | None = None
+        module.register_forward_pre_hook(self._before, with_kwargs=True)
+        module.register_forward_hook(self._after)
+
+    @contextmanager
+    def use(self, position_ids: torch.Tensor) -> Iterator[None]:
+        self._ids = position_ids
+        try:
+            yield
+        finally:
+            self._ids = None
+
+    def _before(
+        self, _module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]
+    ) -> tuple[tuple[object, ...], dict[str, object]] | None:
+        if self._ids is None:
+            return None
+        bound = self._signature.bind(*args, **kwargs)
+        bound.arguments["position_ids"] = self._ids
+        return bound.args, bound.kwargs
+
+    def _after(self, _module: nn.Module, _args: tuple[object, ...], output: torch.Tensor) -> torch.Tensor | None:
+        if self._ids is None:
+            return None
+        return output.reshape(*self._ids.shape, output.shape[-1])
+
+
+class Seq2SeqLMEngine(Engine):
+    def __init__(self, model: PreTrainedModel, ctx: ShardContext, eos_token_ids: list[int]):
+        self.model = model
+        self.ctx = ctx
+        self.eos_token_ids = eos_token_ids
+        self.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        self.decoder_start_token_id = _decoder_start_token_id(model)
+        self.vocab_size = model.config.get_text_config(decoder=True).vocab_size
+        # Caches are sized from the decoder's own config: T5's top-level config counts the encoder's
+        # layers (num_layers), which differ from num_decoder_layers in some checkpoints.
+        self._decoder_config = model.get_decoder().config
+        accepted = inspect.signature(model.forward).parameters
+        # transformers renamed past_key_values to cache (5.2x); both spellings are in the field.
+        self._cache_kwarg = "cache" if "cache" in accepted else "past_key_values"
+        self._takes_decoder_position_ids = "decoder_position_ids" in accepted
+        self._row_positions: _RowPositions | None = None
+        if not self._takes_decoder_position_ids:
+            self._row_positions = _absolute_positions(model)
+
+    def info(self) -> pb.InfoResponse:
+        return pb.InfoResponse(
+            model_kind=pb.ENCODER_DECODER,
+            eos_token_ids=self.eos_token_ids,
+            vocab_size=self.vocab_size,
+            batch_padding=True,
+            engine="hf_transformers",
+            model_type=self.ctx.model_type,
+            dtype=str(self.ctx.dtype).removeprefix("torch."),
+            world_size=self.ctx.world_size,
+            device=str(self.ctx.device),
+        )
+
+    def _decoder_step(
+        self,
+        encoder_hidden: torch.Tensor,
+        encoder_mask: torch.Tensor,
+        decoder_input_ids: torch.Tensor,
+        decoder_mask: torch.Tensor,
+        cache: EncoderDecoderCache,
+    ) -> torch.Tensor:
+        """One decoder position per row; ``decoder_mask`` includes it. Returns [batch, vocab] logits."""
+        # The new token's position is the number of real decoder tokens before it.
+        positions = decoder_mask[:, :-1].sum(dim=1, keepdim=True)
+        kwargs: dict[str, object] = {self._cache_kwarg: cache}
+        if self._takes_decoder_position_ids:
+            kwargs["decoder_position_ids"] = positions
+        row_positions = self._row_positions.use(positions) if self._row_positions is not None else nullcontext()
+        with row_positions:
+            out = self.model(
+                encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden),
+                attention_mask=encoder_mask,
+                decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_mask,
+                use_cache=True,
+                **kwargs,
+            )
+        return out.logits[:, -1, :]
+
+    @torch.inference_mode()
+    def prefill(self, batch: pb.Batch) -> tuple[list[GeneratedToken], Seq2SeqLMBatch]:
+        device = self.ctx.device
+        lengths = [len(r.input_ids) for r in batch.requests]
+        width = max(lengths)
+        input_ids = torch.full((len(lengths), width), self.pad_token_id, dtype=torch.long)
+        encoder_mask = torch.zeros((len(lengths), width), dtype=torch.long)
+        for row, (request, length) in enumerate(zip(batch.requests, lengths, strict=True)):
+            input_ids[row, :length] = torch.tensor(list(request.input_ids), dtype=torch.long)
+            encoder_mask[row, :length] = 1
+        input_ids, encoder_mask = input_ids.to(device), encoder_mask.to(device)
+        encoder_hidden = self.model.get_encoder()(input_ids=input_ids, attention_mask=encoder_mask).last_hidden_state
+        decoder_input_ids = torch.full((len(lengths), 1), self.decoder_start_token_id, dtype=torch.long, device=device)
+        decoder_mask = torch.ones_like(decoder_input_ids)
+        # The cross-attention cache gets no config: the decoder's sliding-window layer types (T5Gemma)
+        # describe its self-attention only; cross-attention always sees the whole encoder output.
+        cache = EncoderDecoderCache(DynamicCache(config=self._decoder_config), DynamicCache())
+        logits = self._decoder_step(encoder_hidden, encoder_mask, decoder_input_ids, decoder_mask, cache)
+        # The repetition penalty covers decoder tokens only: the prompt is the encoder's input.
+        chooser = BatchTokenChooser.from_requests(
+            batch.requests, self.eos_token_ids, self.vocab_size, device, prompt_in_history=False
+        )
+        chosen = chooser.choose(logits)
+        state = Seq2SeqLMBatch(
+            batch_id=batch.id,
+            ids=[r.id for r in batch.requests],
+            encoder_hidden=encoder_hidden,
+            encoder_mask=encoder_mask,
+            decoder_input_ids=chosen.token_ids.unsqueeze(1),
+            decoder_mask=decoder_mask,
+            cache=cache,
+            chooser=chooser,
+        )
+        tokens = generated_tokens(state.ids, chosen, chooser)
+        return [
+            replace(token, input_tokens=_unscored_input_tokens(request)) if request.details.input_tokens else token
+            for token, request in zip(tokens, batch.requests, strict=True)
+        ], state
+
+    def concatenate(self, states: Sequence[BatchState]) -> Seq2SeqLMBatch:
+        batches = [_seq2seq(s) for s in states]
+        if len(batches) == 1:
+            return batches[0]
+        encoder_length = max(b.encoder_mask.shape[1] for b in batches)
+        decoder_length = max(b.decoder_mask.shape[1] for b in batches)
+        first = batches[0]
+        kv_cache.concatenate([b.cache.self_attention_cache for b in batches], decoder_length)
+        kv_cache.concatenate_right_padded([b.cache.cross_attention_cache for b in batches], encoder_length)
+        first.encoder_hidden = torch.cat(
+            [F.pad(b.encoder_hidden, (0, 0, 0, encoder_length - b.encoder_hidden.shape[1])) for b in batches]
+        )
+        first.encoder_mask = torch.cat(
+            [F.pad(b.encoder_mask, (0, encoder_length - b.encoder_mask.shape[1])) for b in batches]
+        )
+        first.decoder_mask = torch.cat(
+            [F.pad(b.decoder_mask, (decoder_length - b.decoder_mask.shape[1], 0)) for b in batches]
+        )
+        first.ids = [rid for b in batches for rid in b.ids]
+        first.decoder_input_ids = torch.cat([b.decoder_input_ids for b in batches])
+        first.chooser = BatchTokenChooser.concatenate([b.chooser for b in batches])
+        return first
+
+    @torch.inference_mode()
+    def decode(self, state: BatchState) -> list[GeneratedToken]:
+        batch = _seq2seq(state)
+        ones = torch.ones((len(batch.ids), 1), dtype=batch.decoder_mask.dtype, device=self.ctx.device)
+        decoder_mask = torch.cat([batch.decoder_mask, ones], dim=1)
+        logits = self._decoder_step(
+            batch.encoder_hidden, batch.encoder_mask, batch.decoder_input_ids, decoder_mask, batch.cache
+        )
+        chosen = batch.chooser.choose(logits)
+        batch.decoder_mask = decoder_mask
+        batch.decoder_input_ids = chosen.token_ids.unsqueeze(1)
+        return generated_tokens(batch.ids, chosen, batch.chooser)
+
+    @torch.inference_mode()
+    def health_check(self) -> None:
+        ids = torch.tensor([[self.pad_token_id]], device=self.ctx.device)
+        start = torch.tensor([[self.decoder_start_token_id]], device=self.ctx.device)
+        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=start, use_cache=False)
+        if not torch.isfinite(out.logits).all():
+            raise RuntimeError("health check forward pass produced non-finite logits")
+
+
+def _seq2seq(state: BatchState) -> Seq2SeqLMBatch:
+    if not isinstance(state, Seq2SeqLMBatch):
+        raise TypeError(f"hf_transformers (encoder-decoder) cannot use a {type(state).__name__}")
+    return state
+
+
+def _unscored_input_tokens(request: pb.Request) -> tuple[pb.Token, ...]:
+    """The prompt feeds the encoder, which predicts nothing: ids without logprobs."""
+    return tuple(pb.Token(id=i, logprob=float("nan")) for i in request.input_ids)
+
+
+def _decoder_start_token_id(model: PreTrainedModel) -> int:
+    """What ``generate`` starts the decoder with: generation config, then model config, then BOS."""
+    for source in (model.generation_config, model.config):
+        value = getattr(source, "decoder_start_token_id", None)
+        if value is not None:
+            return int(value)
+    for source in (model.generation_config, model.config):
+        value = getattr(source, "bos_token_id", None)
+        if value is not None:
+            return int(value)
+    raise UnsupportedModelError("the model config names neither a decoder_start_token_id nor a bos_token_id")
+
+
+def _absolute_positions(model: PreTrainedModel) -> _RowPositions | None:
+    """Hooks for decoders with absolute positions; None for T5-style relative position buckets.
+
+    Anything else would silently give rows that joined a running batch wrong positions, so it is
+    refused rather than guessed.
+    """
+    module = getattr(model.get_decoder(), "embed_positions", None)
+    if module is not None and "position_ids" in inspect.signature(module.forward).parameters:
+        return _RowPositions(module)
+    config = model.config.get_text_config(decoder=True)
+    if module is None and getattr(config, "relative_attention_num_buckets", None) is not None:
+        return None
+    raise UnsupportedModelError(
+        f"{type(model).__name__}: hf_transformers cannot give each row of a batch its own decoder positions"
+    )

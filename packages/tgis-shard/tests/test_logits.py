@@ -1,0 +1,193 @@
+"""Each logits processor against the transformers processor of the same name, row by row, and
+the batch chooser's sampling and details."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    ExponentialDecayLengthPenalty,
+    MinNewTokensLengthLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
+
+from tgis_proto import shard_pb2 as pb
+from tgis_shard import logits as lp
+
+VOCAB = 64
+EOS = 1
+
+
+@pytest.fixture
+def scores() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(5, VOCAB, generator=generator) * 3
+
+
+def _rowwise(reference, scores: torch.Tensor, params: list, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+    rows = []
+    for row, param in enumerate(params):
+        ids = input_ids[row : row + 1] if input_ids is not None else torch.zeros((1, 1), dtype=torch.long)
+        rows.append(
+            reference(param)(ids, scores[row : row + 1].clone()) if param is not None else scores[row : row + 1]
+        )
+    return torch.cat(rows)
+
+
+def test_temperature_matches_transformers(scores):
+    values = [0.5, 1.0, 2.0, 0.05, 1.3]
+    ours = lp.temperature(scores.clone(), torch.tensor(values))
+    assert torch.allclose(ours, _rowwise(TemperatureLogitsWarper, scores, values))
+
+
+def test_top_k_matches_transformers(scores):
+    values = [1, 5, 0, 64, 100]
+    ours = lp.top_k(scores.clone(), torch.tensor(values))
+    expected = _rowwise(TopKLogitsWarper, scores, [v if v else None for v in values])
+    assert torch.equal(ours, expected)
+
+
+def test_top_p_matches_transformers(scores):
+    values = [0.1, 0.5, 0.9, 1.0, 0.999]
+    ours = lp.top_p(scores.clone(), torch.tensor(values))
+    expected = _rowwise(TopPLogitsWarper, scores, [v if v < 1 else None for v in values])
+    assert torch.equal(ours, expected)
+
+
+def test_typical_p_matches_transformers(scores):
+    values = [0.2, 0.5, 0.95, 1.0, 0.7]
+    ours = lp.typical_p(scores.clone(), torch.tensor(values))
+    expected = _rowwise(TypicalLogitsWarper, scores, [v if v < 1 else None for v in values])
+    assert torch.equal(ours, expected)
+
+
+def test_repetition_penalty_matches_transformers(scores):
+    history = torch.randint(0, VOCAB, (5, 12), generator=torch.Generator().manual_seed(1))
+    seen = torch.zeros((5, VOCAB), dtype=torch.bool)
+    seen.scatter_(1, history, True)
+    values = [1.0, 1.2, 2.0, 0.8, 1.05]
+    ours = lp.repetition_penalty(scores.clone(), seen, torch.tensor(values))
+    expected = _rowwise(RepetitionPenaltyLogitsProcessor, scores, values, history)
+    assert torch.allclose(ours, expected)
+
+
+def test_min_new_tokens_matches_transformers(scores):
+    generated = [0, 2, 5, 7, 1]
+    minimum = 5
+    ours = lp.mask_eos(scores.clone(), torch.tensor([EOS]), torch.tensor(generated) < minimum)
+    prompt = torch.zeros((1, 3), dtype=torch.long)
+    for row, n in enumerate(generated):
+        processor = MinNewTokensLengthLogitsProcessor(3, minimum, EOS)
+        ids = torch.cat([prompt, torch.ones((1, n), dtype=torch.long) * 5], dim=1)
+        assert torch.equal(ours[row], processor(ids, scores[row : row + 1].clone())[0])
+
+
+def test_length_penalty_matches_transformers_exponential_decay(scores):
+    generated = torch.tensor([0, 3, 4, 9, 9])
+    start = torch.tensor([3, 3, 3, 3, 1])
+    decay = torch.tensor([1.5, 1.5, 2.0, 1.1, 3.0])
+    ours = lp.length_penalty(
+        scores.clone(), torch.tensor([EOS]), generated, start, decay, torch.ones(5, dtype=torch.bool)
+    )
+    prompt_length = 4
+    for row in range(5):
+        processor = ExponentialDecayLengthPenalty((int(start[row]), float(decay[row])), EOS, prompt_length)
+        ids = torch.zeros((1, prompt_length + int(generated[row])), dtype=torch.long)
+        assert torch.allclose(ours[row], processor(ids, scores[row : row + 1].clone())[0])
+
+
+def test_length_penalty_keeps_a_masked_eos_masked(scores):
+    masked = lp.mask_eos(scores.clone(), torch.tensor([EOS]), torch.ones(5, dtype=torch.bool))
+    ten = torch.full((5,), 10)
+    out = lp.length_penalty(masked, torch.tensor([EOS]), ten, torch.zeros(5, dtype=torch.long), ten.float(), ten > 0)
+    assert torch.isneginf(out[:, EOS]).all()
+
+
+def _request(rid: int, **chooser) -> pb.Request:
+    details = pb.TokenDetailOptions(logprobs=True, ranks=True, top_n=3)
+    return pb.Request(id=rid, input_ids=[5, 6, 7], chooser=pb.NextTokenChooser(**chooser), details=details)
+
+
+def _sample_sequence(chooser: lp.BatchTokenChooser, row: int, logits: list[torch.Tensor]) -> list[int]:
+    return [int(chooser.choose(step).token_ids[row]) for step in logits]
+
+
+def test_seeded_sampling_is_independent_of_the_batch_around_it():
+    steps = [torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(i)) for i in range(10)]
+    other = [torch.randn(1, VOCAB) for _ in range(10)]
+    sampled = {"sample": True, "seed": 1234, "temperature": 1.5, "top_k": 20}
+    alone = lp.BatchTokenChooser.from_requests([_request(1, **sampled)], [EOS], VOCAB, torch.device("cpu"), True)
+    with_others = lp.BatchTokenChooser.from_requests(
+        [_request(2, sample=True, seed=9), _request(1, **sampled), _request(3)], [EOS], VOCAB, torch.device("cpu"), True
+    )
+    expected = _sample_sequence(alone, 0, steps)
+    mixed = [torch.cat([o, s, o]) for o, s in zip(other, steps, strict=True)]
+    assert _sample_sequence(with_others, 1, mixed) == expected
+    assert len(set(expected)) > 1  # it really samples
+
+
+def test_different_seeds_give_different_samples():
+    steps = [torch.zeros(1, VOCAB) for _ in range(20)]  # uniform: every draw is free
+    device = torch.device("cpu")
+    a = lp.BatchTokenChooser.from_requests([_request(1, sample=True, seed=1)], [EOS], VOCAB, device, True)
+    b = lp.BatchTokenChooser.from_requests([_request(1, sample=True, seed=2)], [EOS], VOCAB, device, True)
+    assert _sample_sequence(a, 0, steps) != _sample_sequence(b, 0, steps)
+
+
+def test_greedy_rows_ignore_sampling_parameters(scores):
+    greedy = pb.Request(id=1, chooser=pb.NextTokenChooser(sample=False, temperature=0.1, top_k=1, top_p=0.1))
+    chooser = lp.BatchTokenChooser.from_requests([greedy], [EOS], VOCAB, torch.device("cpu"), True)
+    assert torch.equal(chooser.process(scores[:1]), scores[:1])
+    assert int(chooser.choose(scores[:1]).token_ids[0]) == int(scores[0].argmax())
+
+
+def test_details_come_from_log_softmax_of_the_final_scores(scores):
+    request = _request(1, sample=True, seed=3, top_k=5, repetition_penalty=1.3)
+    chooser = lp.BatchTokenChooser.from_requests([request], [EOS], VOCAB, torch.device("cpu"), True)
+    final = lp.BatchTokenChooser.from_requests([request], [EOS], VOCAB, torch.device("cpu"), True).process(scores[:1])
+    chosen = chooser.choose(scores[:1])
+    logprobs = final.log_softmax(dim=-1)[0]
+    token = int(chosen.token_ids[0])
+    assert torch.isfinite(final[0, token])
+    assert float(chosen.details.logprobs[0]) == pytest.approx(float(logprobs[token]))
+    assert int(chosen.details.ranks[0]) == 1 + int((logprobs > logprobs[token]).sum())
+    top = lp.top_tokens(chosen.details.top_ids[0].tolist(), chosen.details.top_logprobs[0].tolist(), 3)
+    assert [t for t, _ in top] == logprobs.topk(3).indices.tolist()
+
+
+def test_top_tokens_never_include_removed_tokens_and_keep_ties():
+    ids = [4, 5, 6, 7, 8, 9]
+    assert lp.top_tokens(ids, [-0.1, -1.0, -1.0, -1.0, float("-inf"), float("-inf")], 2) == (
+        (4, -0.1),
+        (5, -1.0),
+        (6, -1.0),
+        (7, -1.0),
+    )
+    assert lp.top_tokens(ids, [-0.1, float("-inf"), float("-inf"), -9, -9, -9], 3) == ((4, -0.1),)
+
+
+def test_min_new_tokens_masks_eos_until_reached():
+    logits = torch.zeros(1, VOCAB)
+    logits[0, EOS] = 100.0
+    chooser = lp.BatchTokenChooser.from_requests(
+        [_request(1, min_new_tokens=2)], [EOS], VOCAB, torch.device("cpu"), True
+    )
+    assert [int(chooser.choose(logits).token_ids[0]) for _ in range(3)][:2] != [EOS, EOS]
+    fresh = lp.BatchTokenChooser.from_requests([_request(1, min_new_tokens=2)], [EOS], VOCAB, torch.device("cpu"), True)
+    assert [int(fresh.choose(logits).token_ids[0]) for _ in range(3)][2] == EOS
+
+
+def test_repetition_penalty_covers_prompt_and_generated_tokens():
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 6] = 1.0  # a prompt token
+    logits[0, 10] = 0.9
+    chooser = lp.BatchTokenChooser.from_requests(
+        [_request(1, repetition_penalty=2.0)], [EOS], VOCAB, torch.device("cpu"), True
+    )
+    assert int(chooser.choose(logits).token_ids[0]) == 10  # 6 was in the prompt: 1.0 / 2 < 0.9
+    # 10 was just generated: 0.9 / 2 now loses to the prompt token's 1.0 / 2.
+    assert int(chooser.choose(logits).token_ids[0]) == 6
