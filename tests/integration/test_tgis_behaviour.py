@@ -242,15 +242,14 @@ def test_stop_sequence_in_unary_and_streaming(server, greedy_text, include):
 
 def test_token_limit_when_input_plus_max_new_tokens_exceeds_the_sequence_length(server, tokenizer):
     prompt = " ".join(["word"] * 400)
-    length = len(tokenizer(prompt).input_ids)
-    options = _tokens(generated_tokens=True)
-    response = _generate(server, [prompt], **_stopping(max_new_tokens=50), truncate_input_tokens=240, response=options)[
-        0
-    ]
-    assert response.input_token_count == 240 < length
-    assert response.generated_token_count == 256 - 240 or response.stop_reason == fmaas.EOS_TOKEN
-    if response.stop_reason != fmaas.EOS_TOKEN:
-        assert response.stop_reason == fmaas.TOKEN_LIMIT
+    assert len(tokenizer(prompt).input_ids) > 240
+    # min_new_tokens keeps EOS away, so only the sequence length can end the request.
+    response = _generate(
+        server, [prompt], **_stopping(max_new_tokens=50, min_new_tokens=16), truncate_input_tokens=240
+    )[0]
+    assert response.input_token_count == 240
+    assert response.generated_token_count == 256 - 240
+    assert response.stop_reason == fmaas.TOKEN_LIMIT
 
 
 def test_input_text_echo_is_the_untruncated_input(server):

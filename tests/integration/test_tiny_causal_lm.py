@@ -142,9 +142,11 @@ def test_unknown_prefix_is_invalid_argument(server):
 
 
 def test_default_max_new_tokens_is_20(server):
-    request = _batch(["Hello there"], fmaas.Parameters(response=fmaas.ResponseOptions(generated_tokens=True)))
+    # min_new_tokens 20 keeps EOS away: only the default max_new_tokens can end the request.
+    request = _batch(["Hello there"], fmaas.Parameters(stopping=fmaas.StoppingCriteria(min_new_tokens=20)))
     response = server.stub.Generate(request).responses[0]
-    assert response.generated_token_count == 20 or response.stop_reason == fmaas.EOS_TOKEN
+    assert response.generated_token_count == 20
+    assert response.stop_reason == fmaas.MAX_TOKENS
 
 
 def test_tokenize_adds_special_tokens_and_truncates_from_the_left(server, tokenizer):
