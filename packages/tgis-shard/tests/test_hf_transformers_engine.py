@@ -6,11 +6,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from tests.support.engines import cpu_engine, decode_steps, request
 from tests.support.tiny_models import build_tiny_causal_lm, reference_greedy
 from tgis_proto import shard_pb2 as pb
-from tgis_shard.engines.base import ShardContext
-from tgis_shard.engines.hf_transformers import create_engine
-from tgis_shard.registry import shard_registry
 
 PROMPTS = ["Hello there, general", "A", "The quick brown fox jumps over the lazy dog and then"]
 NEW_TOKENS = 8
@@ -23,17 +21,7 @@ def model_dir(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(model_dir):
-    ctx = ShardContext(
-        model_dir=model_dir,
-        model_type="test",
-        dtype=torch.float32,
-        device=torch.device("cpu"),
-        rank=0,
-        world_size=1,
-        max_sequence_length=256,
-        registry=shard_registry(None),
-    )
-    return create_engine(ctx)
+    return cpu_engine(model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -47,40 +35,34 @@ def expected(model_dir):
     return reference_greedy(model_dir, PROMPTS, NEW_TOKENS)
 
 
-def _request(rid: int, ids: list[int], **details) -> pb.Request:
-    return pb.Request(id=rid, input_ids=ids, max_new_tokens=NEW_TOKENS, details=pb.TokenDetailOptions(**details))
-
-
-def _run(engine, state, outputs: dict[int, list[int]], steps: int) -> None:
-    for _ in range(steps):
-        for token in engine.decode(state):
-            outputs[token.request_id].append(token.token_id)
-
-
 def test_left_padded_batch_equals_unpadded_reference(engine, prompt_ids, expected):
-    tokens, state = engine.prefill(pb.Batch(id=1, requests=[_request(i, ids) for i, ids in enumerate(prompt_ids)]))
+    tokens, state = engine.prefill(
+        pb.Batch(id=1, requests=[request(i, ids, NEW_TOKENS) for i, ids in enumerate(prompt_ids)])
+    )
     outputs = {t.request_id: [t.token_id] for t in tokens}
-    _run(engine, state, outputs, NEW_TOKENS - 1)
+    decode_steps(engine, state, outputs, NEW_TOKENS - 1)
     for i, reference in enumerate(expected):
         # The reference stops at EOS; the engine keeps going until the router prunes it.
         assert outputs[i][: len(reference)] == reference
 
 
 def test_joining_and_pruning_mid_generation_changes_no_output(engine, prompt_ids, expected):
-    tokens, running = engine.prefill(pb.Batch(id=1, requests=[_request(0, prompt_ids[0])]))
+    tokens, running = engine.prefill(pb.Batch(id=1, requests=[request(0, prompt_ids[0], NEW_TOKENS)]))
     outputs = {t.request_id: [t.token_id] for t in tokens}
-    _run(engine, running, outputs, 2)
-    tokens, joining = engine.prefill(pb.Batch(id=2, requests=[_request(1, prompt_ids[1]), _request(2, prompt_ids[2])]))
+    decode_steps(engine, running, outputs, 2)
+    tokens, joining = engine.prefill(
+        pb.Batch(id=2, requests=[request(1, prompt_ids[1], NEW_TOKENS), request(2, prompt_ids[2], NEW_TOKENS)])
+    )
     outputs.update({t.request_id: [t.token_id] for t in tokens})
     running = engine.concatenate([running, joining])
     assert running.batch_id == 1
     assert running.request_ids == [0, 1, 2]
-    _run(engine, running, outputs, 2)
+    decode_steps(engine, running, outputs, 2)
     # Request 2 (the longest prompt) leaves: its padding columns go with it.
     width_before = running.attention_mask.shape[1]
     running = running.filter([0, 1])
     assert running.attention_mask.shape[1] < width_before
-    _run(engine, running, outputs, NEW_TOKENS)
+    decode_steps(engine, running, outputs, NEW_TOKENS)
     for i in (0, 1):
         assert outputs[i][: len(expected[i])] == expected[i]
     assert outputs[2] == expected[2][:3]
@@ -89,7 +71,7 @@ def test_joining_and_pruning_mid_generation_changes_no_output(engine, prompt_ids
 
 def test_token_details_are_log_softmax_of_the_reference_scores(engine, model_dir, prompt_ids):
     tokens, _ = engine.prefill(
-        pb.Batch(id=1, requests=[_request(0, prompt_ids[2], logprobs=True, ranks=True, top_n=3)])
+        pb.Batch(id=1, requests=[request(0, prompt_ids[2], NEW_TOKENS, logprobs=True, ranks=True, top_n=3)])
     )
     with torch.no_grad():
         logits = engine.model(torch.tensor([prompt_ids[2]])).logits[0, -1]

@@ -8,12 +8,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from tests.support.engines import cpu_engine, decode_steps, request
 from tests.support.tiny_models import build_tiny_seq2seq_lm, reference_greedy
 from tgis_proto import shard_pb2 as pb
-from tgis_shard.engines.base import ShardContext
-from tgis_shard.engines.hf_transformers import create_engine
 from tgis_shard.engines.seq2seq import Seq2SeqLMEngine
-from tgis_shard.registry import shard_registry
 
 PROMPTS = ["Hello there, general", "A", "The quick brown fox jumps over the lazy dog and then"]
 NEW_TOKENS = 8
@@ -33,17 +31,7 @@ def model_dir(request, tmp_path_factory):
 
 
 def _engine(model_dir) -> Seq2SeqLMEngine:
-    ctx = ShardContext(
-        model_dir=model_dir,
-        model_type="test",
-        dtype=torch.float32,
-        device=torch.device("cpu"),
-        rank=0,
-        world_size=1,
-        max_sequence_length=256,
-        registry=shard_registry(None),
-    )
-    engine = create_engine(ctx)
+    engine = cpu_engine(model_dir)
     assert isinstance(engine, Seq2SeqLMEngine)
     return engine
 
@@ -64,47 +52,41 @@ def expected(model_dir):
     return reference_greedy(model_dir, PROMPTS, NEW_TOKENS)
 
 
-def _request(rid: int, ids: list[int], **details) -> pb.Request:
-    return pb.Request(id=rid, input_ids=ids, max_new_tokens=NEW_TOKENS, details=pb.TokenDetailOptions(**details))
-
-
-def _run(engine, state, outputs: dict[int, list[int]], steps: int) -> None:
-    for _ in range(steps):
-        for token in engine.decode(state):
-            outputs[token.request_id].append(token.token_id)
-
-
 def test_right_padded_batch_equals_unpadded_reference(engine, prompt_ids, expected):
-    tokens, state = engine.prefill(pb.Batch(id=1, requests=[_request(i, ids) for i, ids in enumerate(prompt_ids)]))
+    tokens, state = engine.prefill(
+        pb.Batch(id=1, requests=[request(i, ids, NEW_TOKENS) for i, ids in enumerate(prompt_ids)])
+    )
     outputs = {t.request_id: [t.token_id] for t in tokens}
-    _run(engine, state, outputs, NEW_TOKENS - 1)
+    decode_steps(engine, state, outputs, NEW_TOKENS - 1)
     for i, reference in enumerate(expected):
         # The reference stops at EOS; the engine keeps going until the router prunes it.
         assert outputs[i][: len(reference)] == reference
 
 
 def test_joining_and_pruning_mid_generation_changes_no_output(engine, prompt_ids, expected):
-    tokens, running = engine.prefill(pb.Batch(id=1, requests=[_request(0, prompt_ids[0])]))
+    tokens, running = engine.prefill(pb.Batch(id=1, requests=[request(0, prompt_ids[0], NEW_TOKENS)]))
     outputs = {t.request_id: [t.token_id] for t in tokens}
-    _run(engine, running, outputs, 2)
-    tokens, joining = engine.prefill(pb.Batch(id=2, requests=[_request(1, prompt_ids[1]), _request(2, prompt_ids[2])]))
+    decode_steps(engine, running, outputs, 2)
+    tokens, joining = engine.prefill(
+        pb.Batch(id=2, requests=[request(1, prompt_ids[1], NEW_TOKENS), request(2, prompt_ids[2], NEW_TOKENS)])
+    )
     outputs.update({t.request_id: [t.token_id] for t in tokens})
     running = engine.concatenate([running, joining])
     assert running.batch_id == 1
     assert running.request_ids == [0, 1, 2]
     # The joined rows are at other decoder positions than the running one: left padding is in play.
     assert running.decoder_mask.sum(dim=1).tolist() == [3, 1, 1]
-    _run(engine, running, outputs, 2)
+    decode_steps(engine, running, outputs, 2)
     # Request 2 (the longest prompt) leaves: its encoder padding columns go with it.
     encoder_width = running.encoder_mask.shape[1]
     running = running.filter([0, 1])
     assert running.encoder_mask.shape[1] < encoder_width
-    _run(engine, running, outputs, 1)
+    decode_steps(engine, running, outputs, 1)
     # Request 0 (the oldest) leaves: its decoder padding columns go with it.
     decoder_width = running.decoder_mask.shape[1]
     running = running.filter([1])
     assert running.decoder_mask.shape[1] < decoder_width
-    _run(engine, running, outputs, NEW_TOKENS)
+    decode_steps(engine, running, outputs, NEW_TOKENS)
     assert outputs[0] == expected[0][:6]
     assert outputs[1][: len(expected[1])] == expected[1]
     assert outputs[2] == expected[2][:3]
@@ -114,7 +96,7 @@ def test_joining_and_pruning_mid_generation_changes_no_output(engine, prompt_ids
 def test_token_details_are_log_softmax_of_the_first_decoder_step(engine, prompt_ids):
     ids = prompt_ids[2]
     tokens, _ = engine.prefill(
-        pb.Batch(id=1, requests=[_request(0, ids, logprobs=True, ranks=True, top_n=3, input_tokens=True)])
+        pb.Batch(id=1, requests=[request(0, ids, NEW_TOKENS, logprobs=True, ranks=True, top_n=3, input_tokens=True)])
     )
     with torch.no_grad():
         start = torch.tensor([[engine.decoder_start_token_id]])
@@ -145,9 +127,9 @@ def test_decoder_with_more_layers_than_the_encoder(tmp_path):
     # generate() itself fails here and the reference is an uncached greedy loop.
     engine = _engine(build_tiny_seq2seq_lm(tmp_path, arch="t5", num_decoder_layers=3))
     ids = AutoTokenizer.from_pretrained(tmp_path)(PROMPTS[0]).input_ids
-    tokens, state = engine.prefill(pb.Batch(id=1, requests=[_request(0, ids)]))
+    tokens, state = engine.prefill(pb.Batch(id=1, requests=[request(0, ids, NEW_TOKENS)]))
     outputs = {0: [tokens[0].token_id]}
-    _run(engine, state, outputs, 3)
+    decode_steps(engine, state, outputs, 3)
     decoded = [engine.decoder_start_token_id]
     with torch.no_grad():
         for _ in range(4):

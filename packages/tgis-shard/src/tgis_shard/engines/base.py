@@ -57,6 +57,11 @@ class BatchState(ABC):
     def filter(self, keep_request_ids: Sequence[int]) -> BatchState | None:
         """Keeps the listed requests (in this batch's order); None when none remain."""
 
+    def rows_of(self, keep_request_ids: Sequence[int]) -> list[int]:
+        """The batch rows of the requests to keep, in batch order."""
+        keep = set(keep_request_ids)
+        return [row for row, rid in enumerate(self.request_ids) if rid in keep]
+
 
 class Engine(ABC):
     """Runs prefill and decode steps for batches of one model."""

@@ -57,8 +57,7 @@ class Seq2SeqLMBatch(BatchState):
         return list(self.ids)
 
     def filter(self, keep_request_ids: Sequence[int]) -> Seq2SeqLMBatch | None:
-        keep = set(keep_request_ids)
-        rows = [i for i, rid in enumerate(self.ids) if rid in keep]
+        rows = self.rows_of(keep_request_ids)
         if not rows:
             return None
         if len(rows) == len(self.ids):

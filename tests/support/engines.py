@@ -1,0 +1,38 @@
+"""Driving a shard engine directly in tests: context, requests, decode loops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tgis_proto import shard_pb2 as pb
+from tgis_shard.engines.base import Engine, ShardContext
+from tgis_shard.engines.hf_transformers import create_engine
+from tgis_shard.registry import shard_registry
+
+
+def cpu_engine(model_dir: Path) -> Engine:
+    """The hf_transformers engine on the CPU in float32, as one rank of one."""
+    ctx = ShardContext(
+        model_dir=model_dir,
+        model_type="test",
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        rank=0,
+        world_size=1,
+        max_sequence_length=256,
+        registry=shard_registry(None),
+    )
+    return create_engine(ctx)
+
+
+def request(rid: int, ids: list[int], max_new_tokens: int, **details: object) -> pb.Request:
+    return pb.Request(id=rid, input_ids=ids, max_new_tokens=max_new_tokens, details=pb.TokenDetailOptions(**details))
+
+
+def decode_steps(engine: Engine, state: object, outputs: dict[int, list[int]], steps: int) -> None:
+    """Runs ``steps`` decode steps, appending each request's tokens to ``outputs``."""
+    for _ in range(steps):
+        for token in engine.decode(state):
+            outputs[token.request_id].append(token.token_id)
