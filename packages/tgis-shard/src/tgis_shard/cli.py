@@ -125,11 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "plugins":
             _plugins()
         elif args.command == "download-weights":
-            from tgis_shard.weights import download_weights
+            from tgis_shard.hub import download_weights
 
             print(download_weights(args.model_name, args.revision, args.extension))
         elif args.command == "convert-to-safetensors":
-            from tgis_shard.weights import convert_to_safetensors
+            from tgis_shard.hub import convert_to_safetensors
 
             model_dir = model_files.resolve_model_dir(args.model_name, args.revision, args.cache_dir)
             for path in convert_to_safetensors(model_dir):
