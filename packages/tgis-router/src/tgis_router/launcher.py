@@ -98,6 +98,8 @@ async def _start_shards(
             f"{config.shard_uds_path}-{rank}",
             "--max-sequence-length",
             str(max_sequence_length),
+            "--max-batch-size",
+            str(config.max_batch_size),
         ]
         if config.dtype_str:
             args += ["--dtype-str", config.dtype_str]

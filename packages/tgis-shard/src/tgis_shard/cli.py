@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--uds-path", type=Path, required=True)
     serve.add_argument("--dtype-str", choices=_DTYPES, default=None)
     serve.add_argument("--max-sequence-length", type=int, default=None)
+    serve.add_argument("--max-batch-size", type=int, default=12, help="sizes the KV cache on CPU")
 
     sub.add_parser("plugins", help="list installed plugins, engines and model families")
 
@@ -86,6 +87,9 @@ def _serve(args: argparse.Namespace) -> None:
         world_size=world_size,
         max_sequence_length=args.max_sequence_length or description.max_sequence_length,
         registry=registry,
+        max_batch_size=args.max_batch_size,
+        master_addr=os.environ.get("MASTER_ADDR", "localhost"),
+        master_port=int(os.environ.get("MASTER_PORT", "29500")),
     )
     from tgis_proto.plugins import resolve
 

@@ -14,3 +14,10 @@ def tgis_register_engines(register: EngineRegistrar) -> None:
         "tgis_shard.engines.hf_transformers:create_engine",
         description="any transformers causal or encoder-decoder LM, on one GPU or the CPU",
     )
+    register(
+        "tgis_native",
+        "tgis_shard.engines.tgis_native:create_engine",
+        aliases=("hf_custom_tp",),
+        needs_model_family=True,
+        description="model-family plugins, tensor parallel, paged KV cache (safetensors only)",
+    )

@@ -86,6 +86,8 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
             except Exception as e:
                 # The batch's tensors may be half-updated: it is dropped, the router fails its requests.
                 log.exception("next token step of batch %d failed", request.batch_id)
+                for dropped in states:
+                    dropped.release()
                 context.abort(grpc.StatusCode.INTERNAL, f"next token step failed: {e}")
             self.batches[state.batch_id] = state
             return pb.StepResponse(generations=_to_proto(tokens), batch_id=state.batch_id)
@@ -93,9 +95,11 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
     def ClearCache(self, request: pb.ClearCacheRequest, context: grpc.ServicerContext) -> pb.ClearCacheResponse:
         with self._lock:
             if request.HasField("batch_id"):
-                self.batches.pop(request.batch_id, None)
+                dropped = [self.batches.pop(request.batch_id)] if request.batch_id in self.batches else []
             else:
-                self.batches.clear()
+                dropped, self.batches = list(self.batches.values()), {}
+            for state in dropped:
+                state.release()
         return pb.ClearCacheResponse()
 
 

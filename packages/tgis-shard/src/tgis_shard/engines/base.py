@@ -11,7 +11,7 @@ import torch
 
 from tgis_proto import shard_pb2 as pb
 from tgis_proto.plugins import Registry
-from tgis_shard.logits import BatchTokenChooser, ChosenTokens, top_tokens
+from tgis_shard.logits import BatchTokenChooser, ChosenTokens, token_details, top_tokens
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,9 @@ class ShardContext:
     world_size: int
     max_sequence_length: int
     registry: Registry
+    max_batch_size: int = 12
+    master_addr: str = "localhost"
+    master_port: int = 29500
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,10 @@ class BatchState(ABC):
     @abstractmethod
     def filter(self, keep_request_ids: Sequence[int]) -> BatchState | None:
         """Keeps the listed requests (in this batch's order); None when none remain."""
+
+    def release(self) -> None:
+        """Returns resources the batch holds beyond its tensors (KV cache blocks) when dropped."""
+        return None  # tensors alone need nothing: garbage collection frees them
 
     def rows_of(self, keep_request_ids: Sequence[int]) -> list[int]:
         """The batch rows of the requests to keep, in batch order."""
@@ -101,3 +108,34 @@ def generated_tokens(ids: Sequence[int], chosen: ChosenTokens, chooser: BatchTok
         top = top_tokens(top_ids[row], top_lps[row], n) if top_ids is not None and top_lps is not None else ()
         results.append(GeneratedToken(rid, token_ids[row], logprobs[row], ranks[row], top))
     return results
+
+
+def input_token_details(request: pb.Request, logits: torch.Tensor, end: int) -> tuple[pb.Token, ...]:
+    """Details of a prompt's tokens from the prefill logits of its row (columns before ``end``).
+
+    Token i is scored by the logits at position i - 1, from the raw model scores (the processor
+    chain describes generation state that does not exist for the prompt). The first token has
+    no predecessor: NaN, no rank, no top tokens.
+    """
+    ids = list(request.input_ids)
+    first = pb.Token(id=ids[0], logprob=float("nan"))
+    if len(ids) == 1:
+        return (first,)
+    logprobs = logits[end - len(ids) : end - 1].float().log_softmax(dim=-1)
+    following = torch.tensor(ids[1:], device=logits.device)
+    details = token_details(logprobs, following, request.details.top_n)
+    values, ranks = details.logprobs.tolist(), details.ranks.tolist()
+    top_ids = details.top_ids.tolist() if details.top_ids is not None else None
+    top_lps = details.top_logprobs.tolist() if details.top_logprobs is not None else None
+    tokens = [first]
+    for i, token_id in enumerate(ids[1:]):
+        top = top_tokens(top_ids[i], top_lps[i], request.details.top_n) if top_ids and top_lps else ()
+        tokens.append(
+            pb.Token(
+                id=token_id,
+                logprob=values[i],
+                rank=ranks[i],
+                top_tokens=[pb.TopToken(id=t, logprob=lp) for t, lp in top],
+            )
+        )
+    return tuple(tokens)

@@ -30,8 +30,9 @@ from tgis_shard.engines.base import (
     ShardContext,
     UnsupportedModelError,
     generated_tokens,
+    input_token_details,
 )
-from tgis_shard.logits import BatchTokenChooser, token_details, top_tokens
+from tgis_shard.logits import BatchTokenChooser
 
 
 @dataclass
@@ -190,37 +191,6 @@ def _causal(state: BatchState) -> CausalLMBatch:
     if not isinstance(state, CausalLMBatch):
         raise TypeError(f"hf_transformers cannot use a {type(state).__name__}")
     return state
-
-
-def input_token_details(request: pb.Request, logits: torch.Tensor, end: int) -> tuple[pb.Token, ...]:
-    """Details of a prompt's tokens from the prefill logits of its row (columns before ``end``).
-
-    Token i is scored by the logits at position i - 1, from the raw model scores (the processor
-    chain describes generation state that does not exist for the prompt). The first token has
-    no predecessor: NaN, no rank, no top tokens.
-    """
-    ids = list(request.input_ids)
-    first = pb.Token(id=ids[0], logprob=float("nan"))
-    if len(ids) == 1:
-        return (first,)
-    logprobs = logits[end - len(ids) : end - 1].float().log_softmax(dim=-1)
-    following = torch.tensor(ids[1:], device=logits.device)
-    details = token_details(logprobs, following, request.details.top_n)
-    values, ranks = details.logprobs.tolist(), details.ranks.tolist()
-    top_ids = details.top_ids.tolist() if details.top_ids is not None else None
-    top_lps = details.top_logprobs.tolist() if details.top_logprobs is not None else None
-    tokens = [first]
-    for i, token_id in enumerate(ids[1:]):
-        top = top_tokens(top_ids[i], top_lps[i], request.details.top_n) if top_ids and top_lps else ()
-        tokens.append(
-            pb.Token(
-                id=token_id,
-                logprob=values[i],
-                rank=ranks[i],
-                top_tokens=[pb.TopToken(id=t, logprob=lp) for t, lp in top],
-            )
-        )
-    return tuple(tokens)
 
 
 def eos_token_ids(model_dir: object, config: object) -> list[int]:

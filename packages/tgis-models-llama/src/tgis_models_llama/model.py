@@ -1,0 +1,123 @@
+"""LLaMA as tensor-parallel blocks: embedding → N × (RMSNorm → attention → RMSNorm → SwiGLU MLP)
+→ RMSNorm → LM head. Grouped-query attention, rope scaling and tied embeddings come from the
+config; all tokens of a step run as one ragged batch over the paged KV cache."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import LlamaConfig
+from transformers.activations import ACT2FN
+
+from tgis_shard.layers.distributed import TensorParallel
+from tgis_shard.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from tgis_shard.layers.linear import ColumnParallelLinear, RowParallelLinear
+from tgis_shard.layers.norm import RMSNorm
+from tgis_shard.layers.paged_attention import AttentionMetadata, PagedKVCache, paged_attention
+from tgis_shard.layers.rotary import RotaryEmbedding
+from tgis_shard.weights import Weights
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: LlamaConfig, weights: Weights, prefix: str, tp: TensorParallel, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.num_heads = config.num_attention_heads // tp.world_size
+        self.num_kv_heads = max(1, config.num_key_value_heads // tp.world_size)
+        self.scale = self.head_dim**-0.5
+        self.qkv = ColumnParallelLinear.load_qkv(
+            weights,
+            (f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"),
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            self.head_dim,
+            bias=getattr(config, "attention_bias", False),
+        )
+        self.o_proj = RowParallelLinear.load(weights, f"{prefix}.o_proj", getattr(config, "attention_bias", False), tp)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: PagedKVCache,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        tokens = hidden.shape[0]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv(hidden).split([q_size, kv_size, kv_size], dim=-1)
+        q = RotaryEmbedding.apply(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
+        k = RotaryEmbedding.apply(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        cache.store(self.layer, k, v.view(tokens, self.num_kv_heads, self.head_dim), meta.slots)
+        out = paged_attention(q, cache, self.layer, meta, self.scale)
+        return self.o_proj(out.reshape(tokens, q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: LlamaConfig, weights: Weights, prefix: str, tp: TensorParallel):
+        super().__init__()
+        bias = getattr(config, "mlp_bias", False)
+        self.gate_up = ColumnParallelLinear.load_fused(weights, [f"{prefix}.gate_proj", f"{prefix}.up_proj"], bias)
+        self.down = RowParallelLinear.load(weights, f"{prefix}.down_proj", bias, tp)
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(self.act(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig, weights: Weights, tp: TensorParallel, layer: int):
+        super().__init__()
+        prefix = f"model.layers.{layer}"
+        self.input_layernorm = RMSNorm.load(weights, f"{prefix}.input_layernorm", config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, weights, f"{prefix}.self_attn", tp, layer)
+        self.post_attention_layernorm = RMSNorm.load(weights, f"{prefix}.post_attention_layernorm", config.rms_norm_eps)
+        self.mlp = LlamaMLP(config, weights, f"{prefix}.mlp", tp)
+
+    def forward(self, hidden, cos, sin, cache, meta) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, cache, meta)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaForCausalLM(nn.Module):
+    """What the tgis_native engine drives: ``forward`` runs one ragged step."""
+
+    def __init__(self, config: LlamaConfig, weights: Weights, tp: TensorParallel):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding.load(weights, "model.embed_tokens.weight", tp)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, weights, tp, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm.load(weights, "model.norm", config.rms_norm_eps)
+        # Tied checkpoints (SmolLM2, Llama-3.2-1B) store no lm_head: the embedding doubles as it.
+        if config.tie_word_embeddings:
+            self.lm_head = ParallelLMHead.tied(self.embed_tokens, config.vocab_size)
+        else:
+            self.lm_head = ParallelLMHead.load(weights, "lm_head.weight", tp, config.vocab_size)
+        attention = self.layers[0].self_attn
+        self.num_layers = config.num_hidden_layers
+        self.num_kv_heads = attention.num_kv_heads
+        self.head_dim = attention.head_dim
+        self.rotary = RotaryEmbedding(config, self.head_dim, weights.device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: PagedKVCache,
+        meta: AttentionMetadata,
+        logit_rows: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """[tokens] ids at [tokens] positions → logits of ``logit_rows`` (all tokens if None)."""
+        hidden = self.embed_tokens(input_ids)
+        cos, sin = self.rotary.cos_sin(positions, hidden.dtype)
+        for layer in self.layers:
+            hidden = layer(hidden, cos, sin, cache, meta)
+        if logit_rows is not None:
+            hidden = hidden[logit_rows]
+        return self.lm_head(self.norm(hidden))
+
+
+def build(config: LlamaConfig, weights: Weights, tp: TensorParallel) -> LlamaForCausalLM:
+    """The family entry point registered with tgis."""
+    return LlamaForCausalLM(config, weights, tp).eval()

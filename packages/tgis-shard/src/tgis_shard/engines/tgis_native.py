@@ -1,0 +1,280 @@
+"""The ``tgis_native`` engine (alias ``hf_custom_tp``): model-family plugins, tensor parallel over
+1..N ranks, padding-free (ragged) batches over a preallocated, block-paged KV cache.
+
+Requests join and leave a running batch by block tables: concatenating batches merges lists,
+pruning frees blocks; the cache itself is never reallocated or copied.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from itertools import accumulate
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+from transformers import AutoConfig, PretrainedConfig
+
+from tgis_proto import shard_pb2 as pb
+from tgis_proto.plugins import resolve
+from tgis_shard.engines.base import (
+    BatchState,
+    Engine,
+    GeneratedToken,
+    ShardContext,
+    UnsupportedModelError,
+    generated_tokens,
+    input_token_details,
+)
+from tgis_shard.engines.hf_transformers import eos_token_ids
+from tgis_shard.layers.distributed import TensorParallel, init_tensor_parallel
+from tgis_shard.layers.paged_attention import AttentionMetadata, BlockAllocator, PagedKVCache, choose_backend
+from tgis_shard.logits import BatchTokenChooser, ChosenTokens
+from tgis_shard.weights import Weights
+
+log = logging.getLogger(__name__)
+
+# Blocks for the torch attention path; flash-attn's paged kernels need multiples of 256.
+TORCH_BLOCK_SIZE = 16
+FLASH_BLOCK_SIZE = 256
+# Share of the memory left after loading the weights that the KV cache may take on a GPU.
+GPU_CACHE_FRACTION = 0.85
+
+
+class NativeCausalLM(Protocol):
+    """What a model family's ``build(config, weights, tp)`` returns."""
+
+    num_layers: int
+    num_kv_heads: int  # on this rank
+    head_dim: int
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: PagedKVCache,
+        meta: AttentionMetadata,
+        logit_rows: torch.Tensor | None,
+    ) -> torch.Tensor: ...
+
+
+@dataclass
+class NativeBatch(BatchState):
+    """Requests decoding together: per row, its cache blocks and how many tokens they hold."""
+
+    batch_id: int
+    ids: list[int]
+    block_tables: list[list[int]]
+    context_lens: list[int]  # tokens in the cache, not counting next_ids
+    next_ids: torch.Tensor  # [batch]: the last chosen tokens, fed to the next step
+    chooser: BatchTokenChooser
+    allocator: BlockAllocator
+
+    @property
+    def request_ids(self) -> list[int]:
+        return list(self.ids)
+
+    def filter(self, keep_request_ids: Sequence[int]) -> NativeBatch | None:
+        rows = self.rows_of(keep_request_ids)
+        if len(rows) == len(self.ids):
+            return self
+        kept = set(rows)
+        for row, blocks in enumerate(self.block_tables):
+            if row not in kept:
+                self.allocator.free(blocks)
+        if not rows:
+            return None
+        self.ids = [self.ids[r] for r in rows]
+        self.block_tables = [self.block_tables[r] for r in rows]
+        self.context_lens = [self.context_lens[r] for r in rows]
+        self.next_ids = self.next_ids[torch.tensor(rows, device=self.next_ids.device)]
+        self.chooser = self.chooser.select(rows)
+        return self
+
+    def release(self) -> None:
+        for blocks in self.block_tables:
+            self.allocator.free(blocks)
+        self.block_tables = [[] for _ in self.ids]
+
+
+class NativeEngine(Engine):
+    def __init__(
+        self,
+        model: NativeCausalLM,
+        ctx: ShardContext,
+        tp: TensorParallel,
+        config: PretrainedConfig,
+        cache: PagedKVCache,
+        block_size: int,
+        eos_token_ids: list[int],
+    ):
+        self.model = model
+        self.ctx = ctx
+        self.tp = tp
+        self.config = config
+        self.cache = cache
+        self.block_size = block_size
+        self.allocator = BlockAllocator(cache.num_blocks)
+        self.eos_token_ids = eos_token_ids
+
+    def info(self) -> pb.InfoResponse:
+        return pb.InfoResponse(
+            model_kind=pb.DECODER_ONLY,
+            eos_token_ids=self.eos_token_ids,
+            vocab_size=self.config.vocab_size,
+            batch_padding=False,
+            engine="tgis_native",
+            model_type=self.ctx.model_type,
+            dtype=str(self.ctx.dtype).removeprefix("torch."),
+            world_size=self.tp.world_size,
+            device=str(self.ctx.device),
+        )
+
+    def _blocks_for(self, tokens: int) -> int:
+        return math.ceil(tokens / self.block_size)
+
+    def _allocate(self, counts: Sequence[int]) -> list[list[int]]:
+        tables: list[list[int]] = []
+        try:
+            for count in counts:
+                tables.append(self.allocator.allocate(count))
+        except Exception:
+            for blocks in tables:
+                self.allocator.free(blocks)
+            raise
+        return tables
+
+    def _same_on_all_ranks(self, chosen: ChosenTokens) -> torch.Tensor:
+        # Ranks compute the same logits, but the next step's inputs must be identical even if
+        # an all-reduce rounds differently: rank 0's choice is everyone's.
+        if self.tp.world_size > 1:
+            dist.broadcast(chosen.token_ids, src=0, group=self.tp.group)
+        return chosen.token_ids
+
+    @torch.inference_mode()
+    def prefill(self, batch: pb.Batch) -> tuple[list[GeneratedToken], NativeBatch]:
+        device = self.ctx.device
+        requests = list(batch.requests)
+        lengths = [len(r.input_ids) for r in requests]
+        tables = self._allocate([self._blocks_for(n) for n in lengths])
+        try:
+            input_ids = torch.tensor([i for r in requests for i in r.input_ids], dtype=torch.long, device=device)
+            positions = torch.cat([torch.arange(n, device=device) for n in lengths])
+            meta = AttentionMetadata.build(lengths, lengths, tables, self.block_size, device)
+            ends = list(accumulate(lengths))
+            want_inputs = any(r.details.input_tokens for r in requests)
+            last_rows = torch.tensor([e - 1 for e in ends], device=device)
+            logits = self.model(input_ids, positions, self.cache, meta, None if want_inputs else last_rows)
+            chooser = BatchTokenChooser.from_requests(
+                requests, self.eos_token_ids, self.config.vocab_size, device, prompt_in_history=True
+            )
+            chosen = chooser.choose(logits[last_rows] if want_inputs else logits)
+            next_ids = self._same_on_all_ranks(chosen)
+        except Exception:
+            for blocks in tables:
+                self.allocator.free(blocks)
+            raise
+        state = NativeBatch(batch.id, [r.id for r in requests], tables, lengths, next_ids, chooser, self.allocator)
+        tokens = generated_tokens(state.ids, chosen, chooser)
+        if want_inputs:
+            tokens = [
+                replace(token, input_tokens=input_token_details(request, logits, ends[row]))
+                if request.details.input_tokens
+                else token
+                for row, (token, request) in enumerate(zip(tokens, requests, strict=True))
+            ]
+        return tokens, state
+
+    def concatenate(self, states: Sequence[BatchState]) -> NativeBatch:
+        batches = [_native(s) for s in states]
+        first = batches[0]
+        if len(batches) == 1:
+            return first
+        first.ids = [rid for b in batches for rid in b.ids]
+        first.block_tables = [t for b in batches for t in b.block_tables]
+        first.context_lens = [n for b in batches for n in b.context_lens]
+        first.next_ids = torch.cat([b.next_ids for b in batches])
+        first.chooser = BatchTokenChooser.concatenate([b.chooser for b in batches])
+        return first
+
+    @torch.inference_mode()
+    def decode(self, state: BatchState) -> list[GeneratedToken]:
+        batch = _native(state)
+        device = self.ctx.device
+        # Each row's next token goes into the cache at position context_len.
+        for row, length in enumerate(batch.context_lens):
+            if length + 1 > len(batch.block_tables[row]) * self.block_size:
+                batch.block_tables[row].extend(self.allocator.allocate(1))
+        context = [n + 1 for n in batch.context_lens]
+        meta = AttentionMetadata.build([1] * len(context), context, batch.block_tables, self.block_size, device)
+        positions = torch.tensor(batch.context_lens, dtype=torch.long, device=device)
+        logits = self.model(batch.next_ids, positions, self.cache, meta, None)
+        chosen = batch.chooser.choose(logits)
+        batch.next_ids = self._same_on_all_ranks(chosen)
+        batch.context_lens = context
+        return generated_tokens(batch.ids, chosen, batch.chooser)
+
+    @torch.inference_mode()
+    def health_check(self) -> None:
+        tables = self._allocate([1])
+        try:
+            device = self.ctx.device
+            meta = AttentionMetadata.build([1], [1], tables, self.block_size, device)
+            ids = torch.zeros(1, dtype=torch.long, device=device)
+            logits = self.model(ids, torch.zeros(1, dtype=torch.long, device=device), self.cache, meta, None)
+            if not torch.isfinite(logits).all():
+                raise RuntimeError("health check forward pass produced non-finite logits")
+        finally:
+            self.allocator.free(tables[0])
+
+
+def _native(state: BatchState) -> NativeBatch:
+    if not isinstance(state, NativeBatch):
+        raise TypeError(f"tgis_native cannot use a {type(state).__name__}")
+    return state
+
+
+def _cache_blocks(ctx: ShardContext, model: NativeCausalLM, block_size: int) -> int:
+    """GPU: what fits in the memory left after the weights; CPU: max batch × max length."""
+    if ctx.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(ctx.device)
+        element = torch.empty((), dtype=ctx.dtype).element_size()
+        per_block = 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * element
+        return max(1, int(free * GPU_CACHE_FRACTION) // per_block)
+    return ctx.max_batch_size * math.ceil(ctx.max_sequence_length / block_size)
+
+
+def create_engine(ctx: ShardContext) -> NativeEngine:
+    """Builds the model family registered for the config's model_type, sharded over the ranks."""
+    config = AutoConfig.from_pretrained(ctx.model_dir, local_files_only=True)
+    family = ctx.registry.model_family(config.model_type, "tgis_native")
+    build = resolve(family.target)
+    if ctx.device.type == "cuda":
+        torch.cuda.set_device(ctx.device)
+    tp = init_tensor_parallel(ctx.rank, ctx.world_size, ctx.device, ctx.master_addr, ctx.master_port)
+    with Weights(ctx.model_dir, tp, ctx.dtype, ctx.device) as weights:
+        model = build(config, weights, tp)
+    flash = choose_backend(ctx.device, ctx.dtype, FLASH_BLOCK_SIZE) == "flash"
+    block_size = FLASH_BLOCK_SIZE if flash else TORCH_BLOCK_SIZE
+    blocks = _cache_blocks(ctx, model, block_size)
+    if blocks < math.ceil(ctx.max_sequence_length / block_size):
+        raise UnsupportedModelError(
+            f"the KV cache holds {blocks * block_size} tokens, less than one sequence of MAX_SEQUENCE_LENGTH "
+            f"{ctx.max_sequence_length}"
+        )
+    cache = PagedKVCache(
+        model.num_layers, blocks, block_size, model.num_kv_heads, model.head_dim, ctx.dtype, ctx.device
+    )
+    log.info(
+        "rank %d/%d: %s KV cache of %d blocks × %d tokens (%s attention)",
+        tp.rank,
+        tp.world_size,
+        family.model_type,
+        blocks,
+        block_size,
+        "flash" if flash else "torch",
+    )
+    return NativeEngine(model, ctx, tp, config, cache, block_size, eos_token_ids(ctx.model_dir, config))

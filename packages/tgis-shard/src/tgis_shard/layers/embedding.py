@@ -1,0 +1,60 @@
+"""Vocabulary-parallel embedding and LM head: each rank holds a block of vocabulary rows."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tgis_shard.layers.distributed import TensorParallel
+from tgis_shard.weights import Weights
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Each rank embeds the ids in its vocabulary block (zeros elsewhere); an all-reduce sums."""
+
+    def __init__(self, weight: torch.Tensor, tp: TensorParallel):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.tp = tp
+        self.block = weight.shape[0]
+        self.start = tp.rank * self.block
+
+    @classmethod
+    def load(cls, weights: Weights, name: str, tp: TensorParallel) -> VocabParallelEmbedding:
+        return cls(weights.get_vocab_sharded(name, dim=0), tp)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.world_size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.start
+        outside = (local < 0) | (local >= self.block)
+        embedded = F.embedding(local.masked_fill(outside, 0), self.weight)
+        embedded = embedded.masked_fill(outside.unsqueeze(-1), 0.0)
+        return self.tp.all_reduce(embedded)
+
+
+class ParallelLMHead(nn.Module):
+    """Each rank scores its vocabulary block; an all-gather assembles the full logits."""
+
+    def __init__(self, weight: torch.Tensor, tp: TensorParallel, vocab_size: int):
+        super().__init__()
+        # A tied head shares the embedding's parameter: one copy in memory.
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        self.tp = tp
+        self.vocab_size = vocab_size
+
+    @classmethod
+    def load(cls, weights: Weights, name: str, tp: TensorParallel, vocab_size: int) -> ParallelLMHead:
+        return cls(weights.get_vocab_sharded(name, dim=0), tp, vocab_size)
+
+    @classmethod
+    def tied(cls, embedding: VocabParallelEmbedding, vocab_size: int) -> ParallelLMHead:
+        return cls(embedding.weight, embedding.tp, vocab_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.weight)
+        if self.tp.world_size > 1:
+            logits = self.tp.all_gather(logits.contiguous(), dim=-1)
+        # The last block is zero-padded to equal size; padding rows are not tokens.
+        return logits[..., : self.vocab_size]

@@ -1,0 +1,357 @@
+"""Paged KV cache and causal attention over padding-free (ragged) batches.
+
+The tgis_native engine flattens every token of every sequence of a step into one ``[T, ...]``
+tensor. Keys and values live in a cache preallocated as fixed-size blocks; each sequence owns a
+list of block ids (its block table), so requests join and leave by taking and returning blocks,
+never by reallocating or concatenating the cache.
+
+A step goes: ``AttentionMetadata.build`` once, then per layer ``cache.store`` of the new keys and
+values, then ``paged_attention`` (which reads the new keys back from the cache). Two backends give
+the same results:
+
+- ``"flash"``: flash-attn 2.x paged kernels. flash-attn only pages with ``block_size % 256 == 0``
+  (and needs fp16/bf16 on CUDA, and ``block_table`` on its varlen kernel, added in 2.6), so the
+  cache's block size decides whether it is usable.
+- ``"torch"``: plain torch (CPU, or GPU without flash-attn): gathers each sequence's blocks into a
+  padded batch and runs ``scaled_dot_product_attention`` with an explicit mask.
+
+Shapes depend only on the batch size, ``max_q`` and the block table width, and all per-step data
+are tensors, so a later CUDA-graph runner can copy metadata into fixed buffers of a bucket's size.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+# flash-attn pages KV only for block sizes that are multiples of this (csrc/flash_api.cpp).
+FLASH_BLOCK_MULTIPLE = 256
+# flash-attn's kernels stop at this head size.
+FLASH_MAX_HEAD_DIM = 256
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class CacheFullError(Exception):
+    """Not enough free KV-cache blocks for a request; the batcher should wait or preempt."""
+
+    def __init__(self, requested: int, free: int) -> None:
+        super().__init__(f"KV cache is full: asked for {requested} blocks, {free} free")
+        self.requested = requested
+        self.free = free
+
+
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """Blocks a sequence of ``num_tokens`` tokens occupies."""
+    return -(-num_tokens // block_size)
+
+
+class BlockAllocator:
+    """Free list of the cache's block ids ``0..num_blocks-1``.
+
+    Last freed is first reused, so a new request lands on blocks still warm in GPU caches.
+    """
+
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        self.num_blocks = num_blocks
+        # Popped from the end: block 0 goes out first.
+        self._free = list(range(num_blocks - 1, -1, -1))
+        self._in_use: set[int] = set()
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        """Takes ``n`` blocks, all or none."""
+        if n < 0:
+            raise ValueError(f"cannot allocate {n} blocks")
+        if n > len(self._free):
+            raise CacheFullError(n, len(self._free))
+        blocks = [self._free.pop() for _ in range(n)]
+        self._in_use.update(blocks)
+        return blocks
+
+    def free(self, blocks: Sequence[int]) -> None:
+        """Returns blocks; a block that is not in use is a bookkeeping bug, so it raises."""
+        if len(set(blocks)) != len(blocks):
+            raise ValueError(f"blocks freed twice in one call: {list(blocks)}")
+        stray = [block for block in blocks if block not in self._in_use]
+        if stray:
+            raise ValueError(f"blocks {stray} are not allocated")
+        self._in_use.difference_update(blocks)
+        self._free.extend(blocks)
+
+
+class PagedKVCache:
+    """Per layer, one key and one value tensor of shape ``[num_blocks, block_size, kv_heads, head_dim]``.
+
+    That layout is flash-attn's paged layout, and token ``slot = block * block_size + offset`` is
+    row ``slot`` of the tensor viewed as ``[num_blocks * block_size, kv_heads, head_dim]``.
+    Zero-initialised because masked entries still pass through the attention product: garbage
+    that is not finite (NaN, inf) would poison real outputs even with zero weight.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        self.num_layers = num_layers
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+
+    def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> None:
+        """Writes this step's ``[T, kv_heads, head_dim]`` keys and values at ``slots`` ``[T]``."""
+        flat = (-1, self.num_kv_heads, self.head_dim)
+        self.keys[layer].view(flat).index_copy_(0, slots, keys)
+        self.values[layer].view(flat).index_copy_(0, slots, values)
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Where each sequence of a step sits in the ragged batch and in the cache; shared by all layers."""
+
+    cu_seqlens_q: torch.Tensor
+    """[B+1] int32: query tokens of sequence b are rows cu_seqlens_q[b]:cu_seqlens_q[b+1]."""
+    context_lens: torch.Tensor
+    """[B] int32: tokens in the cache per sequence, this step's included."""
+    block_tables: torch.Tensor
+    """[B, max_blocks] int32, padded with block 0 (never read past context_lens)."""
+    slots: torch.Tensor
+    """[T] int64: cache slot of each new token."""
+    max_q: int
+    max_context: int
+    positions: torch.Tensor
+    """[T] int64: absolute position of each new token (also what rotary embeddings need)."""
+    query_rows: torch.Tensor
+    """[T] int64: each token's row in the padded [B * max_q] query layout of the torch backend."""
+    cu_seqlens_k: torch.Tensor
+    """[B+1] int32: cumulative context_lens, as flash-attn's varlen kernel wants them."""
+
+    @property
+    def num_seqs(self) -> int:
+        return self.context_lens.shape[0]
+
+    @classmethod
+    def build(
+        cls,
+        query_lens: Sequence[int],
+        context_lens: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+        block_size: int,
+        device: torch.device | str,
+        max_blocks: int | None = None,
+    ) -> AttentionMetadata:
+        """Metadata of one step; the new tokens are the last ``query_len`` positions of each context.
+
+        ``max_blocks`` pads the block tables to a fixed width (a CUDA-graph bucket's); by default
+        they are as wide as the longest context needs.
+        """
+        if not (len(query_lens) == len(context_lens) == len(block_tables)):
+            raise ValueError("query_lens, context_lens and block_tables must have one entry per sequence")
+        if not query_lens:
+            raise ValueError("a step needs at least one sequence")
+        needed = [blocks_for(ctx, block_size) for ctx in context_lens]
+        for seq, (q_len, ctx, table, n) in enumerate(zip(query_lens, context_lens, block_tables, needed, strict=True)):
+            if not 1 <= q_len <= ctx:
+                raise ValueError(f"sequence {seq}: need 1 <= query_len ({q_len}) <= context_len ({ctx})")
+            if len(table) < n:
+                raise ValueError(f"sequence {seq}: {ctx} tokens need {n} blocks, its table has {len(table)}")
+        width = max(needed)
+        if max_blocks is not None:
+            if max_blocks < width:
+                raise ValueError(f"max_blocks={max_blocks} is below the {width} blocks this step needs")
+            width = max_blocks
+        padded = [list(table[:n]) + [0] * (width - n) for table, n in zip(block_tables, needed, strict=True)]
+        tables = torch.tensor(padded, dtype=torch.long)
+
+        q_lens = torch.tensor(query_lens, dtype=torch.long)
+        ctx_lens = torch.tensor(context_lens, dtype=torch.long)
+        num_seqs = len(query_lens)
+        max_q = int(q_lens.max())
+        cu_q = F.pad(q_lens.cumsum(0), (1, 0))
+        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), q_lens)
+        index_in_query = torch.arange(int(cu_q[-1])) - cu_q[seq_of_token]
+        positions = (ctx_lens - q_lens)[seq_of_token] + index_in_query
+        slots = tables[seq_of_token, positions // block_size] * block_size + positions % block_size
+
+        return cls(
+            cu_seqlens_q=cu_q.to(device=device, dtype=torch.int32),
+            context_lens=ctx_lens.to(device=device, dtype=torch.int32),
+            block_tables=tables.to(device=device, dtype=torch.int32),
+            slots=slots.to(device),
+            max_q=max_q,
+            max_context=int(ctx_lens.max()),
+            positions=positions.to(device),
+            query_rows=(seq_of_token * max_q + index_in_query).to(device),
+            cu_seqlens_k=F.pad(ctx_lens.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32),
+        )
+
+
+@functools.cache
+def _flash_attn() -> ModuleType | None:
+    """flash_attn when installed and recent enough for paged varlen attention (2.6), else None."""
+    try:
+        import flash_attn
+    except ImportError:
+        return None
+    major, minor = (int(part) for part in flash_attn.__version__.split(".")[:2])
+    return flash_attn if (major, minor) >= (2, 6) else None
+
+
+def choose_backend(device: torch.device | str, dtype: torch.dtype, block_size: int) -> str:
+    """``"flash"`` where flash-attn's paged kernels can run this cache, else ``"torch"``."""
+    usable = (
+        torch.device(device).type == "cuda"
+        and dtype in _FLASH_DTYPES
+        and block_size % FLASH_BLOCK_MULTIPLE == 0
+        and _flash_attn() is not None
+    )
+    return "flash" if usable else "torch"
+
+
+def paged_attention(
+    query: torch.Tensor,
+    cache: PagedKVCache,
+    layer: int,
+    meta: AttentionMetadata,
+    scale: float,
+    alibi_slopes: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Causal attention of ``query`` ``[T, heads, head_dim]`` over each sequence's cached keys.
+
+    Query token j of sequence b sits at position ``context_lens[b] - query_len_b + j`` and sees
+    its own sequence's keys up to that position (the last ``sliding_window`` of them, itself
+    included, when given). ``heads`` must be a multiple of the cache's kv heads (GQA/MQA).
+    ``alibi_slopes`` ``[heads]`` adds ``slope * (key_pos - query_pos)`` to the scores.
+    Call after ``cache.store`` for this layer. ``backend`` overrides ``choose_backend``.
+    """
+    heads, head_dim = query.shape[1:]
+    if heads % cache.num_kv_heads != 0:
+        raise ValueError(f"{heads} query heads are not a multiple of {cache.num_kv_heads} kv heads")
+    if backend is None:
+        backend = choose_backend(query.device, query.dtype, cache.block_size)
+        if head_dim > FLASH_MAX_HEAD_DIM or head_dim % 8 != 0:
+            backend = "torch"
+    keys, values = cache.keys[layer], cache.values[layer]
+    if backend == "flash":
+        return _flash_paged_attention(query, keys, values, meta, scale, alibi_slopes, sliding_window)
+    if backend == "torch":
+        return _torch_paged_attention(query, keys, values, meta, scale, alibi_slopes, sliding_window)
+    raise ValueError(f"unknown attention backend {backend!r}")
+
+
+def _torch_paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    alibi_slopes: torch.Tensor | None,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    num_seqs, max_q = meta.num_seqs, meta.max_q
+    heads, head_dim = query.shape[1:]
+    kv_heads = key_cache.shape[2]
+    # One gather over the block tables: [B, max_blocks * block_size, kv_heads, head_dim].
+    keys = key_cache[meta.block_tables].flatten(1, 2)
+    values = value_cache[meta.block_tables].flatten(1, 2)
+    if kv_heads != heads:
+        # Expanded rather than SDPA's enable_gqa: that needs torch 2.5, and on CUDA it rules out
+        # the memory-efficient kernel whenever a mask is given.
+        keys = keys.repeat_interleave(heads // kv_heads, dim=2)
+        values = values.repeat_interleave(heads // kv_heads, dim=2)
+
+    padded_query = query.new_zeros(num_seqs * max_q, heads, head_dim).index_copy_(0, meta.query_rows, query)
+    # Padding query rows sit at position 0 so they see key 0 and stay finite.
+    query_pos = meta.positions.new_zeros(num_seqs * max_q).index_copy_(0, meta.query_rows, meta.positions)
+    query_pos = query_pos.view(num_seqs, max_q, 1)
+    key_pos = torch.arange(keys.shape[1], device=query.device)
+    # key_pos <= query_pos < context_len also keeps out the table's padding and stale slots.
+    distance = key_pos - query_pos  # [B, max_q, K]
+    allowed = distance <= 0
+    if sliding_window is not None:
+        allowed &= distance > -sliding_window
+    if alibi_slopes is None:
+        mask = allowed.unsqueeze(1)
+    else:
+        bias = alibi_slopes.to(torch.float32).view(1, heads, 1, 1) * distance.unsqueeze(1)
+        mask = bias.masked_fill(~allowed.unsqueeze(1), -math.inf).to(query.dtype)
+
+    out = F.scaled_dot_product_attention(
+        padded_query.view(num_seqs, max_q, heads, head_dim).transpose(1, 2),
+        keys.transpose(1, 2),
+        values.transpose(1, 2),
+        attn_mask=mask,
+        scale=scale,
+    )
+    return out.transpose(1, 2).reshape(num_seqs * max_q, heads, head_dim)[meta.query_rows]
+
+
+def _flash_paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    alibi_slopes: torch.Tensor | None,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    flash_attn = _flash_attn()
+    if flash_attn is None:
+        raise RuntimeError("the flash backend needs flash-attn >= 2.6")
+    # flash-attn's window (left, right) includes left keys before the query besides itself; its
+    # causal mask is bottom-right aligned, and its ALiBi bias -slope * |query_pos - key_pos| equals
+    # slope * (key_pos - query_pos) on the causal side: both match the torch backend.
+    window = (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
+    slopes = None if alibi_slopes is None else alibi_slopes.to(torch.float32)
+    if meta.max_q == 1 and query.shape[0] == meta.num_seqs:
+        # Pure decode: the kv-cache kernel splits long contexts across blocks of the GPU.
+        out = flash_attn.flash_attn_with_kvcache(
+            query.unsqueeze(1),
+            key_cache,
+            value_cache,
+            cache_seqlens=meta.context_lens,
+            block_table=meta.block_tables,
+            softmax_scale=scale,
+            causal=True,
+            window_size=window,
+            alibi_slopes=slopes,
+        )
+        return out.squeeze(1)
+    return flash_attn.flash_attn_varlen_func(
+        query,
+        key_cache,
+        value_cache,
+        cu_seqlens_q=meta.cu_seqlens_q,
+        cu_seqlens_k=meta.cu_seqlens_k,
+        max_seqlen_q=meta.max_q,
+        max_seqlen_k=meta.max_context,
+        softmax_scale=scale,
+        causal=True,
+        window_size=window,
+        alibi_slopes=slopes,
+        block_table=meta.block_tables,
+    )

@@ -1,0 +1,303 @@
+"""Paged attention over a block cache against plain per-sequence causal attention in float64,
+through prefill, decode, mixed steps, GQA/MQA, ALiBi, sliding windows and block reuse."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from tgis_shard.layers.paged_attention import (
+    AttentionMetadata,
+    BlockAllocator,
+    CacheFullError,
+    PagedKVCache,
+    _flash_attn,
+    blocks_for,
+    choose_backend,
+    paged_attention,
+)
+
+HEAD_DIM = 16
+NUM_LAYERS = 2
+
+
+def reference_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scale: float,
+    alibi_slopes: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """One sequence: its last ``len(query)`` tokens attend its contiguous ``keys``, in float64."""
+    query, keys, values = query.double(), keys.double(), values.double()
+    group = query.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+    context, new = keys.shape[0], query.shape[0]
+    distance = torch.arange(context)[None, :] - torch.arange(context - new, context)[:, None]
+    scores = torch.einsum("qhd,khd->hqk", query, keys) * scale
+    if alibi_slopes is not None:
+        scores = scores + alibi_slopes.double()[:, None, None] * distance
+    allowed = distance <= 0
+    if sliding_window is not None:
+        allowed &= distance > -sliding_window
+    scores = scores.masked_fill(~allowed, -math.inf)
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
+
+
+@dataclass
+class RunningSequence:
+    """A sequence's blocks, and per layer its whole key/value history for the reference."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    blocks: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.keys[0].shape[0]
+
+
+class Engine:
+    """What the tgis_native engine does around attention: blocks per sequence, one step at a time,
+    and every output checked against the reference on the sequence's whole history."""
+
+    def __init__(
+        self,
+        *,
+        heads: int = 4,
+        kv_heads: int = 4,
+        block_size: int = 4,
+        num_blocks: int = 32,
+        alibi: bool = False,
+        sliding_window: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        backend: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.heads, self.kv_heads, self.block_size = heads, kv_heads, block_size
+        self.dtype, self.device, self.backend = dtype, device, backend
+        self.sliding_window = sliding_window
+        self.generator = torch.Generator().manual_seed(seed)
+        self.allocator = BlockAllocator(num_blocks)
+        # Hand the free list back in random order so block tables are scattered, not 0, 1, 2...
+        everything = self.allocator.allocate(num_blocks)
+        random.Random(seed).shuffle(everything)
+        self.allocator.free(everything)
+        self.cache = PagedKVCache(NUM_LAYERS, num_blocks, block_size, kv_heads, HEAD_DIM, dtype, device)
+        self.alibi_slopes = torch.tensor([2 ** (-(i + 1) / 2) for i in range(heads)]) if alibi else None
+        self.scale = HEAD_DIM**-0.5
+        self.seqs: dict[str, RunningSequence] = {}
+
+    def _random(self, *shape: int) -> torch.Tensor:
+        # Rounded to the cache's dtype first, so the reference sees exactly what the cache holds.
+        return torch.randn(*shape, generator=self.generator, dtype=torch.float64).to(self.dtype)
+
+    def step(self, new_tokens: dict[str, int], atol: float = 1e-5) -> AttentionMetadata:
+        for name, n in new_tokens.items():
+            if name not in self.seqs:
+                empty = torch.empty(0, self.kv_heads, HEAD_DIM, dtype=self.dtype)
+                self.seqs[name] = RunningSequence([empty] * NUM_LAYERS, [empty] * NUM_LAYERS)
+            seq = self.seqs[name]
+            missing = blocks_for(len(seq) + n, self.block_size) - len(seq.blocks)
+            seq.blocks += self.allocator.allocate(max(missing, 0))
+        seqs = [self.seqs[name] for name in new_tokens]
+        query_lens = list(new_tokens.values())
+        meta = AttentionMetadata.build(
+            query_lens,
+            [len(seq) + n for seq, n in zip(seqs, query_lens, strict=True)],
+            [seq.blocks for seq in seqs],
+            self.block_size,
+            self.device,
+        )
+        total = sum(query_lens)
+        slopes = None if self.alibi_slopes is None else self.alibi_slopes.to(self.device)
+        for layer in range(NUM_LAYERS):
+            query = self._random(total, self.heads, HEAD_DIM)
+            keys = self._random(total, self.kv_heads, HEAD_DIM)
+            values = self._random(total, self.kv_heads, HEAD_DIM)
+            self.cache.store(layer, keys.to(self.device), values.to(self.device), meta.slots)
+            out = paged_attention(
+                query.to(self.device),
+                self.cache,
+                layer,
+                meta,
+                self.scale,
+                alibi_slopes=slopes,
+                sliding_window=self.sliding_window,
+                backend=self.backend,
+            ).cpu()
+            assert out.shape == query.shape
+            start = 0
+            for seq, n in zip(seqs, query_lens, strict=True):
+                rows = slice(start, start + n)
+                seq.keys[layer] = torch.cat([seq.keys[layer], keys[rows]])
+                seq.values[layer] = torch.cat([seq.values[layer], values[rows]])
+                expected = reference_attention(
+                    query[rows], seq.keys[layer], seq.values[layer], self.scale, self.alibi_slopes, self.sliding_window
+                )
+                torch.testing.assert_close(out[rows].double(), expected, rtol=0, atol=atol)
+                start += n
+        return meta
+
+    def finish(self, name: str) -> None:
+        self.allocator.free(self.seqs.pop(name).blocks)
+
+
+def test_prefill_of_ragged_sequences_on_scattered_blocks_matches_reference() -> None:
+    engine = Engine()
+    engine.step({"a": 5, "b": 1, "c": 17})
+    tables = [engine.seqs[name].blocks for name in "abc"]
+    assert [len(t) for t in tables] == [2, 1, 5]
+    assert any(t != list(range(t[0], t[0] + len(t))) for t in tables)
+
+
+def test_decode_steps_cross_block_boundaries_and_match_reference() -> None:
+    engine = Engine()
+    engine.step({"a": 5, "b": 1, "c": 17})
+    for _ in range(6):
+        meta = engine.step({"a": 1, "b": 1, "c": 1})
+        assert meta.max_q == 1
+    assert [len(engine.seqs[name].blocks) for name in "abc"] == [3, 2, 6]
+
+
+def test_mixed_step_prefills_a_new_sequence_while_others_decode() -> None:
+    engine = Engine()
+    engine.step({"a": 5, "b": 1, "c": 17})
+    engine.step({"a": 1, "new": 9, "b": 1, "c": 3})
+    engine.step({"new": 1, "c": 1})
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(8, 2), (8, 1)], ids=["gqa", "mqa"])
+def test_grouped_and_multi_query_heads_match_reference(heads: int, kv_heads: int) -> None:
+    engine = Engine(heads=heads, kv_heads=kv_heads)
+    engine.step({"a": 5, "b": 1, "c": 17})
+    engine.step({"a": 1, "b": 2, "c": 1})
+
+
+def test_alibi_bias_matches_reference() -> None:
+    engine = Engine(heads=8, kv_heads=8, alibi=True)
+    engine.step({"a": 5, "b": 1, "c": 17})
+    engine.step({"a": 1, "b": 1, "c": 1, "d": 6})
+
+
+def test_sliding_window_sees_only_the_last_tokens() -> None:
+    engine = Engine(sliding_window=3)
+    engine.step({"a": 5, "b": 1, "c": 17})
+    engine.step({"a": 1, "b": 1, "c": 2})
+
+
+def test_freed_blocks_are_reused_without_stale_keys_leaking() -> None:
+    engine = Engine(num_blocks=8)
+    engine.step({"old": 17, "keep": 3})
+    old_blocks = set(engine.seqs["old"].blocks)
+    engine.finish("old")
+    assert engine.allocator.free_blocks == 7
+    # Shorter than the old sequence, so its blocks still hold the old keys past its length.
+    engine.step({"keep": 1, "new": 6})
+    assert set(engine.seqs["new"].blocks) <= old_blocks
+    engine.step({"keep": 1, "new": 1})
+
+
+def test_metadata_puts_new_tokens_at_the_end_of_each_context() -> None:
+    meta = AttentionMetadata.build([2, 1], [6, 3], [[7, 3], [5, 9]], block_size=4, device="cpu", max_blocks=3)
+    assert meta.cu_seqlens_q.tolist() == [0, 2, 3]
+    assert meta.positions.tolist() == [4, 5, 2]
+    assert meta.slots.tolist() == [3 * 4 + 0, 3 * 4 + 1, 5 * 4 + 2]
+    assert meta.block_tables.tolist() == [[7, 3, 0], [5, 0, 0]]
+    assert meta.block_tables.dtype == meta.context_lens.dtype == meta.cu_seqlens_q.dtype == torch.int32
+    assert (meta.max_q, meta.max_context) == (2, 6)
+
+
+@pytest.mark.parametrize(
+    ("query_lens", "context_lens", "tables", "message"),
+    [
+        ([3], [2], [[0]], "query_len"),
+        ([0], [2], [[0]], "query_len"),
+        ([1], [5], [[0]], "need 2 blocks"),
+        ([1, 1], [1], [[0]], "one entry per sequence"),
+    ],
+)
+def test_metadata_rejects_inconsistent_steps(
+    query_lens: list[int], context_lens: list[int], tables: list[list[int]], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        AttentionMetadata.build(query_lens, context_lens, tables, block_size=4, device="cpu")
+
+
+def test_allocator_refuses_more_blocks_than_free_and_keeps_them() -> None:
+    allocator = BlockAllocator(4)
+    taken = allocator.allocate(3)
+    with pytest.raises(CacheFullError, match="asked for 2 blocks, 1 free") as error:
+        allocator.allocate(2)
+    assert (error.value.requested, error.value.free) == (2, 1)
+    assert allocator.free_blocks == 1
+    allocator.free(taken)
+    assert sorted(allocator.allocate(4)) == [0, 1, 2, 3]
+
+
+def test_allocator_rejects_double_free_and_unknown_blocks() -> None:
+    allocator = BlockAllocator(4)
+    blocks = allocator.allocate(2)
+    allocator.free(blocks)
+    with pytest.raises(ValueError, match="not allocated"):
+        allocator.free(blocks[:1])
+    with pytest.raises(ValueError, match="not allocated"):
+        allocator.free([17])
+    with pytest.raises(ValueError, match="twice"):
+        allocator.free([0, 0])
+    with pytest.raises(ValueError, match="allocate -1"):
+        allocator.allocate(-1)
+
+
+def test_backend_is_torch_off_cuda_or_below_flash_block_multiple() -> None:
+    assert choose_backend("cpu", torch.float16, 256) == "torch"
+    assert choose_backend(torch.device("cuda"), torch.float16, 16) == "torch"
+    assert choose_backend("cuda", torch.float32, 256) == "torch"
+    expected = "flash" if _flash_attn() is not None else "torch"
+    assert choose_backend("cuda", torch.bfloat16, 256) == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("alibi", [False, True], ids=["plain", "alibi"])
+def test_torch_backend_on_cuda_matches_reference(dtype: torch.dtype, alibi: bool) -> None:
+    engine = Engine(heads=8, kv_heads=2, dtype=dtype, device="cuda", backend="torch", alibi=alibi)
+    engine.step({"a": 5, "b": 1, "c": 17}, atol=2e-2)
+    engine.step({"a": 1, "b": 1, "c": 1, "d": 7}, atol=2e-2)
+    engine.step({"a": 1, "b": 1, "c": 1, "d": 1}, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or _flash_attn() is None, reason="needs CUDA and flash-attn >= 2.6")
+@pytest.mark.parametrize(
+    ("alibi", "sliding_window"), [(False, None), (True, None), (False, 300)], ids=["plain", "alibi", "window"]
+)
+def test_flash_backend_matches_torch_backend(alibi: bool, sliding_window: int | None) -> None:
+    block_size, heads, kv_heads, head_dim = 256, 8, 2, 64
+    # Per step, new tokens of each sequence: prefill, then a prefill joining decodes, then decode.
+    steps = [{0: 300, 1: 1, 2: 700}, {0: 1, 1: 1, 2: 1, 3: 40}, {0: 1, 1: 1, 2: 1, 3: 1}]
+    tables = [[3, 9], [0], [12, 1, 7, 5], [14]]
+    cache = PagedKVCache(1, 16, block_size, kv_heads, head_dim, torch.bfloat16, "cuda")
+    assert choose_backend("cuda", torch.bfloat16, block_size) == "flash"
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    slopes = torch.tensor([2 ** (-(i + 1)) for i in range(heads)], device="cuda") if alibi else None
+    context = [0] * len(tables)
+    for step in steps:
+        for seq, n in step.items():
+            context[seq] += n
+        meta = AttentionMetadata.build(
+            list(step.values()), [context[seq] for seq in step], [tables[seq] for seq in step], block_size, "cuda"
+        )
+        total = sum(step.values())
+        kv = torch.randn(2, total, kv_heads, head_dim, generator=generator, device="cuda", dtype=torch.bfloat16)
+        cache.store(0, kv[0], kv[1], meta.slots)
+        query = torch.randn(total, heads, head_dim, generator=generator, device="cuda", dtype=torch.bfloat16)
+        flash, torch_ = (
+            paged_attention(query, cache, 0, meta, head_dim**-0.5, slopes, sliding_window, backend=backend)
+            for backend in ("flash", "torch")
+        )
+        torch.testing.assert_close(flash, torch_, rtol=0, atol=2e-2)

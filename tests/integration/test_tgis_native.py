@@ -1,0 +1,61 @@
+"""tgis_native end to end: the launcher with NUM_GPUS=2 starts two ranks (gloo on CPU) and the
+router; the sharded LLaMA answers like transformers on the same weights."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from transformers import AutoTokenizer
+
+from tests.support.server import free_port, launcher
+from tests.support.tiny_models import build_tiny_causal_lm, reference_greedy
+from tgis_proto import generation_pb2 as fmaas
+
+PROMPTS = ["Hello there", "The quick brown fox jumps over the lazy dog, and then it", "A"]
+MAX_NEW_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-llama"), arch="llama", seed=2)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    args = ["--deployment-framework", "hf_custom_tp", "--num-gpus", "2", "--master-port", str(free_port())]
+    with launcher(model_dir, *args, "--max-batch-size", "4") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return [
+        tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
+        for ids in reference_greedy(model_dir, PROMPTS, MAX_NEW_TOKENS)
+    ]
+
+
+def _generate(server, prompts):
+    params = fmaas.Parameters(stopping=fmaas.StoppingCriteria(max_new_tokens=MAX_NEW_TOKENS))
+    request = fmaas.BatchedGenerationRequest(requests=[fmaas.GenerationRequest(text=p) for p in prompts], params=params)
+    return list(server.stub.Generate(request).responses)
+
+
+def test_two_ranks_serve_greedy_equal_to_transformers(server, expected):
+    assert [r.text for r in _generate(server, PROMPTS)] == expected
+
+
+def test_requests_joining_and_leaving_the_ragged_batch_keep_their_outputs(server, expected):
+    def call(i: int) -> tuple[int, str]:
+        index = i % len(PROMPTS)
+        return index, _generate(server, [PROMPTS[index]])[0].text
+
+    with ThreadPoolExecutor(10) as pool:
+        for index, text in pool.map(call, range(10)):
+            assert text == expected[index]
+
+
+def test_launcher_reports_two_shards(server):
+    assert "2 shard(s) ready: tgis_native" in server.log()
