@@ -11,9 +11,10 @@ import venv
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 from tests.support.server import launcher
-from tests.support.tiny_models import build_tiny_causal_lm
+from tests.support.tiny_models import build_tiny_causal_lm, reference_greedy
 from tgis_proto import generation_pb2 as fmaas
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,3 +66,27 @@ def test_text_generation_launcher_serves_a_model(user_venv, tmp_path):
         request = fmaas.BatchedGenerationRequest(requests=[fmaas.GenerationRequest(text="Hello")])
         response = server.stub.Generate(request).responses[0]
         assert response.generated_token_count > 0
+
+
+def test_a_third_party_model_plugin_is_served_after_pip_install(user_venv, tmp_path):
+    plugin = REPO / "tests" / "plugins" / "tgis-models-toygpt"
+    subprocess.run(
+        [user_venv / "bin" / "python", "-m", "pip", "install", "--quiet", "--no-deps", str(plugin)],
+        check=True,
+        timeout=600,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+    )
+    listing = subprocess.run(
+        [user_venv / "bin" / "text-generation-server", "plugins"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "gpt2 -> tgis_models_toygpt.model:build [toygpt] engines: tgis_native" in listing
+    model_dir = build_tiny_causal_lm(tmp_path / "gpt2", arch="gpt2")
+    expected = reference_greedy(model_dir, ["Hello there"], 8)[0]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    env = {"PATH": f"{user_venv / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    launcher_path = str(user_venv / "bin" / "text-generation-launcher")
+    with launcher(model_dir, "--deployment-framework", "tgis_native", env=env, executable=launcher_path) as server:
+        params = fmaas.Parameters(stopping=fmaas.StoppingCriteria(max_new_tokens=8))
+        request = fmaas.BatchedGenerationRequest(requests=[fmaas.GenerationRequest(text="Hello there")], params=params)
+        response = server.stub.Generate(request).responses[0]
+    assert response.text == tokenizer.decode(expected, skip_special_tokens=True).rstrip("\ufffd")

@@ -36,3 +36,30 @@ def decode_steps(engine: Engine, state: object, outputs: dict[int, list[int]], s
     for _ in range(steps):
         for token in engine.decode(state):
             outputs[token.request_id].append(token.token_id)
+
+
+def native_engine(
+    rank: int,
+    world_size: int,
+    port: int,
+    model_dir: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
+) -> Engine:
+    """The tgis_native engine as one rank of ``world_size`` (process group on ``port``)."""
+    from tgis_shard.engines.tgis_native import create_engine as create_native_engine
+
+    ctx = ShardContext(
+        model_dir=Path(model_dir),
+        model_type="test",
+        dtype=dtype,
+        device=device or torch.device("cpu"),
+        rank=rank,
+        world_size=world_size,
+        max_sequence_length=256,
+        registry=shard_registry(None),
+        max_batch_size=4,
+        master_addr="127.0.0.1",
+        master_port=port,
+    )
+    return create_native_engine(ctx)

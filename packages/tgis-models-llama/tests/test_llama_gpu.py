@@ -11,14 +11,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.support.engines import decode_steps, request
+from tests.support.engines import decode_steps, native_engine, request
 from tests.support.ranks import run_ranks
 from tests.support.tiny_models import build_tiny_causal_lm
 from tgis_proto import shard_pb2 as pb
-from tgis_shard.engines.base import ShardContext
-from tgis_shard.engines.tgis_native import create_engine
 from tgis_shard.layers.paged_attention import choose_backend
-from tgis_shard.registry import shard_registry
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 
@@ -37,20 +34,8 @@ def model_dir(tmp_path_factory):
 
 
 def _scenario(rank: int, world_size: int, port: int, model_dir: str, prompt_ids, dtype: torch.dtype) -> dict:
-    ctx = ShardContext(
-        model_dir=Path(model_dir),
-        model_type="llama",
-        dtype=dtype,
-        device=torch.device(f"cuda:{rank}"),
-        rank=rank,
-        world_size=world_size,
-        max_sequence_length=256,
-        registry=shard_registry(None),
-        max_batch_size=4,
-        master_addr="127.0.0.1",
-        master_port=port,
-    )
-    engine = create_engine(ctx)
+    engine = native_engine(rank, world_size, port, model_dir, dtype, torch.device(f"cuda:{rank}"))
+    device = torch.device(f"cuda:{rank}")
     requests = [request(i, ids, NEW_TOKENS, logprobs=True) for i, ids in enumerate(prompt_ids)]
     tokens, state = engine.prefill(pb.Batch(id=1, requests=requests))
     outputs = {t.request_id: [t.token_id] for t in tokens}
@@ -58,7 +43,7 @@ def _scenario(rank: int, world_size: int, port: int, model_dir: str, prompt_ids,
     return {
         "outputs": outputs,
         "first_logprobs": {t.request_id: t.logprob for t in tokens},
-        "backend": choose_backend(ctx.device, dtype, engine.block_size),
+        "backend": choose_backend(device, dtype, engine.block_size),
     }
 
 

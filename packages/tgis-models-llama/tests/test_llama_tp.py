@@ -3,19 +3,14 @@ same greedy tokens, close logprobs, requests joining and leaving mid-generation,
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.support.engines import decode_steps, request
+from tests.support.engines import decode_steps, native_engine, request
 from tests.support.ranks import run_ranks
 from tests.support.tiny_models import build_tiny_causal_lm, reference_greedy
 from tgis_proto import shard_pb2 as pb
-from tgis_shard.engines.base import ShardContext
-from tgis_shard.engines.tgis_native import NativeEngine, create_engine
-from tgis_shard.registry import shard_registry
 
 PROMPTS = ["Hello there, general", "A", "The quick brown fox jumps over the lazy dog and then"]
 NEW_TOKENS = 8
@@ -63,26 +58,9 @@ def reference_logprobs(model_dir, prompt_ids):
         return [torch.log_softmax(model(torch.tensor([ids])).logits[0, -1], dim=-1) for ids in prompt_ids]
 
 
-def _engine(rank: int, world_size: int, port: int, model_dir: str) -> NativeEngine:
-    ctx = ShardContext(
-        model_dir=Path(model_dir),
-        model_type="llama",
-        dtype=torch.float32,
-        device=torch.device("cpu"),
-        rank=rank,
-        world_size=world_size,
-        max_sequence_length=256,
-        registry=shard_registry(None),
-        max_batch_size=4,
-        master_addr="127.0.0.1",
-        master_port=port,
-    )
-    return create_engine(ctx)
-
-
 def _scenario(rank: int, world_size: int, port: int, model_dir: str, prompt_ids: list[list[int]]) -> dict:
     """Request 0 runs alone, 1 and 2 join after two steps, 2 leaves after two more."""
-    engine = _engine(rank, world_size, port, model_dir)
+    engine = native_engine(rank, world_size, port, model_dir)
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     details = {"logprobs": True, "ranks": True, "top_n": 2}
     tokens, running = engine.prefill(pb.Batch(id=1, requests=[request(0, prompt_ids[0], NEW_TOKENS, **details)]))
@@ -136,11 +114,11 @@ def test_each_rank_holds_about_half_the_weights(tmp_path):
 
 
 def _weights_only(rank: int, world_size: int, port: int, model_dir: str) -> int:
-    engine = _engine(rank, world_size, port, model_dir)
+    engine = native_engine(rank, world_size, port, model_dir)
     return sum(p.numel() * p.element_size() for p in engine.model.parameters())
 
 
 def test_unknown_model_type_names_the_installed_plugins(tmp_path):
     model_dir = build_tiny_causal_lm(tmp_path / "gpt2", arch="gpt2")
     with pytest.raises(Exception, match=r"no plugin serves model_type 'gpt2'.*llama \(llama\)"):
-        _engine(0, 1, 0, str(model_dir))
+        native_engine(0, 1, 0, model_dir)

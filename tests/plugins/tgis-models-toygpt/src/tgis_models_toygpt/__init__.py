@@ -1,0 +1,1 @@
+"""A third-party model plugin, as someone outside tgis would publish it (tests only)."""
