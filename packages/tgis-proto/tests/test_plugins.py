@@ -9,6 +9,9 @@ import pytest
 
 from tgis_proto.plugins import PluginError, hookimpl, load_registry, plugin_manager, resolve
 
+# An allow-list naming no installed plugin: these tests see only the plugins they register.
+ISOLATED = "no-installed-plugin"
+
 
 def _plugin_module(name: str, engines=(), models=()) -> str:
     """Registers an importable module acting as a plugin; returns its name."""
@@ -40,7 +43,7 @@ def test_engines_and_model_families_are_found_by_name_and_alias():
     family = _plugin_module(
         "fake_family_plugin", models=[(("falcon", "f.m:build"), {"aliases": ("RefinedWeb",), "engines": ("native",)})]
     )
-    registry = load_registry(default_plugins=[("e", engine), ("f", family)], allow_list="")
+    registry = load_registry(default_plugins=[("e", engine), ("f", family)], allow_list=ISOLATED)
     assert registry.engine("custom").name == "native"
     assert registry.model_family("RefinedWeb", "custom").model_type == "falcon"
     registry.check_servable("native", "falcon")
@@ -48,7 +51,7 @@ def test_engines_and_model_families_are_found_by_name_and_alias():
 
 def test_unknown_engine_error_names_installed_engines():
     engine = _plugin_module("fake_engine_plugin2", engines=[(("alpha", "x.y:create"), {})])
-    registry = load_registry(default_plugins=[("e", engine)], allow_list="")
+    registry = load_registry(default_plugins=[("e", engine)], allow_list=ISOLATED)
     with pytest.raises(PluginError, match=r"unknown engine .*'beta'.*installed engines: alpha"):
         registry.engine("beta")
 
@@ -58,7 +61,7 @@ def test_model_type_without_plugin_is_refused_only_by_engines_that_need_one():
         "fake_engine_plugin3",
         engines=[(("native", "x:y"), {"needs_model_family": True}), (("generic", "x:z"), {})],
     )
-    registry = load_registry(default_plugins=[("e", engine)], allow_list="")
+    registry = load_registry(default_plugins=[("e", engine)], allow_list=ISOLATED)
     registry.check_servable("generic", "mamba")
     with pytest.raises(PluginError, match=r"no plugin serves model_type 'mamba'.*installed model plugins: none"):
         registry.check_servable("native", "mamba")
@@ -68,12 +71,12 @@ def test_duplicate_registration_names_both_plugins():
     a = _plugin_module("dup_a", engines=[(("same", "x:y"), {})])
     b = _plugin_module("dup_b", engines=[(("same", "x:z"), {})])
     with pytest.raises(PluginError, match="registered by both 'a' and 'b'"):
-        load_registry(default_plugins=[("a", a), ("b", b)], allow_list="")
+        load_registry(default_plugins=[("a", a), ("b", b)], allow_list=ISOLATED)
 
 
 def test_registration_does_not_import_targets():
     engine = _plugin_module("lazy_plugin", engines=[(("lazy", "module_that_does_not_exist:create"), {})])
-    registry = load_registry(default_plugins=[("e", engine)], allow_list="")
+    registry = load_registry(default_plugins=[("e", engine)], allow_list=ISOLATED)
     assert registry.engine("lazy").target == "module_that_does_not_exist:create"
     with pytest.raises(ModuleNotFoundError):
         resolve(registry.engine("lazy").target)

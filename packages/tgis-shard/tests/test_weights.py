@@ -312,3 +312,34 @@ def test_files_are_opened_once_and_closed_on_exit(model_dir: Path, file_log: dic
     assert opened == len(list(model_dir.glob("*.safetensors")))
     assert len(file_log["closed"]) == opened
     assert w._handles == {}
+
+
+def _grouped_qkv(num_heads: int, num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, list, list, list]:
+    """A Falcon-style fused projection: per KV group, its query heads, then a key and a value head."""
+    per_group = num_heads // num_kv_heads
+    rows, queries, keys, values = [], [], [], []
+    for group in range(num_kv_heads):
+        q = [torch.full((head_dim, 2), float(100 * group + h)) for h in range(per_group)]
+        k, v = torch.full((head_dim, 2), -1.0 - group), torch.full((head_dim, 2), -100.0 - group)
+        rows += [*q, k, v]
+        queries += q
+        keys.append(k)
+        values.append(v)
+    return torch.cat(rows), queries, keys, values
+
+
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "world_size"), [(8, 2, 2), (8, 2, 4), (4, 1, 2), (4, 4, 2)])
+def test_get_head_groups_gives_each_rank_its_queries_and_their_groups_kv(
+    tmp_path: Path, num_heads: int, num_kv_heads: int, world_size: int
+) -> None:
+    head_dim = 3
+    fused, queries, keys, values = _grouped_qkv(num_heads, num_kv_heads, head_dim)
+    save_file({"qkv.weight": fused}, tmp_path / "model.safetensors")
+    per_rank, per_group = num_heads // world_size, num_heads // num_kv_heads
+    for rank in range(world_size):
+        with Weights(tmp_path, TensorParallel(rank, world_size, None), torch.float32, torch.device("cpu")) as w:
+            got = w.get_head_groups("qkv.weight", 0, num_heads, num_kv_heads, head_dim)
+        heads = range(rank * per_rank, (rank + 1) * per_rank)
+        groups = sorted({h // per_group for h in heads})
+        expected = torch.cat([queries[h] for h in heads] + [keys[g] for g in groups] + [values[g] for g in groups])
+        assert torch.equal(got, expected)

@@ -52,6 +52,16 @@ class ActiveRequest:
             delay = max(0.0, self._deadline - time.monotonic())
             self._timer = asyncio.get_running_loop().call_later(delay, self.finish, StopReason.TIME_LIMIT)
 
+    @property
+    def length(self) -> int:
+        """Tokens the request holds in the shard's cache (input and generated)."""
+        return len(self.request.input_ids) + self.generated
+
+    @property
+    def remaining(self) -> int:
+        """Tokens it may still generate."""
+        return self.request.max_new_tokens - self.generated
+
     def to_shard_request(self) -> pb.Request:
         params = self.request.params
         sampling = params.sampling

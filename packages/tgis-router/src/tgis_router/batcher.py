@@ -13,6 +13,7 @@ import grpc
 from tgis_proto import shard_pb2 as pb
 from tgis_router import metrics
 from tgis_router.active import ActiveRequest
+from tgis_router.admission import Admission, Candidate, Decision, Running, projected_peak
 from tgis_router.queue import RequestQueue
 from tgis_router.requests import StopReason
 from tgis_router.shard_client import ShardClient
@@ -21,13 +22,14 @@ log = logging.getLogger(__name__)
 
 
 class Batcher:
-    def __init__(self, shards: ShardClient, queue: RequestQueue, max_batch_size: int):
+    def __init__(self, shards: ShardClient, queue: RequestQueue, admission: Admission):
         self._shards = shards
         self._queue = queue
-        self._max_batch_size = max_batch_size
+        self._admission = admission
         self._batch_ids = itertools.count(1)
         self._running: dict[int, ActiveRequest] = {}
         self._running_batch_id: int | None = None
+        self._waited_steps = 0  # decode steps since waiting requests were last considered in vain
 
     async def run(self) -> None:
         """Runs until cancelled; a failed step fails its requests, never the loop."""
@@ -35,7 +37,7 @@ class Batcher:
             try:
                 if self._running_batch_id is None:
                     await self._queue.wait()
-                    self._running_batch_id = await self._prefill(self._max_batch_size)
+                    self._running_batch_id = await self._prefill(self._admit())
                 else:
                     await self._next_token()
             except Exception:
@@ -51,9 +53,33 @@ class Batcher:
         metrics.batch_inference_count.labels(method=method).inc()
         return response
 
-    async def _prefill(self, room: int) -> int | None:
-        """Prefills up to ``room`` waiting requests as a new batch; returns its id."""
-        entries = self._queue.take(room)
+    def _admit(self) -> list[ActiveRequest]:
+        """The waiting requests that join now (dynamic batch sizing), taken off the queue."""
+        waiting = self._queue.live()
+        if not waiting:
+            return []
+        running = [e for e in self._running.values() if not e.finished]
+        states = [Running(e.length, e.remaining) for e in running]
+        candidates = [Candidate(len(e.request.input_ids), e.request.max_new_tokens, e.arrival) for e in waiting]
+        decision = self._admission.select(states, candidates, self._waited_steps)
+        _count(decision)
+        if not decision.admit:
+            self._waited_steps += 1
+            if not running:
+                # Nothing runs, so nothing will free memory: the head can never fit.
+                head = waiting[0]
+                self._queue.remove([head])
+                head.finish(StopReason.ERROR, error="the request does not fit in the memory available to batches")
+            return []
+        self._waited_steps = 0
+        admitted = [waiting[i] for i in decision.admit]
+        self._queue.remove(admitted)
+        joining = [Running(candidates[i].input_length, candidates[i].max_new_tokens) for i in decision.admit]
+        metrics.batch_weight.set(projected_peak(self._admission.model, [*states, *joining]))
+        return admitted
+
+    async def _prefill(self, entries: list[ActiveRequest]) -> int | None:
+        """Prefills the admitted requests as a new batch; returns its id."""
         if not entries:
             return None
         batch = pb.Batch(id=next(self._batch_ids), requests=[e.to_shard_request() for e in entries])
@@ -74,9 +100,8 @@ class Batcher:
     async def _next_token(self) -> None:
         assert self._running_batch_id is not None
         merge: list[int] = []
-        room = self._max_batch_size - sum(1 for e in self._running.values() if not e.finished)
-        if room > 0 and len(self._queue):
-            new_batch_id = await self._prefill(room)
+        if len(self._queue):
+            new_batch_id = await self._prefill(self._admit())
             if new_batch_id is not None:
                 merge.append(new_batch_id)
         drop = [rid for rid, entry in self._running.items() if entry.finished]
@@ -127,3 +152,15 @@ class Batcher:
             await self._shards.clear_cache(batch_id)
         except grpc.aio.AioRpcError as e:
             log.error("clearing batch %d failed: %s", batch_id, e.details())
+
+
+def _count(decision: Decision) -> None:
+    if decision.weight_limited:
+        metrics.prefill_weight_limit_exceeded.inc()
+    if decision.padding_limited:
+        metrics.prefill_padding_limit_exceeded.inc()
+    if decision.prefill_limited:
+        metrics.prefill_tokens_limit_exceeded.inc()
+    if decision.waiting:
+        metrics.add_on_waits.inc()
+    metrics.queue_jumps.inc(decision.queue_jumps)

@@ -15,10 +15,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from tgis_proto import shard_pb2 as shard_pb
 from tgis_proto.plugins import PluginError, Registry, load_registry
+from tgis_router.admission import Admission
 from tgis_router.config import ConfigError, LauncherConfig, num_shards, parse_config
 from tgis_router.logs import configure_logging
-from tgis_router.router import ModelSetup, run_router
+from tgis_router.router import ModelSetup, admission_config, memory_model, run_router
 from tgis_router.shard_client import ShardClient
 
 log = logging.getLogger("tgis_router.launcher")
@@ -52,6 +54,18 @@ def _check_plugins(config: LauncherConfig, registry: Registry) -> None:
         raise LaunchError(
             f"engine hf_transformers runs on one device but {num_shards(config)} shards were asked; "
             "use DEPLOYMENT_FRAMEWORK=tgis_native to shard a model"
+        )
+
+
+def _check_one_request_fits(config: LauncherConfig, info: shard_pb.InfoResponse, max_sequence_length: int) -> None:
+    """A configuration in which one maximum-length request cannot run would fail requests later."""
+    admission = Admission(memory_model(info), admission_config(config))
+    if not admission.fits_alone(max_sequence_length - 1, 1):
+        model = admission.model
+        raise LaunchError(
+            f"one request of MAX_SEQUENCE_LENGTH {max_sequence_length} tokens does not fit in the memory "
+            f"for batches ({model.limit / 2**20:.0f} MiB, {model.tokens_fit()} tokens); lower "
+            "MAX_SEQUENCE_LENGTH or BATCH_SAFETY_MARGIN, or use more GPUs"
         )
 
 
@@ -100,6 +114,10 @@ async def _start_shards(
             str(max_sequence_length),
             "--max-batch-size",
             str(config.max_batch_size),
+            "--estimate-memory",
+            config.estimate_memory,
+            "--batch-safety-margin",
+            str(config.batch_safety_margin),
         ]
         if config.dtype_str:
             args += ["--dtype-str", config.dtype_str]
@@ -178,6 +196,7 @@ async def _launch(config: LauncherConfig) -> int:
             return 0
         info = info_task.result()
         log.info("%d shard(s) ready: %s on %s (%s)", len(processes), info.engine, info.device, info.dtype)
+        _check_one_request_fits(config, info, max_sequence_length)
         setup = ModelSetup(Path(description["tokenizer_file"]), max_sequence_length)
         router = asyncio.ensure_future(run_router(config, setup, shards, info, stop))
         await asyncio.wait((router, children_exit, stop_wait), return_when=asyncio.FIRST_COMPLETED)

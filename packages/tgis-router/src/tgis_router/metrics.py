@@ -37,3 +37,16 @@ batch_inference_count = Counter("tgi_batch_inference_count", "Model steps", ["me
 batch_current_size = Gauge("tgi_batch_current_size", "Requests in the running batch")
 queue_size = Gauge("tgi_queue_size", "Inputs waiting for a batch")
 requests_in_flight = Gauge("tgi_requests_in_flight", "Inputs queued or running")
+batch_weight = Gauge("tgi_batch_weight_bytes", "Projected peak memory of the running batch")
+batch_weight_limit = Gauge("tgi_batch_weight_limit_bytes", "Memory available to batches")
+prefill_weight_limit_exceeded = Counter(
+    "tgi_prefill_weight_limit_exceeded", "Admissions where a waiting request did not fit in memory"
+)
+prefill_padding_limit_exceeded = Counter(
+    "tgi_prefill_padding_limit_exceeded", "Admissions where a waiting request would pad the prefill too much"
+)
+prefill_tokens_limit_exceeded = Counter(
+    "tgi_prefill_tokens_limit_exceeded", "Admissions where the prefill pass itself would be too large"
+)
+queue_jumps = Counter("tgi_queue_jump", "Requests admitted ahead of an earlier one that did not fit")
+add_on_waits = Counter("tgi_batch_add_on_wait", "Steps a small add-on waited (MAX_WAITING_TOKENS)")

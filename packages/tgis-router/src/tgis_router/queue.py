@@ -28,13 +28,15 @@ class RequestQueue:
             self._not_empty.clear()
             await self._not_empty.wait()
 
-    def take(self, n: int) -> list[ActiveRequest]:
-        """Up to ``n`` live entries; entries whose client left meanwhile are finished here."""
-        taken: list[ActiveRequest] = []
-        while self._entries and len(taken) < n:
-            entry = self._entries.popleft()
-            if entry.finished:
-                continue
-            taken.append(entry)
+    def live(self) -> list[ActiveRequest]:
+        """The waiting entries in arrival order; entries whose client left meanwhile are dropped."""
+        if any(e.finished for e in self._entries):
+            self._entries = deque(e for e in self._entries if not e.finished)
+            metrics.queue_size.set(len(self._entries))
+        return list(self._entries)
+
+    def remove(self, entries: list[ActiveRequest]) -> None:
+        """Takes admitted entries out of the queue."""
+        taken = {id(e) for e in entries}
+        self._entries = deque(e for e in self._entries if id(e) not in taken)
         metrics.queue_size.set(len(self._entries))
-        return taken

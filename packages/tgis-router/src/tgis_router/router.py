@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from grpc_reflection.v1alpha import reflection
 from tgis_proto import generation_pb2 as fmaas
 from tgis_proto import generation_pb2_grpc as fmaas_grpc
 from tgis_proto import shard_pb2 as shard_pb
+from tgis_router import metrics
+from tgis_router.admission import Admission, AdmissionConfig, MemoryModel
 from tgis_router.batcher import Batcher
 from tgis_router.config import LauncherConfig
 from tgis_router.grpc_server import GenerationService, ModelFacts
@@ -34,6 +37,30 @@ class ModelSetup:
 
     tokenizer_file: Path
     max_sequence_length: int
+
+
+def memory_model(info: shard_pb.InfoResponse) -> MemoryModel:
+    """The shard's memory model; without one (ESTIMATE_MEMORY=off) only MAX_BATCH_SIZE limits."""
+    padded = info.batch_padding
+    if not info.HasField("memory"):
+        return MemoryModel(limit=math.inf, bytes_per_token=0.0, prefill_bytes_per_token=0.0, padded=padded)
+    m = info.memory
+    return MemoryModel(
+        limit=m.limit_bytes,
+        bytes_per_token=m.bytes_per_token,
+        prefill_bytes_per_token=m.prefill_bytes_per_token,
+        padded=padded,
+        block_size=max(1, m.block_size),
+        max_prefill_tokens=m.max_prefill_tokens,
+    )
+
+
+def admission_config(config: LauncherConfig) -> AdmissionConfig:
+    return AdmissionConfig(
+        max_batch_size=config.max_batch_size,
+        max_prefill_padding=config.max_prefill_padding,
+        max_waiting_tokens=config.max_waiting_tokens,
+    )
 
 
 def _server_credentials(config: LauncherConfig) -> grpc.ServerCredentials | None:
@@ -63,7 +90,9 @@ async def run_router(
     service = GenerationService(
         model, limits, tokenizer, queue, config.max_concurrent_requests, config.output_special_tokens
     )
-    batcher_task = asyncio.create_task(Batcher(shards, queue, config.max_batch_size).run(), name="batcher")
+    admission = Admission(memory_model(info), admission_config(config))
+    metrics.batch_weight_limit.set(admission.model.limit)
+    batcher_task = asyncio.create_task(Batcher(shards, queue, admission).run(), name="batcher")
 
     server = grpc.aio.server()
     fmaas_grpc.add_GenerationServiceServicer_to_server(service, server)

@@ -11,6 +11,7 @@ from pathlib import Path
 from tgis_proto.plugins import PluginError
 from tgis_shard import model_files
 from tgis_shard.embedded import DEFAULT_MODEL, EmbeddedModelError
+from tgis_shard.memory import ESTIMATE_MODES
 from tgis_shard.registry import shard_registry
 
 log = logging.getLogger("tgis_shard")
@@ -39,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype-str", choices=_DTYPES, default=None)
     serve.add_argument("--max-sequence-length", type=int, default=None)
     serve.add_argument("--max-batch-size", type=int, default=12, help="sizes the KV cache on CPU")
+    serve.add_argument("--estimate-memory", choices=ESTIMATE_MODES, default="auto")
+    serve.add_argument("--batch-safety-margin", type=int, default=20, help="percent of free memory kept back")
 
     sub.add_parser("plugins", help="list installed plugins, engines and model families")
 
@@ -90,6 +93,8 @@ def _serve(args: argparse.Namespace) -> None:
         max_batch_size=args.max_batch_size,
         master_addr=os.environ.get("MASTER_ADDR", "localhost"),
         master_port=int(os.environ.get("MASTER_PORT", "29500")),
+        estimate_memory=args.estimate_memory,
+        batch_safety_margin=args.batch_safety_margin,
     )
     from tgis_proto.plugins import resolve
 

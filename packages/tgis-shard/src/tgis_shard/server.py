@@ -42,9 +42,14 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
         self.engine = engine
         self.batches: dict[int, BatchState] = {}
         self._lock = threading.Lock()
+        self._info = engine.info()
+        # Measured once, before any batch exists: it runs a prefill of its own on a GPU.
+        memory_model = engine.memory_model()
+        if memory_model is not None:
+            self._info.memory.CopyFrom(memory_model)
 
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:
-        return self.engine.info()
+        return self._info
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthResponse:
         with self._lock:

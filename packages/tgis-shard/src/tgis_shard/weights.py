@@ -97,6 +97,45 @@ class Weights:
             per_rank, first = 1, rank * num_heads // world_size
         return self._finish(tensor.read(first * head_dim, (first + per_rank) * head_dim))
 
+    def get_head_groups(self, name: str, dim: int, num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+        """This rank's query, key and value heads of a projection fused per KV group, as ``[q | k | v]``.
+
+        Falcon stores ``num_kv_heads`` groups along ``dim``, each its ``num_heads / num_kv_heads``
+        query heads, then one key head, then one value head (one group is multi-query; a group per
+        head is BLOOM's per-head ``[q, k, v]``). A rank gets its contiguous 1/world_size of the query
+        heads and the KV heads of their groups; with fewer KV heads than ranks, a group's key and
+        value are replicated on every rank that holds some of its query heads, and each rank still
+        reads only its own query heads.
+        """
+        tensor = _SlicedTensor(self, name, dim)
+        world_size, rank = self.tp.world_size, self.tp.rank
+        if num_heads % num_kv_heads:
+            raise WeightsError(f"{tensor.where}: {num_heads} query heads do not form {num_kv_heads} equal groups")
+        per_group = num_heads // num_kv_heads
+        group_size = (per_group + 2) * head_dim
+        if tensor.size != num_kv_heads * group_size:
+            raise WeightsError(
+                f"{tensor.where}: size {tensor.size} along dim {dim} is not {num_kv_heads} groups of "
+                f"{per_group} query heads, a key and a value, × {head_dim}"
+            )
+        if num_kv_heads % world_size and world_size % num_kv_heads:
+            # A rank's query heads would straddle groups: its KV heads would not map evenly onto them.
+            raise WeightsError(
+                f"{tensor.where}: {num_kv_heads} KV heads can neither be split nor replicated evenly "
+                f"over {world_size} ranks"
+            )
+        per_rank = tensor.split(num_heads, world_size, what=f"{num_heads} query heads")
+        first, stop = rank * per_rank, (rank + 1) * per_rank
+        queries, keys, values = [], [], []
+        for group in range(first // per_group, (stop - 1) // per_group + 1):
+            start, group_first = group * group_size, group * per_group
+            lo, hi = max(first, group_first) - group_first, min(stop, group_first + per_group) - group_first
+            queries.append(tensor.read(start + lo * head_dim, start + hi * head_dim))
+            key = start + per_group * head_dim
+            keys.append(tensor.read(key, key + head_dim))
+            values.append(tensor.read(key + head_dim, key + 2 * head_dim))
+        return self._finish(torch.cat(queries + keys + values, dim=tensor.dim))
+
     def get_packed_sharded(self, name: str, dim: int, block_sizes: Sequence[int]) -> torch.Tensor:
         """This rank's slice of each block of a fused tensor (``[q | k | v]``, ``[gate | up]``), in order.
 

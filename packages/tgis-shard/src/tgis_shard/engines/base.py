@@ -12,6 +12,7 @@ import torch
 from tgis_proto import shard_pb2 as pb
 from tgis_proto.plugins import Registry
 from tgis_shard.logits import BatchTokenChooser, ChosenTokens, token_details, top_tokens
+from tgis_shard.memory import MemorySettings
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,14 @@ class ShardContext:
     max_batch_size: int = 12
     master_addr: str = "localhost"
     master_port: int = 29500
+    estimate_memory: str = "auto"
+    batch_safety_margin: int = 20
+
+    @property
+    def memory_settings(self) -> MemorySettings:
+        return MemorySettings(
+            self.estimate_memory, self.batch_safety_margin, self.max_batch_size, self.max_sequence_length
+        )
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,8 @@ class BatchState(ABC):
 class Engine(ABC):
     """Runs prefill and decode steps for batches of one model."""
 
+    ctx: ShardContext
+
     @abstractmethod
     def info(self) -> pb.InfoResponse: ...
 
@@ -91,6 +102,16 @@ class Engine(ABC):
     @abstractmethod
     def health_check(self) -> None:
         """Runs a real one-token forward pass; raises when the model cannot compute."""
+
+    @abstractmethod
+    def memory_model(self) -> pb.MemoryModel | None:
+        """What batches cost in memory (see tgis_shard.memory); None when ESTIMATE_MEMORY=off."""
+
+    def measure_prefill(self, tokens: int) -> None:
+        """Runs and drops a prefill of one ``tokens``-long prompt, to measure its memory."""
+        request = pb.Request(id=0, input_ids=[0] * tokens, max_new_tokens=1)
+        _, state = self.prefill(pb.Batch(id=0, requests=[request]))
+        state.release()
 
 
 def generated_tokens(ids: Sequence[int], chosen: ChosenTokens, chooser: BatchTokenChooser) -> list[GeneratedToken]:

@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from tgis_proto import shard_pb2 as pb
+from tgis_shard import memory
 from tgis_shard.engines import kv_cache
 from tgis_shard.engines.base import (
     BatchState,
@@ -179,6 +180,9 @@ class CausalLMEngine(Engine):
         batch.position_ids = batch.position_ids + 1
         return generated_tokens(batch.ids, chosen, batch.chooser)
 
+    def memory_model(self) -> pb.MemoryModel | None:
+        return padded_memory_model(self, self.model.config)
+
     @torch.inference_mode()
     def health_check(self) -> None:
         ids = torch.tensor([[self.pad_token_id]], device=self.ctx.device)
@@ -191,6 +195,28 @@ def _causal(state: BatchState) -> CausalLMBatch:
     if not isinstance(state, CausalLMBatch):
         raise TypeError(f"hf_transformers cannot use a {type(state).__name__}")
     return state
+
+
+def padded_memory_model(engine: Engine, config: object) -> pb.MemoryModel | None:
+    """Memory of engines whose batches pad to the longest request and grow a dynamic cache."""
+    ctx = engine.ctx
+    settings = ctx.memory_settings
+    if settings.estimate == "off":
+        return None
+    # Under tensor parallelism (tgis_native's T5) each rank caches only its heads.
+    per_token = memory.config_kv_bytes_per_token(config, ctx.dtype) / ctx.world_size
+    if settings.estimate == "manual" or ctx.device.type != "cuda":
+        return memory.synthesised(settings, per_token)
+    tokens = min(memory.MEASURE_TOKENS, settings.max_sequence_length - 1)
+    prefill = memory.measured_prefill_bytes(ctx.device, engine.measure_prefill, tokens)
+    return pb.MemoryModel(
+        limit_bytes=memory.free_bytes_for_batches(ctx.device, settings.safety_margin_percent),
+        # Growing a dynamic cache concatenates: a layer's old and new tensors briefly coexist.
+        bytes_per_token=per_token * (1 + 1 / max(1, getattr(config, "num_hidden_layers", 1))),
+        prefill_bytes_per_token=prefill,
+        block_size=1,
+        measured=True,
+    )
 
 
 def eos_token_ids(model_dir: object, config: object) -> list[int]:

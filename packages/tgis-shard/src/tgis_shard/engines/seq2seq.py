@@ -36,6 +36,7 @@ from tgis_shard.engines.base import (
     UnsupportedModelError,
     generated_tokens,
 )
+from tgis_shard.engines.hf_transformers import padded_memory_model
 from tgis_shard.logits import BatchTokenChooser
 
 
@@ -120,8 +121,12 @@ class _RowPositions:
 
 
 class Seq2SeqLMEngine(Engine):
-    def __init__(self, model: PreTrainedModel, ctx: ShardContext, eos_token_ids: list[int]):
+    def __init__(
+        self, model: PreTrainedModel, ctx: ShardContext, eos_token_ids: list[int], engine: str = "hf_transformers"
+    ):
+        # ``model`` may also be a tensor-parallel model with the same interface (tgis_native's T5).
         self.model = model
+        self.engine = engine
         self.ctx = ctx
         self.eos_token_ids = eos_token_ids
         self.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
@@ -144,7 +149,7 @@ class Seq2SeqLMEngine(Engine):
             eos_token_ids=self.eos_token_ids,
             vocab_size=self.vocab_size,
             batch_padding=True,
-            engine="hf_transformers",
+            engine=self.engine,
             model_type=self.ctx.model_type,
             dtype=str(self.ctx.dtype).removeprefix("torch."),
             world_size=self.ctx.world_size,
@@ -251,6 +256,9 @@ class Seq2SeqLMEngine(Engine):
         batch.decoder_mask = decoder_mask
         batch.decoder_input_ids = chosen.token_ids.unsqueeze(1)
         return generated_tokens(batch.ids, chosen, batch.chooser)
+
+    def memory_model(self) -> pb.MemoryModel | None:
+        return padded_memory_model(self, self.model.config)
 
     @torch.inference_mode()
     def health_check(self) -> None:

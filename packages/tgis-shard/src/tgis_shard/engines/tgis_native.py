@@ -3,6 +3,7 @@
 
 Requests join and leave a running batch by block tables: concatenating batches merges lists,
 pruning frees blocks; the cache itself is never reallocated or copied.
+Encoder-decoder families (T5) are the exception: they run on the padded ``Seq2SeqLMEngine``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from tgis_proto import shard_pb2 as pb
 from tgis_proto.plugins import resolve
+from tgis_shard import memory
 from tgis_shard.engines.base import (
     BatchState,
     Engine,
@@ -30,6 +32,7 @@ from tgis_shard.engines.base import (
     input_token_details,
 )
 from tgis_shard.engines.hf_transformers import eos_token_ids
+from tgis_shard.engines.seq2seq import Seq2SeqLMEngine
 from tgis_shard.layers.distributed import TensorParallel, init_tensor_parallel
 from tgis_shard.layers.paged_attention import AttentionMetadata, BlockAllocator, PagedKVCache, choose_backend
 from tgis_shard.logits import BatchTokenChooser, ChosenTokens
@@ -217,6 +220,28 @@ class NativeEngine(Engine):
         batch.context_lens = context
         return generated_tokens(batch.ids, chosen, batch.chooser)
 
+    def memory_model(self) -> pb.MemoryModel | None:
+        """The preallocated cache is the limit, counted in whole blocks; prefill activations live
+        outside it, so a GPU caps prefill tokens by what remains free (measured)."""
+        settings = self.ctx.memory_settings
+        if settings.estimate == "off":
+            return None
+        per_token = memory.kv_bytes_per_token(
+            self.model.num_layers, self.model.num_kv_heads, self.model.head_dim, self.ctx.dtype
+        )
+        model = pb.MemoryModel(
+            limit_bytes=self.cache.num_blocks * self.block_size * per_token,
+            bytes_per_token=per_token,
+            block_size=self.block_size,
+        )
+        if settings.estimate == "auto" and self.ctx.device.type == "cuda":
+            tokens = min(memory.MEASURE_TOKENS, settings.max_sequence_length - 1)
+            activation = memory.measured_prefill_bytes(self.ctx.device, self.measure_prefill, tokens)
+            free = memory.free_bytes_for_batches(self.ctx.device, settings.safety_margin_percent)
+            model.max_prefill_tokens = max(tokens, int(free // max(activation, 1.0)))
+            model.measured = True
+        return model
+
     @torch.inference_mode()
     def health_check(self) -> None:
         tables = self._allocate([1])
@@ -247,8 +272,12 @@ def _cache_blocks(ctx: ShardContext, model: NativeCausalLM, block_size: int) -> 
     return ctx.max_batch_size * math.ceil(ctx.max_sequence_length / block_size)
 
 
-def create_engine(ctx: ShardContext) -> NativeEngine:
-    """Builds the model family registered for the config's model_type, sharded over the ranks."""
+def create_engine(ctx: ShardContext) -> Engine:
+    """Builds the model family registered for the config's model_type, sharded over the ranks.
+
+    Encoder-decoder families (T5) batch with padding: their model has transformers' seq2seq
+    interface and runs on the padded ``Seq2SeqLMEngine``, without the paged cache.
+    """
     config = AutoConfig.from_pretrained(ctx.model_dir, local_files_only=True)
     family = ctx.registry.model_family(config.model_type, "tgis_native")
     build = resolve(family.target)
@@ -257,6 +286,8 @@ def create_engine(ctx: ShardContext) -> NativeEngine:
     tp = init_tensor_parallel(ctx.rank, ctx.world_size, ctx.device, ctx.master_addr, ctx.master_port)
     with Weights(ctx.model_dir, tp, ctx.dtype, ctx.device) as weights:
         model = build(config, weights, tp)
+    if getattr(config, "is_encoder_decoder", False):
+        return Seq2SeqLMEngine(model, ctx, eos_token_ids(ctx.model_dir, config), engine="tgis_native")
     flash = choose_backend(ctx.device, ctx.dtype, FLASH_BLOCK_SIZE) == "flash"
     block_size = FLASH_BLOCK_SIZE if flash else TORCH_BLOCK_SIZE
     blocks = _cache_blocks(ctx, model, block_size)

@@ -1,0 +1,1 @@
+"""BLOOM on tgis's tensor-parallel tgis_native engine."""

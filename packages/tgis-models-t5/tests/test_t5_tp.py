@@ -1,0 +1,153 @@
+"""T5 on tgis_native, 1 and 2 ranks (gloo), against plain transformers on the same weights:
+same greedy tokens, close logprobs, requests joining and leaving mid-generation, 1/N weights."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import pytest
+import torch
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers.models.t5.modeling_t5 import T5Attention
+
+from tests.support.engines import decode_steps, native_engine, request
+from tests.support.ranks import run_ranks
+from tests.support.tiny_models import build_tiny_seq2seq_lm, reference_greedy
+from tgis_models_t5.model import relative_buckets
+from tgis_proto import shard_pb2 as pb
+
+PROMPTS = ["Hello there, general", "A", "The quick brown fox jumps over the lazy dog and then"]
+NEW_TOKENS = 8
+LOGPROB_TOLERANCE = 1e-4  # float32 on CPU; the sharded sums only reorder additions
+
+CONFIGS = {
+    # T5 1.0: ReLU feed-forward, decoder output scaled before the tied head.
+    "v1.0-relu-tied": {},
+    # T5 1.1 / flan-t5: gated GELU, no output scaling.
+    "v1.1-gated": {"feed_forward_proj": "gated-gelu", "tie_word_embeddings": False},
+}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def model_dir(request, tmp_path_factory):
+    return build_tiny_seq2seq_lm(tmp_path_factory.mktemp(request.param), arch="t5", **CONFIGS[request.param])
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return [tokenizer(p).input_ids for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir):
+    return reference_greedy(model_dir, PROMPTS, NEW_TOKENS)
+
+
+def _reference_first_logprobs(model_dir, prompt_ids) -> list[torch.Tensor]:
+    """log_softmax of the reference model's scores for the first decoder token of each prompt."""
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    start = torch.tensor([[model.config.decoder_start_token_id]])
+    with torch.no_grad():
+        return [
+            torch.log_softmax(model(input_ids=torch.tensor([ids]), decoder_input_ids=start).logits[0, -1], dim=-1)
+            for ids in prompt_ids
+        ]
+
+
+@pytest.fixture(scope="module")
+def reference_logprobs(model_dir, prompt_ids):
+    return _reference_first_logprobs(model_dir, prompt_ids)
+
+
+def _scenario(rank: int, world_size: int, port: int, model_dir: str, prompt_ids: list[list[int]]) -> dict:
+    """Request 0 runs alone, 1 and 2 join after two steps, 2 leaves after two more."""
+    engine = native_engine(rank, world_size, port, model_dir)
+    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    details = {"logprobs": True, "ranks": True, "top_n": 2}
+    tokens, running = engine.prefill(pb.Batch(id=1, requests=[request(0, prompt_ids[0], NEW_TOKENS, **details)]))
+    first = {t.request_id: t for t in tokens}
+    outputs = {t.request_id: [t.token_id] for t in tokens}
+    decode_steps(engine, running, outputs, 2)
+    joiners = [request(i, prompt_ids[i], NEW_TOKENS, **details) for i in (1, 2)]
+    tokens, joining = engine.prefill(pb.Batch(id=2, requests=joiners))
+    first.update({t.request_id: t for t in tokens})
+    outputs.update({t.request_id: [t.token_id] for t in tokens})
+    running = engine.concatenate([running, joining])
+    decode_steps(engine, running, outputs, 2)
+    running = running.filter([0, 1])
+    decode_steps(engine, running, outputs, NEW_TOKENS)
+    engine.health_check()
+    return {
+        "engine": engine.info().engine,
+        "outputs": outputs,
+        "first_logprobs": {rid: t.logprob for rid, t in first.items()},
+        "first_ranks": {rid: t.rank for rid, t in first.items()},
+        "weight_bytes": weight_bytes,
+    }
+
+
+@pytest.fixture(scope="module")
+def run(model_dir, prompt_ids) -> Callable[[int], list[dict]]:
+    """The scenario's per-rank results for a world size, run once per model (spawning ranks is slow)."""
+    results: dict[int, list[dict]] = {}
+
+    def results_for(world_size: int) -> list[dict]:
+        if world_size not in results:
+            results[world_size] = run_ranks(_scenario, world_size, str(model_dir), prompt_ids)
+        return results[world_size]
+
+    return results_for
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_sharded_t5_equals_transformers(run, expected, reference_logprobs, world_size):
+    results = run(world_size)
+    result = results[0]
+    assert result["engine"] == "tgis_native"
+    for i in (0, 1):
+        # The reference stops at EOS; the engine keeps going until the router prunes it.
+        assert result["outputs"][i][: len(expected[i])] == expected[i]
+    assert result["outputs"][2][: len(expected[2])] == expected[2][:3]
+    for i, reference in enumerate(reference_logprobs):
+        token = expected[i][0]
+        assert result["first_logprobs"][i] == pytest.approx(float(reference[token]), abs=LOGPROB_TOLERANCE)
+        assert result["first_ranks"][i] == 1
+    # Every rank followed the same tokens.
+    assert all(r["outputs"] == result["outputs"] for r in results)
+
+
+def test_each_rank_holds_about_half_the_weights(model_dir, run):
+    full = sum(p.numel() * p.element_size() for p in AutoModelForSeq2SeqLM.from_pretrained(model_dir).parameters())
+    (single,) = run(1)
+    assert single["weight_bytes"] == pytest.approx(full, rel=0.01)
+    for half in run(2):
+        # Norms are replicated on every rank: a little over half.
+        assert 0.5 * full < half["weight_bytes"] < 0.55 * full
+
+
+def test_mt5_model_type_is_served_by_the_t5_plugin(tmp_path):
+    model_dir = build_tiny_seq2seq_lm(tmp_path / "mt0", arch="t5", **CONFIGS["v1.1-gated"])
+    config_file = model_dir / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "model_type": "mt5"}))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt_ids = [tokenizer(p).input_ids for p in PROMPTS]
+    engine = native_engine(0, 1, 0, model_dir)
+    tokens, state = engine.prefill(
+        pb.Batch(id=1, requests=[request(i, ids, NEW_TOKENS, logprobs=True) for i, ids in enumerate(prompt_ids)])
+    )
+    outputs = {t.request_id: [t.token_id] for t in tokens}
+    decode_steps(engine, state, outputs, NEW_TOKENS - 1)
+    expected = reference_greedy(model_dir, PROMPTS, NEW_TOKENS)
+    for i, reference in enumerate(_reference_first_logprobs(model_dir, prompt_ids)):
+        assert outputs[i][: len(expected[i])] == expected[i]
+        assert tokens[i].logprob == pytest.approx(float(reference[expected[i][0]]), abs=LOGPROB_TOLERANCE)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False], ids=["encoder", "decoder"])
+def test_relative_buckets_match_transformers_beyond_the_exact_range(bidirectional):
+    relative = torch.arange(-300, 301)[None, :]
+    ours = relative_buckets(relative, bidirectional, num_buckets=32, max_distance=128)
+    theirs = T5Attention._relative_position_bucket(relative, bidirectional, num_buckets=32, max_distance=128)
+    assert torch.equal(ours, theirs)

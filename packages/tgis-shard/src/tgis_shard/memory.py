@@ -1,0 +1,72 @@
+"""The memory model a shard reports for the router's dynamic batch sizing.
+
+On a GPU it is measured (ESTIMATE_MEMORY=auto): a real prefill pass shows the transient memory
+per prompt token, and the free memory after loading the weights, less BATCH_SAFETY_MARGIN
+percent, is the limit. On the CPU, or with ESTIMATE_MEMORY=manual, it is synthesised so that
+MAX_BATCH_SIZE requests of MAX_SEQUENCE_LENGTH tokens fit exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from tgis_proto import shard_pb2 as pb
+
+ESTIMATE_MODES = ("auto", "manual", "off")
+# Prompt length of the measuring prefill (capped by MAX_SEQUENCE_LENGTH).
+MEASURE_TOKENS = 1024
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    estimate: str = "auto"
+    safety_margin_percent: int = 20
+    max_batch_size: int = 12
+    max_sequence_length: int = 2048
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Keys and values of one token across all layers (on this rank)."""
+    return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def config_kv_bytes_per_token(config: object, dtype: torch.dtype) -> int:
+    """The same from a transformers config; encoder-decoders also cache cross-attention."""
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "num_heads", 1)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", 0)
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or hidden // heads
+    layers = getattr(config, "num_decoder_layers", None) or getattr(config, "num_hidden_layers", None)
+    layers = layers or getattr(config, "num_layers", 1)
+    caches = 2 if getattr(config, "is_encoder_decoder", False) else 1
+    return caches * kv_bytes_per_token(layers, kv_heads, head_dim, dtype)
+
+
+def synthesised(settings: MemorySettings, bytes_per_token: float, block_size: int = 1) -> pb.MemoryModel:
+    tokens = settings.max_batch_size * (settings.max_sequence_length + block_size - 1)
+    return pb.MemoryModel(
+        limit_bytes=tokens * bytes_per_token,
+        bytes_per_token=bytes_per_token,
+        prefill_bytes_per_token=0.0,
+        block_size=block_size,
+        measured=False,
+    )
+
+
+def measured_prefill_bytes(device: torch.device, run_prefill: Callable[[int], None], tokens: int) -> float:
+    """Peak memory above the current allocation while ``run_prefill(tokens)`` runs, per token."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    run_prefill(tokens)
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / tokens
+
+
+def free_bytes_for_batches(device: torch.device, safety_margin_percent: int) -> float:
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(device)
+    return free * (1 - safety_margin_percent / 100)

@@ -1,0 +1,141 @@
+"""The checks every tgis_native model family must pass, shared by the plugin packages' tests.
+
+CPU: on 1 and 2 ranks (gloo) a family equals transformers on the same weights — greedy tokens,
+first-token logprobs — while requests join and leave mid-generation, and each rank holds about
+1/N of the weights. GPU: the same over NCCL in fp16/bf16 with half-precision tolerances.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.support.engines import decode_steps, native_engine, request
+from tests.support.ranks import run_ranks
+from tests.support.tiny_models import reference_greedy
+from tgis_proto import shard_pb2 as pb
+from tgis_shard.layers.paged_attention import choose_backend
+
+PROMPTS = ["Hello there, general", "A", "The quick brown fox jumps over the lazy dog and then"]
+NEW_TOKENS = 8
+LOGPROB_TOLERANCE = 1e-4  # float32 on CPU: the sharded sums only reorder additions
+GPU_NEW_TOKENS = 12
+# Half precision: the sharded sums round differently from the reference's single matmuls.
+GPU_LOGPROB_TOLERANCE = {torch.float16: 0.05, torch.bfloat16: 0.15}
+# Where the reference's best two tokens are closer than this, rounding may pick either.
+NEAR_TIE = 0.5
+
+
+def prompt_ids(model_dir: Path) -> list[list[int]]:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return [tokenizer(p).input_ids for p in PROMPTS]
+
+
+def _join_leave_scenario(rank: int, world_size: int, port: int, model_dir: str, ids: list[list[int]]) -> dict:
+    """Request 0 runs alone, 1 and 2 join after two steps, 2 leaves after two more."""
+    engine = native_engine(rank, world_size, port, model_dir)
+    details = {"logprobs": True, "ranks": True}
+    tokens, running = engine.prefill(pb.Batch(id=1, requests=[request(0, ids[0], NEW_TOKENS, **details)]))
+    first = {t.request_id: t for t in tokens}
+    outputs = {t.request_id: [t.token_id] for t in tokens}
+    decode_steps(engine, running, outputs, 2)
+    tokens, joining = engine.prefill(
+        pb.Batch(id=2, requests=[request(i, ids[i], NEW_TOKENS, **details) for i in (1, 2)])
+    )
+    first.update({t.request_id: t for t in tokens})
+    outputs.update({t.request_id: [t.token_id] for t in tokens})
+    running = engine.concatenate([running, joining])
+    decode_steps(engine, running, outputs, 2)
+    free_before = engine.allocator.free_blocks
+    running = running.filter([0, 1])
+    freed = engine.allocator.free_blocks - free_before
+    decode_steps(engine, running, outputs, NEW_TOKENS)
+    return {
+        "outputs": outputs,
+        "first_logprobs": {rid: t.logprob for rid, t in first.items()},
+        "first_ranks": {rid: t.rank for rid, t in first.items()},
+        "freed_blocks": freed,
+    }
+
+
+def check_sharded_equals_transformers(model_dir: Path, world_size: int) -> None:
+    ids = prompt_ids(model_dir)
+    expected = reference_greedy(model_dir, PROMPTS, NEW_TOKENS)
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        first_logprobs = [torch.log_softmax(reference(torch.tensor([i])).logits[0, -1], dim=-1) for i in ids]
+    results = run_ranks(_join_leave_scenario, world_size, str(model_dir), ids)
+    result = results[0]
+    for i in (0, 1):
+        assert result["outputs"][i][: len(expected[i])] == expected[i]
+    assert result["outputs"][2] == expected[2][:3]  # left after its prefill token and two steps
+    for i, logprobs in enumerate(first_logprobs):
+        token = expected[i][0]
+        assert result["first_logprobs"][i] == pytest.approx(float(logprobs[token]), abs=LOGPROB_TOLERANCE)
+        assert result["first_ranks"][i] == 1
+    assert result["freed_blocks"] > 0  # the leaving request's blocks went back to the pool
+    assert all(r["outputs"] == result["outputs"] for r in results)  # every rank followed the same tokens
+
+
+def _weight_bytes(rank: int, world_size: int, port: int, model_dir: str) -> int:
+    engine = native_engine(rank, world_size, port, model_dir)
+    return sum(p.numel() * p.element_size() for p in engine.model.parameters())
+
+
+def check_each_rank_holds_about_half(model_dir: Path) -> None:
+    """Replicated norms and row-parallel biases put each rank a little over half."""
+    full = sum(p.numel() * p.element_size() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
+    (single,) = run_ranks(_weight_bytes, 1, str(model_dir))
+    assert single == pytest.approx(full, rel=0.01)
+    for half in run_ranks(_weight_bytes, 2, str(model_dir)):
+        assert 0.5 * full < half < 0.55 * full
+
+
+def _gpu_scenario(rank: int, world_size: int, port: int, model_dir: str, ids, dtype: torch.dtype) -> dict:
+    device = torch.device(f"cuda:{rank}")
+    engine = native_engine(rank, world_size, port, model_dir, dtype, device)
+    requests = [request(i, prompt, GPU_NEW_TOKENS, logprobs=True) for i, prompt in enumerate(ids)]
+    tokens, state = engine.prefill(pb.Batch(id=1, requests=requests))
+    outputs = {t.request_id: [t.token_id] for t in tokens}
+    decode_steps(engine, state, outputs, GPU_NEW_TOKENS - 1)
+    return {
+        "outputs": outputs,
+        "first_logprobs": {t.request_id: t.logprob for t in tokens},
+        "backend": choose_backend(device, dtype, engine.block_size),
+    }
+
+
+def _gpu_reference(model_dir: Path, ids, dtype: torch.dtype) -> list[tuple[list[int], list[torch.Tensor]]]:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to("cuda:0").eval()
+    results = []
+    for prompt in ids:
+        out = model.generate(
+            torch.tensor([prompt], device="cuda:0"),
+            max_new_tokens=GPU_NEW_TOKENS,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        results.append((out.sequences[0, len(prompt) :].tolist(), [s[0].float().cpu() for s in out.logits]))
+    return results
+
+
+def check_two_gpus_match_transformers(model_dir: Path, dtype: torch.dtype) -> None:
+    """TP=2 over NCCL against transformers on one GPU; a divergence is allowed only at a near-tie."""
+    ids = prompt_ids(model_dir)
+    results = run_ranks(_gpu_scenario, 2, str(model_dir), ids, dtype)
+    assert results[0]["outputs"] == results[1]["outputs"]
+    print(f"{model_dir.name} {dtype}: attention backend {results[0]['backend']}")
+    for i, (ref_tokens, ref_logits) in enumerate(_gpu_reference(model_dir, ids, dtype)):
+        ours = results[0]["outputs"][i][: len(ref_tokens)]
+        first = torch.log_softmax(ref_logits[0], dim=-1)
+        tolerance = GPU_LOGPROB_TOLERANCE[dtype]
+        assert results[0]["first_logprobs"][i] == pytest.approx(float(first[ref_tokens[0]]), abs=tolerance)
+        for step, (mine, theirs) in enumerate(zip(ours, ref_tokens, strict=True)):
+            if mine != theirs:
+                margin = float(ref_logits[step][theirs] - ref_logits[step][mine])
+                assert margin < NEAR_TIE, f"prompt {i} step {step}: {mine} vs {theirs}, reference margin {margin}"
+                break  # the continuations legitimately differ from here on
