@@ -61,10 +61,12 @@ def _join_leave_scenario(rank: int, world_size: int, port: int, model_dir: str, 
     }
 
 
-def check_sharded_equals_transformers(model_dir: Path, world_size: int) -> None:
-    ids = prompt_ids(model_dir)
-    expected = reference_greedy(model_dir, PROMPTS, NEW_TOKENS)
-    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+def check_sharded_equals_transformers(model_dir: Path, world_size: int, reference_dir: Path | None = None) -> None:
+    """``reference_dir``: the same weights in a form transformers loads, when ``model_dir``'s isn't."""
+    reference_dir = reference_dir or model_dir
+    ids = prompt_ids(reference_dir)
+    expected = reference_greedy(reference_dir, PROMPTS, NEW_TOKENS)
+    reference = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         first_logprobs = [torch.log_softmax(reference(torch.tensor([i])).logits[0, -1], dim=-1) for i in ids]
     results = run_ranks(_join_leave_scenario, world_size, str(model_dir), ids)

@@ -8,11 +8,13 @@ Encoder-decoder families (T5) are the exception: they run on the padded ``Seq2Se
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from itertools import accumulate
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -272,13 +274,26 @@ def _cache_blocks(ctx: ShardContext, model: NativeCausalLM, block_size: int) -> 
     return ctx.max_batch_size * math.ceil(ctx.max_sequence_length / block_size)
 
 
+def load_config(model_dir: Path) -> PretrainedConfig:
+    """The model's config; a model_type transformers no longer knows (Falcon's RefinedWeb and
+    RefinedWebModel checkpoints) comes back as a plain config with every key of config.json,
+    for the family plugin registered under that name to read."""
+    try:
+        return AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except (ValueError, KeyError):
+        raw = json.loads((model_dir / "config.json").read_text())
+        config = PretrainedConfig.from_dict(raw)
+        config.model_type = raw.get("model_type", "")
+        return config
+
+
 def create_engine(ctx: ShardContext) -> Engine:
     """Builds the model family registered for the config's model_type, sharded over the ranks.
 
     Encoder-decoder families (T5) batch with padding: their model has transformers' seq2seq
     interface and runs on the padded ``Seq2SeqLMEngine``, without the paged cache.
     """
-    config = AutoConfig.from_pretrained(ctx.model_dir, local_files_only=True)
+    config = load_config(ctx.model_dir)
     family = ctx.registry.model_family(config.model_type, "tgis_native")
     build = resolve(family.target)
     if ctx.device.type == "cuda":
