@@ -106,10 +106,7 @@ class BloomForCausalLM(nn.Module):
         slopes = alibi_slopes(config.n_head, tp, weights.device)
         self.h = nn.ModuleList(BloomBlock(config, weights, prefix, tp, i, slopes) for i in range(config.n_layer))
         self.ln_f = LayerNorm.load(weights, f"{prefix}ln_f", eps)
-        if config.tie_word_embeddings:
-            self.lm_head = ParallelLMHead.tied(self.word_embeddings, config.vocab_size)
-        else:
-            self.lm_head = ParallelLMHead.load(weights, "lm_head.weight", tp, config.vocab_size)
+        self.lm_head = ParallelLMHead.for_config(config, weights, self.word_embeddings)
         attention = self.h[0].self_attention
         self.num_layers = config.n_layer
         self.num_kv_heads = attention.num_heads

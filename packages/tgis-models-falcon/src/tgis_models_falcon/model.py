@@ -188,11 +188,11 @@ class FalconForCausalLM(nn.Module):
         self.word_embeddings = VocabParallelEmbedding.load(weights, "transformer.word_embeddings.weight", tp)
         self.h = nn.ModuleList(FalconDecoderLayer(layout, weights, tp, i) for i in range(layout.num_layers))
         self.ln_f = LayerNorm.load(weights, "transformer.ln_f", layout.layer_norm_eps)
-        # Falcon ties the LM head to the embedding by default; tied checkpoints store no lm_head.
-        if layout.tied:
-            self.lm_head = ParallelLMHead.tied(self.word_embeddings, config.vocab_size)
-        else:
-            self.lm_head = ParallelLMHead.load(weights, "lm_head.weight", tp, config.vocab_size)
+        self.lm_head = (
+            ParallelLMHead.tied(self.word_embeddings, config.vocab_size)
+            if layout.tied
+            else ParallelLMHead.load(weights, "lm_head.weight", tp, config.vocab_size)
+        )
         self.num_layers = layout.num_layers
         self.num_kv_heads = self.h[0].self_attention.num_kv_heads
         self.head_dim = layout.head_dim

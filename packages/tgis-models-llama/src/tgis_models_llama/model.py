@@ -89,11 +89,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = VocabParallelEmbedding.load(weights, "model.embed_tokens.weight", tp)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, weights, tp, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm.load(weights, "model.norm", config.rms_norm_eps)
-        # Tied checkpoints (SmolLM2, Llama-3.2-1B) store no lm_head: the embedding doubles as it.
-        if config.tie_word_embeddings:
-            self.lm_head = ParallelLMHead.tied(self.embed_tokens, config.vocab_size)
-        else:
-            self.lm_head = ParallelLMHead.load(weights, "lm_head.weight", tp, config.vocab_size)
+        self.lm_head = ParallelLMHead.for_config(config, weights, self.embed_tokens)
         attention = self.layers[0].self_attn
         self.num_layers = config.num_hidden_layers
         self.num_kv_heads = attention.num_kv_heads

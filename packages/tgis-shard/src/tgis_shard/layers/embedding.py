@@ -52,6 +52,16 @@ class ParallelLMHead(nn.Module):
     def tied(cls, embedding: VocabParallelEmbedding, vocab_size: int) -> ParallelLMHead:
         return cls(embedding.weight, embedding.tp, vocab_size)
 
+    @classmethod
+    def for_config(
+        cls, config: object, weights: Weights, embedding: VocabParallelEmbedding, name: str = "lm_head.weight"
+    ) -> ParallelLMHead:
+        """Tied checkpoints (SmolLM2, BLOOM, most Falcons) store no head: the embedding doubles as it."""
+        vocab_size = config.vocab_size  # type: ignore[attr-defined]
+        if getattr(config, "tie_word_embeddings", True):
+            return cls.tied(embedding, vocab_size)
+        return cls.load(weights, name, embedding.tp, vocab_size)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = F.linear(hidden, self.weight)
         if self.tp.world_size > 1:
