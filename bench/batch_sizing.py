@@ -1,0 +1,222 @@
+"""Dynamic batch sizing against a fixed MAX_BATCH_SIZE on a real engine (issue 5).
+
+Runs the router's admission (tgis_router.admission) over the shard's real engine in one process:
+a mixed load of short and long requests, every request running to its drawn output length.
+Two policies on the same load:
+  dynamic: the shard's measured memory model (ESTIMATE_MEMORY=auto) and a large MAX_BATCH_SIZE;
+  fixed:   count-only batching at the largest MAX_BATCH_SIZE that can never run out of memory
+           (enough room for that many worst-case requests under the same limit).
+Prints peak memory against the limit, whether the device ran out of memory, average batch size,
+tokens per step and tokens per second.
+
+    python3 bench/batch_sizing.py --shape 8b --engine hf_transformers      # on a GPU
+    python3 bench/batch_sizing.py --shape tiny --requests 40                # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tgis_proto import shard_pb2 as pb
+from tgis_proto.plugins import resolve
+from tgis_router.admission import Admission, AdmissionConfig, Candidate, Running, projected_peak
+from tgis_router.router import memory_model
+from tgis_shard.engines.base import ShardContext
+from tgis_shard.registry import shard_registry
+
+SHAPES = {
+    # Llama-3-8B: hidden 4096, 32 layers, 32 heads, 8 KV heads, MLP 14336, vocab 128256.
+    "8b": {
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+    },
+    "tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 512,
+    },
+}
+
+
+def build_random_model(dest: Path, shape: dict, max_sequence_length: int, device: torch.device) -> Path:
+    """Random bf16 (CPU: fp32) LLaMA weights of a real shape, saved as safetensors with a tokenizer."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tests.support.tiny_models import train_tiny_tokenizer
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = LlamaConfig(**shape, max_position_embeddings=max_sequence_length, pad_token_id=0, eos_token_id=1)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.02)
+    model.save_pretrained(dest)
+    train_tiny_tokenizer().save_pretrained(dest)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return dest
+
+
+@dataclass
+class Request:
+    id: int
+    input_length: int
+    max_new_tokens: int
+    output_length: int
+    generated: int = 0
+
+
+def mixed_load(count: int, max_sequence_length: int, seed: int) -> list[Request]:
+    """80% short chat-like requests, 20% long-document ones; half run to their max_new_tokens."""
+    rng = random.Random(seed)
+    requests = []
+    for i in range(count):
+        if rng.random() < 0.2:
+            input_length = rng.randint(max_sequence_length // 4, max_sequence_length // 2)
+            max_new = rng.randint(max_sequence_length // 16, max_sequence_length // 8)
+        else:
+            short = max(2, max_sequence_length // 32)
+            input_length = rng.randint(1, short)
+            max_new = rng.randint(1, short)
+        output = max_new if rng.random() < 0.5 else rng.randint(1, max_new)
+        requests.append(Request(i, input_length, max_new, output))
+    return requests
+
+
+def run(engine, admission: Admission, load: list[Request], device: torch.device) -> dict:
+    queue = list(load)
+    running: dict[int, Request] = {}
+    state, batch_ids, steps, tokens, sizes, waited = None, iter(range(1, 10**9)), 0, 0, [], 0
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.monotonic()
+    oom = False
+    try:
+        while queue or running:
+            states = [Running(r.input_length + r.generated, r.max_new_tokens - r.generated) for r in running.values()]
+            decision = admission.select(
+                states, [Candidate(r.input_length, r.max_new_tokens, 0.0) for r in queue], waited
+            )
+            joining = [queue[i] for i in decision.admit]
+            waited = 0 if joining else waited + 1
+            if joining:
+                queue = [r for i, r in enumerate(queue) if i not in set(decision.admit)]
+                batch = pb.Batch(
+                    id=next(batch_ids),
+                    requests=[
+                        pb.Request(id=r.id, input_ids=[5] * r.input_length, max_new_tokens=r.max_new_tokens)
+                        for r in joining
+                    ],
+                )
+                _, new_state = engine.prefill(batch)
+                for r in joining:
+                    r.generated = 1
+                    running[r.id] = r
+                state = new_state if state is None else engine.concatenate([state, new_state])
+            finished = [rid for rid, r in running.items() if r.generated >= r.output_length]
+            for rid in finished:
+                del running[rid]
+            if state is not None:
+                state = state.filter(list(running))
+            if state is None:
+                continue
+            engine.decode(state)
+            for r in running.values():
+                r.generated += 1
+            steps += 1
+            tokens += len(running)
+            sizes.append(len(running))
+    except torch.OutOfMemoryError:
+        oom = True
+    elapsed = time.monotonic() - started
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return {
+        "oom": oom,
+        "steps": steps,
+        "tokens": tokens,
+        "avg_batch": sum(sizes) / max(1, len(sizes)),
+        "max_batch": max(sizes, default=0),
+        "tokens_per_s": tokens / elapsed,
+        "peak_gib": peak / 2**30,
+        "elapsed_s": elapsed,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=SHAPES, default="tiny")
+    parser.add_argument("--engine", default="hf_transformers")
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--max-sequence-length", type=int, default=4096)
+    parser.add_argument("--max-batch-size", type=int, default=256)
+    parser.add_argument("--safety-margin", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory() as folder:
+        model_dir = build_random_model(Path(folder) / args.shape, SHAPES[args.shape], args.max_sequence_length, device)
+        registry = shard_registry(None)
+        ctx = ShardContext(
+            model_dir=model_dir,
+            model_type="llama",
+            dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+            device=device,
+            rank=0,
+            world_size=1,
+            max_sequence_length=args.max_sequence_length,
+            registry=registry,
+            max_batch_size=args.max_batch_size,
+            batch_safety_margin=args.safety_margin,
+        )
+        engine = resolve(registry.engine(args.engine).target)(ctx)
+        info = engine.info()
+        info.memory.CopyFrom(engine.memory_model())
+        model = memory_model(info)
+        worst = Running(args.max_sequence_length // 2, args.max_sequence_length // 8)
+        fixed = max(b for b in range(1, args.max_batch_size + 1) if projected_peak(model, [worst] * b) <= model.limit)
+        print(
+            f"{args.shape} on {device} ({args.engine}): limit {model.limit / 2**30:.1f} GiB, "
+            f"{model.bytes_per_token / 2**10:.1f} KiB/token, measured={info.memory.measured}; "
+            f"largest never-OOM fixed batch for the worst request of this load: {fixed}"
+        )
+        unlimited = type(model)(float("inf"), 0.0, 0.0, model.padded)
+        policies = {
+            "dynamic": Admission(model, AdmissionConfig(args.max_batch_size, max_waiting_tokens=0)),
+            f"fixed-{fixed}": Admission(
+                unlimited, AdmissionConfig(fixed, max_prefill_padding=1.0, max_waiting_tokens=0)
+            ),
+        }
+        print(
+            f"{'policy':12s} {'OOM':>4s} {'avg batch':>9s} {'max':>4s} {'tok/step':>8s} {'tok/s':>8s} {'peak GiB':>8s}"
+        )
+        for name, admission in policies.items():
+            result = run(engine, admission, mixed_load(args.requests, args.max_sequence_length, args.seed), device)
+            per_step = result["tokens"] / max(1, result["steps"])
+            print(
+                f"{name:12s} {'yes' if result['oom'] else 'no':>4s} {result['avg_batch']:9.1f} "
+                f"{result['max_batch']:4d} {per_step:8.1f} {result['tokens_per_s']:8.0f} {result['peak_gib']:8.1f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
