@@ -29,8 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tgis_proto import shard_pb2 as pb
 from tgis_proto.plugins import resolve
-from tgis_router.admission import Admission, AdmissionConfig, Candidate, Running, projected_peak
-from tgis_router.router import memory_model
+from tgis_router.admission import Admission, AdmissionConfig, Candidate, Running, memory_model, projected_peak
 from tgis_shard.engines.base import ShardContext
 from tgis_shard.registry import shard_registry
 

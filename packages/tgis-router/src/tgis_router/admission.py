@@ -15,6 +15,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from tgis_proto import shard_pb2 as shard_pb
+
 
 @dataclass(frozen=True)
 class MemoryModel:
@@ -167,3 +169,19 @@ class Admission:
         if running and admitted and small and waited_steps < self.config.max_waiting_tokens:
             return Decision(waiting=True, weight_limited=weight_limited, padding_limited=padding_limited)
         return Decision(admitted, weight_limited, prefill_limited, padding_limited, jumps)
+
+
+def memory_model(info: shard_pb.InfoResponse) -> MemoryModel:
+    """The shard's memory model; without one (ESTIMATE_MEMORY=off) only MAX_BATCH_SIZE limits."""
+    padded = info.batch_padding
+    if not info.HasField("memory"):
+        return MemoryModel(limit=math.inf, bytes_per_token=0.0, prefill_bytes_per_token=0.0, padded=padded)
+    m = info.memory
+    return MemoryModel(
+        limit=m.limit_bytes,
+        bytes_per_token=m.bytes_per_token,
+        prefill_bytes_per_token=m.prefill_bytes_per_token,
+        padded=padded,
+        block_size=max(1, m.block_size),
+        max_prefill_tokens=m.max_prefill_tokens,
+    )

@@ -17,10 +17,10 @@ from pathlib import Path
 
 from tgis_proto import shard_pb2 as shard_pb
 from tgis_proto.plugins import PluginError, Registry, load_registry
-from tgis_router.admission import Admission
+from tgis_router.admission import Admission, memory_model
 from tgis_router.config import ConfigError, LauncherConfig, num_shards, parse_config
 from tgis_router.logs import configure_logging
-from tgis_router.router import ModelSetup, admission_config, memory_model, run_router
+from tgis_router.router import ModelSetup, admission_config, run_router
 from tgis_router.shard_client import ShardClient
 
 log = logging.getLogger("tgis_router.launcher")

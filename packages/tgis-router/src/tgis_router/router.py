@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from tgis_proto import generation_pb2 as fmaas
 from tgis_proto import generation_pb2_grpc as fmaas_grpc
 from tgis_proto import shard_pb2 as shard_pb
 from tgis_router import metrics
-from tgis_router.admission import Admission, AdmissionConfig, MemoryModel
+from tgis_router.admission import Admission, AdmissionConfig, memory_model
 from tgis_router.batcher import Batcher
 from tgis_router.config import LauncherConfig
 from tgis_router.grpc_server import GenerationService, ModelFacts
@@ -37,22 +36,6 @@ class ModelSetup:
 
     tokenizer_file: Path
     max_sequence_length: int
-
-
-def memory_model(info: shard_pb.InfoResponse) -> MemoryModel:
-    """The shard's memory model; without one (ESTIMATE_MEMORY=off) only MAX_BATCH_SIZE limits."""
-    padded = info.batch_padding
-    if not info.HasField("memory"):
-        return MemoryModel(limit=math.inf, bytes_per_token=0.0, prefill_bytes_per_token=0.0, padded=padded)
-    m = info.memory
-    return MemoryModel(
-        limit=m.limit_bytes,
-        bytes_per_token=m.bytes_per_token,
-        prefill_bytes_per_token=m.prefill_bytes_per_token,
-        padded=padded,
-        block_size=max(1, m.block_size),
-        max_prefill_tokens=m.max_prefill_tokens,
-    )
 
 
 def admission_config(config: LauncherConfig) -> AdmissionConfig:
