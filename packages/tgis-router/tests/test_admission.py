@@ -178,3 +178,14 @@ def test_projected_peak_is_the_worst_instant_not_the_current_weight():
     requests = [Running(10, 100), Running(10, 5)]
     expected = max((10 + 1 + 100), (10 + 1 + 5) + (10 + 1 + 5))
     assert projected_peak(model, requests) == expected
+
+
+def test_prefill_attention_scores_grow_with_the_square_of_the_padded_length():
+    quadratic = MemoryModel(
+        limit=1e6, bytes_per_token=1.0, prefill_bytes_per_token=0.0, padded=True, prefill_quadratic_bytes=1.0
+    )
+    admission = Admission(quadratic, AdmissionConfig(max_batch_size=8, max_prefill_padding=1.0))
+    # Two 600-token prompts: 2 * 600**2 = 720k of scores fit; a third one (1.08M) does not.
+    decision = admission.select([], [Candidate(600, 1, 0.0), Candidate(600, 1, 0.1), Candidate(600, 1, 0.2)], 0)
+    assert decision.admit == [0, 1]
+    assert decision.prefill_limited

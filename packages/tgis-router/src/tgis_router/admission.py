@@ -28,6 +28,7 @@ class MemoryModel:
     padded: bool  # the batch pads every request to the longest one (hf_transformers)
     block_size: int = 1  # paged caches hold whole blocks: each request may waste up to one
     max_prefill_tokens: int = 0  # cap on (padded) prompt tokens per prefill; 0: none
+    prefill_quadratic_bytes: float = 0.0  # per squared (padded) prompt length, per request
 
     def tokens_fit(self) -> int:
         return int(self.limit // self.bytes_per_token) if self.bytes_per_token else 0
@@ -107,6 +108,14 @@ def prefill_tokens(model: MemoryModel, lengths: Sequence[int]) -> int:
     return len(lengths) * max(lengths) if model.padded else sum(lengths)
 
 
+def prefill_quadratic(model: MemoryModel, lengths: Sequence[int]) -> float:
+    """Attention-score memory of a prefill: each request's (padded) length squared."""
+    if not lengths or not model.prefill_quadratic_bytes:
+        return 0.0
+    squares = len(lengths) * max(lengths) ** 2 if model.padded else sum(n * n for n in lengths)
+    return squares * model.prefill_quadratic_bytes
+
+
 def padding_fraction(lengths: Sequence[int]) -> float:
     return 1.0 - sum(lengths) / (len(lengths) * max(lengths)) if lengths else 0.0
 
@@ -127,7 +136,7 @@ class Admission:
         tokens = prefill_tokens(self.model, lengths)
         if self.model.max_prefill_tokens and tokens > self.model.max_prefill_tokens:
             return False
-        transient = tokens * self.model.prefill_bytes_per_token
+        transient = tokens * self.model.prefill_bytes_per_token + prefill_quadratic(self.model, lengths)
         return current_weight(self.model, running) + transient <= self.model.limit
 
     def select(self, running: Sequence[Running], queue: Sequence[Candidate], waited_steps: int) -> Decision:
@@ -184,4 +193,5 @@ def memory_model(info: shard_pb.InfoResponse) -> MemoryModel:
         padded=padded,
         block_size=max(1, m.block_size),
         max_prefill_tokens=m.max_prefill_tokens,
+        prefill_quadratic_bytes=m.prefill_quadratic_bytes,
     )

@@ -56,14 +56,31 @@ def synthesised(settings: MemorySettings, bytes_per_token: float, block_size: in
     )
 
 
-def measured_prefill_bytes(device: torch.device, run_prefill: Callable[[int], None], tokens: int) -> float:
-    """Peak memory above the current allocation while ``run_prefill(tokens)`` runs, per token."""
+def _prefill_peak(device: torch.device, run_prefill: Callable[[int], None], tokens: int) -> float:
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
     run_prefill(tokens)
     torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - before) / tokens
+    return float(torch.cuda.max_memory_allocated(device) - before)
+
+
+def fit_prefill(short: int, short_peak: float, long: int, long_peak: float) -> tuple[float, float]:
+    """``linear`` and ``quadratic`` with ``peak(n) = linear * n + quadratic * n**2`` through two
+    measurements (clamped at zero: noise must not promise memory back)."""
+    quadratic = max(0.0, (long_peak / long - short_peak / short) / (long - short)) if long > short else 0.0
+    return max(0.0, long_peak / long - quadratic * long), quadratic
+
+
+def measured_prefill_bytes(
+    device: torch.device, run_prefill: Callable[[int], None], tokens: int
+) -> tuple[float, float]:
+    """Transient prefill memory of an n-token prompt as ``linear * n + quadratic * n**2``, fitted
+    to two real prefills (``tokens`` and half as many): attention scores grow with the square."""
+    short = max(1, tokens // 2)
+    long_peak = _prefill_peak(device, run_prefill, tokens)
+    short_peak = _prefill_peak(device, run_prefill, short)
+    return fit_prefill(short, short_peak, tokens, long_peak)
 
 
 def free_bytes_for_batches(device: torch.device, safety_margin_percent: int) -> float:

@@ -208,12 +208,13 @@ def padded_memory_model(engine: Engine, config: object) -> pb.MemoryModel | None
     if settings.estimate == "manual" or ctx.device.type != "cuda":
         return memory.synthesised(settings, per_token)
     tokens = min(memory.MEASURE_TOKENS, settings.max_sequence_length - 1)
-    prefill = memory.measured_prefill_bytes(ctx.device, engine.measure_prefill, tokens)
+    linear, quadratic = memory.measured_prefill_bytes(ctx.device, engine.measure_prefill, tokens)
     return pb.MemoryModel(
         limit_bytes=memory.free_bytes_for_batches(ctx.device, settings.safety_margin_percent),
         # Growing a dynamic cache concatenates: a layer's old and new tensors briefly coexist.
         bytes_per_token=per_token * (1 + 1 / max(1, getattr(config, "num_hidden_layers", 1))),
-        prefill_bytes_per_token=prefill,
+        prefill_bytes_per_token=linear,
+        prefill_quadratic_bytes=quadratic,
         block_size=1,
         measured=True,
     )

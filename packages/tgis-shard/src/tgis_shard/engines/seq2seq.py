@@ -37,6 +37,7 @@ from tgis_shard.engines.base import (
     generated_tokens,
 )
 from tgis_shard.engines.hf_transformers import padded_memory_model
+from tgis_shard.layers.distributed import agree_with_rank0
 from tgis_shard.logits import BatchTokenChooser
 
 
@@ -205,6 +206,7 @@ class Seq2SeqLMEngine(Engine):
             batch.requests, self.eos_token_ids, self.vocab_size, device, prompt_in_history=False
         )
         chosen = chooser.choose(logits)
+        agree_with_rank0(chosen.token_ids)  # tensor-parallel T5 (tgis_native)
         state = Seq2SeqLMBatch(
             batch_id=batch.id,
             ids=[r.id for r in batch.requests],
@@ -253,6 +255,7 @@ class Seq2SeqLMEngine(Engine):
             batch.encoder_hidden, batch.encoder_mask, batch.decoder_input_ids, decoder_mask, batch.cache
         )
         chosen = batch.chooser.choose(logits)
+        agree_with_rank0(chosen.token_ids)
         batch.decoder_mask = decoder_mask
         batch.decoder_input_ids = chosen.token_ids.unsqueeze(1)
         return generated_tokens(batch.ids, chosen, batch.chooser)

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-import torch.distributed as dist
 from transformers import AutoConfig, PretrainedConfig
 
 from tgis_proto import shard_pb2 as pb
@@ -35,9 +34,9 @@ from tgis_shard.engines.base import (
 )
 from tgis_shard.engines.hf_transformers import eos_token_ids
 from tgis_shard.engines.seq2seq import Seq2SeqLMEngine
-from tgis_shard.layers.distributed import TensorParallel, init_tensor_parallel
+from tgis_shard.layers.distributed import TensorParallel, agree_with_rank0, init_tensor_parallel
 from tgis_shard.layers.paged_attention import AttentionMetadata, BlockAllocator, PagedKVCache, choose_backend
-from tgis_shard.logits import BatchTokenChooser, ChosenTokens
+from tgis_shard.logits import BatchTokenChooser
 from tgis_shard.weights import Weights
 
 log = logging.getLogger(__name__)
@@ -152,13 +151,6 @@ class NativeEngine(Engine):
             raise
         return tables
 
-    def _same_on_all_ranks(self, chosen: ChosenTokens) -> torch.Tensor:
-        # Ranks compute the same logits, but the next step's inputs must be identical even if
-        # an all-reduce rounds differently: rank 0's choice is everyone's.
-        if self.tp.world_size > 1:
-            dist.broadcast(chosen.token_ids, src=0, group=self.tp.group)
-        return chosen.token_ids
-
     @torch.inference_mode()
     def prefill(self, batch: pb.Batch) -> tuple[list[GeneratedToken], NativeBatch]:
         device = self.ctx.device
@@ -177,7 +169,7 @@ class NativeEngine(Engine):
                 requests, self.eos_token_ids, self.config.vocab_size, device, prompt_in_history=True
             )
             chosen = chooser.choose(logits[last_rows] if want_inputs else logits)
-            next_ids = self._same_on_all_ranks(chosen)
+            next_ids = agree_with_rank0(chosen.token_ids)
         except Exception:
             for blocks in tables:
                 self.allocator.free(blocks)
@@ -218,7 +210,7 @@ class NativeEngine(Engine):
         positions = torch.tensor(batch.context_lens, dtype=torch.long, device=device)
         logits = self.model(batch.next_ids, positions, self.cache, meta, None)
         chosen = batch.chooser.choose(logits)
-        batch.next_ids = self._same_on_all_ranks(chosen)
+        batch.next_ids = agree_with_rank0(chosen.token_ids)
         batch.context_lens = context
         return generated_tokens(batch.ids, chosen, batch.chooser)
 
@@ -238,9 +230,12 @@ class NativeEngine(Engine):
         )
         if settings.estimate == "auto" and self.ctx.device.type == "cuda":
             tokens = min(memory.MEASURE_TOKENS, settings.max_sequence_length - 1)
-            activation = memory.measured_prefill_bytes(self.ctx.device, self.measure_prefill, tokens)
+            linear, quadratic = memory.measured_prefill_bytes(self.ctx.device, self.measure_prefill, tokens)
             free = memory.free_bytes_for_batches(self.ctx.device, settings.safety_margin_percent)
-            model.max_prefill_tokens = max(tokens, int(free // max(activation, 1.0)))
+            # Activations live outside the cache: cap prefill tokens by what stays free, counting
+            # the quadratic part at a full-length prompt.
+            per_token = linear + quadratic * settings.max_sequence_length
+            model.max_prefill_tokens = max(tokens, int(free // max(per_token, 1.0)))
             model.measured = True
         return model
 

@@ -88,3 +88,14 @@ def shutdown() -> None:
     """Leaves the process group, if one was joined, so the rank exits without NCCL warnings."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def agree_with_rank0(x: torch.Tensor) -> torch.Tensor:
+    """Rank 0's values on every rank, in place; nothing to do outside a process group.
+
+    Ranks compute the same logits, but the next step's inputs must be identical even where an
+    all-reduce rounds differently, so the chosen tokens are rank 0's everywhere.
+    """
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(x, src=0)
+    return x

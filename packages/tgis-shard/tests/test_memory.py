@@ -1,0 +1,37 @@
+"""Memory models: KV bytes per token, the synthesised CPU model, the prefill fit."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, T5Config
+
+from tgis_shard import memory
+
+
+def test_kv_bytes_per_token_counts_keys_and_values_of_every_layer():
+    assert memory.kv_bytes_per_token(32, 8, 128, torch.bfloat16) == 2 * 32 * 8 * 128 * 2
+
+
+def test_config_kv_bytes_use_kv_heads_and_cross_attention_for_seq2seq():
+    llama = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3)
+    assert memory.config_kv_bytes_per_token(llama, torch.float32) == 2 * 3 * 2 * 16 * 4
+    t5 = T5Config(d_model=64, d_kv=16, num_heads=4, num_layers=2, num_decoder_layers=3)
+    assert memory.config_kv_bytes_per_token(t5, torch.float32) == 2 * (2 * 3 * 4 * 16 * 4)
+
+
+def test_synthesised_model_fits_max_batch_of_max_length_requests():
+    settings = memory.MemorySettings(max_batch_size=12, max_sequence_length=2048)
+    model = memory.synthesised(settings, bytes_per_token=100.0)
+    assert model.limit_bytes == 12 * 2048 * 100.0
+    assert not model.measured
+
+
+@pytest.mark.parametrize(("linear", "quadratic"), [(1000.0, 0.0), (1000.0, 2.5), (0.0, 10.0)])
+def test_prefill_fit_recovers_linear_and_quadratic_terms(linear, quadratic):
+    def peak(n: int) -> float:
+        return linear * n + quadratic * n * n
+
+    assert memory.fit_prefill(512, peak(512), 1024, peak(1024)) == pytest.approx((linear, quadratic))
+
+
+def test_prefill_fit_never_goes_negative():
+    assert memory.fit_prefill(512, 600_000.0, 1024, 1_000_000.0) == (pytest.approx(1_000_000.0 / 1024), 0.0)
