@@ -60,10 +60,11 @@ class BatchState(ABC):
     """The tensors of requests decoding together; owned by the shard, named by the router."""
 
     batch_id: int
+    ids: list[int]  # the batch's request ids, in row order
 
     @property
-    @abstractmethod
-    def request_ids(self) -> list[int]: ...
+    def request_ids(self) -> list[int]:
+        return list(self.ids)
 
     @abstractmethod
     def filter(self, keep_request_ids: Sequence[int]) -> BatchState | None:

@@ -48,10 +48,6 @@ class CausalLMBatch(BatchState):
     cache: DynamicCache
     chooser: BatchTokenChooser
 
-    @property
-    def request_ids(self) -> list[int]:
-        return list(self.ids)
-
     def filter(self, keep_request_ids: Sequence[int]) -> CausalLMBatch | None:
         rows = self.rows_of(keep_request_ids)
         if not rows:

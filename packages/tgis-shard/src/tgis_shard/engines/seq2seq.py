@@ -54,10 +54,6 @@ class Seq2SeqLMBatch(BatchState):
     cache: EncoderDecoderCache
     chooser: BatchTokenChooser
 
-    @property
-    def request_ids(self) -> list[int]:
-        return list(self.ids)
-
     def filter(self, keep_request_ids: Sequence[int]) -> Seq2SeqLMBatch | None:
         rows = self.rows_of(keep_request_ids)
         if not rows:

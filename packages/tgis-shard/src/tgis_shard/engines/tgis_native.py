@@ -77,10 +77,6 @@ class NativeBatch(BatchState):
     chooser: BatchTokenChooser
     allocator: BlockAllocator
 
-    @property
-    def request_ids(self) -> list[int]:
-        return list(self.ids)
-
     def filter(self, keep_request_ids: Sequence[int]) -> NativeBatch | None:
         rows = self.rows_of(keep_request_ids)
         if len(rows) == len(self.ids):
