@@ -194,3 +194,14 @@ def test_grpc_health_and_reflection(server):
     replies = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
     services = {s.name for reply in replies for s in reply.list_services_response.service}
     assert "fmaas.GenerationService" in services
+
+
+def test_load_generator_measures_a_streaming_load(server):
+    from bench.load import run
+
+    result = run(f"localhost:{server.grpc_port}", concurrency=4, requests=8, prompt_words=8, max_new_tokens=6, seed=1)
+    assert result["errors"] == []
+    assert result["tokens"] == 8 * 6  # min_new_tokens = max_new_tokens: every request runs to the end
+    assert len(result["ttft"]) == 8
+    assert len(result["itl"]) == 8 * 5
+    assert all(t > 0 for t in result["ttft"] + result["itl"])

@@ -1,0 +1,1 @@
+"""Benchmarks: a client-API load generator and GPU measurements (results in RESULTS.md)."""

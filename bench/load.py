@@ -1,0 +1,148 @@
+"""Load generator speaking the client API (fmaas.GenerationService, streaming).
+
+Sends ``--requests`` prompts from ``--concurrency`` concurrent clients and prints throughput and
+time-to-first-token / inter-token latency percentiles, measured at the client.
+
+    python bench/load.py --address localhost:8033 --concurrency 32 --requests 256 --max-new-tokens 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+
+from tgis_proto import generation_pb2 as fmaas
+from tgis_proto import generation_pb2_grpc as fmaas_grpc
+
+WORDS = [
+    "the",
+    "a",
+    "of",
+    "to",
+    "and",
+    "in",
+    "is",
+    "it",
+    "you",
+    "that",
+    "he",
+    "was",
+    "for",
+    "on",
+    "are",
+    "with",
+    "as",
+    "I",
+    "his",
+    "they",
+    "be",
+    "at",
+    "one",
+    "have",
+    "this",
+]
+
+
+@dataclass
+class Sample:
+    """One streamed request, timed at the client."""
+
+    ttft: float
+    inter_token: list[float] = field(default_factory=list)
+    tokens: int = 0
+    error: str | None = None
+
+
+def prompt(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+def one_request(stub: fmaas_grpc.GenerationServiceStub, text: str, max_new_tokens: int) -> Sample:
+    request = fmaas.SingleGenerationRequest(
+        request=fmaas.GenerationRequest(text=text),
+        params=fmaas.Parameters(
+            stopping=fmaas.StoppingCriteria(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens),
+            # One message per token, even where a token adds no text yet: every gap is measured.
+            response=fmaas.ResponseOptions(generated_tokens=True),
+        ),
+    )
+    started = time.perf_counter()
+    sample = Sample(ttft=float("nan"))
+    last = None
+    try:
+        for message in stub.GenerateStream(request):
+            now = time.perf_counter()
+            if message.generated_token_count == 0:
+                continue  # the header carries no token
+            if last is None:
+                sample.ttft = now - started
+            else:
+                sample.inter_token.append(now - last)
+            last = now
+            sample.tokens = message.generated_token_count
+    except grpc.RpcError as e:
+        sample.error = f"{e.code().name}: {e.details()}"
+    return sample
+
+
+def percentiles(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    q = statistics.quantiles(values, n=100, method="inclusive") if len(values) > 1 else values * 99
+    return f"p50 {q[49] * 1000:.1f} ms  p90 {q[89] * 1000:.1f} ms  p99 {q[98] * 1000:.1f} ms"
+
+
+def run(address: str, concurrency: int, requests: int, prompt_words: int, max_new_tokens: int, seed: int) -> dict:
+    rng = random.Random(seed)
+    texts = [prompt(rng, prompt_words) for _ in range(requests)]
+    local = threading.local()
+
+    def call(text: str) -> Sample:
+        if not hasattr(local, "stub"):
+            local.stub = fmaas_grpc.GenerationServiceStub(grpc.insecure_channel(address))
+        return one_request(local.stub, text, max_new_tokens)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        samples = list(pool.map(call, texts))
+    elapsed = time.perf_counter() - started
+    ok = [s for s in samples if s.error is None]
+    tokens = sum(s.tokens for s in ok)
+    return {
+        "requests": len(samples),
+        "errors": [s.error for s in samples if s.error is not None],
+        "tokens": tokens,
+        "elapsed_s": elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "ttft": [s.ttft for s in ok],
+        "itl": [t for s in ok for t in s.inter_token],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--address", default="localhost:8033")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=128)
+    parser.add_argument("--prompt-words", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    result = run(args.address, args.concurrency, args.requests, args.prompt_words, args.max_new_tokens, args.seed)
+    print(
+        f"{result['requests']} requests, {len(result['errors'])} errors, {result['tokens']} tokens "
+        f"in {result['elapsed_s']:.1f} s: {result['tokens_per_s']:.0f} tokens/s"
+    )
+    print(f"time to first token: {percentiles(result['ttft'])}")
+    print(f"inter-token latency: {percentiles(result['itl'])}")
+
+
+if __name__ == "__main__":
+    main()
