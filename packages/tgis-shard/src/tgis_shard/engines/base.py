@@ -66,18 +66,25 @@ class BatchState(ABC):
     def request_ids(self) -> list[int]:
         return list(self.ids)
 
-    @abstractmethod
     def filter(self, keep_request_ids: Sequence[int]) -> BatchState | None:
-        """Keeps the listed requests (in this batch's order); None when none remain."""
+        """Keeps the listed requests (in this batch's order); None, released, when none remain."""
+        keep = set(keep_request_ids)
+        rows = [row for row, rid in enumerate(self.ids) if rid in keep]
+        if len(rows) == len(self.ids):
+            return self
+        if not rows:
+            self.release()
+            return None
+        self._keep_rows(rows)
+        return self
+
+    @abstractmethod
+    def _keep_rows(self, rows: list[int]) -> None:
+        """Drops every row but ``rows`` (a non-empty, proper subset, in batch order), in place."""
 
     def release(self) -> None:
         """Returns resources the batch holds beyond its tensors (KV cache blocks) when dropped."""
         return None  # tensors alone need nothing: garbage collection frees them
-
-    def rows_of(self, keep_request_ids: Sequence[int]) -> list[int]:
-        """The batch rows of the requests to keep, in batch order."""
-        keep = set(keep_request_ids)
-        return [row for row, rid in enumerate(self.request_ids) if rid in keep]
 
 
 class Engine(ABC):

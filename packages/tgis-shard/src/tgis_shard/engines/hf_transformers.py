@@ -48,12 +48,7 @@ class CausalLMBatch(BatchState):
     cache: DynamicCache
     chooser: BatchTokenChooser
 
-    def filter(self, keep_request_ids: Sequence[int]) -> CausalLMBatch | None:
-        rows = self.rows_of(keep_request_ids)
-        if not rows:
-            return None
-        if len(rows) == len(self.ids):
-            return self
+    def _keep_rows(self, rows: list[int]) -> None:
         index = torch.tensor(rows, device=self.input_ids.device)
         mask = self.attention_mask[index]
         # Columns left of the longest remaining sequence hold only padding now.
@@ -64,7 +59,6 @@ class CausalLMBatch(BatchState):
         self.attention_mask = mask[:, -keep_last:]
         self.position_ids = self.position_ids[index]
         self.chooser = self.chooser.select(rows)
-        return self
 
 
 class CausalLMEngine(Engine):

@@ -54,12 +54,7 @@ class Seq2SeqLMBatch(BatchState):
     cache: EncoderDecoderCache
     chooser: BatchTokenChooser
 
-    def filter(self, keep_request_ids: Sequence[int]) -> Seq2SeqLMBatch | None:
-        rows = self.rows_of(keep_request_ids)
-        if not rows:
-            return None
-        if len(rows) == len(self.ids):
-            return self
+    def _keep_rows(self, rows: list[int]) -> None:
         index = torch.tensor(rows, device=self.decoder_input_ids.device)
         encoder_mask = self.encoder_mask[index]
         decoder_mask = self.decoder_mask[index]
@@ -75,7 +70,6 @@ class Seq2SeqLMBatch(BatchState):
         self.decoder_input_ids = self.decoder_input_ids[index]
         self.decoder_mask = decoder_mask[:, -keep_last:]
         self.chooser = self.chooser.select(rows)
-        return self
 
 
 class _RowPositions:

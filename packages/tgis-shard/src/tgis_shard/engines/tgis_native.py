@@ -77,22 +77,16 @@ class NativeBatch(BatchState):
     chooser: BatchTokenChooser
     allocator: BlockAllocator
 
-    def filter(self, keep_request_ids: Sequence[int]) -> NativeBatch | None:
-        rows = self.rows_of(keep_request_ids)
-        if len(rows) == len(self.ids):
-            return self
+    def _keep_rows(self, rows: list[int]) -> None:
         kept = set(rows)
         for row, blocks in enumerate(self.block_tables):
             if row not in kept:
                 self.allocator.free(blocks)
-        if not rows:
-            return None
         self.ids = [self.ids[r] for r in rows]
         self.block_tables = [self.block_tables[r] for r in rows]
         self.context_lens = [self.context_lens[r] for r in rows]
         self.next_ids = self.next_ids[torch.tensor(rows, device=self.next_ids.device)]
         self.chooser = self.chooser.select(rows)
-        return self
 
     def release(self) -> None:
         for blocks in self.block_tables:
