@@ -45,6 +45,7 @@ def native_engine(
     model_dir: str | Path,
     dtype: torch.dtype = torch.float32,
     device: torch.device | None = None,
+    attention_backend: str | None = None,
 ) -> Engine:
     """The tgis_native engine as one rank of ``world_size`` (process group on ``port``)."""
     from tgis_shard.engines.tgis_native import create_engine as create_native_engine
@@ -61,5 +62,6 @@ def native_engine(
         max_batch_size=4,
         master_addr="127.0.0.1",
         master_port=port,
+        attention_backend=attention_backend,
     )
     return create_native_engine(ctx)

@@ -17,7 +17,6 @@ from tests.support.engines import decode_steps, native_engine, request
 from tests.support.ranks import run_ranks
 from tests.support.tiny_models import reference_greedy
 from tgis_proto import shard_pb2 as pb
-from tgis_shard.layers.paged_attention import choose_backend
 
 PROMPTS = ["Hello there, general", "A", "The quick brown fox jumps over the lazy dog and then"]
 NEW_TOKENS = 8
@@ -34,9 +33,14 @@ def prompt_ids(model_dir: Path) -> list[list[int]]:
     return [tokenizer(p).input_ids for p in PROMPTS]
 
 
-def _join_leave_scenario(rank: int, world_size: int, port: int, model_dir: str, ids: list[list[int]]) -> dict:
-    """Request 0 runs alone, 1 and 2 join after two steps, 2 leaves after two more."""
-    engine = native_engine(rank, world_size, port, model_dir)
+def _join_leave_scenario(
+    rank: int, world_size: int, port: int, model_dir: str, ids: list[list[int]], attention_backend: str | None
+) -> dict:
+    """Request 0 runs alone, 1 and 2 join after two steps, 2 leaves after two more (after the
+    engine's warm-up, whose batches must leave no trace)."""
+    engine = native_engine(rank, world_size, port, model_dir, attention_backend=attention_backend)
+    engine.warm_up()
+    assert engine.allocator.free_blocks == engine.cache.num_blocks
     details = {"logprobs": True, "ranks": True}
     tokens, running = engine.prefill(pb.Batch(id=1, requests=[request(0, ids[0], NEW_TOKENS, **details)]))
     first = {t.request_id: t for t in tokens}
@@ -61,15 +65,18 @@ def _join_leave_scenario(rank: int, world_size: int, port: int, model_dir: str, 
     }
 
 
-def check_sharded_equals_transformers(model_dir: Path, world_size: int, reference_dir: Path | None = None) -> None:
-    """``reference_dir``: the same weights in a form transformers loads, when ``model_dir``'s isn't."""
+def check_sharded_equals_transformers(
+    model_dir: Path, world_size: int, reference_dir: Path | None = None, attention_backend: str | None = None
+) -> None:
+    """``reference_dir``: the same weights in a form transformers loads, when ``model_dir``'s isn't.
+    ``attention_backend``: forced instead of the fastest available (torch, on a CPU)."""
     reference_dir = reference_dir or model_dir
     ids = prompt_ids(reference_dir)
     expected = reference_greedy(reference_dir, PROMPTS, NEW_TOKENS)
     reference = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         first_logprobs = [torch.log_softmax(reference(torch.tensor([i])).logits[0, -1], dim=-1) for i in ids]
-    results = run_ranks(_join_leave_scenario, world_size, str(model_dir), ids)
+    results = run_ranks(_join_leave_scenario, world_size, str(model_dir), ids, attention_backend)
     result = results[0]
     for i in (0, 1):
         assert result["outputs"][i][: len(expected[i])] == expected[i]
@@ -106,7 +113,7 @@ def _gpu_scenario(rank: int, world_size: int, port: int, model_dir: str, ids, dt
     return {
         "outputs": outputs,
         "first_logprobs": {t.request_id: t.logprob for t in tokens},
-        "backend": choose_backend(device, dtype, engine.block_size),
+        "backend": engine.cache.backend,
     }
 
 

@@ -37,6 +37,12 @@ def test_sharded_llama_equals_transformers(model_dir, world_size):
     check_sharded_equals_transformers(model_dir, world_size)
 
 
+def test_flex_attention_engine_equals_transformers_after_its_warm_up(tmp_path):
+    # FlexAttention runs eagerly on a CPU: the GPU's compiled kernel sees the same masks.
+    model_dir = build_tiny_causal_lm(tmp_path / "llama", arch="llama")
+    check_sharded_equals_transformers(model_dir, 2, attention_backend="flex")
+
+
 def test_each_rank_holds_about_half_the_weights(tmp_path):
     model_dir = build_tiny_causal_lm(tmp_path / "llama", arch="llama")
     check_each_rank_holds_about_half(model_dir)

@@ -10,12 +10,16 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+from tgis_shard.layers import flex_paged
+from tgis_shard.layers import paged_attention as paged_attention_module
 from tgis_shard.layers.paged_attention import (
+    BLOCK_SIZES,
     AttentionMetadata,
     BlockAllocator,
     CacheFullError,
     PagedKVCache,
     _flash_attn,
+    _flex_available,
     blocks_for,
     choose_backend,
     paged_attention,
@@ -23,6 +27,9 @@ from tgis_shard.layers.paged_attention import (
 
 HEAD_DIM = 16
 NUM_LAYERS = 2
+# FlexAttention runs eagerly on CPU: the same masks as its compiled GPU kernel, scored densely.
+CPU_BACKENDS = pytest.mark.parametrize("backend", ["torch", "flex"])
+pytestmark = pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
 
 
 def reference_attention(
@@ -148,16 +155,18 @@ class Engine:
         self.allocator.free(self.seqs.pop(name).blocks)
 
 
-def test_prefill_of_ragged_sequences_on_scattered_blocks_matches_reference() -> None:
-    engine = Engine()
+@CPU_BACKENDS
+def test_prefill_of_ragged_sequences_on_scattered_blocks_matches_reference(backend: str) -> None:
+    engine = Engine(backend=backend)
     engine.step({"a": 5, "b": 1, "c": 17})
     tables = [engine.seqs[name].blocks for name in "abc"]
     assert [len(t) for t in tables] == [2, 1, 5]
     assert any(t != list(range(t[0], t[0] + len(t))) for t in tables)
 
 
-def test_decode_steps_cross_block_boundaries_and_match_reference() -> None:
-    engine = Engine()
+@CPU_BACKENDS
+def test_decode_steps_cross_block_boundaries_and_match_reference(backend: str) -> None:
+    engine = Engine(backend=backend)
     engine.step({"a": 5, "b": 1, "c": 17})
     for _ in range(6):
         meta = engine.step({"a": 1, "b": 1, "c": 1})
@@ -165,34 +174,39 @@ def test_decode_steps_cross_block_boundaries_and_match_reference() -> None:
     assert [len(engine.seqs[name].blocks) for name in "abc"] == [3, 2, 6]
 
 
-def test_mixed_step_prefills_a_new_sequence_while_others_decode() -> None:
-    engine = Engine()
+@CPU_BACKENDS
+def test_mixed_step_prefills_a_new_sequence_while_others_decode(backend: str) -> None:
+    engine = Engine(backend=backend)
     engine.step({"a": 5, "b": 1, "c": 17})
     engine.step({"a": 1, "new": 9, "b": 1, "c": 3})
     engine.step({"new": 1, "c": 1})
 
 
+@CPU_BACKENDS
 @pytest.mark.parametrize(("heads", "kv_heads"), [(8, 2), (8, 1)], ids=["gqa", "mqa"])
-def test_grouped_and_multi_query_heads_match_reference(heads: int, kv_heads: int) -> None:
-    engine = Engine(heads=heads, kv_heads=kv_heads)
+def test_grouped_and_multi_query_heads_match_reference(heads: int, kv_heads: int, backend: str) -> None:
+    engine = Engine(heads=heads, kv_heads=kv_heads, backend=backend)
     engine.step({"a": 5, "b": 1, "c": 17})
     engine.step({"a": 1, "b": 2, "c": 1})
 
 
-def test_alibi_bias_matches_reference() -> None:
-    engine = Engine(heads=8, kv_heads=8, alibi=True)
+@CPU_BACKENDS
+def test_alibi_bias_matches_reference(backend: str) -> None:
+    engine = Engine(heads=8, kv_heads=8, alibi=True, backend=backend)
     engine.step({"a": 5, "b": 1, "c": 17})
     engine.step({"a": 1, "b": 1, "c": 1, "d": 6})
 
 
-def test_sliding_window_sees_only_the_last_tokens() -> None:
-    engine = Engine(sliding_window=3)
+@CPU_BACKENDS
+def test_sliding_window_sees_only_the_last_tokens(backend: str) -> None:
+    engine = Engine(sliding_window=3, backend=backend)
     engine.step({"a": 5, "b": 1, "c": 17})
     engine.step({"a": 1, "b": 1, "c": 2})
 
 
-def test_freed_blocks_are_reused_without_stale_keys_leaking() -> None:
-    engine = Engine(num_blocks=8)
+@CPU_BACKENDS
+def test_freed_blocks_are_reused_without_stale_keys_leaking(backend: str) -> None:
+    engine = Engine(num_blocks=8, backend=backend)
     engine.step({"old": 17, "keep": 3})
     old_blocks = set(engine.seqs["old"].blocks)
     engine.finish("old")
@@ -201,6 +215,53 @@ def test_freed_blocks_are_reused_without_stale_keys_leaking() -> None:
     engine.step({"keep": 1, "new": 6})
     assert set(engine.seqs["new"].blocks) <= old_blocks
     engine.step({"keep": 1, "new": 1})
+
+
+def kernel_view(meta: AttentionMetadata, num_blocks: int, block_size: int, sliding_window: int | None) -> torch.Tensor:
+    """[B, max_q, num_blocks * block_size]: what FlexAttention's kernel lets each query see. It
+    visits only the listed blocks and skips ``mask_mod`` on full ones, which eager mode does not
+    show, so the block lists are checked here against ``mask_mod`` alone."""
+    layout = flex_paged._layout(meta, num_blocks, block_size)
+    mask = flex_paged._block_mask(meta, layout, sliding_window)
+    q_idx = torch.arange(meta.max_q)[:, None]
+    kv_idx = torch.arange(num_blocks * block_size)[None, :]
+    seen = torch.zeros(meta.num_seqs, meta.max_q, num_blocks * block_size, dtype=torch.bool)
+    for b in range(meta.num_seqs):
+        exact = mask.mask_mod(torch.tensor(b), torch.tensor(0), q_idx, kv_idx)
+        for tile in range(mask.kv_num_blocks.shape[-1]):
+            rows = slice(tile * flex_paged.QUERY_TILE, (tile + 1) * flex_paged.QUERY_TILE)
+            full = mask.full_kv_indices[b, 0, tile, : mask.full_kv_num_blocks[b, 0, tile]].tolist()
+            partial = mask.kv_indices[b, 0, tile, : mask.kv_num_blocks[b, 0, tile]].tolist()
+            assert not set(full) & set(partial)
+            for block in full:
+                seen[b, rows, block * block_size : (block + 1) * block_size] = True
+            for block in partial:
+                cols = slice(block * block_size, (block + 1) * block_size)
+                seen[b, rows, cols] = exact[rows, cols]
+    return seen
+
+
+@pytest.mark.parametrize("sliding_window", [None, 150], ids=["causal", "window"])
+def test_flex_block_lists_give_the_kernel_exactly_the_causal_mask(sliding_window: int | None) -> None:
+    block_size, num_blocks = 32, 64
+    # Prefills spanning several query tiles (one joining a longer context), and decodes.
+    query_lens, context_lens = [300, 1, 129, 1], [300, 77, 400, 1]
+    order = list(range(num_blocks))
+    random.Random(1).shuffle(order)
+    tables, start = [], 0
+    for ctx in context_lens:
+        tables.append(order[start : start + blocks_for(ctx, block_size)])
+        start += len(tables[-1])
+    meta = AttentionMetadata.build(query_lens, context_lens, tables, block_size, "cpu")
+    seen = kernel_view(meta, num_blocks, block_size, sliding_window)
+    expected = torch.zeros_like(seen)
+    for b, (q_len, ctx, table) in enumerate(zip(query_lens, context_lens, tables, strict=True)):
+        seen[b, q_len:] = False  # padding rows: computed, then dropped
+        for j in range(q_len):
+            position = ctx - q_len + j
+            for key in range(max(0, position - sliding_window + 1) if sliding_window else 0, position + 1):
+                expected[b, j, table[key // block_size] * block_size + key % block_size] = True
+    assert torch.equal(seen, expected)
 
 
 def test_metadata_puts_new_tokens_at_the_end_of_each_context() -> None:
@@ -254,12 +315,57 @@ def test_allocator_rejects_double_free_and_unknown_blocks() -> None:
         allocator.allocate(-1)
 
 
-def test_backend_is_torch_off_cuda_or_below_flash_block_multiple() -> None:
-    assert choose_backend("cpu", torch.float16, 256) == "torch"
-    assert choose_backend(torch.device("cuda"), torch.float16, 16) == "torch"
-    assert choose_backend("cuda", torch.float32, 256) == "torch"
-    expected = "flash" if _flash_attn() is not None else "torch"
-    assert choose_backend("cuda", torch.bfloat16, 256) == expected
+@pytest.mark.parametrize(
+    ("flash_attn", "triton", "expected"),
+    [(True, True, "flash"), (False, True, "flex"), (False, False, "torch")],
+    ids=["flash-attn", "triton", "neither"],
+)
+def test_backend_is_the_fastest_installed_on_cuda_and_torch_elsewhere(
+    monkeypatch: pytest.MonkeyPatch, flash_attn: bool, triton: bool, expected: str
+) -> None:
+    monkeypatch.setattr(paged_attention_module, "_flash_attn", lambda: object() if flash_attn else None)
+    monkeypatch.setattr(paged_attention_module, "_flex_available", lambda: triton)
+    assert choose_backend("cuda", torch.bfloat16, 128) == expected
+    assert choose_backend("cpu", torch.bfloat16, 128) == "torch"
+    # Head sizes the fused kernels don't take; flash-attn only runs half precision.
+    assert choose_backend("cuda", torch.bfloat16, 20) == "torch"
+    assert choose_backend("cuda", torch.bfloat16, 512) == "torch"
+    assert choose_backend("cuda", torch.float32, 128) == ("flex" if triton else "torch")
+
+
+def test_cache_refuses_block_sizes_flash_attn_cannot_page() -> None:
+    with pytest.raises(ValueError, match="multiple of 256"):
+        PagedKVCache(1, 4, 128, 2, HEAD_DIM, torch.float16, "cpu", backend="flash")
+    with pytest.raises(ValueError, match="unknown attention backend 'xformers'"):
+        PagedKVCache(1, 4, 16, 2, HEAD_DIM, torch.float16, "cpu", backend="xformers")
+    assert PagedKVCache(1, 4, BLOCK_SIZES["flex"], 2, HEAD_DIM, torch.float16, "cpu", backend="flex").backend == "flex"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not _flex_available(), reason="needs CUDA, Triton, torch>=2.11")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("alibi", "sliding_window"), [(False, None), (True, None), (False, 200)], ids=["plain", "alibi", "window"]
+)
+def test_compiled_flex_backend_on_cuda_matches_reference(
+    dtype: torch.dtype, alibi: bool, sliding_window: int | None
+) -> None:
+    engine = Engine(
+        heads=8,
+        kv_heads=2,
+        block_size=BLOCK_SIZES["flex"],
+        num_blocks=24,
+        dtype=dtype,
+        device="cuda",
+        backend="flex",
+        alibi=alibi,
+        sliding_window=sliding_window,
+    )
+    # Prefills longer than a block and a query tile, a prefill joining decodes, then decodes.
+    engine.step({"a": 300, "b": 1, "c": 700}, atol=2e-2)
+    engine.step({"a": 1, "b": 1, "c": 1, "d": 40}, atol=2e-2)
+    engine.finish("b")
+    for _ in range(3):
+        engine.step({"a": 1, "c": 1, "d": 1}, atol=2e-2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -281,8 +387,8 @@ def test_flash_backend_matches_torch_backend(alibi: bool, sliding_window: int | 
     # Per step, new tokens of each sequence: prefill, then a prefill joining decodes, then decode.
     steps = [{0: 300, 1: 1, 2: 700}, {0: 1, 1: 1, 2: 1, 3: 40}, {0: 1, 1: 1, 2: 1, 3: 1}]
     tables = [[3, 9], [0], [12, 1, 7, 5], [14]]
-    cache = PagedKVCache(1, 16, block_size, kv_heads, head_dim, torch.bfloat16, "cuda")
-    assert choose_backend("cuda", torch.bfloat16, block_size) == "flash"
+    cache = PagedKVCache(1, 16, block_size, kv_heads, head_dim, torch.bfloat16, "cuda", backend="flash")
+    assert choose_backend("cuda", torch.bfloat16, head_dim) == "flash"
     generator = torch.Generator(device="cuda").manual_seed(0)
     slopes = torch.tensor([2 ** (-(i + 1)) for i in range(heads)], device="cuda") if alibi else None
     context = [0] * len(tables)

@@ -43,6 +43,7 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
         self.batches: dict[int, BatchState] = {}
         self._lock = threading.Lock()
         self._info = engine.info()
+        engine.warm_up()
         # Measured once, before any batch exists: it runs a prefill of its own on a GPU.
         memory_model = engine.memory_model()
         if memory_model is not None:

@@ -32,6 +32,8 @@ class ShardContext:
     master_port: int = 29500
     estimate_memory: str = "auto"
     batch_safety_margin: int = 20
+    attention_backend: str | None = None
+    """Paged attention backend of tgis_native (flash, flex, torch); None: the fastest that runs."""
 
     @property
     def memory_settings(self) -> MemorySettings:
@@ -114,6 +116,10 @@ class Engine(ABC):
     @abstractmethod
     def memory_model(self) -> pb.MemoryModel | None:
         """What batches cost in memory (see tgis_shard.memory); None when ESTIMATE_MEMORY=off."""
+
+    def warm_up(self) -> None:
+        """Compiles what the first requests would otherwise wait for; nothing by default."""
+        return None
 
     def measure_prefill(self, tokens: int) -> None:
         """Runs and drops a prefill of one ``tokens``-long prompt, to measure its memory."""

@@ -35,15 +35,33 @@ from tgis_shard.engines.base import (
 from tgis_shard.engines.hf_transformers import eos_token_ids
 from tgis_shard.engines.seq2seq import Seq2SeqLMEngine
 from tgis_shard.layers.distributed import TensorParallel, agree_with_rank0, init_tensor_parallel
-from tgis_shard.layers.paged_attention import AttentionMetadata, BlockAllocator, PagedKVCache, choose_backend
+from tgis_shard.layers.flex_paged import QUERY_TILE
+from tgis_shard.layers.paged_attention import (
+    BLOCK_SIZES,
+    AttentionMetadata,
+    BlockAllocator,
+    PagedKVCache,
+    choose_backend,
+)
 from tgis_shard.logits import BatchTokenChooser
 from tgis_shard.weights import Weights
 
 log = logging.getLogger(__name__)
 
-# Blocks for the torch attention path; flash-attn's paged kernels need multiples of 256.
-TORCH_BLOCK_SIZE = 16
-FLASH_BLOCK_SIZE = 256
+# Prompt lengths of the warm-up batches. A compiled graph is specialised on each size that is 1
+# (batch, query length, block-table width), so the batches cover one and several of each, and
+# one to three query tiles, and a full tile, where the kernel choice changes (see NativeEngine.warm_up).
+WARM_UP_PROMPT_LENGTHS = (
+    [1],
+    [2],
+    [QUERY_TILE],
+    [QUERY_TILE + 2],
+    [2, 3],
+    [QUERY_TILE, 2],
+    [QUERY_TILE + 2, 1, 2],
+    [2 * QUERY_TILE + 3, 5, 1, 1],
+)
+WARM_UP_NEW_TOKENS = 3
 # Share of the memory left after loading the weights that the KV cache may take on a GPU.
 GPU_CACHE_FRACTION = 0.85
 
@@ -229,6 +247,23 @@ class NativeEngine(Engine):
             model.measured = True
         return model
 
+    def warm_up(self) -> None:
+        """Compiled attention (FlexAttention) builds a graph per new kind of shape. Steps of each
+        kind here turn the sizes dynamic, so requests rarely wait for a compilation later."""
+        if self.cache.backend != "flex":
+            return
+        longest = self.ctx.max_sequence_length - WARM_UP_NEW_TOKENS
+        for batch_id, lengths in enumerate(WARM_UP_PROMPT_LENGTHS):
+            requests = [
+                pb.Request(id=i, input_ids=[0] * min(n, longest), max_new_tokens=WARM_UP_NEW_TOKENS)
+                for i, n in enumerate(lengths)
+            ]
+            _, state = self.prefill(pb.Batch(id=batch_id, requests=requests))
+            for _ in range(WARM_UP_NEW_TOKENS - 1):
+                self.decode(state)
+            state.release()
+        log.info("rank %d: attention compiled for %d kinds of step", self.tp.rank, len(WARM_UP_PROMPT_LENGTHS))
+
     @torch.inference_mode()
     def health_check(self) -> None:
         tables = self._allocate([1])
@@ -288,8 +323,8 @@ def create_engine(ctx: ShardContext) -> Engine:
         model = build(config, weights, tp)
     if getattr(config, "is_encoder_decoder", False):
         return Seq2SeqLMEngine(model, ctx, eos_token_ids(ctx.model_dir, config), engine="tgis_native")
-    flash = choose_backend(ctx.device, ctx.dtype, FLASH_BLOCK_SIZE) == "flash"
-    block_size = FLASH_BLOCK_SIZE if flash else TORCH_BLOCK_SIZE
+    backend = ctx.attention_backend or choose_backend(ctx.device, ctx.dtype, model.head_dim)
+    block_size = BLOCK_SIZES[backend]
     blocks = _cache_blocks(ctx, model, block_size)
     if blocks < math.ceil(ctx.max_sequence_length / block_size):
         raise UnsupportedModelError(
@@ -297,7 +332,7 @@ def create_engine(ctx: ShardContext) -> Engine:
             f"{ctx.max_sequence_length}"
         )
     cache = PagedKVCache(
-        model.num_layers, blocks, block_size, model.num_kv_heads, model.head_dim, ctx.dtype, ctx.device
+        model.num_layers, blocks, block_size, model.num_kv_heads, model.head_dim, ctx.dtype, ctx.device, backend
     )
     log.info(
         "rank %d/%d: %s KV cache of %d blocks × %d tokens (%s attention)",
@@ -306,6 +341,6 @@ def create_engine(ctx: ShardContext) -> Engine:
         family.model_type,
         blocks,
         block_size,
-        "flash" if flash else "torch",
+        backend,
     )
     return NativeEngine(model, ctx, tp, config, cache, block_size, eos_token_ids(ctx.model_dir, config))

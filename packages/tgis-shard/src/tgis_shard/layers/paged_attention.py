@@ -6,14 +6,16 @@ list of block ids (its block table), so requests join and leave by taking and re
 never by reallocating or concatenating the cache.
 
 A step goes: ``AttentionMetadata.build`` once, then per layer ``cache.store`` of the new keys and
-values, then ``paged_attention`` (which reads the new keys back from the cache). Two backends give
-the same results:
+values, then ``paged_attention`` (which reads the new keys back from the cache). The cache is
+created for one backend, which fixes its block size; all backends give the same results:
 
-- ``"flash"``: flash-attn 2.x paged kernels. flash-attn only pages with ``block_size % 256 == 0``
-  (and needs fp16/bf16 on CUDA, and ``block_table`` on its varlen kernel, added in 2.6), so the
-  cache's block size decides whether it is usable.
-- ``"torch"``: plain torch (CPU, or GPU without flash-attn): gathers each sequence's blocks into a
-  padded batch and runs ``scaled_dot_product_attention`` with an explicit mask.
+- ``"flash"``: flash-attn 2.x paged kernels, where installed. flash-attn only pages with
+  ``block_size % 256 == 0`` (and needs fp16/bf16 on CUDA, and ``block_table`` on its varlen
+  kernel, added in 2.6).
+- ``"flex"``: FlexAttention's compiled kernel reading the cache in place through a block mask
+  (``flex_paged``): the fused path on any CUDA GPU without flash-attn.
+- ``"torch"``: plain torch (CPU): gathers each sequence's blocks into a padded batch and runs
+  ``scaled_dot_product_attention`` with an explicit mask.
 
 Shapes depend only on the batch size, ``max_q`` and the block table width, and all per-step data
 are tensors, so a later CUDA-graph runner can copy metadata into fixed buffers of a bucket's size.
@@ -23,18 +25,23 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
 from types import ModuleType
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-# flash-attn pages KV only for block sizes that are multiples of this (csrc/flash_api.cpp).
-FLASH_BLOCK_MULTIPLE = 256
-# flash-attn's kernels stop at this head size.
-FLASH_MAX_HEAD_DIM = 256
-_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+from tgis_shard.layers.flex_paged import flex_paged_attention
+
+# Tokens per cache block each backend is run with. flash-attn pages KV only in multiples of 256
+# (csrc/flash_api.cpp); FlexAttention visits whole blocks, and 128 is its kernels' key tile; the
+# torch path gathers blocks, so small ones waste the least.
+BLOCK_SIZES = {"flash": 256, "flex": 128, "torch": 16}
+# Both fused kernels stop at this head size and want multiples of 8.
+FUSED_MAX_HEAD_DIM = 256
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 class CacheFullError(Exception):
@@ -108,7 +115,13 @@ class PagedKVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        backend: str = "torch",
     ) -> None:
+        if backend not in BLOCK_SIZES:
+            raise ValueError(f"unknown attention backend {backend!r}; one of {sorted(BLOCK_SIZES)}")
+        if backend == "flash" and block_size % BLOCK_SIZES["flash"] != 0:
+            raise ValueError(f"flash-attn pages only blocks of a multiple of {BLOCK_SIZES['flash']} tokens")
+        self.backend = backend
         self.num_layers = num_layers
         self.num_blocks = num_blocks
         self.block_size = block_size
@@ -147,10 +160,22 @@ class AttentionMetadata:
     """[T] int64: each token's row in the padded [B * max_q] query layout of the torch backend."""
     cu_seqlens_k: torch.Tensor
     """[B+1] int32: cumulative context_lens, as flash-attn's varlen kernel wants them."""
+    _derived: dict[Hashable, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:
         return self.context_lens.shape[0]
+
+    def derived(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        """What a backend builds once per step and every layer reuses (``make()`` on first use)."""
+        if key not in self._derived:
+            self._derived[key] = make()
+        return self._derived[key]
+
+    def pad_queries(self, query: torch.Tensor) -> torch.Tensor:
+        """``[T, heads, head_dim]`` → ``[B, max_q, heads, head_dim]``, zeros after each sequence's queries."""
+        padded = query.new_zeros(self.num_seqs * self.max_q, *query.shape[1:]).index_copy_(0, self.query_rows, query)
+        return padded.view(self.num_seqs, self.max_q, *query.shape[1:])
 
     @classmethod
     def build(
@@ -219,15 +244,31 @@ def _flash_attn() -> ModuleType | None:
     return flash_attn if (major, minor) >= (2, 6) else None
 
 
-def choose_backend(device: torch.device | str, dtype: torch.dtype, block_size: int) -> str:
-    """``"flash"`` where flash-attn's paged kernels can run this cache, else ``"torch"``."""
-    usable = (
-        torch.device(device).type == "cuda"
-        and dtype in _FLASH_DTYPES
-        and block_size % FLASH_BLOCK_MULTIPLE == 0
-        and _flash_attn() is not None
-    )
-    return "flash" if usable else "torch"
+# FlexAttention's paged use here (full-block lists, FORCE_USE_FLEX_ATTENTION) is verified from
+# this release on; older torch keeps the plain path.
+FLEX_MIN_TORCH = (2, 11)
+
+
+@functools.cache
+def _flex_available() -> bool:
+    """Triton (which compiles FlexAttention) is importable and torch is recent enough."""
+    if tuple(int(part) for part in torch.__version__.split(".")[:2]) < FLEX_MIN_TORCH:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_backend(device: torch.device | str, dtype: torch.dtype, head_dim: int) -> str:
+    """The fastest backend that runs here: flash-attn, else FlexAttention on CUDA, else torch."""
+    fused = torch.device(device).type == "cuda" and head_dim % 8 == 0 and 16 <= head_dim <= FUSED_MAX_HEAD_DIM
+    if fused and dtype in _HALF_DTYPES and _flash_attn() is not None:
+        return "flash"
+    if fused and _flex_available():
+        return "flex"
+    return "torch"
 
 
 def paged_attention(
@@ -246,21 +287,16 @@ def paged_attention(
     its own sequence's keys up to that position (the last ``sliding_window`` of them, itself
     included, when given). ``heads`` must be a multiple of the cache's kv heads (GQA/MQA).
     ``alibi_slopes`` ``[heads]`` adds ``slope * (key_pos - query_pos)`` to the scores.
-    Call after ``cache.store`` for this layer. ``backend`` overrides ``choose_backend``.
+    Call after ``cache.store`` for this layer. ``backend`` overrides the cache's.
     """
-    heads, head_dim = query.shape[1:]
+    heads = query.shape[1]
     if heads % cache.num_kv_heads != 0:
         raise ValueError(f"{heads} query heads are not a multiple of {cache.num_kv_heads} kv heads")
-    if backend is None:
-        backend = choose_backend(query.device, query.dtype, cache.block_size)
-        if head_dim > FLASH_MAX_HEAD_DIM or head_dim % 8 != 0:
-            backend = "torch"
-    keys, values = cache.keys[layer], cache.values[layer]
-    if backend == "flash":
-        return _flash_paged_attention(query, keys, values, meta, scale, alibi_slopes, sliding_window)
-    if backend == "torch":
-        return _torch_paged_attention(query, keys, values, meta, scale, alibi_slopes, sliding_window)
-    raise ValueError(f"unknown attention backend {backend!r}")
+    name = backend or cache.backend
+    attend = _BACKENDS.get(name)
+    if attend is None:
+        raise ValueError(f"unknown attention backend {name!r}")
+    return attend(query, cache.keys[layer], cache.values[layer], meta, scale, alibi_slopes, sliding_window)
 
 
 def _torch_paged_attention(
@@ -284,7 +320,6 @@ def _torch_paged_attention(
         keys = keys.repeat_interleave(heads // kv_heads, dim=2)
         values = values.repeat_interleave(heads // kv_heads, dim=2)
 
-    padded_query = query.new_zeros(num_seqs * max_q, heads, head_dim).index_copy_(0, meta.query_rows, query)
     # Padding query rows sit at position 0 so they see key 0 and stay finite.
     query_pos = meta.positions.new_zeros(num_seqs * max_q).index_copy_(0, meta.query_rows, meta.positions)
     query_pos = query_pos.view(num_seqs, max_q, 1)
@@ -301,7 +336,7 @@ def _torch_paged_attention(
         mask = bias.masked_fill(~allowed.unsqueeze(1), -math.inf).to(query.dtype)
 
     out = F.scaled_dot_product_attention(
-        padded_query.view(num_seqs, max_q, heads, head_dim).transpose(1, 2),
+        meta.pad_queries(query).transpose(1, 2),
         keys.transpose(1, 2),
         values.transpose(1, 2),
         attn_mask=mask,
@@ -355,3 +390,6 @@ def _flash_paged_attention(
         alibi_slopes=slopes,
         block_table=meta.block_tables,
     )
+
+
+_BACKENDS = {"flash": _flash_paged_attention, "flex": flex_paged_attention, "torch": _torch_paged_attention}

@@ -1,0 +1,105 @@
+"""Paged attention backends on one GPU: time per layer call, and decode against the HBM roofline.
+
+Decode reads every cached key and value once, so its floor is KV bytes / memory bandwidth; the
+printed ratio is that floor over the measured time (1.0 = at the roofline). Prefill is printed
+as TFLOP/s of the causal attention products. Blocks are handed out in shuffled order, as a
+serving cache's free list would after a while.
+
+    python3 bench/attention_backends.py [--batch 64 --context 2048 --heads 32 --kv-heads 8 --head-dim 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+from collections.abc import Callable
+
+import torch
+
+from tgis_shard.layers.paged_attention import (
+    BLOCK_SIZES,
+    AttentionMetadata,
+    PagedKVCache,
+    _flash_attn,
+    _flex_available,
+    blocks_for,
+    paged_attention,
+)
+
+# H200 HBM3e peak; KINDS.md records ~4.3 TB/s for a device-to-device copy through torch.
+HBM_BYTES_PER_S = 4.8e12
+
+
+def available_backends() -> list[str]:
+    backends = ["torch"]
+    if _flex_available():
+        backends.append("flex")
+    if _flash_attn() is not None:
+        backends.append("flash")
+    return backends
+
+
+def median_ms(fn: Callable[[], object], repeats: int = 30) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def run(backend: str, args: argparse.Namespace, query_len: int, batch: int) -> float:
+    """Milliseconds of one layer's attention for ``batch`` sequences of ``args.context`` tokens."""
+    block_size = BLOCK_SIZES[backend]
+    per_seq = blocks_for(args.context, block_size)
+    num_blocks = per_seq * batch
+    cache = PagedKVCache(1, num_blocks, block_size, args.kv_heads, args.head_dim, args.dtype, "cuda", backend=backend)
+    cache.keys[0].normal_()
+    cache.values[0].normal_()
+    blocks = list(range(num_blocks))
+    random.Random(0).shuffle(blocks)
+    tables = [blocks[i * per_seq : (i + 1) * per_seq] for i in range(batch)]
+    meta = AttentionMetadata.build([query_len] * batch, [args.context] * batch, tables, block_size, "cuda")
+    query = torch.randn(batch * query_len, args.heads, args.head_dim, dtype=args.dtype, device="cuda")
+    return median_ms(lambda: paged_attention(query, cache, 0, meta, args.head_dim**-0.5))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--prefill-batch", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--dtype", type=lambda name: getattr(torch, name), default=torch.bfloat16)
+    args = parser.parse_args()
+
+    kv_bytes = 2 * args.batch * args.context * args.kv_heads * args.head_dim * args.dtype.itemsize
+    prefill_flops = 2 * 2 * args.prefill_batch * args.heads * args.head_dim * args.context**2 / 2
+    print(
+        f"{torch.cuda.get_device_name()} | {args.dtype} | heads {args.heads}/{args.kv_heads} × {args.head_dim}"
+        f" | decode: {args.batch} × {args.context} tokens ({kv_bytes / 2**20:.0f} MiB of KV)"
+        f" | prefill: {args.prefill_batch} × {args.context}"
+    )
+    baseline = None
+    for backend in available_backends():
+        decode = run(backend, args, 1, args.batch)
+        prefill = run(backend, args, args.context, args.prefill_batch)
+        roofline = kv_bytes / HBM_BYTES_PER_S * 1e3
+        baseline = baseline or (decode, prefill)
+        print(
+            f"{backend:6s} decode {decode * 1e3:8.1f} µs ({roofline / decode:5.2f} of HBM roofline,"
+            f" {baseline[0] / decode:5.2f}× torch) | prefill {prefill:7.2f} ms"
+            f" ({prefill_flops / prefill / 1e9:6.1f} TFLOP/s, {baseline[1] / prefill:5.2f}× torch)"
+        )
+
+
+if __name__ == "__main__":
+    main()
