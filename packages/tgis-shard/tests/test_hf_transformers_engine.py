@@ -57,6 +57,8 @@ def test_joining_and_pruning_mid_generation_changes_no_output(engine, prompt_ids
     running = engine.concatenate([running, joining])
     assert running.batch_id == 1
     assert running.request_ids == [0, 1, 2]
+    # The joining batch's cache was copied into the merged one and let go, layer by layer.
+    assert all(layer.keys.numel() == layer.values.numel() == 0 for layer in joining.cache.layers)
     decode_steps(engine, running, outputs, 2)
     # Request 2 (the longest prompt) leaves: its padding columns go with it.
     width_before = running.attention_mask.shape[1]

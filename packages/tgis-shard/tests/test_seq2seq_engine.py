@@ -74,6 +74,9 @@ def test_joining_and_pruning_mid_generation_changes_no_output(engine, prompt_ids
     running = engine.concatenate([running, joining])
     assert running.batch_id == 1
     assert running.request_ids == [0, 1, 2]
+    # The joining batch's caches were copied into the merged ones and let go, layer by layer.
+    joined = [*joining.cache.self_attention_cache.layers, *joining.cache.cross_attention_cache.layers]
+    assert all(layer.keys.numel() == layer.values.numel() == 0 for layer in joined)
     # The joined rows are at other decoder positions than the running one: left padding is in play.
     assert running.decoder_mask.sum(dim=1).tolist() == [3, 1, 1]
     decode_steps(engine, running, outputs, 2)

@@ -40,12 +40,14 @@ def select_rows_right_padded(cache: DynamicCache, rows: torch.Tensor, keep_first
 
 
 def concatenate(caches: Sequence[DynamicCache], length: int) -> DynamicCache:
-    """Stacks caches along the batch, left-padding each to ``length`` positions; reuses the first."""
+    """Stacks caches along the batch, left-padding each to ``length`` positions; reuses the first
+    and empties the others."""
     return _concatenate(caches, length, _left_pad)
 
 
 def concatenate_right_padded(caches: Sequence[DynamicCache], length: int) -> DynamicCache:
-    """Stacks caches along the batch, right-padding each to ``length`` positions; reuses the first."""
+    """Stacks caches along the batch, right-padding each to ``length`` positions; reuses the first
+    and empties the others."""
     return _concatenate(caches, length, _right_pad)
 
 
@@ -57,6 +59,12 @@ def _concatenate(
     for target, layers in zip(merged.layers, per_layer, strict=True):
         target.keys = torch.cat([pad(layer.keys, length) for layer in layers])
         target.values = torch.cat([pad(layer.values, length) for layer in layers])
+        # Each source layer goes as soon as it is copied: otherwise the joining batches' whole
+        # caches outlive the merge (the caller still holds their batches through the next
+        # decode), memory the batch-sizing model does not count.
+        for consumed in layers[1:]:
+            consumed.keys = consumed.keys.new_empty(0)
+            consumed.values = consumed.values.new_empty(0)
     return merged
 
 
