@@ -7,7 +7,8 @@ Two policies on the same load:
   fixed:   count-only batching at the largest MAX_BATCH_SIZE that can never run out of memory
            (enough room for that many worst-case requests under the same limit).
 Prints peak memory against the limit, whether the device ran out of memory, average batch size,
-tokens per step and tokens per second.
+tokens per step and tokens per second, and per kind of step (prefill, merge, filter, decode) the
+highest memory it reached above the weights, to show which one an overshoot comes from.
 
     python3 bench/batch_sizing.py --shape 8b --engine hf_transformers      # on a GPU
     python3 bench/batch_sizing.py --shape tiny --requests 40                # CPU smoke run
@@ -20,6 +21,8 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,12 +87,13 @@ class Request:
     generated: int = 0
 
 
-def mixed_load(count: int, max_sequence_length: int, seed: int) -> list[Request]:
-    """80% short chat-like requests, 20% long-document ones; half run to their max_new_tokens."""
+def mixed_load(count: int, max_sequence_length: int, seed: int, long_fraction: float = 0.2) -> list[Request]:
+    """Short chat-like requests and a ``long_fraction`` of long-document ones; half run to their
+    max_new_tokens."""
     rng = random.Random(seed)
     requests = []
     for i in range(count):
-        if rng.random() < 0.2:
+        if rng.random() < long_fraction:
             input_length = rng.randint(max_sequence_length // 4, max_sequence_length // 2)
             max_new = rng.randint(max_sequence_length // 16, max_sequence_length // 8)
         else:
@@ -101,13 +105,33 @@ def mixed_load(count: int, max_sequence_length: int, seed: int) -> list[Request]
     return requests
 
 
+class StepPeaks:
+    """Highest memory above the starting point (the weights) seen in each kind of step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.baseline = torch.cuda.memory_allocated(device) if self.cuda else 0
+        self.peaks: dict[str, int] = {}
+
+    @contextmanager
+    def step(self, kind: str) -> Iterator[None]:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            yield
+        finally:
+            peak = torch.cuda.max_memory_allocated(self.device) - self.baseline if self.cuda else 0
+            self.peaks[kind] = max(self.peaks.get(kind, 0), peak)
+
+
 def run(engine, admission: Admission, load: list[Request], device: torch.device) -> dict:
     queue = list(load)
     running: dict[int, Request] = {}
     state, batch_ids, steps, tokens, sizes, waited = None, iter(range(1, 10**9)), 0, 0, [], 0
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+    peaks = StepPeaks(device)
     started = time.monotonic()
     oom = False
     try:
@@ -127,19 +151,26 @@ def run(engine, admission: Admission, load: list[Request], device: torch.device)
                         for r in joining
                     ],
                 )
-                _, new_state = engine.prefill(batch)
+                with peaks.step("prefill"):
+                    _, new_state = engine.prefill(batch)
                 for r in joining:
                     r.generated = 1
                     running[r.id] = r
-                state = new_state if state is None else engine.concatenate([state, new_state])
+                if state is None:
+                    state = new_state
+                else:
+                    with peaks.step("merge"):
+                        state = engine.concatenate([state, new_state])
             finished = [rid for rid, r in running.items() if r.generated >= r.output_length]
             for rid in finished:
                 del running[rid]
             if state is not None:
-                state = state.filter(list(running))
+                with peaks.step("filter"):
+                    state = state.filter(list(running))
             if state is None:
                 continue
-            engine.decode(state)
+            with peaks.step("decode"):
+                engine.decode(state)
             for r in running.values():
                 r.generated += 1
             steps += 1
@@ -148,7 +179,8 @@ def run(engine, admission: Admission, load: list[Request], device: torch.device)
     except torch.OutOfMemoryError:
         oom = True
     elapsed = time.monotonic() - started
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    if state is not None:
+        state.release()
     return {
         "oom": oom,
         "steps": steps,
@@ -156,7 +188,8 @@ def run(engine, admission: Admission, load: list[Request], device: torch.device)
         "avg_batch": sum(sizes) / max(1, len(sizes)),
         "max_batch": max(sizes, default=0),
         "tokens_per_s": tokens / elapsed,
-        "peak_gib": peak / 2**30,
+        "peak_gib": max(peaks.peaks.values(), default=0) / 2**30,
+        "step_peaks_gib": {kind: peak / 2**30 for kind, peak in peaks.peaks.items()},
         "elapsed_s": elapsed,
     }
 
@@ -170,6 +203,8 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=256)
     parser.add_argument("--safety-margin", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--long-fraction", type=float, default=0.2, help="share of long-document requests")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each policy on the same load")
     args = parser.parse_args()
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as folder:
@@ -206,15 +241,20 @@ def main() -> None:
             ),
         }
         print(
-            f"{'policy':12s} {'OOM':>4s} {'avg batch':>9s} {'max':>4s} {'tok/step':>8s} {'tok/s':>8s} {'peak GiB':>8s}"
+            f"{'policy':12s} {'OOM':>4s} {'avg batch':>9s} {'max':>4s} {'tok/step':>8s} {'tok/s':>8s}"
+            f" {'peak/limit':>10s}  peak above weights per step kind (GiB)"
         )
-        for name, admission in policies.items():
-            result = run(engine, admission, mixed_load(args.requests, args.max_sequence_length, args.seed), device)
-            per_step = result["tokens"] / max(1, result["steps"])
-            print(
-                f"{name:12s} {'yes' if result['oom'] else 'no':>4s} {result['avg_batch']:9.1f} "
-                f"{result['max_batch']:4d} {per_step:8.1f} {result['tokens_per_s']:8.0f} {result['peak_gib']:8.1f}"
-            )
+        for _ in range(args.repeats):
+            for name, admission in policies.items():
+                load = mixed_load(args.requests, args.max_sequence_length, args.seed, args.long_fraction)
+                result = run(engine, admission, load, device)
+                per_step = result["tokens"] / max(1, result["steps"])
+                steps = " ".join(f"{kind} {gib:.1f}" for kind, gib in result["step_peaks_gib"].items())
+                print(
+                    f"{name:12s} {'yes' if result['oom'] else 'no':>4s} {result['avg_batch']:9.1f} "
+                    f"{result['max_batch']:4d} {per_step:8.1f} {result['tokens_per_s']:8.0f}"
+                    f" {result['peak_gib'] * 2**30 / model.limit:10.2f}  {steps}"
+                )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,25 @@
+"""bench/batch_sizing.py runs end to end on the CPU (its GPU numbers are in bench/RESULTS.md)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_batch_sizing_bench_runs_both_policies_on_the_same_load() -> None:
+    out = subprocess.run(
+        [sys.executable, "bench/batch_sizing.py", "--shape", "tiny", "--requests", "12", "--max-sequence-length", "256"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    rows = [line.split() for line in out.splitlines() if line.startswith(("dynamic", "fixed-"))]
+    assert [row[0].split("-")[0] for row in rows] == ["dynamic", "fixed"]
+    assert all(row[1] == "no" for row in rows)  # no out-of-memory
+    assert all(float(row[2]) >= 1 for row in rows)  # average batch
+    assert all("prefill" in " ".join(row) and "decode" in " ".join(row) for row in rows)
