@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_batch_sizing_bench_runs_both_policies_on_the_same_load() -> None:
     out = subprocess.run(
-        [sys.executable, "bench/batch_sizing.py", "--shape", "tiny", "--requests", "12", "--max-sequence-length", "256"],
+        [sys.executable, "bench/batch_sizing.py", "--shape", "tiny", "--requests", "12", "--max-sequence-length=256"],
         cwd=ROOT,
         capture_output=True,
         text=True,
