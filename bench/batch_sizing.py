@@ -46,6 +46,15 @@ SHAPES = {
         "num_key_value_heads": 8,
         "vocab_size": 128256,
     },
+    # A ~1B LLaMA (TinyLlama-like): quick GPU runs with a squeezed limit.
+    "1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_hidden_layers": 22,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "vocab_size": 32000,
+    },
     "tiny": {
         "hidden_size": 64,
         "intermediate_size": 128,

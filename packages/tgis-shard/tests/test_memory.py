@@ -18,6 +18,17 @@ def test_config_kv_bytes_use_kv_heads_and_cross_attention_for_seq2seq():
     assert memory.config_kv_bytes_per_token(t5, torch.float32) == 2 * (2 * 3 * 4 * 16 * 4)
 
 
+def test_decode_bytes_add_the_larger_of_cache_growth_and_grouped_head_expansion_of_one_layer():
+    # 32 query heads over 8 KV heads: repeat_kv makes 4 copies of a layer's keys and values.
+    gqa = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, num_hidden_layers=32)
+    kv = memory.config_kv_bytes_per_token(gqa, torch.bfloat16)
+    assert memory.config_decode_bytes_per_token(gqa, torch.bfloat16) == pytest.approx(kv * (1 + 4 / 32))
+    # Without grouping nothing is expanded: growing the cache (one layer) is the transient.
+    mha = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=2)
+    kv = memory.config_kv_bytes_per_token(mha, torch.float32)
+    assert memory.config_decode_bytes_per_token(mha, torch.float32) == pytest.approx(kv * 1.5)
+
+
 def test_synthesised_model_fits_max_batch_of_max_length_requests():
     settings = memory.MemorySettings(max_batch_size=12, max_sequence_length=2048)
     model = memory.synthesised(settings, bytes_per_token=100.0)

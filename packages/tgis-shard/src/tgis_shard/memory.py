@@ -33,16 +33,44 @@ def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype:
     return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
+@dataclass(frozen=True)
+class AttentionShape:
+    """What a transformers config says about its attention caches."""
+
+    layers: int  # decoder layers
+    heads: int
+    kv_heads: int
+    head_dim: int
+    caches: int  # per layer: 1, or 2 with an encoder-decoder's cross-attention
+
+    @classmethod
+    def of(cls, config: object) -> AttentionShape:
+        heads = getattr(config, "num_attention_heads", None) or getattr(config, "num_heads", 1)
+        hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", 0)
+        layers = getattr(config, "num_decoder_layers", None) or getattr(config, "num_hidden_layers", None)
+        return cls(
+            layers=layers or getattr(config, "num_layers", 1),
+            heads=heads,
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or hidden // heads,
+            caches=2 if getattr(config, "is_encoder_decoder", False) else 1,
+        )
+
+
 def config_kv_bytes_per_token(config: object, dtype: torch.dtype) -> int:
     """The same from a transformers config; encoder-decoders also cache cross-attention."""
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "num_heads", 1)
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", 0)
-    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or hidden // heads
-    layers = getattr(config, "num_decoder_layers", None) or getattr(config, "num_hidden_layers", None)
-    layers = layers or getattr(config, "num_layers", 1)
-    caches = 2 if getattr(config, "is_encoder_decoder", False) else 1
-    return caches * kv_bytes_per_token(layers, kv_heads, head_dim, dtype)
+    shape = AttentionShape.of(config)
+    return shape.caches * kv_bytes_per_token(shape.layers, shape.kv_heads, shape.head_dim, dtype)
+
+
+def config_decode_bytes_per_token(config: object, dtype: torch.dtype) -> float:
+    """KV bytes per cached token plus what a decode step of a padded (transformers) batch briefly
+    adds, one layer at a time: growing the dynamic cache concatenates (the layer's old and new
+    tensors coexist), and attention under a padding mask expands grouped KV heads to the query
+    heads (``repeat_kv``: heads/kv_heads copies of the layer). The larger of the two counts."""
+    shape = AttentionShape.of(config)
+    transient_layers = max(1.0, shape.heads / shape.kv_heads)
+    return config_kv_bytes_per_token(config, dtype) * (1 + transient_layers / shape.layers)
 
 
 def synthesised(settings: MemorySettings, bytes_per_token: float, block_size: int = 1) -> pb.MemoryModel:

@@ -194,15 +194,13 @@ def padded_memory_model(engine: Engine, config: object) -> pb.MemoryModel | None
     if settings.estimate == "off":
         return None
     # Under tensor parallelism (tgis_native's T5) each rank caches only its heads.
-    per_token = memory.config_kv_bytes_per_token(config, ctx.dtype) / ctx.world_size
     if settings.estimate == "manual" or ctx.device.type != "cuda":
-        return memory.synthesised(settings, per_token)
+        return memory.synthesised(settings, memory.config_kv_bytes_per_token(config, ctx.dtype) / ctx.world_size)
     tokens = min(memory.MEASURE_TOKENS, settings.max_sequence_length - 1)
     linear, quadratic = memory.measured_prefill_bytes(ctx.device, engine.measure_prefill, tokens)
     return pb.MemoryModel(
         limit_bytes=memory.free_bytes_for_batches(ctx.device, settings.safety_margin_percent),
-        # Growing a dynamic cache concatenates: a layer's old and new tensors briefly coexist.
-        bytes_per_token=per_token * (1 + 1 / max(1, getattr(config, "num_hidden_layers", 1))),
+        bytes_per_token=memory.config_decode_bytes_per_token(config, ctx.dtype) / ctx.world_size,
         prefill_bytes_per_token=linear,
         prefill_quadratic_bytes=quadratic,
         block_size=1,
