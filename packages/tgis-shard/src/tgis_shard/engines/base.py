@@ -128,6 +128,23 @@ class Engine(ABC):
         state.release()
 
 
+def shard_info(
+    ctx: ShardContext, eos_token_ids: list[int], *, model_kind: int, vocab_size: int, batch_padding: bool, engine: str
+) -> pb.InfoResponse:
+    """What every engine tells the router about itself; the rest comes from the context."""
+    return pb.InfoResponse(
+        model_kind=model_kind,
+        eos_token_ids=eos_token_ids,
+        vocab_size=vocab_size,
+        batch_padding=batch_padding,
+        engine=engine,
+        model_type=ctx.model_type,
+        dtype=str(ctx.dtype).removeprefix("torch."),
+        world_size=ctx.world_size,
+        device=str(ctx.device),
+    )
+
+
 def generated_tokens(ids: Sequence[int], chosen: ChosenTokens, chooser: BatchTokenChooser) -> list[GeneratedToken]:
     """Per-request results; each request gets only the details it asked for."""
     token_ids = chosen.token_ids.tolist()

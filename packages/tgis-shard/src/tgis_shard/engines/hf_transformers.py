@@ -32,6 +32,7 @@ from tgis_shard.engines.base import (
     UnsupportedModelError,
     generated_tokens,
     input_token_details,
+    shard_info,
 )
 from tgis_shard.logits import BatchTokenChooser
 
@@ -75,16 +76,13 @@ class CausalLMEngine(Engine):
         self._cache_kwarg = "cache" if "cache" in accepted else "past_key_values"
 
     def info(self) -> pb.InfoResponse:
-        return pb.InfoResponse(
+        return shard_info(
+            self.ctx,
+            self.eos_token_ids,
             model_kind=pb.DECODER_ONLY,
-            eos_token_ids=self.eos_token_ids,
             vocab_size=self.model.config.vocab_size,
             batch_padding=True,
             engine="hf_transformers",
-            model_type=self.ctx.model_type,
-            dtype=str(self.ctx.dtype).removeprefix("torch."),
-            world_size=self.ctx.world_size,
-            device=str(self.ctx.device),
         )
 
     def _forward(

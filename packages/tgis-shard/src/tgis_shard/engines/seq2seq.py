@@ -35,6 +35,7 @@ from tgis_shard.engines.base import (
     ShardContext,
     UnsupportedModelError,
     generated_tokens,
+    shard_info,
 )
 from tgis_shard.engines.hf_transformers import padded_memory_model
 from tgis_shard.layers.distributed import agree_with_rank0
@@ -135,16 +136,13 @@ class Seq2SeqLMEngine(Engine):
             self._row_positions = _absolute_positions(model)
 
     def info(self) -> pb.InfoResponse:
-        return pb.InfoResponse(
+        return shard_info(
+            self.ctx,
+            self.eos_token_ids,
             model_kind=pb.ENCODER_DECODER,
-            eos_token_ids=self.eos_token_ids,
             vocab_size=self.vocab_size,
             batch_padding=True,
             engine=self.engine,
-            model_type=self.ctx.model_type,
-            dtype=str(self.ctx.dtype).removeprefix("torch."),
-            world_size=self.ctx.world_size,
-            device=str(self.ctx.device),
         )
 
     def _decoder_step(

@@ -31,6 +31,7 @@ from tgis_shard.engines.base import (
     UnsupportedModelError,
     generated_tokens,
     input_token_details,
+    shard_info,
 )
 from tgis_shard.engines.hf_transformers import eos_token_ids
 from tgis_shard.engines.seq2seq import Seq2SeqLMEngine
@@ -133,16 +134,13 @@ class NativeEngine(Engine):
         self.eos_token_ids = eos_token_ids
 
     def info(self) -> pb.InfoResponse:
-        return pb.InfoResponse(
+        return shard_info(
+            self.ctx,
+            self.eos_token_ids,
             model_kind=pb.DECODER_ONLY,
-            eos_token_ids=self.eos_token_ids,
             vocab_size=self.config.vocab_size,
             batch_padding=False,
             engine="tgis_native",
-            model_type=self.ctx.model_type,
-            dtype=str(self.ctx.dtype).removeprefix("torch."),
-            world_size=self.tp.world_size,
-            device=str(self.ctx.device),
         )
 
     def _blocks_for(self, tokens: int) -> int:
