@@ -11,6 +11,10 @@ from tgis_shard.engines.base import Engine, ShardContext
 from tgis_shard.engines.hf_transformers import create_engine
 from tgis_shard.registry import shard_registry
 
+# Prompts of different lengths (one a single token), shared by the engine tests.
+PROMPTS = ["Hello there, general", "A", "The quick brown fox jumps over the lazy dog and then"]
+NEW_TOKENS = 8
+
 
 def cpu_engine(model_dir: Path) -> Engine:
     """The hf_transformers engine on the CPU in float32, as one rank of one."""
@@ -65,3 +69,15 @@ def native_engine(
         attention_backend=attention_backend,
     )
     return create_native_engine(ctx)
+
+
+def check_one_batch_equals_reference(engine: Engine, prompt_ids: list[list[int]], expected: list[list[int]]) -> None:
+    """All prompts in one padded or ragged batch give each prompt's unbatched reference tokens."""
+    tokens, state = engine.prefill(
+        pb.Batch(id=1, requests=[request(i, ids, NEW_TOKENS) for i, ids in enumerate(prompt_ids)])
+    )
+    outputs = {t.request_id: [t.token_id] for t in tokens}
+    decode_steps(engine, state, outputs, NEW_TOKENS - 1)
+    for i, reference in enumerate(expected):
+        # The reference stops at EOS; the engine keeps going until the router prunes it.
+        assert outputs[i][: len(reference)] == reference

@@ -13,13 +13,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.support.engines import decode_steps, native_engine, request
+from tests.support.engines import NEW_TOKENS, PROMPTS, decode_steps, native_engine, request
 from tests.support.ranks import run_ranks
 from tests.support.tiny_models import reference_greedy
 from tgis_proto import shard_pb2 as pb
 
-PROMPTS = ["Hello there, general", "A", "The quick brown fox jumps over the lazy dog and then"]
-NEW_TOKENS = 8
 LOGPROB_TOLERANCE = 1e-4  # float32 on CPU: the sharded sums only reorder additions
 GPU_NEW_TOKENS = 12
 # Half precision: the sharded sums round differently from the reference's single matmuls.

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
-from tests.support.engines import cpu_engine, decode_steps, request
-from tests.support.tiny_models import build_tiny_causal_lm, reference_greedy
+from tests.support.engines import (
+    NEW_TOKENS,
+    check_one_batch_equals_reference,
+    cpu_engine,
+    decode_steps,
+    request,
+)
+from tests.support.tiny_models import build_tiny_causal_lm
 from tgis_proto import shard_pb2 as pb
-
-PROMPTS = ["Hello there, general", "A", "The quick brown fox jumps over the lazy dog and then"]
-NEW_TOKENS = 8
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2", "bloom"])
@@ -24,26 +26,8 @@ def engine(model_dir):
     return cpu_engine(model_dir)
 
 
-@pytest.fixture(scope="module")
-def prompt_ids(model_dir):
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return [tokenizer(p).input_ids for p in PROMPTS]
-
-
-@pytest.fixture(scope="module")
-def expected(model_dir):
-    return reference_greedy(model_dir, PROMPTS, NEW_TOKENS)
-
-
 def test_left_padded_batch_equals_unpadded_reference(engine, prompt_ids, expected):
-    tokens, state = engine.prefill(
-        pb.Batch(id=1, requests=[request(i, ids, NEW_TOKENS) for i, ids in enumerate(prompt_ids)])
-    )
-    outputs = {t.request_id: [t.token_id] for t in tokens}
-    decode_steps(engine, state, outputs, NEW_TOKENS - 1)
-    for i, reference in enumerate(expected):
-        # The reference stops at EOS; the engine keeps going until the router prunes it.
-        assert outputs[i][: len(reference)] == reference
+    check_one_batch_equals_reference(engine, prompt_ids, expected)
 
 
 def test_joining_and_pruning_mid_generation_changes_no_output(engine, prompt_ids, expected):
