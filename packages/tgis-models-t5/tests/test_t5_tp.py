@@ -11,14 +11,12 @@ import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from tests.support.engines import decode_steps, native_engine, request
+from tests.support.engines import NEW_TOKENS, PROMPTS, decode_steps, native_engine, request
 from tests.support.ranks import run_ranks
 from tests.support.tiny_models import build_tiny_seq2seq_lm, reference_greedy
 from tgis_models_t5.model import relative_buckets
 from tgis_proto import shard_pb2 as pb
 
-PROMPTS = ["Hello there, general", "A", "The quick brown fox jumps over the lazy dog and then"]
-NEW_TOKENS = 8
 LOGPROB_TOLERANCE = 1e-4  # float32 on CPU; the sharded sums only reorder additions
 
 CONFIGS = {
@@ -32,17 +30,6 @@ CONFIGS = {
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def model_dir(request, tmp_path_factory):
     return build_tiny_seq2seq_lm(tmp_path_factory.mktemp(request.param), arch="t5", **CONFIGS[request.param])
-
-
-@pytest.fixture(scope="module")
-def prompt_ids(model_dir):
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return [tokenizer(p).input_ids for p in PROMPTS]
-
-
-@pytest.fixture(scope="module")
-def expected(model_dir):
-    return reference_greedy(model_dir, PROMPTS, NEW_TOKENS)
 
 
 def _reference_first_logprobs(model_dir, prompt_ids) -> list[torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Fixtures of the engine tests: each module supplies ``model_dir``; these derive the rest."""
+"""Fixtures of the engine tests, for every test package: each module supplies ``model_dir``;
+these derive its prompts and the reference tokens from it."""
 
 from __future__ import annotations
 

@@ -1,0 +1,3 @@
+"""Fixtures shared by the test packages (the packages' tests and tests/ alike)."""
+
+pytest_plugins = ["tests.support.engine_fixtures"]
