@@ -76,3 +76,16 @@ def test_health_check_runs_a_forward_pass(engine):
     info = engine.info()
     assert info.model_kind == pb.DECODER_ONLY
     assert info.eos_token_ids == [1]
+
+
+def test_decode_measurement_counts_from_after_the_prefill_of_the_asked_batch(engine, monkeypatch):
+    calls = []
+    decode = engine.decode
+
+    def recording_decode(state):
+        calls.append(("decode", len(state.ids), state.attention_mask.shape[1]))
+        return decode(state)
+
+    monkeypatch.setattr(engine, "decode", recording_decode)
+    engine.measure_decode(3, 5, lambda: calls.append(("start counting",)))
+    assert calls == [("start counting",), ("decode", 3, 5)]

@@ -1,9 +1,10 @@
 """The memory model a shard reports for the router's dynamic batch sizing.
 
-On a GPU it is measured (ESTIMATE_MEMORY=auto): a real prefill pass shows the transient memory
-per prompt token, and the free memory after loading the weights, less BATCH_SAFETY_MARGIN
-percent, is the limit. On the CPU, or with ESTIMATE_MEMORY=manual, it is synthesised so that
-MAX_BATCH_SIZE requests of MAX_SEQUENCE_LENGTH tokens fit exactly.
+On a GPU it is measured (ESTIMATE_MEMORY=auto): real prefill passes show the transient memory
+per prompt token, a real decode step the memory per cached token, and the free memory after
+loading the weights, less BATCH_SAFETY_MARGIN percent, is the limit. On the CPU, or with
+ESTIMATE_MEMORY=manual, it is synthesised so that MAX_BATCH_SIZE requests of
+MAX_SEQUENCE_LENGTH tokens fit exactly.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from tgis_proto import shard_pb2 as pb
 ESTIMATE_MODES = ("auto", "manual", "off")
 # Prompt length of the measuring prefill (capped by MAX_SEQUENCE_LENGTH).
 MEASURE_TOKENS = 1024
+# The measuring decode step: a batch of this many prompts (capped by MAX_BATCH_SIZE) of this
+# many tokens; per-row costs (logits) spread over its tokens overstate a little, never under.
+DECODE_PROBE_ROWS = 8
+DECODE_PROBE_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,24 @@ def measured_prefill_bytes(
     long_peak = _prefill_peak(device, run_prefill, tokens)
     short_peak = _prefill_peak(device, run_prefill, short)
     return fit_prefill(short, short_peak, tokens, long_peak)
+
+
+def measured_decode_bytes_per_token(
+    device: torch.device, run_decode: Callable[[int, int, Callable[[], None]], None], rows: int, tokens: int
+) -> float:
+    """Peak memory of a decode step per cached token: ``run_decode(rows, tokens, start_counting)``
+    prefills ``rows`` prompts of ``tokens`` tokens, calls ``start_counting`` and decodes once. The
+    peak above the memory before the prefill holds the batch's cache and all the step adds."""
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+
+    def start_counting() -> None:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+    run_decode(rows, tokens, start_counting)
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / (rows * (tokens + 1))
 
 
 def free_bytes_for_batches(device: torch.device, safety_margin_percent: int) -> float:

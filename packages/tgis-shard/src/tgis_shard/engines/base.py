@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,6 +125,15 @@ class Engine(ABC):
         """Runs and drops a prefill of one ``tokens``-long prompt, to measure its memory."""
         request = pb.Request(id=0, input_ids=[0] * tokens, max_new_tokens=1)
         _, state = self.prefill(pb.Batch(id=0, requests=[request]))
+        state.release()
+
+    def measure_decode(self, rows: int, tokens: int, start_counting: Callable[[], None]) -> None:
+        """Prefills ``rows`` prompts of ``tokens`` tokens, calls ``start_counting``, runs one decode
+        step and drops the batch: the memory of a decode step over a cache of that size."""
+        requests = [pb.Request(id=i, input_ids=[0] * tokens, max_new_tokens=2) for i in range(rows)]
+        _, state = self.prefill(pb.Batch(id=0, requests=requests))
+        start_counting()
+        self.decode(state)
         state.release()
 
 

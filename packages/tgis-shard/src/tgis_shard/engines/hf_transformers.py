@@ -196,9 +196,14 @@ def padded_memory_model(engine: Engine, config: object) -> pb.MemoryModel | None
         return memory.synthesised(settings, memory.config_kv_bytes_per_token(config, ctx.dtype) / ctx.world_size)
     tokens = min(memory.MEASURE_TOKENS, settings.max_sequence_length - 1)
     linear, quadratic = memory.measured_prefill_bytes(ctx.device, engine.measure_prefill, tokens)
+    rows = min(memory.DECODE_PROBE_ROWS, settings.max_batch_size)
+    probe_tokens = max(1, min(memory.DECODE_PROBE_TOKENS, settings.max_sequence_length - 2))
+    decode = memory.measured_decode_bytes_per_token(ctx.device, engine.measure_decode, rows, probe_tokens)
+    # The config's count is the floor: a small probe can miss transients that grow with the batch.
+    counted = memory.config_decode_bytes_per_token(config, ctx.dtype) / ctx.world_size
     return pb.MemoryModel(
         limit_bytes=memory.free_bytes_for_batches(ctx.device, settings.safety_margin_percent),
-        bytes_per_token=memory.config_decode_bytes_per_token(config, ctx.dtype) / ctx.world_size,
+        bytes_per_token=max(decode, counted),
         prefill_bytes_per_token=linear,
         prefill_quadratic_bytes=quadratic,
         block_size=1,
