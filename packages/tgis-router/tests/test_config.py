@@ -3,6 +3,7 @@
 import pytest
 
 from tgis_router.config import ConfigError, num_shards, parse_config
+from tgis_router.launcher import _child_env
 
 
 def test_defaults_match_tgis():
@@ -54,3 +55,11 @@ def test_bad_values_name_the_option(argv, environ, message):
 )
 def test_shard_count_from_num_gpus_or_visible_devices(environ, expected):
     assert num_shards(parse_config([], environ=environ)) == expected
+
+
+@pytest.mark.parametrize(("value", "expected"), [("true", "true"), ("false", "false")])
+def test_shards_inherit_the_log_format_and_level(value, expected):
+    config = parse_config([], environ={"JSON_OUTPUT": value, "LOG_LEVEL": "debug"})
+    env = _child_env(config)
+    assert env["JSON_OUTPUT"] == expected
+    assert env["LOG_LEVEL"] == config.log_level

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -11,6 +12,16 @@ from transformers import AutoModelForCausalLM
 
 from tests.support.tiny_models import build_tiny_causal_lm
 from tgis_shard.cli import main
+
+
+@pytest.fixture(autouse=True)
+def restored_logging():
+    """main() configures the root logger for its process; tests share one."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +68,12 @@ def test_convert_to_safetensors_keeps_tied_weights(model_dir, tmp_path):
     converted = load_file(tmp_path / "model.safetensors")
     assert set(converted) == set(state)
     assert torch.equal(converted["lm_head.weight"], state["model.embed_tokens.weight"])
+
+
+def test_logs_are_json_lines_when_the_launcher_asks(capsys, monkeypatch):
+    monkeypatch.setenv("JSON_OUTPUT", "true")
+    monkeypatch.setenv("LOG_LEVEL", "info")
+    assert main(["plugins"]) == 0
+    logging.getLogger("tgis_shard").info("rank %d ready", 1)
+    (line,) = capsys.readouterr().err.splitlines()
+    assert json.loads(line)["message"] == "rank 1 ready"

@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tgis_proto import shard_pb2 as shard_pb
+from tgis_proto.logs import configure_logging
 from tgis_proto.plugins import PluginError, Registry, load_registry
 from tgis_router.admission import Admission, memory_model
 from tgis_router.config import ConfigError, LauncherConfig, num_shards, parse_config
-from tgis_router.logs import configure_logging
 from tgis_router.router import ModelSetup, admission_config, run_router
 from tgis_router.shard_client import ShardClient
 
@@ -90,6 +90,8 @@ async def _prepare(config: LauncherConfig) -> dict:
 def _child_env(config: LauncherConfig, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["LOG_LEVEL"] = config.log_level
+    # Shards log like the launcher, so a collector reads one format from the whole pod.
+    env["JSON_OUTPUT"] = "true" if config.json_output else "false"
     if config.tgis_plugins:
         env["TGIS_PLUGINS"] = config.tgis_plugins
     env.update(extra)

@@ -1,4 +1,4 @@
-"""Logging set-up shared by the launcher and the router: plain text or JSON lines."""
+"""Logging set-up shared by the launcher, the router and the shards: plain text or JSON lines."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str, json_output: bool) -> None:
+    """Every record to stderr, one line each, at ``level`` and above."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         JsonFormatter() if json_output else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,47 @@
+"""Log lines: JSON objects for collectors (JSON_OUTPUT), plain text otherwise."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import pytest
+
+from tgis_proto.logs import JsonFormatter, configure_logging
+
+
+def test_json_formatter_writes_one_object_per_record_with_the_exception() -> None:
+    try:
+        raise ValueError("bad shape")
+    except ValueError:
+        record = logging.LogRecord("tgis_shard", logging.ERROR, __file__, 1, "step %d failed", (7,), True)
+        record.exc_info = sys.exc_info()
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    entry = json.loads(line)
+    assert entry["level"] == "ERROR"
+    assert entry["logger"] == "tgis_shard"
+    assert entry["message"] == "step 7 failed"
+    assert "ValueError: bad shape" in entry["exception"]
+
+
+@pytest.fixture
+def restored_logging():
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.parametrize("json_output", [True, False])
+def test_configured_logging_writes_the_chosen_format_to_stderr(restored_logging, capsys, json_output) -> None:
+    configure_logging("INFO", json_output)
+    logging.getLogger("tgis_router").info("serving on %d", 8033)
+    logging.getLogger("tgis_router").debug("not shown at INFO")
+    (line,) = capsys.readouterr().err.splitlines()
+    if json_output:
+        assert json.loads(line)["message"] == "serving on 8033"
+    else:
+        assert line.endswith("INFO tgis_router: serving on 8033")
