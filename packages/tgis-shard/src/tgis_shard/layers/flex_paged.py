@@ -11,6 +11,9 @@ padded copy.
 CPU to test this module, ignores the block lists): the entry's block must belong to the query's
 sequence, and its position in that sequence must not be after the query's. ALiBi and sliding
 windows are expressed on the same positions, so all backends compute the same function.
+
+FlexAttention is imported where it is used: the package supports torch releases without it, and
+``choose_backend`` picks this backend only on the releases it was verified with.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
+
     from tgis_shard.layers.paged_attention import AttentionMetadata
 
 T = torch.Tensor
@@ -62,9 +66,17 @@ def _compiled_flex_attention() -> Callable[..., torch.Tensor]:
     # left to automatic dynamic shapes: the cache's length stays a constant (fully dynamic
     # shapes made decode ~4× slower on an H200), and batch, query and table sizes turn dynamic
     # on their first change; size-1 and flag specialisations give a dozen graphs at most.
+    from torch.nn.attention.flex_attention import flex_attention
+
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, FLEX_GRAPH_LIMIT)
     return torch.compile(flex_attention)
+
+
+def _eager_flex_attention() -> Callable[..., torch.Tensor]:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention
 
 
 def flex_paged_attention(
@@ -92,7 +104,7 @@ def flex_paged_attention(
 
     cache_keys = key_cache.view(1, num_blocks * block_size, kv_heads, head_dim).transpose(1, 2)
     cache_values = value_cache.view(1, num_blocks * block_size, kv_heads, head_dim).transpose(1, 2)
-    attend = _compiled_flex_attention() if query.is_cuda else flex_attention
+    attend = _compiled_flex_attention() if query.is_cuda else _eager_flex_attention()
     out = attend(
         meta.pad_queries(query).transpose(1, 2),
         cache_keys,
@@ -132,6 +144,8 @@ def _block_mask(meta: AttentionMetadata, layout: FlexLayout, sliding_window: int
     """Per sequence and query tile: the blocks every query of the tile sees whole ("full": the
     kernel skips ``mask_mod`` there), then the blocks from the tile's first query position up to
     its last ("partial": the causal edge, masked per entry). Later blocks are all future."""
+    from torch.nn.attention.flex_attention import BlockMask
+
     block_size = layout.block_size
     num_seqs, width = meta.block_tables.shape
     device = meta.block_tables.device
