@@ -10,9 +10,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import FalconConfig, PretrainedConfig
 
+from tests.support.engines import native_engine, request
 from tests.support.native_checks import check_each_rank_holds_about_half, check_sharded_equals_transformers
 from tests.support.tiny_models import build_tiny_causal_lm
 from tgis_models_falcon.model import FalconLayout
+from tgis_proto import shard_pb2 as pb
 
 CONFIGS = {
     # One KV head for two ranks: it is replicated, each rank keeping half the query heads.
@@ -24,6 +26,8 @@ CONFIGS = {
         "num_kv_heads": 2,
         "tie_word_embeddings": False,
     },
+    # Parallel blocks with biases: attention and MLP shares are reduced once, each bias added once.
+    "falcon-7b-bias": {"multi_query": True, "parallel_attn": True, "new_decoder_architecture": False, "bias": True},
     # New decoder with one shared LayerNorm (num_ln_in_parallel_attn=1) and a single KV group.
     "falcon2-11b": {"new_decoder_architecture": True, "num_ln_in_parallel_attn": 1, "num_kv_heads": 1},
     # Per-head [q, k, v] groups, sequential blocks, ALiBi instead of rotary, biases everywhere.
@@ -51,6 +55,18 @@ def _randomise_biases(path: Path) -> None:
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_sharded_falcon_equals_transformers(model_dir, world_size):
     check_sharded_equals_transformers(model_dir, world_size)
+
+
+@pytest.mark.parametrize(("config", "per_layer"), [("falcon-40b", 1), ("falcon-rw", 2)], ids=["parallel", "sequential"])
+def test_parallel_blocks_all_reduce_once_per_layer(tmp_path, monkeypatch, config, per_layer):
+    model_dir = build_tiny_causal_lm(tmp_path / "falcon", arch="falcon", **CONFIGS[config])
+    engine = native_engine(0, 1, 0, model_dir)
+    reduced = []
+    all_reduce = type(engine.tp).all_reduce
+    monkeypatch.setattr(type(engine.tp), "all_reduce", lambda tp, x: reduced.append(x.shape) or all_reduce(tp, x))
+    engine.prefill(pb.Batch(id=1, requests=[request(0, [5, 6, 7], 2)]))
+    # On one rank the embedding looks its rows up whole: every reduce is a block's.
+    assert len(reduced) == engine.model.num_layers * per_layer
 
 
 def test_each_rank_holds_about_half_the_weights(tmp_path):

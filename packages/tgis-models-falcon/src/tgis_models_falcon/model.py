@@ -125,7 +125,9 @@ class FalconAttention(nn.Module):
         rotary: Rotary | None,
         cache: PagedKVCache,
         meta: AttentionMetadata,
+        reduce: bool = True,
     ) -> torch.Tensor:
+        """``reduce=False``: this rank's share, before the all-reduce and the bias."""
         tokens = hidden.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.query_key_value(hidden).split([q_size, kv_size, kv_size], dim=-1)
@@ -134,8 +136,10 @@ class FalconAttention(nn.Module):
         if rotary is not None:
             q, k = RotaryEmbedding.apply(q, *rotary), RotaryEmbedding.apply(k, *rotary)
         cache.store(self.layer, k, v.view(tokens, self.num_kv_heads, self.head_dim), meta.slots)
-        out = paged_attention(q, cache, self.layer, meta, self.scale, alibi_slopes=self.alibi_slopes)
-        return self.dense(out.reshape(tokens, q_size))
+        out = paged_attention(q, cache, self.layer, meta, self.scale, alibi_slopes=self.alibi_slopes).reshape(
+            tokens, q_size
+        )
+        return self.dense(out) if reduce else self.dense.partial(out)
 
 
 class FalconMLP(nn.Module):
@@ -145,8 +149,10 @@ class FalconMLP(nn.Module):
         self.dense_4h_to_h = RowParallelLinear.load(weights, f"{prefix}.dense_4h_to_h", layout.bias, tp)
         self.act = ACT2FN[layout.activation]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """``reduce=False``: this rank's share, before the all-reduce and the bias."""
+        activated = self.act(self.dense_h_to_4h(x))
+        return self.dense_4h_to_h(activated) if reduce else self.dense_4h_to_h.partial(activated)
 
 
 class FalconDecoderLayer(nn.Module):
@@ -166,17 +172,20 @@ class FalconDecoderLayer(nn.Module):
                 self.mlp_norm = LayerNorm.load(weights, f"{prefix}.post_attention_layernorm", eps)
         self.self_attention = FalconAttention(layout, weights, f"{prefix}.self_attention", tp, layer)
         self.mlp = FalconMLP(layout, weights, f"{prefix}.mlp", tp)
+        self.tp = tp
 
     def forward(
         self, hidden: torch.Tensor, rotary: Rotary | None, cache: PagedKVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
         normed = self.attn_norm(hidden)
-        attention = self.self_attention(normed, rotary, cache, meta)
         if not self.parallel:
-            hidden = hidden + attention
+            hidden = hidden + self.self_attention(normed, rotary, cache, meta)
             return hidden + self.mlp(self.mlp_norm(hidden))
         mlp_input = normed if self.mlp_norm is None else self.mlp_norm(hidden)
-        return hidden + (self.mlp(mlp_input) + attention)
+        # Attention and MLP read the same input: their shares are summed and reduced once.
+        shares = self.self_attention(normed, rotary, cache, meta, reduce=False) + self.mlp(mlp_input, reduce=False)
+        reduced = self.tp.all_reduce(shares)
+        return hidden + self.mlp.dense_4h_to_h.add_bias(self.self_attention.dense.add_bias(reduced))
 
 
 class FalconForCausalLM(nn.Module):

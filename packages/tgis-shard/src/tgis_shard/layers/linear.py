@@ -87,6 +87,13 @@ class RowParallelLinear(ParallelLinear):
         weight = weights.get_sharded(f"{prefix}.weight", dim=1)
         return cls(weight, weights.get(f"{prefix}.bias") if bias else None, tp)
 
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the output: no all-reduce, no bias. Blocks that add several
+        row-parallel outputs (parallel attention and MLP) sum the shares and reduce once."""
+        return F.linear(x, self.weight)
+
+    def add_bias(self, reduced: torch.Tensor) -> torch.Tensor:
+        return reduced + self.full_bias if self.full_bias is not None else reduced
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.tp.all_reduce(F.linear(x, self.weight))
-        return out + self.full_bias if self.full_bias is not None else out
+        return self.add_bias(self.tp.all_reduce(self.partial(x)))
