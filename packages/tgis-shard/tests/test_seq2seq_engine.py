@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -16,7 +17,7 @@ from tests.support.engines import (
     decode_steps,
     request,
 )
-from tests.support.tiny_models import build_tiny_seq2seq_lm
+from tests.support.tiny_models import build_tiny_seq2seq_lm, reference_greedy
 from tgis_proto import shard_pb2 as pb
 from tgis_shard.engines.seq2seq import Seq2SeqLMEngine
 
@@ -127,3 +128,15 @@ def test_decoder_with_more_layers_than_the_encoder(tmp_path):
             ).logits
             decoded.append(int(logits[0, -1].argmax()))
     assert outputs[0] == decoded[1:]
+
+
+def test_forced_first_token_of_the_generation_config_is_generated_first(tmp_path):
+    # mBART-50 / NLLB style: generate() forces the target-language token as the first output.
+    model_dir = build_tiny_seq2seq_lm(tmp_path / "bart", arch="bart")
+    config_file = model_dir / "generation_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "forced_bos_token_id": 7}))
+    expected = reference_greedy(model_dir, PROMPTS, NEW_TOKENS)
+    assert all(tokens[0] == 7 for tokens in expected)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt_ids = [tokenizer(p).input_ids for p in PROMPTS]
+    check_one_batch_equals_reference(_engine(model_dir), prompt_ids, expected)

@@ -16,6 +16,7 @@ differences (unchanged), while decoders with absolute positions get each row's o
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
@@ -123,6 +124,8 @@ class Seq2SeqLMEngine(Engine):
         self.eos_token_ids = eos_token_ids
         self.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
         self.decoder_start_token_id = _decoder_start_token_id(model)
+        # mBART-50 and NLLB make the first generated token the target language's code.
+        self.forced_bos_token_id = _generation_setting(model, "forced_bos_token_id")
         self.vocab_size = model.config.get_text_config(decoder=True).vocab_size
         # Caches are sized from the decoder's own config: T5's top-level config counts the encoder's
         # layers (num_layers), which differ from num_decoder_layers in some checkpoints.
@@ -189,6 +192,11 @@ class Seq2SeqLMEngine(Engine):
         # describe its self-attention only; cross-attention always sees the whole encoder output.
         cache = EncoderDecoderCache(DynamicCache(config=self._decoder_config), DynamicCache())
         logits = self._decoder_step(encoder_hidden, encoder_mask, decoder_input_ids, decoder_mask, cache)
+        if self.forced_bos_token_id is not None:
+            # As generate() does: every other token impossible, whatever the sampling settings.
+            forced = torch.full_like(logits, -math.inf)
+            forced[:, self.forced_bos_token_id] = 0.0
+            logits = forced
         # The repetition penalty covers decoder tokens only: the prompt is the encoder's input.
         chooser = BatchTokenChooser.from_requests(
             batch.requests, self.eos_token_ids, self.vocab_size, device, prompt_in_history=False
@@ -271,16 +279,21 @@ def _unscored_input_tokens(request: pb.Request) -> tuple[pb.Token, ...]:
     return tuple(pb.Token(id=i, logprob=float("nan")) for i in request.input_ids)
 
 
+def _generation_setting(model: PreTrainedModel, name: str) -> int | None:
+    """A token id as ``generate`` finds it: in the generation config, else the model config."""
+    for source in (model.generation_config, model.config):
+        value = getattr(source, name, None)
+        if value is not None:
+            return int(value)
+    return None
+
+
 def _decoder_start_token_id(model: PreTrainedModel) -> int:
-    """What ``generate`` starts the decoder with: generation config, then model config, then BOS."""
-    for source in (model.generation_config, model.config):
-        value = getattr(source, "decoder_start_token_id", None)
+    """What ``generate`` starts the decoder with: decoder_start_token_id, else BOS."""
+    for name in ("decoder_start_token_id", "bos_token_id"):
+        value = _generation_setting(model, name)
         if value is not None:
-            return int(value)
-    for source in (model.generation_config, model.config):
-        value = getattr(source, "bos_token_id", None)
-        if value is not None:
-            return int(value)
+            return value
     raise UnsupportedModelError("the model config names neither a decoder_start_token_id nor a bos_token_id")
 
 
