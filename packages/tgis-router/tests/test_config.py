@@ -3,7 +3,7 @@
 import pytest
 
 from tgis_router.config import ConfigError, num_shards, parse_config
-from tgis_router.launcher import _child_env
+from tgis_router.launcher import _child_env, not_yet_supported
 
 
 def test_defaults_match_tgis():
@@ -63,3 +63,10 @@ def test_shards_inherit_the_log_format_and_level(value, expected):
     env = _child_env(config)
     assert env["JSON_OUTPUT"] == expected
     assert env["LOG_LEVEL"] == config.log_level
+
+
+def test_accepted_but_unsupported_tgis_options_are_named_at_start():
+    assert not_yet_supported(parse_config([], environ={})) == []
+    config = parse_config([], environ={"PT2_COMPILE": "true", "PREFIX_STORE_PATH": "/prefixes"})
+    warnings = not_yet_supported(config)
+    assert [w.split()[0] for w in warnings] == ["PT2_COMPILE", "PREFIX_STORE_PATH"]

@@ -221,6 +221,16 @@ async def _launch(config: LauncherConfig) -> int:
         await shards.close()
 
 
+def not_yet_supported(config: LauncherConfig) -> list[str]:
+    """TGIS options this build accepts, so existing deployments start, but does not act on yet."""
+    warnings = []
+    if config.pt2_compile:
+        warnings.append("PT2_COMPILE is not supported yet: models run eagerly (tgis_native still compiles attention)")
+    if config.prefix_store_path:
+        warnings.append("PREFIX_STORE_PATH is not supported yet: requests naming a prefix_id are refused")
+    return warnings
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = parse_config(argv)
@@ -228,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"text-generation-launcher: error: {e}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, config.json_output)
+    for warning in not_yet_supported(config):
+        log.warning(warning)
     try:
         return asyncio.run(_launch(config))
     except LaunchError as e:
