@@ -10,11 +10,12 @@ from torch import nn
 from transformers import BloomConfig
 
 from tgis_shard.layers.alibi import alibi_slopes
+from tgis_shard.layers.attention_heads import AttentionHeads
 from tgis_shard.layers.distributed import TensorParallel
 from tgis_shard.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from tgis_shard.layers.linear import ColumnParallelLinear, RowParallelLinear
 from tgis_shard.layers.norm import LayerNorm
-from tgis_shard.layers.paged_attention import AttentionMetadata, PagedKVCache, paged_attention
+from tgis_shard.layers.paged_attention import AttentionMetadata, PagedKVCache
 from tgis_shard.weights import Weights
 
 
@@ -29,14 +30,12 @@ class BloomAttention(nn.Module):
         slopes: torch.Tensor,
     ):
         super().__init__()
-        self.layer = layer
-        self.head_dim = config.hidden_size // config.n_head
-        self.num_heads = config.n_head // tp.world_size
-        self.scale = self.head_dim**-0.5
+        num_heads = config.n_head // tp.world_size
+        self.heads = AttentionHeads(layer, num_heads, num_heads, config.hidden_size // config.n_head)
         self.register_buffer("alibi_slopes", slopes, persistent=False)
         # The fused rows are laid out per head as [q, k, v] (a [heads, 3, head_dim] view), so a
         # rank's heads are one contiguous run of 3 * head_dim-row groups: a head split reads them.
-        name, group = f"{prefix}.query_key_value", 3 * self.head_dim
+        name, group = f"{prefix}.query_key_value", 3 * self.heads.head_dim
         self.query_key_value = ColumnParallelLinear(
             weights.get_heads(f"{name}.weight", 0, config.n_head, group),
             weights.get_heads(f"{name}.bias", 0, config.n_head, group),
@@ -44,12 +43,9 @@ class BloomAttention(nn.Module):
         self.dense = RowParallelLinear.load(weights, f"{prefix}.dense", True, tp)
 
     def forward(self, hidden: torch.Tensor, cache: PagedKVCache, meta: AttentionMetadata) -> torch.Tensor:
-        tokens = hidden.shape[0]
-        qkv = self.query_key_value(hidden).view(tokens, self.num_heads, 3, self.head_dim)
+        qkv = self.query_key_value(hidden).view(hidden.shape[0], self.heads.num_heads, 3, self.heads.head_dim)
         q, k, v = qkv.unbind(dim=2)
-        cache.store(self.layer, k, v, meta.slots)
-        out = paged_attention(q, cache, self.layer, meta, self.scale, alibi_slopes=self.alibi_slopes)
-        return self.dense(out.reshape(tokens, self.num_heads * self.head_dim))
+        return self.dense(self.heads.attend(q, k, v, cache, meta, alibi_slopes=self.alibi_slopes))
 
 
 class BloomMLP(nn.Module):
@@ -107,10 +103,10 @@ class BloomForCausalLM(nn.Module):
         self.h = nn.ModuleList(BloomBlock(config, weights, prefix, tp, i, slopes) for i in range(config.n_layer))
         self.ln_f = LayerNorm.load(weights, f"{prefix}ln_f", eps)
         self.lm_head = ParallelLMHead.for_config(config, weights, self.word_embeddings)
-        attention = self.h[0].self_attention
+        heads = self.h[0].self_attention.heads
         self.num_layers = config.n_layer
-        self.num_kv_heads = attention.num_heads
-        self.head_dim = attention.head_dim
+        self.num_kv_heads = heads.num_kv_heads
+        self.head_dim = heads.head_dim
 
     def forward(
         self,

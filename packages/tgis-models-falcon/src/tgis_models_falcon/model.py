@@ -24,15 +24,14 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
 from tgis_shard.layers.alibi import alibi_slopes
+from tgis_shard.layers.attention_heads import AttentionHeads, Rotary
 from tgis_shard.layers.distributed import TensorParallel
 from tgis_shard.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from tgis_shard.layers.linear import ColumnParallelLinear, RowParallelLinear
 from tgis_shard.layers.norm import LayerNorm
-from tgis_shard.layers.paged_attention import AttentionMetadata, PagedKVCache, paged_attention
+from tgis_shard.layers.paged_attention import AttentionMetadata, PagedKVCache
 from tgis_shard.layers.rotary import RotaryEmbedding
 from tgis_shard.weights import Weights
-
-Rotary = tuple[torch.Tensor, torch.Tensor]
 
 
 def _setting(config: PretrainedConfig, *names: str, default: Any = None) -> Any:
@@ -99,11 +98,9 @@ class FalconLayout:
 class FalconAttention(nn.Module):
     def __init__(self, layout: FalconLayout, weights: Weights, prefix: str, tp: TensorParallel, layer: int):
         super().__init__()
-        self.layer = layer
-        self.head_dim = layout.head_dim
-        self.num_heads = layout.num_heads // tp.world_size
-        self.num_kv_heads = max(1, layout.num_kv_heads // tp.world_size)
-        self.scale = self.head_dim**-0.5
+        self.heads = AttentionHeads(
+            layer, layout.num_heads // tp.world_size, max(1, layout.num_kv_heads // tp.world_size), layout.head_dim
+        )
         fused = f"{prefix}.query_key_value"
         heads = (layout.num_heads, layout.num_kv_heads, layout.head_dim)
         self.query_key_value = ColumnParallelLinear(
@@ -117,7 +114,7 @@ class FalconAttention(nn.Module):
             # by 1/sqrt(head_dim) with the scores. (It also rounds slope × absolute key position to
             # bfloat16, which no distance-based kernel can repeat: past ~256 tokens it drifts.)
             slopes = alibi_slopes(layout.num_heads, tp, weights.device)
-            self.alibi_slopes = slopes.bfloat16().float() * self.scale
+            self.alibi_slopes = slopes.bfloat16().float() * self.heads.scale
 
     def forward(
         self,
@@ -128,17 +125,8 @@ class FalconAttention(nn.Module):
         reduce: bool = True,
     ) -> torch.Tensor:
         """``reduce=False``: this rank's share, before the all-reduce and the bias."""
-        tokens = hidden.shape[0]
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.query_key_value(hidden).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(tokens, self.num_heads, self.head_dim)
-        k = k.view(tokens, self.num_kv_heads, self.head_dim)
-        if rotary is not None:
-            q, k = RotaryEmbedding.apply(q, *rotary), RotaryEmbedding.apply(k, *rotary)
-        cache.store(self.layer, k, v.view(tokens, self.num_kv_heads, self.head_dim), meta.slots)
-        out = paged_attention(q, cache, self.layer, meta, self.scale, alibi_slopes=self.alibi_slopes).reshape(
-            tokens, q_size
-        )
+        q, k, v = self.heads.split(self.query_key_value(hidden))
+        out = self.heads.attend(q, k, v, cache, meta, rotary=rotary, alibi_slopes=self.alibi_slopes)
         return self.dense(out) if reduce else self.dense.partial(out)
 
 
@@ -203,7 +191,7 @@ class FalconForCausalLM(nn.Module):
             else ParallelLMHead.load(weights, "lm_head.weight", tp, config.vocab_size)
         )
         self.num_layers = layout.num_layers
-        self.num_kv_heads = self.h[0].self_attention.num_kv_heads
+        self.num_kv_heads = self.h[0].self_attention.heads.num_kv_heads
         self.head_dim = layout.head_dim
         self.rotary = None if layout.alibi else RotaryEmbedding(config, layout.head_dim, weights.device)
 

@@ -9,11 +9,12 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.activations import ACT2FN
 
+from tgis_shard.layers.attention_heads import AttentionHeads
 from tgis_shard.layers.distributed import TensorParallel
 from tgis_shard.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from tgis_shard.layers.linear import ColumnParallelLinear, RowParallelLinear
 from tgis_shard.layers.norm import RMSNorm
-from tgis_shard.layers.paged_attention import AttentionMetadata, PagedKVCache, paged_attention
+from tgis_shard.layers.paged_attention import AttentionMetadata, PagedKVCache
 from tgis_shard.layers.rotary import RotaryEmbedding
 from tgis_shard.weights import Weights
 
@@ -21,17 +22,19 @@ from tgis_shard.weights import Weights
 class LlamaAttention(nn.Module):
     def __init__(self, config: LlamaConfig, weights: Weights, prefix: str, tp: TensorParallel, layer: int):
         super().__init__()
-        self.layer = layer
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.num_heads = config.num_attention_heads // tp.world_size
-        self.num_kv_heads = max(1, config.num_key_value_heads // tp.world_size)
-        self.scale = self.head_dim**-0.5
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.heads = AttentionHeads(
+            layer,
+            config.num_attention_heads // tp.world_size,
+            max(1, config.num_key_value_heads // tp.world_size),
+            head_dim,
+        )
         self.qkv = ColumnParallelLinear.load_qkv(
             weights,
             (f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"),
             config.num_attention_heads,
             config.num_key_value_heads,
-            self.head_dim,
+            head_dim,
             bias=getattr(config, "attention_bias", False),
         )
         self.o_proj = RowParallelLinear.load(weights, f"{prefix}.o_proj", getattr(config, "attention_bias", False), tp)
@@ -44,14 +47,8 @@ class LlamaAttention(nn.Module):
         cache: PagedKVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        tokens = hidden.shape[0]
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv(hidden).split([q_size, kv_size, kv_size], dim=-1)
-        q = RotaryEmbedding.apply(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
-        k = RotaryEmbedding.apply(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
-        cache.store(self.layer, k, v.view(tokens, self.num_kv_heads, self.head_dim), meta.slots)
-        out = paged_attention(q, cache, self.layer, meta, self.scale)
-        return self.o_proj(out.reshape(tokens, q_size))
+        q, k, v = self.heads.split(self.qkv(hidden))
+        return self.o_proj(self.heads.attend(q, k, v, cache, meta, rotary=(cos, sin)))
 
 
 class LlamaMLP(nn.Module):
@@ -90,10 +87,10 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, weights, tp, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm.load(weights, "model.norm", config.rms_norm_eps)
         self.lm_head = ParallelLMHead.for_config(config, weights, self.embed_tokens)
-        attention = self.layers[0].self_attn
+        heads = self.layers[0].self_attn.heads
         self.num_layers = config.num_hidden_layers
-        self.num_kv_heads = attention.num_kv_heads
-        self.head_dim = attention.head_dim
+        self.num_kv_heads = heads.num_kv_heads
+        self.head_dim = heads.head_dim
         self.rotary = RotaryEmbedding(config, self.head_dim, weights.device)
 
     def forward(

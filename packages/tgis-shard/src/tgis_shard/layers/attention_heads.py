@@ -1,0 +1,55 @@
+"""A layer's attention heads on one rank, from projected queries, keys and values to the output
+before the output projection: rotary, the cache write, paged attention. Model families differ in
+how they project and lay out their fused QKV; what follows the projection is written once here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tgis_shard.layers.paged_attention import AttentionMetadata, PagedKVCache, paged_attention
+from tgis_shard.layers.rotary import RotaryEmbedding
+
+Rotary = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AttentionHeads:
+    layer: int
+    num_heads: int  # on this rank
+    num_kv_heads: int  # on this rank (replicated when fewer than the ranks)
+    head_dim: int
+
+    @property
+    def scale(self) -> float:
+        return self.head_dim**-0.5
+
+    def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[tokens, (heads + 2 kv_heads) × head_dim]`` laid out [q | k | v] → per-head views."""
+        tokens = qkv.shape[0]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        return (
+            q.view(tokens, self.num_heads, self.head_dim),
+            k.view(tokens, self.num_kv_heads, self.head_dim),
+            v.view(tokens, self.num_kv_heads, self.head_dim),
+        )
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache: PagedKVCache,
+        meta: AttentionMetadata,
+        rotary: Rotary | None = None,
+        alibi_slopes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Rotates q and k (when given cos/sin), writes k and v to the cache, attends over it:
+        ``[tokens, heads × head_dim]``, ready for the row-parallel output projection."""
+        if rotary is not None:
+            q, k = RotaryEmbedding.apply(q, *rotary), RotaryEmbedding.apply(k, *rotary)
+        cache.store(self.layer, k, v, meta.slots)
+        out = paged_attention(q, cache, self.layer, meta, self.scale, alibi_slopes=alibi_slopes)
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
