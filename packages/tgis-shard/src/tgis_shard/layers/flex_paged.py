@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from tgis_shard.layers.paged_attention import AttentionMetadata, blocks_for
+
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
-
-    from tgis_shard.layers.paged_attention import AttentionMetadata
 
 T = torch.Tensor
 # The main kernel for every step. FlexAttention's decoding kernel (short queries, static batch)
@@ -106,7 +106,7 @@ def flex_paged_attention(
     cache_values = value_cache.view(1, num_blocks * block_size, kv_heads, head_dim).transpose(1, 2)
     attend = _compiled_flex_attention() if query.is_cuda else _eager_flex_attention()
     out = attend(
-        meta.pad_queries(query).transpose(1, 2),
+        meta.pad_rows(query).transpose(1, 2),
         cache_keys,
         cache_values,
         score_mod=score_mod,
@@ -115,13 +115,13 @@ def flex_paged_attention(
         enable_gqa=kv_heads != heads,
         kernel_options=KERNEL_OPTIONS,
     )
-    return out.transpose(1, 2).reshape(-1, heads, head_dim)[meta.query_rows]
+    return meta.unpad_rows(out.transpose(1, 2))
 
 
 def _layout(meta: AttentionMetadata, num_blocks: int, block_size: int) -> FlexLayout:
     device = meta.block_tables.device
     num_seqs, width = meta.block_tables.shape
-    used = torch.arange(width, device=device) < _blocks_used(meta.context_lens, block_size)[:, None]
+    used = torch.arange(width, device=device) < blocks_for(meta.context_lens.long(), block_size)[:, None]
     # Unused table entries (padding) scatter into a spare last element, dropped afterwards.
     targets = torch.where(used, meta.block_tables.long(), num_blocks).flatten()
     owner = torch.full((num_blocks + 1,), -1, dtype=torch.int32, device=device)
@@ -131,13 +131,8 @@ def _layout(meta: AttentionMetadata, num_blocks: int, block_size: int) -> FlexLa
     )
     index = torch.zeros(num_blocks + 1, dtype=torch.int32, device=device)
     index.scatter_(0, targets, torch.arange(width, dtype=torch.int32, device=device).expand(num_seqs, -1).flatten())
-    query_positions = meta.positions.new_full((num_seqs * meta.max_q,), -1)
-    query_positions.index_copy_(0, meta.query_rows, meta.positions)
-    return FlexLayout(query_positions.view(num_seqs, meta.max_q), owner[:num_blocks], index[:num_blocks], block_size)
-
-
-def _blocks_used(tokens: torch.Tensor, block_size: int) -> torch.Tensor:
-    return (tokens.long() + block_size - 1) // block_size
+    query_positions = meta.pad_rows(meta.positions, fill=-1)
+    return FlexLayout(query_positions, owner[:num_blocks], index[:num_blocks], block_size)
 
 
 def _block_mask(meta: AttentionMetadata, layout: FlexLayout, sliding_window: int | None) -> BlockMask:
@@ -155,7 +150,7 @@ def _block_mask(meta: AttentionMetadata, layout: FlexLayout, sliding_window: int
     first_position = meta.context_lens.long()[:, None] - query_lens + tile_start
     tile_end = torch.minimum(tile_start + QUERY_TILE, query_lens)
     real = tile_start < query_lens
-    visible = torch.where(real, _blocks_used(first_position - tile_start + tile_end, block_size), 0)
+    visible = torch.where(real, blocks_for(first_position - tile_start + tile_end, block_size), 0)
     # A sliding window cuts into early blocks too: then every visible block is masked.
     full = (
         torch.zeros_like(visible) if sliding_window is not None else torch.where(real, first_position // block_size, 0)

@@ -28,12 +28,10 @@ import math
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
-
-from tgis_shard.layers.flex_paged import flex_paged_attention
 
 # Tokens per cache block each backend is run with. flash-attn pages KV only in multiples of 256
 # (csrc/flash_api.cpp); FlexAttention visits whole blocks, and 128 is its kernels' key tile; the
@@ -53,8 +51,11 @@ class CacheFullError(Exception):
         self.free = free
 
 
-def blocks_for(num_tokens: int, block_size: int) -> int:
-    """Blocks a sequence of ``num_tokens`` tokens occupies."""
+Tokens = TypeVar("Tokens", int, torch.Tensor)
+
+
+def blocks_for(num_tokens: Tokens, block_size: int) -> Tokens:
+    """Blocks a sequence of ``num_tokens`` tokens occupies (elementwise for an integer tensor)."""
     return -(-num_tokens // block_size)
 
 
@@ -172,10 +173,15 @@ class AttentionMetadata:
             self._derived[key] = make()
         return self._derived[key]
 
-    def pad_queries(self, query: torch.Tensor) -> torch.Tensor:
-        """``[T, heads, head_dim]`` → ``[B, max_q, heads, head_dim]``, zeros after each sequence's queries."""
-        padded = query.new_zeros(self.num_seqs * self.max_q, *query.shape[1:]).index_copy_(0, self.query_rows, query)
-        return padded.view(self.num_seqs, self.max_q, *query.shape[1:])
+    def pad_rows(self, rows: torch.Tensor, fill: float = 0) -> torch.Tensor:
+        """Per-token ``[T, ...]`` → per-sequence ``[B, max_q, ...]``, ``fill`` after each sequence's tokens."""
+        tail = rows.shape[1:]
+        padded = rows.new_full((self.num_seqs * self.max_q, *tail), fill).index_copy_(0, self.query_rows, rows)
+        return padded.view(self.num_seqs, self.max_q, *tail)
+
+    def unpad_rows(self, padded: torch.Tensor) -> torch.Tensor:
+        """``[B, max_q, ...]`` → ``[T, ...]``: the inverse of ``pad_rows``."""
+        return padded.reshape(self.num_seqs * self.max_q, *padded.shape[2:])[self.query_rows]
 
     @classmethod
     def build(
@@ -240,8 +246,12 @@ def _flash_attn() -> ModuleType | None:
         import flash_attn
     except ImportError:
         return None
-    major, minor = (int(part) for part in flash_attn.__version__.split(".")[:2])
-    return flash_attn if (major, minor) >= (2, 6) else None
+    return flash_attn if _major_minor(flash_attn.__version__) >= (2, 6) else None
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int(minor)
 
 
 # FlexAttention's paged use here (full-block lists, FORCE_USE_FLEX_ATTENTION) is verified from
@@ -252,7 +262,7 @@ FLEX_MIN_TORCH = (2, 11)
 @functools.cache
 def _flex_available() -> bool:
     """Triton (which compiles FlexAttention) is importable and torch is recent enough."""
-    if tuple(int(part) for part in torch.__version__.split(".")[:2]) < FLEX_MIN_TORCH:
+    if _major_minor(torch.__version__) < FLEX_MIN_TORCH:
         return False
     try:
         import triton  # noqa: F401
@@ -293,7 +303,7 @@ def paged_attention(
     if heads % cache.num_kv_heads != 0:
         raise ValueError(f"{heads} query heads are not a multiple of {cache.num_kv_heads} kv heads")
     name = backend or cache.backend
-    attend = _BACKENDS.get(name)
+    attend = _backends().get(name)
     if attend is None:
         raise ValueError(f"unknown attention backend {name!r}")
     return attend(query, cache.keys[layer], cache.values[layer], meta, scale, alibi_slopes, sliding_window)
@@ -308,8 +318,7 @@ def _torch_paged_attention(
     alibi_slopes: torch.Tensor | None,
     sliding_window: int | None,
 ) -> torch.Tensor:
-    num_seqs, max_q = meta.num_seqs, meta.max_q
-    heads, head_dim = query.shape[1:]
+    heads = query.shape[1]
     kv_heads = key_cache.shape[2]
     # One gather over the block tables: [B, max_blocks * block_size, kv_heads, head_dim].
     keys = key_cache[meta.block_tables].flatten(1, 2)
@@ -321,8 +330,7 @@ def _torch_paged_attention(
         values = values.repeat_interleave(heads // kv_heads, dim=2)
 
     # Padding query rows sit at position 0 so they see key 0 and stay finite.
-    query_pos = meta.positions.new_zeros(num_seqs * max_q).index_copy_(0, meta.query_rows, meta.positions)
-    query_pos = query_pos.view(num_seqs, max_q, 1)
+    query_pos = meta.pad_rows(meta.positions).unsqueeze(-1)
     key_pos = torch.arange(keys.shape[1], device=query.device)
     # key_pos <= query_pos < context_len also keeps out the table's padding and stale slots.
     distance = key_pos - query_pos  # [B, max_q, K]
@@ -336,13 +344,13 @@ def _torch_paged_attention(
         mask = bias.masked_fill(~allowed.unsqueeze(1), -math.inf).to(query.dtype)
 
     out = F.scaled_dot_product_attention(
-        meta.pad_queries(query).transpose(1, 2),
+        meta.pad_rows(query).transpose(1, 2),
         keys.transpose(1, 2),
         values.transpose(1, 2),
         attn_mask=mask,
         scale=scale,
     )
-    return out.transpose(1, 2).reshape(num_seqs * max_q, heads, head_dim)[meta.query_rows]
+    return meta.unpad_rows(out.transpose(1, 2))
 
 
 def _flash_paged_attention(
@@ -392,4 +400,10 @@ def _flash_paged_attention(
     )
 
 
-_BACKENDS = {"flash": _flash_paged_attention, "flex": flex_paged_attention, "torch": _torch_paged_attention}
+@functools.cache
+def _backends() -> dict[str, Callable[..., torch.Tensor]]:
+    # flex_paged builds on this module (metadata, block arithmetic), so it is imported once this
+    # module is complete.
+    from tgis_shard.layers.flex_paged import flex_paged_attention
+
+    return {"flash": _flash_paged_attention, "flex": flex_paged_attention, "torch": _torch_paged_attention}
