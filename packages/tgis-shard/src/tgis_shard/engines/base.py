@@ -123,17 +123,26 @@ class Engine(ABC):
 
     def measure_prefill(self, tokens: int) -> None:
         """Runs and drops a prefill of one ``tokens``-long prompt, to measure its memory."""
-        request = pb.Request(id=0, input_ids=[0] * tokens, max_new_tokens=1)
-        _, state = self.prefill(pb.Batch(id=0, requests=[request]))
-        state.release()
+        self.run_synthetic([tokens], decode_steps=0)
 
     def measure_decode(self, rows: int, tokens: int, start_counting: Callable[[], None]) -> None:
         """Prefills ``rows`` prompts of ``tokens`` tokens, calls ``start_counting``, runs one decode
         step and drops the batch: the memory of a decode step over a cache of that size."""
-        requests = [pb.Request(id=i, input_ids=[0] * tokens, max_new_tokens=2) for i in range(rows)]
+        self.run_synthetic([tokens] * rows, decode_steps=1, before_decode=start_counting)
+
+    def run_synthetic(
+        self, prompt_lengths: Sequence[int], decode_steps: int, before_decode: Callable[[], None] | None = None
+    ) -> None:
+        """Prefills a batch of placeholder prompts of these lengths, decodes it ``decode_steps``
+        times and drops it: the engine's own start-up work (measuring, compiling)."""
+        requests = [
+            pb.Request(id=i, input_ids=[0] * n, max_new_tokens=decode_steps + 1) for i, n in enumerate(prompt_lengths)
+        ]
         _, state = self.prefill(pb.Batch(id=0, requests=requests))
-        start_counting()
-        self.decode(state)
+        if before_decode is not None:
+            before_decode()
+        for _ in range(decode_steps):
+            self.decode(state)
         state.release()
 
 

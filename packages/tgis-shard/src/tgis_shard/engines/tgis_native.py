@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from itertools import accumulate
@@ -42,6 +41,7 @@ from tgis_shard.layers.paged_attention import (
     AttentionMetadata,
     BlockAllocator,
     PagedKVCache,
+    blocks_for,
     choose_backend,
 )
 from tgis_shard.logits import BatchTokenChooser
@@ -62,7 +62,7 @@ WARM_UP_PROMPT_LENGTHS = (
     [QUERY_TILE + 2, 1, 2],
     [2 * QUERY_TILE + 3, 5, 1, 1],
 )
-WARM_UP_NEW_TOKENS = 3
+WARM_UP_DECODE_STEPS = 2
 # Share of the memory left after loading the weights that the KV cache may take on a GPU.
 GPU_CACHE_FRACTION = 0.85
 
@@ -121,7 +121,6 @@ class NativeEngine(Engine):
         tp: TensorParallel,
         config: PretrainedConfig,
         cache: PagedKVCache,
-        block_size: int,
         eos_token_ids: list[int],
     ):
         self.model = model
@@ -129,7 +128,7 @@ class NativeEngine(Engine):
         self.tp = tp
         self.config = config
         self.cache = cache
-        self.block_size = block_size
+        self.block_size = cache.block_size
         self.allocator = BlockAllocator(cache.num_blocks)
         self.eos_token_ids = eos_token_ids
 
@@ -142,9 +141,6 @@ class NativeEngine(Engine):
             batch_padding=False,
             engine="tgis_native",
         )
-
-    def _blocks_for(self, tokens: int) -> int:
-        return math.ceil(tokens / self.block_size)
 
     def _allocate(self, counts: Sequence[int]) -> list[list[int]]:
         tables: list[list[int]] = []
@@ -162,7 +158,7 @@ class NativeEngine(Engine):
         device = self.ctx.device
         requests = list(batch.requests)
         lengths = [len(r.input_ids) for r in requests]
-        tables = self._allocate([self._blocks_for(n) for n in lengths])
+        tables = self._allocate([blocks_for(n, self.block_size) for n in lengths])
         try:
             input_ids = torch.tensor([i for r in requests for i in r.input_ids], dtype=torch.long, device=device)
             positions = torch.cat([torch.arange(n, device=device) for n in lengths])
@@ -250,16 +246,9 @@ class NativeEngine(Engine):
         kind here turn the sizes dynamic, so requests rarely wait for a compilation later."""
         if self.cache.backend != "flex":
             return
-        longest = self.ctx.max_sequence_length - WARM_UP_NEW_TOKENS
-        for batch_id, lengths in enumerate(WARM_UP_PROMPT_LENGTHS):
-            requests = [
-                pb.Request(id=i, input_ids=[0] * min(n, longest), max_new_tokens=WARM_UP_NEW_TOKENS)
-                for i, n in enumerate(lengths)
-            ]
-            _, state = self.prefill(pb.Batch(id=batch_id, requests=requests))
-            for _ in range(WARM_UP_NEW_TOKENS - 1):
-                self.decode(state)
-            state.release()
+        longest = self.ctx.max_sequence_length - WARM_UP_DECODE_STEPS - 1
+        for lengths in WARM_UP_PROMPT_LENGTHS:
+            self.run_synthetic([min(n, longest) for n in lengths], WARM_UP_DECODE_STEPS)
         log.info("rank %d: attention compiled for %d kinds of step", self.tp.rank, len(WARM_UP_PROMPT_LENGTHS))
 
     @torch.inference_mode()
@@ -289,7 +278,7 @@ def _cache_blocks(ctx: ShardContext, model: NativeCausalLM, block_size: int) -> 
         element = torch.empty((), dtype=ctx.dtype).element_size()
         per_block = 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * element
         return max(1, int(free * GPU_CACHE_FRACTION) // per_block)
-    return ctx.max_batch_size * math.ceil(ctx.max_sequence_length / block_size)
+    return ctx.max_batch_size * blocks_for(ctx.max_sequence_length, block_size)
 
 
 def load_config(model_dir: Path) -> PretrainedConfig:
@@ -324,7 +313,7 @@ def create_engine(ctx: ShardContext) -> Engine:
     backend = ctx.attention_backend or choose_backend(ctx.device, ctx.dtype, model.head_dim)
     block_size = BLOCK_SIZES[backend]
     blocks = _cache_blocks(ctx, model, block_size)
-    if blocks < math.ceil(ctx.max_sequence_length / block_size):
+    if blocks < blocks_for(ctx.max_sequence_length, block_size):
         raise UnsupportedModelError(
             f"the KV cache holds {blocks * block_size} tokens, less than one sequence of MAX_SEQUENCE_LENGTH "
             f"{ctx.max_sequence_length}"
@@ -341,4 +330,4 @@ def create_engine(ctx: ShardContext) -> Engine:
         block_size,
         backend,
     )
-    return NativeEngine(model, ctx, tp, config, cache, block_size, eos_token_ids(ctx.model_dir, config))
+    return NativeEngine(model, ctx, tp, config, cache, eos_token_ids(ctx.model_dir, config))
