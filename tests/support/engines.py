@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from tgis_proto import shard_pb2 as pb
-from tgis_shard.engines.base import Engine, ShardContext
+from tgis_shard.engines.base import BatchState, Engine, GeneratedToken, ShardContext
 from tgis_shard.engines.hf_transformers import create_engine
 from tgis_shard.registry import shard_registry
 
@@ -81,3 +82,27 @@ def check_one_batch_equals_reference(engine: Engine, prompt_ids: list[list[int]]
     for i, reference in enumerate(expected):
         # The reference stops at EOS; the engine keeps going until the router prunes it.
         assert outputs[i][: len(reference)] == reference
+
+
+@dataclass
+class Joined:
+    """Request 0 ran alone for two steps; requests 1 and 2 were then prefilled and merged in."""
+
+    running: BatchState  # the merged batch, rows 0, 1, 2
+    joining: BatchState  # what the merge consumed
+    outputs: dict[int, list[int]]  # every request's tokens so far
+    first: dict[int, GeneratedToken]  # each request's first token, with its details
+
+
+def start_then_join(engine: Engine, prompt_ids: list[list[int]], **details: object) -> Joined:
+    """Request 0 alone for two decode steps, then 1 and 2 prefilled and concatenated to it."""
+    tokens, running = engine.prefill(pb.Batch(id=1, requests=[request(0, prompt_ids[0], NEW_TOKENS, **details)]))
+    first = {t.request_id: t for t in tokens}
+    outputs = {t.request_id: [t.token_id] for t in tokens}
+    decode_steps(engine, running, outputs, 2)
+    tokens, joining = engine.prefill(
+        pb.Batch(id=2, requests=[request(i, prompt_ids[i], NEW_TOKENS, **details) for i in (1, 2)])
+    )
+    first.update({t.request_id: t for t in tokens})
+    outputs.update({t.request_id: [t.token_id] for t in tokens})
+    return Joined(engine.concatenate([running, joining]), joining, outputs, first)

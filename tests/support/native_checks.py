@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.support.engines import NEW_TOKENS, PROMPTS, decode_steps, native_engine, request
+from tests.support.engines import NEW_TOKENS, PROMPTS, decode_steps, native_engine, request, start_then_join
 from tests.support.ranks import run_ranks
 from tests.support.tiny_models import reference_greedy
 from tgis_proto import shard_pb2 as pb
@@ -39,17 +39,8 @@ def _join_leave_scenario(
     engine = native_engine(rank, world_size, port, model_dir, attention_backend=attention_backend)
     engine.warm_up()
     assert engine.allocator.free_blocks == engine.cache.num_blocks
-    details = {"logprobs": True, "ranks": True}
-    tokens, running = engine.prefill(pb.Batch(id=1, requests=[request(0, ids[0], NEW_TOKENS, **details)]))
-    first = {t.request_id: t for t in tokens}
-    outputs = {t.request_id: [t.token_id] for t in tokens}
-    decode_steps(engine, running, outputs, 2)
-    tokens, joining = engine.prefill(
-        pb.Batch(id=2, requests=[request(i, ids[i], NEW_TOKENS, **details) for i in (1, 2)])
-    )
-    first.update({t.request_id: t for t in tokens})
-    outputs.update({t.request_id: [t.token_id] for t in tokens})
-    running = engine.concatenate([running, joining])
+    joined = start_then_join(engine, ids, logprobs=True, ranks=True)
+    running, outputs, first = joined.running, joined.outputs, joined.first
     decode_steps(engine, running, outputs, 2)
     free_before = engine.allocator.free_blocks
     running = running.filter([0, 1])

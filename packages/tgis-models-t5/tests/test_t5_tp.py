@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from tests.support.engines import NEW_TOKENS, PROMPTS, decode_steps, native_engine, request
+from tests.support.engines import NEW_TOKENS, PROMPTS, decode_steps, native_engine, request, start_then_join
 from tests.support.ranks import run_ranks
 from tests.support.tiny_models import build_tiny_seq2seq_lm, reference_greedy
 from tgis_models_t5.model import relative_buckets
@@ -52,16 +52,8 @@ def _scenario(rank: int, world_size: int, port: int, model_dir: str, prompt_ids:
     """Request 0 runs alone, 1 and 2 join after two steps, 2 leaves after two more."""
     engine = native_engine(rank, world_size, port, model_dir)
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
-    details = {"logprobs": True, "ranks": True, "top_n": 2}
-    tokens, running = engine.prefill(pb.Batch(id=1, requests=[request(0, prompt_ids[0], NEW_TOKENS, **details)]))
-    first = {t.request_id: t for t in tokens}
-    outputs = {t.request_id: [t.token_id] for t in tokens}
-    decode_steps(engine, running, outputs, 2)
-    joiners = [request(i, prompt_ids[i], NEW_TOKENS, **details) for i in (1, 2)]
-    tokens, joining = engine.prefill(pb.Batch(id=2, requests=joiners))
-    first.update({t.request_id: t for t in tokens})
-    outputs.update({t.request_id: [t.token_id] for t in tokens})
-    running = engine.concatenate([running, joining])
+    joined = start_then_join(engine, prompt_ids, logprobs=True, ranks=True, top_n=2)
+    running, outputs, first = joined.running, joined.outputs, joined.first
     decode_steps(engine, running, outputs, 2)
     running = running.filter([0, 1])
     decode_steps(engine, running, outputs, NEW_TOKENS)

@@ -16,6 +16,7 @@ from tests.support.engines import (
     cpu_engine,
     decode_steps,
     request,
+    start_then_join,
 )
 from tests.support.tiny_models import build_tiny_seq2seq_lm, reference_greedy
 from tgis_proto import shard_pb2 as pb
@@ -51,14 +52,8 @@ def test_right_padded_batch_equals_unpadded_reference(engine, prompt_ids, expect
 
 
 def test_joining_and_pruning_mid_generation_changes_no_output(engine, prompt_ids, expected):
-    tokens, running = engine.prefill(pb.Batch(id=1, requests=[request(0, prompt_ids[0], NEW_TOKENS)]))
-    outputs = {t.request_id: [t.token_id] for t in tokens}
-    decode_steps(engine, running, outputs, 2)
-    tokens, joining = engine.prefill(
-        pb.Batch(id=2, requests=[request(1, prompt_ids[1], NEW_TOKENS), request(2, prompt_ids[2], NEW_TOKENS)])
-    )
-    outputs.update({t.request_id: [t.token_id] for t in tokens})
-    running = engine.concatenate([running, joining])
+    joined = start_then_join(engine, prompt_ids)
+    running, joining, outputs = joined.running, joined.joining, joined.outputs
     assert running.batch_id == 1
     assert running.request_ids == [0, 1, 2]
     # The joining batch's caches were copied into the merged ones and let go, layer by layer.
