@@ -26,15 +26,6 @@ def test_json_formatter_writes_one_object_per_record_with_the_exception() -> Non
     assert "ValueError: bad shape" in entry["exception"]
 
 
-@pytest.fixture
-def restored_logging():
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
 @pytest.mark.parametrize("json_output", [True, False])
 def test_configured_logging_writes_the_chosen_format_to_stderr(restored_logging, capsys, json_output) -> None:
     configure_logging("INFO", json_output)

@@ -13,15 +13,8 @@ from transformers import AutoModelForCausalLM
 from tests.support.tiny_models import build_tiny_causal_lm
 from tgis_shard.cli import main
 
-
-@pytest.fixture(autouse=True)
-def restored_logging():
-    """main() configures the root logger for its process; tests share one."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+# main() configures the root logger for its process; these tests share one.
+pytestmark = pytest.mark.usefixtures("restored_logging")
 
 
 @pytest.fixture(scope="module")
