@@ -34,6 +34,7 @@ from tgis_proto import shard_pb2 as pb
 from tgis_proto.plugins import resolve
 from tgis_router.admission import Admission, AdmissionConfig, Candidate, Running, memory_model, projected_peak
 from tgis_shard.engines.base import ShardContext
+from tgis_shard.memory import configure_cuda_allocator
 from tgis_shard.registry import shard_registry
 
 SHAPES = {
@@ -115,13 +116,15 @@ def mixed_load(count: int, max_sequence_length: int, seed: int, long_fraction: f
 
 
 class StepPeaks:
-    """Highest memory above the starting point (the weights) seen in each kind of step."""
+    """Highest memory above the starting point (the weights) seen in each kind of step, and
+    where an out-of-memory error struck."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
         self.baseline = torch.cuda.memory_allocated(device) if self.cuda else 0
         self.peaks: dict[str, int] = {}
+        self.oom: str = ""
 
     @contextmanager
     def step(self, kind: str) -> Iterator[None]:
@@ -129,12 +132,18 @@ class StepPeaks:
             torch.cuda.reset_peak_memory_stats(self.device)
         try:
             yield
+        except torch.OutOfMemoryError as error:
+            reserved = torch.cuda.memory_reserved(self.device) / 2**30
+            allocated = torch.cuda.memory_allocated(self.device) / 2**30
+            first_line = str(error).splitlines()[0][:160]
+            self.oom = f"in {kind}: reserved {reserved:.1f} GiB, allocated {allocated:.1f} GiB; {first_line}"
+            raise
         finally:
             peak = torch.cuda.max_memory_allocated(self.device) - self.baseline if self.cuda else 0
             self.peaks[kind] = max(self.peaks.get(kind, 0), peak)
 
 
-def run(engine, admission: Admission, load: list[Request], device: torch.device) -> dict:
+def run(engine, admission: Admission, load: list[Request], device: torch.device, progress: int = 0) -> dict:
     queue = list(load)
     running: dict[int, Request] = {}
     state, batch_ids, steps, tokens, sizes, waited = None, iter(range(1, 10**9)), 0, 0, [], 0
@@ -185,6 +194,13 @@ def run(engine, admission: Admission, load: list[Request], device: torch.device)
             steps += 1
             tokens += len(running)
             sizes.append(len(running))
+            if progress and steps % progress == 0:
+                top = max(peaks.peaks.values(), default=0) / 2**30
+                print(
+                    f"  step {steps}: batch {len(running)}, queue {len(queue)}, peak {top:.1f} GiB above weights,"
+                    f" {time.monotonic() - started:.0f} s",
+                    flush=True,
+                )
     except torch.OutOfMemoryError:
         oom = True
     elapsed = time.monotonic() - started
@@ -200,6 +216,7 @@ def run(engine, admission: Admission, load: list[Request], device: torch.device)
         "peak_gib": max(peaks.peaks.values(), default=0) / 2**30,
         "step_peaks_gib": {kind: peak / 2**30 for kind, peak in peaks.peaks.items()},
         "elapsed_s": elapsed,
+        "oom_at": peaks.oom,
     }
 
 
@@ -214,7 +231,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--long-fraction", type=float, default=0.2, help="share of long-document requests")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each policy on the same load")
+    parser.add_argument("--progress", type=int, default=0, help="print a progress line every this many steps")
+    parser.add_argument("--fixed", type=int, default=0, help="fixed MAX_BATCH_SIZE (default: computed)")
+    parser.add_argument(
+        "--policy", choices=("both", "dynamic", "fixed"), default="both", help="run one policy (e.g. one per GPU)"
+    )
     args = parser.parse_args()
+    configure_cuda_allocator()
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as folder:
         model_dir = build_random_model(Path(folder) / args.shape, SHAPES[args.shape], args.max_sequence_length, device)
@@ -236,11 +259,13 @@ def main() -> None:
         info.memory.CopyFrom(engine.memory_model())
         model = memory_model(info)
         worst = Running(args.max_sequence_length // 2, args.max_sequence_length // 8)
-        fixed = max(b for b in range(1, args.max_batch_size + 1) if projected_peak(model, [worst] * b) <= model.limit)
+        safe = max(b for b in range(1, args.max_batch_size + 1) if projected_peak(model, [worst] * b) <= model.limit)
+        fixed = args.fixed or safe
         print(
             f"{args.shape} on {device} ({args.engine}): limit {model.limit / 2**30:.1f} GiB, "
-            f"{model.bytes_per_token / 2**10:.1f} KiB/token, measured={info.memory.measured}; "
-            f"largest never-OOM fixed batch for the worst request of this load: {fixed}"
+            f"{model.bytes_per_token / 2**10:.1f} KiB/token, "
+            f"prefill {model.prefill_bytes_per_token / 2**10:.1f} KiB/token, measured={info.memory.measured}; "
+            f"largest fixed batch whose worst-case requests fit the limit: {safe}"
         )
         unlimited = type(model)(float("inf"), 0.0, 0.0, model.padded)
         policies = {
@@ -253,17 +278,21 @@ def main() -> None:
             f"{'policy':12s} {'OOM':>4s} {'avg batch':>9s} {'max':>4s} {'tok/step':>8s} {'tok/s':>8s}"
             f" {'peak/limit':>10s}  peak above weights per step kind (GiB)"
         )
+        chosen = {name: policy for name, policy in policies.items() if args.policy in ("both", name.split("-")[0])}
         for _ in range(args.repeats):
-            for name, admission in policies.items():
+            for name, admission in chosen.items():
                 load = mixed_load(args.requests, args.max_sequence_length, args.seed, args.long_fraction)
-                result = run(engine, admission, load, device)
+                result = run(engine, admission, load, device, args.progress)
                 per_step = result["tokens"] / max(1, result["steps"])
                 steps = " ".join(f"{kind} {gib:.1f}" for kind, gib in result["step_peaks_gib"].items())
                 print(
                     f"{name:12s} {'yes' if result['oom'] else 'no':>4s} {result['avg_batch']:9.1f} "
                     f"{result['max_batch']:4d} {per_step:8.1f} {result['tokens_per_s']:8.0f}"
-                    f" {result['peak_gib'] * 2**30 / model.limit:10.2f}  {steps}"
+                    f" {result['peak_gib'] * 2**30 / model.limit:10.2f}  {steps}",
+                    flush=True,
                 )
+                if result["oom_at"]:
+                    print(f"{'':12s} out of memory {result['oom_at']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -46,3 +46,16 @@ def test_prefill_fit_recovers_linear_and_quadratic_terms(linear, quadratic):
 
 def test_prefill_fit_never_goes_negative():
     assert memory.fit_prefill(512, 600_000.0, 1024, 1_000_000.0) == (pytest.approx(1_000_000.0 / 1024), 0.0)
+
+
+def test_cuda_allocator_defaults_to_expandable_segments():
+    environ: dict[str, str] = {}
+    memory.configure_cuda_allocator(environ)
+    assert environ == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+
+
+@pytest.mark.parametrize("name", memory.ALLOCATOR_ENV_NAMES)
+def test_cuda_allocator_setting_of_the_operator_is_kept(name):
+    environ = {name: "max_split_size_mb:512"}
+    memory.configure_cuda_allocator(environ)
+    assert environ == {name: "max_split_size_mb:512"}

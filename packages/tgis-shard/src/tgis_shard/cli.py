@@ -12,7 +12,7 @@ from tgis_proto.logs import configure_logging
 from tgis_proto.plugins import PluginError
 from tgis_shard import model_files
 from tgis_shard.embedded import DEFAULT_MODEL, EmbeddedModelError
-from tgis_shard.memory import ESTIMATE_MODES
+from tgis_shard.memory import ESTIMATE_MODES, configure_cuda_allocator
 from tgis_shard.registry import shard_registry
 
 log = logging.getLogger("tgis_shard")
@@ -67,6 +67,7 @@ def _prepare(args: argparse.Namespace) -> model_files.ModelDescription:
 
 
 def _serve(args: argparse.Namespace) -> None:
+    configure_cuda_allocator()
     import torch
 
     from tgis_shard.engines.base import ShardContext
