@@ -9,6 +9,7 @@ import grpc
 import pytest
 from transformers import AutoTokenizer
 
+from tests.support.prefixes import reference_greedy_with_prefix, save_peft_prefix
 from tests.support.server import launcher
 from tests.support.tiny_models import EOS_ID, build_tiny_causal_lm, reference_greedy
 from tgis_proto import generation_pb2 as fmaas
@@ -29,9 +30,23 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(model_dir):
+def prefix_store(model_dir, tmp_path_factory):
+    store = tmp_path_factory.mktemp("prefixes")
+    return store, save_peft_prefix(model_dir, store, "tuned/task-1", length=6, seed=3)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, prefix_store):
+    store, _ = prefix_store
     with launcher(
-        model_dir, "--max-concurrent-requests", str(MAX_CONCURRENT), "--max-batch-size", "6", "--max-new-tokens", "64"
+        model_dir,
+        "--max-concurrent-requests",
+        str(MAX_CONCURRENT),
+        "--max-batch-size",
+        "6",
+        "--max-new-tokens",
+        "64",
+        env={"PREFIX_STORE_PATH": str(store)},
     ) as running:
         yield running
 
@@ -132,13 +147,51 @@ def test_one_bad_parameter_fails_the_whole_call_with_its_message(server):
     assert e.value.details() == "max_new_tokens must be <= 64"
 
 
-def test_unknown_prefix_is_invalid_argument(server):
+def test_prompt_prefix_output_equals_transformers_on_prefixed_embeddings(server, model_dir, tokenizer, prefix_store):
+    _, prefix = prefix_store
+    prompts = PROMPTS[:2]
+    request = _batch(prompts, _params(generated_tokens=True))
+    request.prefix_id = "tuned/task-1"
+    response = server.stub.Generate(request)
+    for prompt, r in zip(prompts, response.responses, strict=True):
+        ids = tokenizer(prompt).input_ids
+        reference = reference_greedy_with_prefix(model_dir, prefix, ids, MAX_NEW_TOKENS)
+        _check_matches_reference(r, ids, reference, tokenizer)
+    stream = fmaas.SingleGenerationRequest(
+        request=fmaas.GenerationRequest(text=prompts[0]), params=_params(), prefix_id="tuned/task-1"
+    )
+    streamed = "".join(message.text for message in server.stub.GenerateStream(stream))
+    assert streamed == response.responses[0].text
+
+
+@pytest.mark.parametrize(
+    ("prefix_id", "reason"),
+    [
+        ("my-prefix", 'prefix id "my-prefix" not found'),
+        ("../outside", "invalid prefix id '../outside': use letters, digits, '_', '-' and '/' between names"),
+    ],
+)
+def test_unknown_or_malformed_prefix_is_invalid_argument(server, prefix_id, reason):
     request = _batch(PROMPTS[:1], _params())
-    request.prefix_id = "my-prefix"
+    request.prefix_id = prefix_id
     with pytest.raises(grpc.RpcError) as e:
         server.stub.Generate(request)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert e.value.details() == "can't retrieve prompt prefix with id 'my-prefix': prefix id \"my-prefix\" not found"
+    assert e.value.details() == f"can't retrieve prompt prefix with id '{prefix_id}': {reason}"
+
+
+def test_prefix_length_counts_against_the_sequence_limit(server):
+    limit = server.stub.ModelInfo(fmaas.ModelInfoRequest()).max_sequence_length
+    # Truncated to limit - 3 tokens the input fits alone, not after the prefix's 6.
+    n = limit - 3
+    params = _params()
+    params.truncate_input_tokens = n
+    request = _batch(["many words " * limit], params)
+    request.prefix_id = "tuned/task-1"
+    with pytest.raises(grpc.RpcError) as e:
+        server.stub.Generate(request)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details() == f"input tokens ({n}) plus prefix length (6) must be < {limit}"
 
 
 def test_default_max_new_tokens_is_20(server):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pytest
 from transformers import AutoTokenizer
 
@@ -81,3 +82,16 @@ def test_every_input_token_of_a_seq2seq_model_has_nan_logprob(server):
     response = _generate(server, PROMPTS[:1], _params(**options))[0]
     assert response.input_tokens
     assert all(math.isnan(t.logprob) and t.rank == 0 and not t.top_tokens for t in response.input_tokens)
+
+
+def test_prompt_prefix_on_an_engine_without_them_is_invalid_argument_naming_why(server):
+    request = fmaas.BatchedGenerationRequest(
+        requests=[fmaas.GenerationRequest(text=PROMPTS[0])], params=_params(), prefix_id="tuned"
+    )
+    with pytest.raises(grpc.RpcError) as e:
+        server.stub.Generate(request)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details() == (
+        "can't retrieve prompt prefix with id 'tuned': "
+        "the hf_transformers engine does not support prompt prefixes for t5 models yet"
+    )

@@ -17,7 +17,7 @@ PROMPTS = ["Hello there, general", "A", "The quick brown fox jumps over the lazy
 NEW_TOKENS = 8
 
 
-def cpu_engine(model_dir: Path) -> Engine:
+def cpu_engine(model_dir: Path, prefix_store_path: Path | None = None) -> Engine:
     """The hf_transformers engine on the CPU in float32, as one rank of one."""
     ctx = ShardContext(
         model_dir=model_dir,
@@ -28,12 +28,19 @@ def cpu_engine(model_dir: Path) -> Engine:
         world_size=1,
         max_sequence_length=256,
         registry=shard_registry(None),
+        prefix_store_path=prefix_store_path,
     )
     return create_engine(ctx)
 
 
-def request(rid: int, ids: list[int], max_new_tokens: int, **details: object) -> pb.Request:
-    return pb.Request(id=rid, input_ids=ids, max_new_tokens=max_new_tokens, details=pb.TokenDetailOptions(**details))
+def request(rid: int, ids: list[int], max_new_tokens: int, prefix_id: str = "", **details: object) -> pb.Request:
+    return pb.Request(
+        id=rid,
+        input_ids=ids,
+        max_new_tokens=max_new_tokens,
+        prefix_id=prefix_id,
+        details=pb.TokenDetailOptions(**details),
+    )
 
 
 def decode_steps(engine: Engine, state: object, outputs: dict[int, list[int]], steps: int) -> None:

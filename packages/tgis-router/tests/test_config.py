@@ -69,4 +69,5 @@ def test_accepted_but_unsupported_tgis_options_are_named_at_start():
     assert not_yet_supported(parse_config([], environ={})) == []
     config = parse_config([], environ={"PT2_COMPILE": "true", "PREFIX_STORE_PATH": "/prefixes"})
     warnings = not_yet_supported(config)
-    assert [w.split()[0] for w in warnings] == ["PT2_COMPILE", "PREFIX_STORE_PATH"]
+    # Prompt prefixes are served now; PT2_COMPILE is still only accepted.
+    assert [w.split()[0] for w in warnings] == ["PT2_COMPILE"]

@@ -54,8 +54,8 @@ class ActiveRequest:
 
     @property
     def length(self) -> int:
-        """Tokens the request holds in the shard's cache (input and generated)."""
-        return len(self.request.input_ids) + self.generated
+        """Tokens the request holds in the shard's cache (prefix, input and generated)."""
+        return self.request.prefix_length + len(self.request.input_ids) + self.generated
 
     @property
     def remaining(self) -> int:
@@ -70,6 +70,7 @@ class ActiveRequest:
         return pb.Request(
             id=self.id,
             input_ids=self.request.input_ids,
+            prefix_id=self.request.prefix_id,
             max_new_tokens=self.request.max_new_tokens,
             chooser=pb.NextTokenChooser(
                 sample=params.sample,

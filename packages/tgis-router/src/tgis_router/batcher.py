@@ -60,7 +60,7 @@ class Batcher:
             return []
         running = [e for e in self._running.values() if not e.finished]
         states = [Running(e.length, e.remaining) for e in running]
-        candidates = [Candidate(len(e.request.input_ids), e.request.max_new_tokens, e.arrival) for e in waiting]
+        candidates = [Candidate(e.length, e.request.max_new_tokens, e.arrival) for e in waiting]
         decision = self._admission.select(states, candidates, self._waited_steps)
         _count(decision)
         if not decision.admit:

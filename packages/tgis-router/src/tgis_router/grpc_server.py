@@ -15,7 +15,8 @@ from tgis_proto import generation_pb2 as fmaas
 from tgis_proto import generation_pb2_grpc as fmaas_grpc
 from tgis_router import metrics
 from tgis_router.active import ActiveRequest
-from tgis_router.errors import OverloadedError, RouterError, ValidationError
+from tgis_router.errors import OverloadedError, RouterError
+from tgis_router.prefixes import PrefixLengths
 from tgis_router.queue import RequestQueue
 from tgis_router.responses import stream_responses, unary_response
 from tgis_router.tokenization import TokenizerPool
@@ -41,6 +42,7 @@ class GenerationService(fmaas_grpc.GenerationServiceServicer):
         queue: RequestQueue,
         max_concurrent_requests: int,
         output_special_tokens: bool,
+        prefixes: PrefixLengths,
     ):
         self._model = model
         self._limits = limits
@@ -48,6 +50,7 @@ class GenerationService(fmaas_grpc.GenerationServiceServicer):
         self._queue = queue
         self._max_concurrent = max_concurrent_requests
         self._skip_special_tokens = not output_special_tokens
+        self._prefixes = prefixes
         self._in_flight = 0
         self._request_ids = itertools.count(1)
 
@@ -66,14 +69,11 @@ class GenerationService(fmaas_grpc.GenerationServiceServicer):
     ) -> list[ActiveRequest]:
         """Validates the call as a whole, then queues every input; nothing is queued on error."""
         arrival = time.monotonic()
-        if prefix_id:
-            raise ValidationError(
-                f"can't retrieve prompt prefix with id '{prefix_id}': prefix id \"{prefix_id}\" not found"
-            )
         generation_params = validate_params(params, self._limits)
+        prefix_length = await self._prefixes.length(prefix_id) if prefix_id else 0
         tokenized = await self._tokenizer.encode(texts, keep_last=generation_params.truncate_input_tokens)
         validated = [
-            validate_input(text, t.ids, generation_params, self._limits)
+            validate_input(text, t.ids, generation_params, self._limits, prefix_id or "", prefix_length)
             for text, t in zip(texts, tokenized, strict=True)
         ]
         entries = [

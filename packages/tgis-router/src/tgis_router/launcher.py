@@ -123,6 +123,9 @@ async def _start_shards(
         ]
         if config.dtype_str:
             args += ["--dtype-str", config.dtype_str]
+        if config.prefix_store_path:
+            args += ["--prefix-store-path", config.prefix_store_path]
+        args += ["--prompt-cache-size-mb", str(config.prompt_cache_size_mb)]
         env = _child_env(
             config,
             RANK=str(rank),
@@ -226,8 +229,6 @@ def not_yet_supported(config: LauncherConfig) -> list[str]:
     warnings = []
     if config.pt2_compile:
         warnings.append("PT2_COMPILE is not supported yet: models run eagerly (tgis_native still compiles attention)")
-    if config.prefix_store_path:
-        warnings.append("PREFIX_STORE_PATH is not supported yet: requests naming a prefix_id are refused")
     return warnings
 
 

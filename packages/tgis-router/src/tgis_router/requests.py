@@ -72,3 +72,5 @@ class ValidatedRequest:
     max_new_tokens: int
     token_limited: bool
     seed: int
+    prefix_id: str = ""  # a prompt prefix the shard puts in front of input_ids
+    prefix_length: int = 0

@@ -20,6 +20,7 @@ from tgis_router.batcher import Batcher
 from tgis_router.config import LauncherConfig
 from tgis_router.grpc_server import GenerationService, ModelFacts
 from tgis_router.http_server import start_http_server
+from tgis_router.prefixes import PrefixLengths
 from tgis_router.queue import RequestQueue
 from tgis_router.shard_client import ShardClient
 from tgis_router.tokenization import TokenizerPool
@@ -71,7 +72,13 @@ async def run_router(
     tokenizer = TokenizerPool(setup.tokenizer_file, config.tokenizer_workers)
     queue = RequestQueue()
     service = GenerationService(
-        model, limits, tokenizer, queue, config.max_concurrent_requests, config.output_special_tokens
+        model,
+        limits,
+        tokenizer,
+        queue,
+        config.max_concurrent_requests,
+        config.output_special_tokens,
+        PrefixLengths(shards.prefix_lookup),
     )
     admission = Admission(memory_model(info), admission_config(config))
     metrics.batch_weight_limit.set(admission.model.limit)

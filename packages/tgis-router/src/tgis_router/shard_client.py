@@ -51,5 +51,11 @@ class ShardClient:
         request = pb.ClearCacheRequest() if batch_id is None else pb.ClearCacheRequest(batch_id=batch_id)
         await self._all(lambda s: s.ClearCache(request))
 
+    async def prefix_lookup(self, prefix_id: str) -> int:
+        """Length of a prompt prefix; every rank loads it, so a later prefill finds it cached."""
+        request = pb.PrefixLookupRequest(prefix_id=prefix_id)
+        response = await self._all(lambda s: s.PrefixLookup(request))
+        return response.prefix_length
+
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self._channels))

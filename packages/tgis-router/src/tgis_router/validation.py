@@ -94,7 +94,12 @@ def validate_params(params: fmaas.Parameters, limits: Limits) -> GenerationParam
 
 
 def validate_input(
-    text: str, input_ids: list[int], params: GenerationParams, limits: Limits, prefix_length: int = 0
+    text: str,
+    input_ids: list[int],
+    params: GenerationParams,
+    limits: Limits,
+    prefix_id: str = "",
+    prefix_length: int = 0,
 ) -> ValidatedRequest:
     """Checks one tokenized input against the sequence-length limit and fixes its seed."""
     n = len(input_ids)
@@ -120,4 +125,6 @@ def validate_input(
         max_new_tokens=max_new_tokens,
         token_limited=max_new_tokens < params.max_new_tokens,
         seed=seed,
+        prefix_id=prefix_id,
+        prefix_length=prefix_length,
     )

@@ -43,6 +43,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-size", type=int, default=12, help="sizes the KV cache on CPU")
     serve.add_argument("--estimate-memory", choices=ESTIMATE_MODES, default="auto")
     serve.add_argument("--batch-safety-margin", type=int, default=20, help="percent of free memory kept back")
+    serve.add_argument(
+        "--prefix-store-path",
+        type=Path,
+        default=os.environ.get("PREFIX_STORE_PATH") or None,
+        help="folder of prompt prefixes (PEFT prompt tuning), one sub-folder per prefix id",
+    )
+    serve.add_argument("--prompt-cache-size-mb", type=int, default=512, help="memory for loaded prompt prefixes")
 
     sub.add_parser("plugins", help="list installed plugins, engines and model families")
 
@@ -97,6 +104,8 @@ def _serve(args: argparse.Namespace) -> None:
         master_port=int(os.environ.get("MASTER_PORT", "29500")),
         estimate_memory=args.estimate_memory,
         batch_safety_margin=args.batch_safety_margin,
+        prefix_store_path=args.prefix_store_path,
+        prompt_cache_size_mb=args.prompt_cache_size_mb,
     )
     from tgis_proto.plugins import resolve
 

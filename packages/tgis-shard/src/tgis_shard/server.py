@@ -15,6 +15,7 @@ import grpc
 from tgis_proto import shard_pb2 as pb
 from tgis_proto import shard_pb2_grpc as pb_grpc
 from tgis_shard.engines.base import BatchState, Engine, GeneratedToken
+from tgis_shard.prefixes import InvalidPrefixError, PrefixesUnsupportedError, PrefixNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,18 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
                 context.abort(grpc.StatusCode.INTERNAL, f"next token step failed: {e}")
             self.batches[state.batch_id] = state
             return pb.StepResponse(generations=_to_proto(tokens), batch_id=state.batch_id)
+
+    def PrefixLookup(self, request: pb.PrefixLookupRequest, context: grpc.ServicerContext) -> pb.PrefixLookupResponse:
+        # Not under the batch lock: loading a file must not wait for (or hold up) a step.
+        try:
+            prefix = self.engine.prompt_prefix(request.prefix_id)
+        except PrefixNotFoundError as e:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except InvalidPrefixError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except PrefixesUnsupportedError as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        return pb.PrefixLookupResponse(prefix_length=len(prefix))
 
     def ClearCache(self, request: pb.ClearCacheRequest, context: grpc.ServicerContext) -> pb.ClearCacheResponse:
         with self._lock:

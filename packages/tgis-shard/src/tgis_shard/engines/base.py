@@ -13,6 +13,7 @@ from tgis_proto import shard_pb2 as pb
 from tgis_proto.plugins import Registry
 from tgis_shard.logits import BatchTokenChooser, ChosenTokens, token_details, top_tokens
 from tgis_shard.memory import MemorySettings
+from tgis_shard.prefixes import PrefixesUnsupportedError, PrefixStore
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,20 @@ class ShardContext:
     batch_safety_margin: int = 20
     attention_backend: str | None = None
     """Paged attention backend of tgis_native (flash, flex, torch); None: the fastest that runs."""
+    prefix_store_path: Path | None = None
+    """Folder of prompt prefixes (PREFIX_STORE_PATH); None: requests naming one are refused."""
+    prompt_cache_size_mb: int = 512
+
+    def prefix_store(self, width: int) -> PrefixStore:
+        """Prompt prefixes for a model whose embeddings are ``width`` wide."""
+        return PrefixStore(
+            self.prefix_store_path,
+            width=width,
+            max_length=self.max_sequence_length,
+            dtype=self.dtype,
+            device=self.device,
+            cache_bytes=self.prompt_cache_size_mb * 2**20,
+        )
 
     @property
     def memory_settings(self) -> MemorySettings:
@@ -116,6 +131,13 @@ class Engine(ABC):
     @abstractmethod
     def memory_model(self) -> pb.MemoryModel | None:
         """What batches cost in memory (see tgis_shard.memory); None when ESTIMATE_MEMORY=off."""
+
+    def prompt_prefix(self, prefix_id: str) -> torch.Tensor:
+        """A prompt prefix's embeddings, [length, hidden] (see tgis_shard.prefixes); loads it once."""
+        info = self.info()
+        raise PrefixesUnsupportedError(
+            f"the {info.engine} engine does not support prompt prefixes for {info.model_type} models yet"
+        )
 
     def warm_up(self) -> None:
         """Compiles what the first requests would otherwise wait for; nothing by default."""

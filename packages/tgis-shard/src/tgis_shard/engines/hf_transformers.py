@@ -74,6 +74,11 @@ class CausalLMEngine(Engine):
         self._takes_logits_to_keep = "logits_to_keep" in accepted
         # transformers renamed past_key_values to cache (5.2x); both spellings are in the field.
         self._cache_kwarg = "cache" if "cache" in accepted else "past_key_values"
+        self._embeddings = model.get_input_embeddings()
+        self.prefixes = ctx.prefix_store(self._embeddings.embedding_dim)
+
+    def prompt_prefix(self, prefix_id: str) -> torch.Tensor:
+        return self.prefixes.get(prefix_id)
 
     def info(self) -> pb.InfoResponse:
         return shard_info(
@@ -92,31 +97,46 @@ class CausalLMEngine(Engine):
         position_ids: torch.Tensor,
         cache: DynamicCache,
         last_only: bool,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         kwargs: dict[str, object] = {}
+        if inputs_embeds is None:
+            kwargs["input_ids"] = input_ids
+        else:
+            kwargs["inputs_embeds"] = inputs_embeds
         if self._takes_position_ids:
             kwargs["position_ids"] = position_ids
         if last_only and self._takes_logits_to_keep:
             kwargs["logits_to_keep"] = 1
         kwargs[self._cache_kwarg] = cache
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **kwargs)
+        out = self.model(attention_mask=attention_mask, use_cache=True, **kwargs)
         return out.logits
 
     @torch.inference_mode()
     def prefill(self, batch: pb.Batch) -> tuple[list[GeneratedToken], CausalLMBatch]:
         device = self.ctx.device
-        lengths = [len(r.input_ids) for r in batch.requests]
+        prefixes = [self.prompt_prefix(r.prefix_id) if r.prefix_id else None for r in batch.requests]
+        # A row is [padding, prompt prefix, input tokens]: the prefix is part of the sequence.
+        prefix_lengths = [0 if p is None else len(p) for p in prefixes]
+        lengths = [len(r.input_ids) + n for r, n in zip(batch.requests, prefix_lengths, strict=True)]
         width = max(lengths)
         input_ids = torch.full((len(lengths), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(lengths), width), dtype=torch.long)
         for row, (request, length) in enumerate(zip(batch.requests, lengths, strict=True)):
-            input_ids[row, width - length :] = torch.tensor(list(request.input_ids), dtype=torch.long)
+            input_ids[row, width - len(request.input_ids) :] = torch.tensor(list(request.input_ids), dtype=torch.long)
             mask[row, width - length :] = 1
         input_ids, mask = input_ids.to(device), mask.to(device)
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        inputs_embeds = None
+        if any(p is not None for p in prefixes):
+            inputs_embeds = self._embeddings(input_ids)
+            for row, (request, prefix) in enumerate(zip(batch.requests, prefixes, strict=True)):
+                if prefix is not None:
+                    end = width - len(request.input_ids)
+                    inputs_embeds[row, end - len(prefix) : end] = prefix
         cache = DynamicCache(config=self.model.config)
         want_inputs = any(r.details.input_tokens for r in batch.requests)
-        logits = self._forward(input_ids, mask, position_ids, cache, last_only=not want_inputs)
+        logits = self._forward(input_ids, mask, position_ids, cache, not want_inputs, inputs_embeds)
         chooser = BatchTokenChooser.from_requests(
             batch.requests, self.eos_token_ids, self.model.config.vocab_size, device, prompt_in_history=True
         )
