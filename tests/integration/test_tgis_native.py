@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from transformers import AutoTokenizer
 
+from tests.support.prefixes import reference_greedy_with_prefix, save_peft_prefix
 from tests.support.server import free_port, launcher
 from tests.support.tiny_models import build_tiny_causal_lm, reference_greedy
 from tgis_proto import generation_pb2 as fmaas
@@ -22,9 +23,16 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(model_dir):
+def prefix(model_dir, tmp_path_factory):
+    store = tmp_path_factory.mktemp("prefixes")
+    return store, save_peft_prefix(model_dir, store, "tuned", length=5, seed=4)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, prefix):
     args = ["--deployment-framework", "hf_custom_tp", "--num-gpus", "2", "--master-port", str(free_port())]
-    with launcher(model_dir, *args, "--max-batch-size", "4") as running:
+    store, _ = prefix
+    with launcher(model_dir, *args, "--max-batch-size", "4", "--prefix-store-path", str(store)) as running:
         yield running
 
 
@@ -37,9 +45,11 @@ def expected(model_dir):
     ]
 
 
-def _generate(server, prompts):
+def _generate(server, prompts, prefix_id=None):
     params = fmaas.Parameters(stopping=fmaas.StoppingCriteria(max_new_tokens=MAX_NEW_TOKENS))
-    request = fmaas.BatchedGenerationRequest(requests=[fmaas.GenerationRequest(text=p) for p in prompts], params=params)
+    request = fmaas.BatchedGenerationRequest(
+        requests=[fmaas.GenerationRequest(text=p) for p in prompts], params=params, prefix_id=prefix_id
+    )
     return list(server.stub.Generate(request).responses)
 
 
@@ -55,6 +65,16 @@ def test_requests_joining_and_leaving_the_ragged_batch_keep_their_outputs(server
     with ThreadPoolExecutor(10) as pool:
         for index, text in pool.map(call, range(10)):
             assert text == expected[index]
+
+
+def test_prompt_prefix_on_two_ranks_equals_transformers_on_the_prefixed_embeddings(server, model_dir, prefix, expected):
+    _, embeddings = prefix
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    texts = [r.text for r in _generate(server, PROMPTS, prefix_id="tuned")]
+    for prompt, text in zip(PROMPTS, texts, strict=True):
+        ids = reference_greedy_with_prefix(model_dir, embeddings, tokenizer(prompt).input_ids, MAX_NEW_TOKENS)
+        assert text == tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
+    assert texts != expected  # the prefix changed what the model says
 
 
 def test_launcher_reports_two_shards(server):

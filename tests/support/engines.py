@@ -58,6 +58,7 @@ def native_engine(
     dtype: torch.dtype = torch.float32,
     device: torch.device | None = None,
     attention_backend: str | None = None,
+    prefix_store_path: Path | None = None,
 ) -> Engine:
     """The tgis_native engine as one rank of ``world_size`` (process group on ``port``)."""
     from tgis_shard.engines.tgis_native import create_engine as create_native_engine
@@ -75,6 +76,7 @@ def native_engine(
         master_addr="127.0.0.1",
         master_port=port,
         attention_backend=attention_backend,
+        prefix_store_path=prefix_store_path,
     )
     return create_native_engine(ctx)
 

@@ -8,7 +8,11 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from tests.support.native_checks import check_each_rank_holds_about_half, check_sharded_equals_transformers
+from tests.support.native_checks import (
+    check_each_rank_holds_about_half,
+    check_prefixes_equal_transformers,
+    check_sharded_equals_transformers,
+)
 from tests.support.tiny_models import build_tiny_causal_lm
 
 CONFIGS = {
@@ -42,3 +46,8 @@ def test_sharded_bloom_equals_transformers(model_dir, world_size):
 def test_each_rank_holds_about_half_the_weights(tmp_path):
     model_dir = build_tiny_causal_lm(tmp_path / "bloom", arch="bloom")
     check_each_rank_holds_about_half(model_dir)
+
+
+def test_prompt_prefixes_on_two_ranks_equal_transformers(tmp_path):
+    model_dir = build_tiny_causal_lm(tmp_path / "bloom", arch="bloom")
+    check_prefixes_equal_transformers(model_dir, 2, tmp_path / "prefixes")

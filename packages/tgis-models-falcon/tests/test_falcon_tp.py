@@ -11,7 +11,11 @@ from safetensors.torch import load_file, save_file
 from transformers import FalconConfig, PretrainedConfig
 
 from tests.support.engines import native_engine, request
-from tests.support.native_checks import check_each_rank_holds_about_half, check_sharded_equals_transformers
+from tests.support.native_checks import (
+    check_each_rank_holds_about_half,
+    check_prefixes_equal_transformers,
+    check_sharded_equals_transformers,
+)
 from tests.support.tiny_models import build_tiny_causal_lm
 from tgis_models_falcon.model import FalconLayout
 from tgis_proto import shard_pb2 as pb
@@ -89,3 +93,9 @@ def test_multi_query_ignores_the_num_kv_heads_transformers_fills_in():
     config = FalconConfig(num_attention_heads=4, hidden_size=64, multi_query=True)
     assert config.num_kv_heads == 4  # transformers' default, meaningless for the old decoder
     assert FalconLayout.from_config(config).num_kv_heads == 1
+
+
+@pytest.mark.parametrize("config", ["falcon-40b", "falcon-rw"])
+def test_prompt_prefixes_on_two_ranks_equal_transformers(tmp_path, config):
+    model_dir = build_tiny_causal_lm(tmp_path / "falcon", arch="falcon", **CONFIGS[config])
+    check_prefixes_equal_transformers(model_dir, 2, tmp_path / "prefixes")

@@ -4,10 +4,17 @@ same greedy tokens, close logprobs, requests joining and leaving mid-generation,
 from __future__ import annotations
 
 import pytest
+import torch
 
-from tests.support.engines import native_engine
-from tests.support.native_checks import check_each_rank_holds_about_half, check_sharded_equals_transformers
+from tests.support.engines import check_one_batch_equals_reference, native_engine
+from tests.support.native_checks import (
+    check_each_rank_holds_about_half,
+    check_prefixes_equal_transformers,
+    check_sharded_equals_transformers,
+)
 from tests.support.tiny_models import build_tiny_causal_lm
+from tgis_shard.engines.tgis_native import NativeEngine
+from tgis_shard.prefixes import PrefixesUnsupportedError
 
 CONFIGS = {
     "gqa": {},
@@ -52,3 +59,29 @@ def test_unknown_model_type_names_the_installed_plugins(tmp_path):
     model_dir = build_tiny_causal_lm(tmp_path / "gpt2", arch="gpt2")
     with pytest.raises(Exception, match=r"no plugin serves model_type 'gpt2'.*llama \(llama\)"):
         native_engine(0, 1, 0, model_dir)
+
+
+def test_prompt_prefixes_on_two_ranks_equal_transformers(tmp_path):
+    model_dir = build_tiny_causal_lm(tmp_path / "llama", arch="llama")
+    check_prefixes_equal_transformers(model_dir, 2, tmp_path / "prefixes")
+
+
+class _PluginWithoutOverrides(torch.nn.Module):
+    """A third-party family written before prompt prefixes: its forward takes no overrides."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.num_layers, self.num_kv_heads, self.head_dim = inner.num_layers, inner.num_kv_heads, inner.head_dim
+
+    def forward(self, input_ids, positions, cache, meta, logit_rows):
+        return self.inner(input_ids, positions, cache, meta, logit_rows)
+
+
+def test_a_family_without_embedding_overrides_refuses_prefixes_and_still_serves(model_dir, prompt_ids, expected):
+    real = native_engine(0, 1, 0, model_dir)
+    plugin = _PluginWithoutOverrides(real.model)
+    engine = NativeEngine(plugin, real.ctx, real.tp, real.config, real.cache, real.eos_token_ids)
+    with pytest.raises(PrefixesUnsupportedError, match="the llama model plugin does not support prompt prefixes"):
+        engine.prompt_prefix("tuned")
+    check_one_batch_equals_reference(engine, prompt_ids, expected)

@@ -12,7 +12,7 @@ from transformers import BloomConfig
 from tgis_shard.layers.alibi import alibi_slopes
 from tgis_shard.layers.attention_heads import AttentionHeads
 from tgis_shard.layers.distributed import TensorParallel
-from tgis_shard.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from tgis_shard.layers.embedding import EmbeddingOverrides, ParallelLMHead, VocabParallelEmbedding, embed
 from tgis_shard.layers.linear import ColumnParallelLinear, RowParallelLinear
 from tgis_shard.layers.norm import LayerNorm
 from tgis_shard.layers.paged_attention import AttentionMetadata, PagedKVCache
@@ -115,9 +115,10 @@ class BloomForCausalLM(nn.Module):
         cache: PagedKVCache,
         meta: AttentionMetadata,
         logit_rows: torch.Tensor | None,
+        embedding_overrides: EmbeddingOverrides | None = None,
     ) -> torch.Tensor:
         """[tokens] ids → logits of ``logit_rows`` (all tokens if None); ALiBi takes positions from ``meta``."""
-        hidden = self.word_embeddings_layernorm(self.word_embeddings(input_ids))
+        hidden = self.word_embeddings_layernorm(embed(self.word_embeddings, input_ids, embedding_overrides))
         for layer in self.h:
             hidden = layer(hidden, cache, meta)
         if logit_rows is not None:

@@ -26,7 +26,7 @@ from transformers.activations import ACT2FN
 from tgis_shard.layers.alibi import alibi_slopes
 from tgis_shard.layers.attention_heads import AttentionHeads, Rotary
 from tgis_shard.layers.distributed import TensorParallel
-from tgis_shard.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from tgis_shard.layers.embedding import EmbeddingOverrides, ParallelLMHead, VocabParallelEmbedding, embed
 from tgis_shard.layers.linear import ColumnParallelLinear, RowParallelLinear
 from tgis_shard.layers.norm import LayerNorm
 from tgis_shard.layers.paged_attention import AttentionMetadata, PagedKVCache
@@ -202,9 +202,10 @@ class FalconForCausalLM(nn.Module):
         cache: PagedKVCache,
         meta: AttentionMetadata,
         logit_rows: torch.Tensor | None,
+        embedding_overrides: EmbeddingOverrides | None = None,
     ) -> torch.Tensor:
         """[tokens] ids at [tokens] positions → logits of ``logit_rows`` (all tokens if None)."""
-        hidden = self.word_embeddings(input_ids)
+        hidden = embed(self.word_embeddings, input_ids, embedding_overrides)
         rotary = None if self.rotary is None else self.rotary.cos_sin(positions, hidden.dtype)
         for layer in self.h:
             hidden = layer(hidden, rotary, cache, meta)

@@ -11,7 +11,7 @@ from transformers.activations import ACT2FN
 
 from tgis_shard.layers.attention_heads import AttentionHeads
 from tgis_shard.layers.distributed import TensorParallel
-from tgis_shard.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from tgis_shard.layers.embedding import EmbeddingOverrides, ParallelLMHead, VocabParallelEmbedding, embed
 from tgis_shard.layers.linear import ColumnParallelLinear, RowParallelLinear
 from tgis_shard.layers.norm import RMSNorm
 from tgis_shard.layers.paged_attention import AttentionMetadata, PagedKVCache
@@ -100,9 +100,10 @@ class LlamaForCausalLM(nn.Module):
         cache: PagedKVCache,
         meta: AttentionMetadata,
         logit_rows: torch.Tensor | None,
+        embedding_overrides: EmbeddingOverrides | None = None,
     ) -> torch.Tensor:
         """[tokens] ids at [tokens] positions → logits of ``logit_rows`` (all tokens if None)."""
-        hidden = self.embed_tokens(input_ids)
+        hidden = embed(self.embed_tokens, input_ids, embedding_overrides)
         cos, sin = self.rotary.cos_sin(positions, hidden.dtype)
         for layer in self.layers:
             hidden = layer(hidden, cos, sin, cache, meta)

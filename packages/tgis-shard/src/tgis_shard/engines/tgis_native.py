@@ -8,6 +8,7 @@ Encoder-decoder families (T5) are the exception: they run on the padded ``Seq2Se
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from collections.abc import Sequence
@@ -35,6 +36,7 @@ from tgis_shard.engines.base import (
 from tgis_shard.engines.hf_transformers import eos_token_ids
 from tgis_shard.engines.seq2seq import Seq2SeqLMEngine
 from tgis_shard.layers.distributed import TensorParallel, agree_with_rank0, init_tensor_parallel
+from tgis_shard.layers.embedding import EmbeddingOverrides
 from tgis_shard.layers.flex_paged import QUERY_TILE
 from tgis_shard.layers.paged_attention import (
     BLOCK_SIZES,
@@ -45,6 +47,7 @@ from tgis_shard.layers.paged_attention import (
     choose_backend,
 )
 from tgis_shard.logits import BatchTokenChooser
+from tgis_shard.prefixes import PrefixesUnsupportedError
 from tgis_shard.weights import Weights
 
 log = logging.getLogger(__name__)
@@ -81,7 +84,10 @@ class NativeCausalLM(Protocol):
         cache: PagedKVCache,
         meta: AttentionMetadata,
         logit_rows: torch.Tensor | None,
-    ) -> torch.Tensor: ...
+    ) -> torch.Tensor:
+        """Logits of ``logit_rows`` (all tokens if None). A family that serves prompt prefixes
+        also takes ``embedding_overrides`` (tgis_shard.layers.embedding); others refuse them."""
+        ...
 
 
 @dataclass
@@ -131,6 +137,15 @@ class NativeEngine(Engine):
         self.block_size = cache.block_size
         self.allocator = BlockAllocator(cache.num_blocks)
         self.eos_token_ids = eos_token_ids
+        self._takes_prefixes = "embedding_overrides" in inspect.signature(model.forward).parameters
+        self.prefixes = ctx.prefix_store(config.hidden_size)
+
+    def prompt_prefix(self, prefix_id: str) -> torch.Tensor:
+        if not self._takes_prefixes:
+            raise PrefixesUnsupportedError(
+                f"the {self.config.model_type} model plugin does not support prompt prefixes (no embedding_overrides)"
+            )
+        return self.prefixes.get(prefix_id)
 
     def info(self) -> pb.InfoResponse:
         return shard_info(
@@ -157,16 +172,25 @@ class NativeEngine(Engine):
     def prefill(self, batch: pb.Batch) -> tuple[list[GeneratedToken], NativeBatch]:
         device = self.ctx.device
         requests = list(batch.requests)
-        lengths = [len(r.input_ids) for r in requests]
+        prefixes = [self.prompt_prefix(r.prefix_id) if r.prefix_id else None for r in requests]
+        # A sequence is [prompt prefix, input tokens]; prefix positions hold placeholder ids whose
+        # embeddings the prefix's replace.
+        prefix_lengths = [0 if p is None else len(p) for p in prefixes]
+        lengths = [p + len(r.input_ids) for p, r in zip(prefix_lengths, requests, strict=True)]
         tables = self._allocate([blocks_for(n, self.block_size) for n in lengths])
         try:
-            input_ids = torch.tensor([i for r in requests for i in r.input_ids], dtype=torch.long, device=device)
+            input_ids = torch.tensor(
+                [i for p, r in zip(prefix_lengths, requests, strict=True) for i in [0] * p + list(r.input_ids)],
+                dtype=torch.long,
+                device=device,
+            )
             positions = torch.cat([torch.arange(n, device=device) for n in lengths])
             meta = AttentionMetadata.build(lengths, lengths, tables, self.block_size, device)
             ends = list(accumulate(lengths))
             want_inputs = any(r.details.input_tokens for r in requests)
             last_rows = torch.tensor([e - 1 for e in ends], device=device)
-            logits = self.model(input_ids, positions, self.cache, meta, None if want_inputs else last_rows)
+            extra = _prefix_overrides(prefixes, [e - n for e, n in zip(ends, lengths, strict=True)], device)
+            logits = self.model(input_ids, positions, self.cache, meta, None if want_inputs else last_rows, **extra)
             chooser = BatchTokenChooser.from_requests(
                 requests, self.eos_token_ids, self.config.vocab_size, device, prompt_in_history=True
             )
@@ -263,6 +287,18 @@ class NativeEngine(Engine):
                 raise RuntimeError("health check forward pass produced non-finite logits")
         finally:
             self.allocator.free(tables[0])
+
+
+def _prefix_overrides(
+    prefixes: Sequence[torch.Tensor | None], starts: Sequence[int], device: torch.device
+) -> dict[str, EmbeddingOverrides]:
+    """The model's keyword for the prefixes' embeddings at the start of their sequences (none
+    without prefixes, so families that take no overrides still serve plain requests)."""
+    given = [(p, start) for p, start in zip(prefixes, starts, strict=True) if p is not None]
+    if not given:
+        return {}
+    rows = torch.cat([torch.arange(start, start + len(p), device=device) for p, start in given])
+    return {"embedding_overrides": EmbeddingOverrides(rows, torch.cat([p for p, _ in given]))}
 
 
 def _native(state: BatchState) -> NativeBatch:

@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tgis_shard.layers.distributed import TensorParallel
 from tgis_shard.weights import Weights
+
+
+@dataclass(frozen=True)
+class EmbeddingOverrides:
+    """Token rows of a step whose word embeddings are given instead of looked up: the learned
+    embeddings of prompt prefixes. A model family applies them right after its word embedding."""
+
+    rows: torch.Tensor  # [k] indices into the step's tokens
+    values: torch.Tensor  # [k, hidden]
+
+    def apply(self, embedded: torch.Tensor) -> torch.Tensor:
+        return embedded.index_put((self.rows,), self.values.to(embedded.dtype))
+
+
+def embed(
+    embedding: VocabParallelEmbedding, input_ids: torch.Tensor, overrides: EmbeddingOverrides | None
+) -> torch.Tensor:
+    """Word embeddings of a step's tokens, with the given rows replaced."""
+    embedded = embedding(input_ids)
+    return embedded if overrides is None else overrides.apply(embedded)
 
 
 class VocabParallelEmbedding(nn.Module):
