@@ -7,8 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+import torch
 from transformers import AutoTokenizer
 
+from tests.support.prefixes import reference_greedy_with_prefix, save_peft_prefix
 from tests.support.server import launcher
 from tests.support.tiny_models import build_tiny_seq2seq_lm, reference_greedy
 from tgis_proto import generation_pb2 as fmaas
@@ -23,8 +25,17 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(model_dir):
-    with launcher(model_dir, "--max-batch-size", "4") as running:
+def prefix(model_dir, tmp_path_factory):
+    store = tmp_path_factory.mktemp("prefixes")
+    (store / "decoder-only").mkdir()
+    torch.save(torch.zeros(2, 8), store / "decoder-only" / "decoder.pt")
+    return store, save_peft_prefix(model_dir, store, "tuned", length=4, seed=5)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, prefix):
+    store, _ = prefix
+    with launcher(model_dir, "--max-batch-size", "4", env={"PREFIX_STORE_PATH": str(store)}) as running:
         yield running
 
 
@@ -84,14 +95,26 @@ def test_every_input_token_of_a_seq2seq_model_has_nan_logprob(server):
     assert all(math.isnan(t.logprob) and t.rank == 0 and not t.top_tokens for t in response.input_tokens)
 
 
-def test_prompt_prefix_on_an_engine_without_them_is_invalid_argument_naming_why(server):
+def test_encoder_prompt_prefix_equals_transformers_on_the_prefixed_encoder_input(server, model_dir, prefix):
+    _, embeddings = prefix
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     request = fmaas.BatchedGenerationRequest(
-        requests=[fmaas.GenerationRequest(text=PROMPTS[0])], params=_params(), prefix_id="tuned"
+        requests=[fmaas.GenerationRequest(text=p) for p in PROMPTS], params=_params(), prefix_id="tuned"
+    )
+    texts = [r.text for r in server.stub.Generate(request).responses]
+    for prompt, text in zip(PROMPTS, texts, strict=True):
+        ids = reference_greedy_with_prefix(model_dir, embeddings, tokenizer(prompt).input_ids, MAX_NEW_TOKENS)
+        assert text == tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
+
+
+def test_a_decoder_only_prefix_is_refused_for_an_encoder_decoder_model(server):
+    request = fmaas.BatchedGenerationRequest(
+        requests=[fmaas.GenerationRequest(text=PROMPTS[0])], params=_params(), prefix_id="decoder-only"
     )
     with pytest.raises(grpc.RpcError) as e:
         server.stub.Generate(request)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert e.value.details() == (
-        "can't retrieve prompt prefix with id 'tuned': "
-        "the hf_transformers engine does not support prompt prefixes for t5 models yet"
+        "can't retrieve prompt prefix with id 'decoder-only': "
+        "prefix 'decoder-only' has only decoder.pt; this model takes encoder.pt"
     )

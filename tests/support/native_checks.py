@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.support.engines import NEW_TOKENS, PROMPTS, decode_steps, native_engine, request, start_then_join
-from tests.support.prefixes import reference_greedy_with_prefix, save_peft_prefix
+from tests.support.prefixes import check_prefix_outputs, run_prefix_scenario, save_prefixes
 from tests.support.ranks import run_ranks
 from tests.support.tiny_models import reference_greedy
 from tgis_proto import shard_pb2 as pb
@@ -79,39 +79,18 @@ def check_sharded_equals_transformers(
     assert all(r["outputs"] == result["outputs"] for r in results)  # every rank followed the same tokens
 
 
-# Prompt prefixes of the prefix check: request index -> (prefix id, length); request 1 has none.
-PREFIXES = {0: ("short", 3), 2: ("team/long", 7)}
-
-
 def _prefix_scenario(rank: int, world_size: int, port: int, model_dir: str, store: str, ids) -> dict:
-    """Two prefixes of different lengths and a plain prompt in one ragged batch, then a prefixed
-    request joining it."""
     engine = native_engine(rank, world_size, port, model_dir, prefix_store_path=Path(store))
-    chosen = {i: PREFIXES[i][0] if i in PREFIXES else "" for i in range(len(ids))}
-    tokens, running = engine.prefill(
-        pb.Batch(id=1, requests=[request(i, ids[i], NEW_TOKENS, prefix_id=chosen[i]) for i in range(len(ids))])
-    )
-    outputs = {t.request_id: [t.token_id] for t in tokens}
-    decode_steps(engine, running, outputs, 2)
-    tokens, joining = engine.prefill(pb.Batch(id=2, requests=[request(9, ids[0], NEW_TOKENS, prefix_id="team/long")]))
-    outputs.update({t.request_id: [t.token_id] for t in tokens})
-    running = engine.concatenate([running, joining])
-    decode_steps(engine, running, outputs, NEW_TOKENS - 1)
-    return outputs
+    return run_prefix_scenario(engine, ids)
 
 
 def check_prefixes_equal_transformers(model_dir: Path, world_size: int, store: Path) -> None:
     """Prompt prefixes (real PEFT adapters) give transformers' tokens on the prefixed embeddings."""
     ids = prompt_ids(model_dir)
-    prefixes = {name: save_peft_prefix(model_dir, store, name, n, seed=i) for i, (name, n) in PREFIXES.items()}
+    prefixes = save_prefixes(model_dir, store)
     results = run_ranks(_prefix_scenario, world_size, str(model_dir), str(store), ids)
-    outputs = results[0]
-    cases = [(i, ids[i], prefixes[PREFIXES[i][0]] if i in PREFIXES else None) for i in range(len(ids))]
-    cases.append((9, ids[0], prefixes["team/long"]))
-    for rid, prompt, prefix in cases:
-        expected = reference_greedy_with_prefix(model_dir, prefix, prompt, NEW_TOKENS)
-        assert outputs[rid][: len(expected)] == expected, rid
-    assert all(r == outputs for r in results)
+    check_prefix_outputs(model_dir, ids, prefixes, results[0])
+    assert all(r == results[0] for r in results)
 
 
 def _weight_bytes(rank: int, world_size: int, port: int, model_dir: str) -> int:

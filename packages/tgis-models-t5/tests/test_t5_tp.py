@@ -12,6 +12,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from tests.support.engines import NEW_TOKENS, PROMPTS, decode_steps, native_engine, request, start_then_join
+from tests.support.native_checks import check_prefixes_equal_transformers
 from tests.support.ranks import run_ranks
 from tests.support.tiny_models import build_tiny_seq2seq_lm, reference_greedy
 from tgis_models_t5.model import relative_buckets
@@ -130,3 +131,8 @@ def test_relative_buckets_match_transformers_beyond_the_exact_range(bidirectiona
     ours = relative_buckets(relative, bidirectional, num_buckets=32, max_distance=128)
     theirs = T5Attention._relative_position_bucket(relative, bidirectional, num_buckets=32, max_distance=128)
     assert torch.equal(ours, theirs)
+
+
+def test_encoder_prompt_prefixes_on_two_ranks_equal_transformers(tmp_path):
+    model_dir = build_tiny_seq2seq_lm(tmp_path / "t5", arch="t5")
+    check_prefixes_equal_transformers(model_dir, 2, tmp_path / "prefixes")

@@ -13,7 +13,7 @@ from tests.support.engines import (
     request,
     start_then_join,
 )
-from tests.support.prefixes import reference_greedy_with_prefix, save_peft_prefix
+from tests.support.prefixes import check_prefix_outputs, run_prefix_scenario, save_prefixes
 from tests.support.tiny_models import build_tiny_causal_lm
 from tgis_proto import shard_pb2 as pb
 
@@ -87,46 +87,8 @@ def test_decode_measurement_counts_from_after_the_prefill_of_the_asked_batch(eng
     assert calls == [("start counting",), ("decode", 3, 5)]
 
 
-@pytest.fixture(scope="module")
-def prefix_store(model_dir, tmp_path_factory):
-    """Two PEFT prompt-tuning prefixes of different lengths for the module's model."""
-    store = tmp_path_factory.mktemp("prefixes")
-    short = save_peft_prefix(model_dir, store, "short", length=3, seed=1)
-    long = save_peft_prefix(model_dir, store, "team/long", length=7, seed=2)
-    return store, {"short": short, "team/long": long}
-
-
-def test_prompt_prefixes_equal_transformers_on_prefix_then_prompt_embeddings(model_dir, prefix_store, prompt_ids):
-    store, prefixes = prefix_store
-    engine = cpu_engine(model_dir, prefix_store_path=store)
+def test_prompt_prefixes_equal_transformers_on_prefix_then_prompt_embeddings(model_dir, prompt_ids, tmp_path):
+    prefixes = save_prefixes(model_dir, tmp_path)
+    engine = cpu_engine(model_dir, prefix_store_path=tmp_path)
     assert len(engine.prompt_prefix("team/long")) == 7
-    # Prefixes of two lengths and a plain prompt, left-padded together in one batch.
-    chosen = {0: "short", 1: "", 2: "team/long"}
-    tokens, state = engine.prefill(
-        pb.Batch(id=1, requests=[request(i, prompt_ids[i], NEW_TOKENS, prefix_id=chosen[i]) for i in chosen])
-    )
-    outputs = {t.request_id: [t.token_id] for t in tokens}
-    decode_steps(engine, state, outputs, NEW_TOKENS - 1)
-    for i, prefix_id in chosen.items():
-        prefix = prefixes[prefix_id] if prefix_id else None
-        reference = reference_greedy_with_prefix(model_dir, prefix, prompt_ids[i], NEW_TOKENS)
-        assert outputs[i][: len(reference)] == reference, prefix_id
-    # The prefix changes the output: the comparison above can tell them apart.
-    assert reference_greedy_with_prefix(model_dir, None, prompt_ids[2], NEW_TOKENS) != outputs[2]
-
-
-def test_prefixed_request_joining_a_running_batch_changes_no_output(model_dir, prefix_store, prompt_ids, expected):
-    store, prefixes = prefix_store
-    engine = cpu_engine(model_dir, prefix_store_path=store)
-    tokens, running = engine.prefill(pb.Batch(id=1, requests=[request(0, prompt_ids[0], NEW_TOKENS)]))
-    outputs = {t.request_id: [t.token_id] for t in tokens}
-    decode_steps(engine, running, outputs, 2)
-    tokens, joining = engine.prefill(
-        pb.Batch(id=2, requests=[request(2, prompt_ids[2], NEW_TOKENS, prefix_id="team/long")])
-    )
-    outputs.update({t.request_id: [t.token_id] for t in tokens})
-    running = engine.concatenate([running, joining])
-    decode_steps(engine, running, outputs, NEW_TOKENS - 1)
-    assert outputs[0][: len(expected[0])] == expected[0]
-    reference = reference_greedy_with_prefix(model_dir, prefixes["team/long"], prompt_ids[2], NEW_TOKENS)
-    assert outputs[2][: len(reference)] == reference
+    check_prefix_outputs(model_dir, prompt_ids, prefixes, run_prefix_scenario(engine, prompt_ids))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -109,3 +111,27 @@ def test_a_prefix_larger_than_the_cache_is_served_uncached(tmp_path):
     assert store.get("big").shape == (4, WIDTH)
     torch.save(torch.zeros(4, WIDTH), tmp_path / "big" / "decoder.pt")
     assert not store.get("big").any()
+
+
+def test_encoder_decoder_models_take_encoder_pt_and_name_a_decoder_only_prefix(tmp_path):
+    encoder = torch.randn(3, WIDTH)
+    (tmp_path / "enc").mkdir()
+    torch.save(encoder, tmp_path / "enc" / "encoder.pt")
+    save_decoder_pt(tmp_path, "dec", torch.randn(3, WIDTH))
+    seq2seq = PrefixStore(tmp_path, WIDTH, 64, torch.float32, torch.device("cpu"), 2**20, encoder_decoder=True)
+    assert torch.equal(seq2seq.get("enc"), encoder)
+    with pytest.raises(InvalidPrefixError, match=r"has only decoder\.pt; this model takes encoder\.pt"):
+        seq2seq.get("dec")
+    with pytest.raises(InvalidPrefixError, match=r"has only encoder\.pt; this model takes decoder\.pt"):
+        store_at(tmp_path).get("enc")
+
+
+@pytest.mark.parametrize(("submodules", "rows"), [(2, 3), (1, 6)])
+def test_a_peft_adapter_of_two_submodules_gives_its_first_block(tmp_path, submodules, rows):
+    # PEFT's seq2seq adapters stack the encoder's virtual tokens, then the decoder's.
+    stacked = torch.randn(6, WIDTH)
+    (tmp_path / "p").mkdir()
+    save_file({"prompt_embeddings": stacked}, tmp_path / "p" / "adapter_model.safetensors")
+    config = {"num_virtual_tokens": 6 // submodules, "num_transformer_submodules": submodules}
+    (tmp_path / "p" / "adapter_config.json").write_text(json.dumps(config))
+    assert torch.equal(store_at(tmp_path).get("p"), stacked[:rows].to(torch.float16))

@@ -18,6 +18,7 @@ from tests.support.engines import (
     request,
     start_then_join,
 )
+from tests.support.prefixes import check_prefix_outputs, run_prefix_scenario, save_prefixes
 from tests.support.tiny_models import build_tiny_seq2seq_lm, reference_greedy
 from tgis_proto import shard_pb2 as pb
 from tgis_shard.engines.seq2seq import Seq2SeqLMEngine
@@ -97,6 +98,14 @@ def test_token_details_are_log_softmax_of_the_first_decoder_step(engine, prompt_
     # The encoder scores no prompt token; the ids still come back.
     assert [t.id for t in token.input_tokens] == ids
     assert all(math.isnan(t.logprob) for t in token.input_tokens)
+
+
+def test_encoder_prompt_prefixes_equal_transformers_on_prefixed_encoder_embeddings(model_dir, prompt_ids, tmp_path):
+    # PEFT's seq2seq adapters hold an encoder and a decoder block; generation uses the encoder's.
+    prefixes = save_prefixes(model_dir, tmp_path)
+    engine = cpu_engine(model_dir, prefix_store_path=tmp_path)
+    assert len(engine.prompt_prefix("team/long")) == 7
+    check_prefix_outputs(model_dir, prompt_ids, prefixes, run_prefix_scenario(engine, prompt_ids))
 
 
 def test_info_and_health_check(engine):

@@ -213,10 +213,16 @@ class T5Encoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(config, weights, tp, i) for i in range(config.num_layers))
         self.final_norm = RMSNorm.load(weights, "encoder.final_layer_norm", config.layer_norm_epsilon)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> BaseModelOutput:
-        """[batch, positions] ids (right-padded where ``attention_mask`` is 0) → hidden states."""
-        hidden = self.embed_tokens(input_ids)
-        length = input_ids.shape[1]
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> BaseModelOutput:
+        """[batch, positions] ids, or their embeddings (prompt prefixes), right-padded where
+        ``attention_mask`` is 0 → hidden states."""
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        length = hidden.shape[1]
         bias = self.position_bias(length, length, 0)
         if attention_mask is not None:
             bias = bias + _padding_bias(attention_mask, hidden.dtype)[:, None, None, :]
@@ -302,6 +308,9 @@ class T5ForConditionalGeneration(nn.Module):
 
     def get_encoder(self) -> T5Encoder:
         return self.encoder
+
+    def get_input_embeddings(self) -> VocabParallelEmbedding:
+        return self.shared
 
     def get_decoder(self) -> T5Decoder:
         return self.decoder

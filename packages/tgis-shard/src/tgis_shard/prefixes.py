@@ -2,12 +2,15 @@
 
 A prefix lives in ``PREFIX_STORE_PATH/<prefix_id>/`` as PEFT saves a prompt-tuning adapter
 (``adapter_model.safetensors`` or ``adapter_model.bin`` holding ``prompt_embeddings``) or as a
-plain tensor in ``decoder.pt``. Loaded prefixes are kept, least recently used first out, within
-PROMPT_CACHE_SIZE_MB.
+plain tensor: ``decoder.pt`` for decoder-only models, ``encoder.pt`` for encoder-decoder ones,
+whose prefix goes in front of the encoder's input (as PEFT's generate does; a seq2seq adapter's
+second half, trained for the decoder, is not used there either). Loaded prefixes are kept, least
+recently used first out, within PROMPT_CACHE_SIZE_MB.
 """
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 import threading
@@ -46,8 +49,10 @@ class PrefixStore:
         dtype: torch.dtype,
         device: torch.device,
         cache_bytes: int,
+        encoder_decoder: bool = False,
     ) -> None:
         self.root = root
+        self.encoder_decoder = encoder_decoder
         self.width = width
         self.max_length = max_length
         self.dtype = dtype
@@ -93,7 +98,7 @@ class PrefixStore:
 
     def _load(self, prefix_id: str) -> torch.Tensor:
         folder = self._folder(prefix_id)
-        tensor = _read_prefix(folder, prefix_id)
+        tensor = _read_prefix(folder, prefix_id, "encoder.pt" if self.encoder_decoder else "decoder.pt")
         return self._checked(tensor, prefix_id).to(device=self.device, dtype=self.dtype)
 
     def _checked(self, tensor: torch.Tensor, prefix_id: str) -> torch.Tensor:
@@ -113,12 +118,12 @@ class PrefixStore:
         return tensor
 
 
-def _read_prefix(folder: Path, prefix_id: str) -> torch.Tensor:
-    """The stored tensor, from the first of PEFT's safetensors, PEFT's .bin, or decoder.pt."""
+def _read_prefix(folder: Path, prefix_id: str, plain_file: str) -> torch.Tensor:
+    """The stored tensor, from the first of PEFT's safetensors, PEFT's .bin, or ``plain_file``."""
     for name, read in (
         ("adapter_model.safetensors", load_file),
         ("adapter_model.bin", _torch_load),
-        ("decoder.pt", _torch_load),
+        (plain_file, _torch_load),
     ):
         path = folder / name
         if not path.is_file():
@@ -127,14 +132,32 @@ def _read_prefix(folder: Path, prefix_id: str) -> torch.Tensor:
             loaded = read(path)
         except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
             raise InvalidPrefixError(f"prefix {prefix_id!r}: {name} could not be read: {e}") from e
-        if name == "decoder.pt":
+        if name == plain_file:
             if not isinstance(loaded, torch.Tensor):
-                raise InvalidPrefixError(f"prefix {prefix_id!r}: decoder.pt must hold one tensor")
+                raise InvalidPrefixError(f"prefix {prefix_id!r}: {name} must hold one tensor")
             return loaded
         if not isinstance(loaded, dict) or _PEFT_KEY not in loaded:
             raise InvalidPrefixError(f"prefix {prefix_id!r}: {name} holds no {_PEFT_KEY} (not prompt tuning)")
-        return loaded[_PEFT_KEY]
+        return _first_submodule(loaded[_PEFT_KEY], folder / "adapter_config.json")
+    other = "decoder.pt" if plain_file == "encoder.pt" else "encoder.pt"
+    if (folder / other).is_file():
+        raise InvalidPrefixError(f"prefix {prefix_id!r} has only {other}; this model takes {plain_file}")
     raise PrefixNotFoundError(f'prefix id "{prefix_id}" not found')
+
+
+def _first_submodule(embeddings: torch.Tensor, config_path: Path) -> torch.Tensor:
+    """PEFT stacks one block of virtual tokens per transformer submodule (encoder, then decoder,
+    for seq2seq adapters); generation uses the first."""
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        return embeddings
+    virtual = config.get("num_virtual_tokens")
+    submodules = config.get("num_transformer_submodules") or 1
+    stacked = isinstance(virtual, int) and submodules > 1 and embeddings.dim() == 2
+    if stacked and len(embeddings) == virtual * submodules:
+        return embeddings[:virtual]
+    return embeddings
 
 
 def _torch_load(path: Path) -> object:

@@ -39,7 +39,7 @@ class ShardContext:
     """Folder of prompt prefixes (PREFIX_STORE_PATH); None: requests naming one are refused."""
     prompt_cache_size_mb: int = 512
 
-    def prefix_store(self, width: int) -> PrefixStore:
+    def prefix_store(self, width: int, encoder_decoder: bool = False) -> PrefixStore:
         """Prompt prefixes for a model whose embeddings are ``width`` wide."""
         return PrefixStore(
             self.prefix_store_path,
@@ -48,6 +48,7 @@ class ShardContext:
             dtype=self.dtype,
             device=self.device,
             cache_bytes=self.prompt_cache_size_mb * 2**20,
+            encoder_decoder=encoder_decoder,
         )
 
     @property

@@ -137,6 +137,15 @@ class Seq2SeqLMEngine(Engine):
         self._row_positions: _RowPositions | None = None
         if not self._takes_decoder_position_ids:
             self._row_positions = _absolute_positions(model)
+        # Prompt prefixes go in front of the encoder's input embeddings.
+        self._encoder_takes_embeds = "inputs_embeds" in inspect.signature(model.get_encoder().forward).parameters
+        self._embeddings = model.get_input_embeddings()
+        self.prefixes = ctx.prefix_store(self._embeddings.weight.shape[-1], encoder_decoder=True)
+
+    def prompt_prefix(self, prefix_id: str) -> torch.Tensor:
+        if not self._encoder_takes_embeds:
+            return super().prompt_prefix(prefix_id)
+        return self.prefixes.get(prefix_id)
 
     def info(self) -> pb.InfoResponse:
         return shard_info(
@@ -177,15 +186,25 @@ class Seq2SeqLMEngine(Engine):
     @torch.inference_mode()
     def prefill(self, batch: pb.Batch) -> tuple[list[GeneratedToken], Seq2SeqLMBatch]:
         device = self.ctx.device
-        lengths = [len(r.input_ids) for r in batch.requests]
+        prefixes = [self.prompt_prefix(r.prefix_id) if r.prefix_id else None for r in batch.requests]
+        # An encoder row is [prompt prefix, input tokens, padding].
+        prefix_lengths = [0 if p is None else len(p) for p in prefixes]
+        lengths = [n + len(r.input_ids) for n, r in zip(prefix_lengths, batch.requests, strict=True)]
         width = max(lengths)
         input_ids = torch.full((len(lengths), width), self.pad_token_id, dtype=torch.long)
         encoder_mask = torch.zeros((len(lengths), width), dtype=torch.long)
-        for row, (request, length) in enumerate(zip(batch.requests, lengths, strict=True)):
-            input_ids[row, :length] = torch.tensor(list(request.input_ids), dtype=torch.long)
+        for row, (request, start, length) in enumerate(zip(batch.requests, prefix_lengths, lengths, strict=True)):
+            input_ids[row, start:length] = torch.tensor(list(request.input_ids), dtype=torch.long)
             encoder_mask[row, :length] = 1
         input_ids, encoder_mask = input_ids.to(device), encoder_mask.to(device)
-        encoder_hidden = self.model.get_encoder()(input_ids=input_ids, attention_mask=encoder_mask).last_hidden_state
+        encoder_input: dict[str, torch.Tensor] = {"input_ids": input_ids}
+        if any(p is not None for p in prefixes):
+            embeds = self._embeddings(input_ids)
+            for row, prefix in enumerate(prefixes):
+                if prefix is not None:
+                    embeds[row, : len(prefix)] = prefix
+            encoder_input = {"inputs_embeds": embeds}
+        encoder_hidden = self.model.get_encoder()(**encoder_input, attention_mask=encoder_mask).last_hidden_state
         decoder_input_ids = torch.full((len(lengths), 1), self.decoder_start_token_id, dtype=torch.long, device=device)
         decoder_mask = torch.ones_like(decoder_input_ids)
         # The cross-attention cache gets no config: the decoder's sliding-window layer types (T5Gemma)
