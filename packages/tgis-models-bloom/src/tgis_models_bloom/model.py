@@ -105,6 +105,7 @@ class BloomForCausalLM(nn.Module):
         self.lm_head = ParallelLMHead.for_config(config, weights, self.word_embeddings)
         heads = self.h[0].self_attention.heads
         self.num_layers = config.n_layer
+        self.hidden_size = config.hidden_size  # the width of prompt-prefix embeddings
         self.num_kv_heads = heads.num_kv_heads
         self.head_dim = heads.head_dim
 

@@ -191,6 +191,7 @@ class FalconForCausalLM(nn.Module):
             else ParallelLMHead.load(weights, "lm_head.weight", tp, config.vocab_size)
         )
         self.num_layers = layout.num_layers
+        self.hidden_size = layout.num_heads * layout.head_dim  # the width of prompt-prefix embeddings
         self.num_kv_heads = self.h[0].self_attention.heads.num_kv_heads
         self.head_dim = layout.head_dim
         self.rotary = None if layout.alibi else RotaryEmbedding(config, layout.head_dim, weights.device)

@@ -89,6 +89,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = ParallelLMHead.for_config(config, weights, self.embed_tokens)
         heads = self.layers[0].self_attn.heads
         self.num_layers = config.num_hidden_layers
+        self.hidden_size = config.hidden_size  # the width of prompt-prefix embeddings
         self.num_kv_heads = heads.num_kv_heads
         self.head_dim = heads.head_dim
         self.rotary = RotaryEmbedding(config, self.head_dim, weights.device)

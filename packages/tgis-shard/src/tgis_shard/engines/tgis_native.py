@@ -86,7 +86,8 @@ class NativeCausalLM(Protocol):
         logit_rows: torch.Tensor | None,
     ) -> torch.Tensor:
         """Logits of ``logit_rows`` (all tokens if None). A family that serves prompt prefixes
-        also takes ``embedding_overrides`` (tgis_shard.layers.embedding); others refuse them."""
+        also takes ``embedding_overrides`` (tgis_shard.layers.embedding) and says its embeddings'
+        width as ``hidden_size``; others refuse prefixes."""
         ...
 
 
@@ -138,7 +139,7 @@ class NativeEngine(Engine):
         self.allocator = BlockAllocator(cache.num_blocks)
         self.eos_token_ids = eos_token_ids
         self._takes_prefixes = "embedding_overrides" in inspect.signature(model.forward).parameters
-        self.prefixes = ctx.prefix_store(config.hidden_size)
+        self.prefixes = ctx.prefix_store(model.hidden_size if self._takes_prefixes else 0)
 
     def prompt_prefix(self, prefix_id: str) -> torch.Tensor:
         if not self._takes_prefixes:
