@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -27,9 +26,11 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def prefix(model_dir, tmp_path_factory):
     store = tmp_path_factory.mktemp("prefixes")
+    embeddings = save_peft_prefix(model_dir, store, "tuned", length=4, seed=5)
+    # TGIS's own layout: a decoder prefix in front of the decoder start token.
     (store / "decoder-only").mkdir()
-    torch.save(torch.zeros(2, 8), store / "decoder-only" / "decoder.pt")
-    return store, save_peft_prefix(model_dir, store, "tuned", length=4, seed=5)
+    torch.save(embeddings[:3].flip(0).clone(), store / "decoder-only" / "decoder.pt")
+    return store, embeddings
 
 
 @pytest.fixture(scope="module")
@@ -107,14 +108,15 @@ def test_encoder_prompt_prefix_equals_transformers_on_the_prefixed_encoder_input
         assert text == tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
 
 
-def test_a_decoder_only_prefix_is_refused_for_an_encoder_decoder_model(server):
+def test_a_tgis_decoder_prefix_goes_in_front_of_the_decoder_start_token(server, model_dir, prefix):
+    _, embeddings = prefix
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     request = fmaas.BatchedGenerationRequest(
         requests=[fmaas.GenerationRequest(text=PROMPTS[0])], params=_params(), prefix_id="decoder-only"
     )
-    with pytest.raises(grpc.RpcError) as e:
-        server.stub.Generate(request)
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert e.value.details() == (
-        "can't retrieve prompt prefix with id 'decoder-only': "
-        "prefix 'decoder-only' has only decoder.pt; this model takes encoder.pt"
+    (response,) = server.stub.Generate(request).responses
+    decoder_prefix = embeddings[:3].flip(0)
+    ids = reference_greedy_with_prefix(
+        model_dir, None, tokenizer(PROMPTS[0]).input_ids, MAX_NEW_TOKENS, decoder_prefix=decoder_prefix
     )
+    assert response.text == tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")

@@ -38,14 +38,21 @@ def save_peft_prefix(model_dir: Path, store: Path, prefix_id: str, length: int, 
 
 @torch.no_grad()
 def reference_greedy_with_prefix(
-    model_dir: Path, prefix: torch.Tensor | None, input_ids: list[int], max_new_tokens: int
+    model_dir: Path,
+    prefix: torch.Tensor | None,
+    input_ids: list[int],
+    max_new_tokens: int,
+    decoder_prefix: torch.Tensor | None = None,
 ) -> list[int]:
     """Greedy tokens of plain transformers for the prompt's embeddings after the prefix's (the
-    encoder's input, for seq2seq models)."""
+    encoder's input, for seq2seq models; ``decoder_prefix`` goes before the decoder start token)."""
     model, seq2seq = _load(model_dir)
-    embeds = model.get_input_embeddings()(torch.tensor([input_ids]))
+    embed = model.get_input_embeddings()
+    embeds = embed(torch.tensor([input_ids]))
     if prefix is not None:
         embeds = torch.cat([prefix[None].to(embeds.dtype), embeds], dim=1)
+    if decoder_prefix is not None:
+        return _greedy_with_decoder_prefix(model, embeds, decoder_prefix, max_new_tokens)
     output = model.generate(
         inputs_embeds=embeds,
         attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
@@ -54,6 +61,21 @@ def reference_greedy_with_prefix(
     )
     # Encoder-decoder output starts with the decoder start token.
     return output[0, 1 if seq2seq else 0 :].tolist()
+
+
+def _greedy_with_decoder_prefix(
+    model: PreTrainedModel, encoder_embeds: torch.Tensor, decoder_prefix: torch.Tensor, max_new_tokens: int
+) -> list[int]:
+    """generate() takes no decoder embeddings: full forward passes, one per new token."""
+    tokens = [model.config.decoder_start_token_id]
+    eos = model.config.eos_token_id
+    for _ in range(max_new_tokens):
+        decoder_embeds = torch.cat([decoder_prefix[None], model.get_input_embeddings()(torch.tensor([tokens]))], dim=1)
+        logits = model(inputs_embeds=encoder_embeds, decoder_inputs_embeds=decoder_embeds).logits[0, -1]
+        tokens.append(int(logits.argmax()))
+        if tokens[-1] == eos:
+            break
+    return tokens[1:]
 
 
 # The prefix scenario: request index -> (prefix id, length); request 1 has none. A request with

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from transformers.models.t5.modeling_t5 import T5Attention
 
 from tests.support.engines import NEW_TOKENS, PROMPTS, decode_steps, native_engine, request, start_then_join
 from tests.support.native_checks import check_prefixes_equal_transformers
+from tests.support.prefixes import reference_greedy_with_prefix
 from tests.support.ranks import run_ranks
 from tests.support.tiny_models import build_tiny_seq2seq_lm, reference_greedy
 from tgis_models_t5.model import relative_buckets
@@ -136,3 +138,26 @@ def test_relative_buckets_match_transformers_beyond_the_exact_range(bidirectiona
 def test_encoder_prompt_prefixes_on_two_ranks_equal_transformers(tmp_path):
     model_dir = build_tiny_seq2seq_lm(tmp_path / "t5", arch="t5")
     check_prefixes_equal_transformers(model_dir, 2, tmp_path / "prefixes")
+
+
+def _tgis_prefix_scenario(rank: int, world_size: int, port: int, model_dir: str, store: str, ids: list[int]):
+    engine = native_engine(rank, world_size, port, model_dir, prefix_store_path=Path(store))
+    tokens, state = engine.prefill(pb.Batch(id=1, requests=[request(0, ids, NEW_TOKENS, prefix_id="both")]))
+    outputs = {0: [tokens[0].token_id]}
+    decode_steps(engine, state, outputs, NEW_TOKENS - 1)
+    return outputs[0]
+
+
+def test_tgis_encoder_and_decoder_prefix_files_on_two_ranks_equal_transformers(tmp_path):
+    model_dir = build_tiny_seq2seq_lm(tmp_path / "t5", arch="t5")
+    weight = AutoModelForSeq2SeqLM.from_pretrained(model_dir).get_input_embeddings().weight
+    generator = torch.Generator().manual_seed(7)
+    encoder, decoder = (torch.randn(n, weight.shape[1], generator=generator) * weight.std().item() for n in (4, 3))
+    (tmp_path / "prefixes" / "both").mkdir(parents=True)
+    torch.save(encoder, tmp_path / "prefixes" / "both" / "encoder.pt")
+    torch.save(decoder, tmp_path / "prefixes" / "both" / "decoder.pt")
+    ids = AutoTokenizer.from_pretrained(model_dir)(PROMPTS[0]).input_ids
+    outputs = run_ranks(_tgis_prefix_scenario, 2, str(model_dir), str(tmp_path / "prefixes"), ids)
+    expected = reference_greedy_with_prefix(model_dir, encoder, ids, NEW_TOKENS, decoder_prefix=decoder)
+    assert outputs[0][: len(expected)] == expected
+    assert outputs[0] == outputs[1]

@@ -90,5 +90,5 @@ def test_decode_measurement_counts_from_after_the_prefill_of_the_asked_batch(eng
 def test_prompt_prefixes_equal_transformers_on_prefix_then_prompt_embeddings(model_dir, prompt_ids, tmp_path):
     prefixes = save_prefixes(model_dir, tmp_path)
     engine = cpu_engine(model_dir, prefix_store_path=tmp_path)
-    assert len(engine.prompt_prefix("team/long")) == 7
+    assert engine.prompt_prefix("team/long").length == 7
     check_prefix_outputs(model_dir, prompt_ids, prefixes, run_prefix_scenario(engine, prompt_ids))

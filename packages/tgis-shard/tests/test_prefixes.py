@@ -33,7 +33,7 @@ def test_each_stored_format_loads_in_the_model_dtype(tmp_path, file_name):
         torch.save({"prompt_embeddings": prefix}, tmp_path / "p" / file_name)
     else:
         torch.save(prefix, tmp_path / "p" / file_name)
-    loaded = store_at(tmp_path).get("p")
+    loaded = store_at(tmp_path).get("p").input
     assert loaded.dtype == torch.float16
     assert torch.equal(loaded, prefix.to(torch.float16))
 
@@ -66,6 +66,7 @@ def test_a_link_out_of_the_store_is_refused(tmp_path):
         (torch.randn(2, 3, WIDTH), "must be 2-D"),
         (torch.randn(4, WIDTH + 1), "has width 9"),
         (torch.randn(64, WIDTH), "has length 64"),
+        (torch.randn(0, WIDTH), "is empty"),
         (torch.full((2, WIDTH), float("nan")), "finite floating-point"),
         (torch.ones(2, WIDTH, dtype=torch.long), "finite floating-point"),
         ({"weights": torch.randn(2, WIDTH)}, "must hold one tensor"),
@@ -100,30 +101,53 @@ def test_cache_keeps_the_most_recently_used_prefixes_within_its_bytes(tmp_path):
     # What is cached is served without reading the disk again; "b" was let go and is read anew.
     for name in ("a", "b", "c"):
         torch.save(torch.zeros(4, WIDTH), tmp_path / name / "decoder.pt")
-    assert store.get("a").any()
-    assert store.get("c").any()
-    assert not store.get("b").any()
+    assert store.get("a").input.any()
+    assert store.get("c").input.any()
+    assert not store.get("b").input.any()
 
 
 def test_a_prefix_larger_than_the_cache_is_served_uncached(tmp_path):
     save_decoder_pt(tmp_path, "big", torch.randn(4, WIDTH))
     store = store_at(tmp_path, cache_bytes=10)
-    assert store.get("big").shape == (4, WIDTH)
+    assert store.get("big").input.shape == (4, WIDTH)
     torch.save(torch.zeros(4, WIDTH), tmp_path / "big" / "decoder.pt")
-    assert not store.get("big").any()
+    assert not store.get("big").input.any()
 
 
-def test_encoder_decoder_models_take_encoder_pt_and_name_a_decoder_only_prefix(tmp_path):
-    encoder = torch.randn(3, WIDTH)
-    (tmp_path / "enc").mkdir()
-    torch.save(encoder, tmp_path / "enc" / "encoder.pt")
-    save_decoder_pt(tmp_path, "dec", torch.randn(3, WIDTH))
+def test_encoder_decoder_models_take_encoder_pt_and_decoder_pt_alone_or_together(tmp_path):
+    encoder, decoder = torch.randn(3, WIDTH), torch.randn(2, WIDTH)
+    for name, files in {"enc": {"encoder.pt": encoder}, "dec": {"decoder.pt": decoder}}.items():
+        (tmp_path / name).mkdir()
+        for file_name, tensor in files.items():
+            torch.save(tensor, tmp_path / name / file_name)
+    (tmp_path / "both").mkdir()
+    torch.save(encoder, tmp_path / "both" / "encoder.pt")
+    torch.save(decoder, tmp_path / "both" / "decoder.pt")
     seq2seq = PrefixStore(tmp_path, WIDTH, 64, torch.float32, torch.device("cpu"), 2**20, encoder_decoder=True)
-    assert torch.equal(seq2seq.get("enc"), encoder)
-    with pytest.raises(InvalidPrefixError, match=r"has only decoder\.pt; this model takes encoder\.pt"):
-        seq2seq.get("dec")
+    both = seq2seq.get("both")
+    assert torch.equal(both.input, encoder)
+    assert torch.equal(both.decoder, decoder)
+    assert both.length == 5
+    assert seq2seq.get("enc").decoder is None
+    assert seq2seq.get("dec").input is None
+    # A decoder-only model has no encoder to put encoder.pt in front of.
     with pytest.raises(InvalidPrefixError, match=r"has only encoder\.pt; this model takes decoder\.pt"):
         store_at(tmp_path).get("enc")
+
+
+def test_encoder_and_decoder_prefixes_together_must_stay_below_the_sequence_limit(tmp_path):
+    (tmp_path / "p").mkdir()
+    torch.save(torch.randn(40, WIDTH), tmp_path / "p" / "encoder.pt")
+    torch.save(torch.randn(24, WIDTH), tmp_path / "p" / "decoder.pt")
+    store = PrefixStore(tmp_path, WIDTH, 64, torch.float32, torch.device("cpu"), 2**20, encoder_decoder=True)
+    with pytest.raises(InvalidPrefixError, match="has length 64, which must be below 64"):
+        store.get("p")
+
+
+def test_values_that_overflow_the_model_dtype_are_refused(tmp_path):
+    save_decoder_pt(tmp_path, "big-values", torch.full((2, WIDTH), 1e6))
+    with pytest.raises(InvalidPrefixError, match=r"finite floating-point values \(in torch.float16\)"):
+        store_at(tmp_path).get("big-values")
 
 
 @pytest.mark.parametrize(("submodules", "rows"), [(2, 3), (1, 6)])
@@ -134,4 +158,4 @@ def test_a_peft_adapter_of_two_submodules_gives_its_first_block(tmp_path, submod
     save_file({"prompt_embeddings": stacked}, tmp_path / "p" / "adapter_model.safetensors")
     config = {"num_virtual_tokens": 6 // submodules, "num_transformer_submodules": submodules}
     (tmp_path / "p" / "adapter_config.json").write_text(json.dumps(config))
-    assert torch.equal(store_at(tmp_path).get("p"), stacked[:rows].to(torch.float16))
+    assert torch.equal(store_at(tmp_path).get("p").input, stacked[:rows].to(torch.float16))

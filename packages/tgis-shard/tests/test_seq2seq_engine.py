@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from tests.support.engines import (
     NEW_TOKENS,
@@ -18,7 +18,12 @@ from tests.support.engines import (
     request,
     start_then_join,
 )
-from tests.support.prefixes import check_prefix_outputs, run_prefix_scenario, save_prefixes
+from tests.support.prefixes import (
+    check_prefix_outputs,
+    reference_greedy_with_prefix,
+    run_prefix_scenario,
+    save_prefixes,
+)
 from tests.support.tiny_models import build_tiny_seq2seq_lm, reference_greedy
 from tgis_proto import shard_pb2 as pb
 from tgis_shard.engines.seq2seq import Seq2SeqLMEngine
@@ -104,7 +109,7 @@ def test_encoder_prompt_prefixes_equal_transformers_on_prefixed_encoder_embeddin
     # PEFT's seq2seq adapters hold an encoder and a decoder block; generation uses the encoder's.
     prefixes = save_prefixes(model_dir, tmp_path)
     engine = cpu_engine(model_dir, prefix_store_path=tmp_path)
-    assert len(engine.prompt_prefix("team/long")) == 7
+    assert engine.prompt_prefix("team/long").length == 7
     check_prefix_outputs(model_dir, prompt_ids, prefixes, run_prefix_scenario(engine, prompt_ids))
 
 
@@ -144,3 +149,42 @@ def test_forced_first_token_of_the_generation_config_is_generated_first(tmp_path
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompt_ids = [tokenizer(p).input_ids for p in PROMPTS]
     check_one_batch_equals_reference(_engine(model_dir), prompt_ids, expected)
+
+
+def _random_prefix(model_dir, length: int, seed: int) -> torch.Tensor:
+    weight = AutoModelForSeq2SeqLM.from_pretrained(model_dir).get_input_embeddings().weight
+    return torch.randn(length, weight.shape[1], generator=torch.Generator().manual_seed(seed)) * weight.std().item()
+
+
+def test_tgis_encoder_and_decoder_prefix_files_equal_transformers(model_dir, prompt_ids, tmp_path):
+    """TGIS's layout: encoder.pt before the encoder's input, decoder.pt before the decoder start
+    token; either alone or both."""
+    files = {"both": {"encoder.pt": (4, 1), "decoder.pt": (3, 2)}, "decoder": {"decoder.pt": (5, 3)}}
+    saved: dict[str, dict[str, torch.Tensor]] = {}
+    for prefix_id, tensors in files.items():
+        (tmp_path / prefix_id).mkdir()
+        saved[prefix_id] = {name: _random_prefix(model_dir, n, seed) for name, (n, seed) in tensors.items()}
+        for name, tensor in saved[prefix_id].items():
+            torch.save(tensor, tmp_path / prefix_id / name)
+    engine = cpu_engine(model_dir, prefix_store_path=tmp_path)
+    assert engine.prompt_prefix("both").length == 7
+    chosen = {0: "both", 1: "", 2: "decoder"}
+    tokens, running = engine.prefill(
+        pb.Batch(id=1, requests=[request(i, prompt_ids[i], NEW_TOKENS, prefix_id=p) for i, p in chosen.items()])
+    )
+    outputs = {t.request_id: [t.token_id] for t in tokens}
+    decode_steps(engine, running, outputs, 2)
+    tokens, joining = engine.prefill(pb.Batch(id=2, requests=[request(3, prompt_ids[0], NEW_TOKENS, prefix_id="both")]))
+    outputs.update({t.request_id: [t.token_id] for t in tokens})
+    running = engine.concatenate([running, joining])
+    decode_steps(engine, running, outputs, NEW_TOKENS - 1)
+    chosen[3] = "both"
+    for rid, prefix_id in chosen.items():
+        tensors = saved.get(prefix_id, {})
+        ids = prompt_ids[rid % 3]
+        reference = reference_greedy_with_prefix(
+            model_dir, tensors.get("encoder.pt"), ids, NEW_TOKENS, decoder_prefix=tensors.get("decoder.pt")
+        )
+        assert outputs[rid][: len(reference)] == reference, prefix_id
+    plain = reference_greedy_with_prefix(model_dir, None, prompt_ids[2], NEW_TOKENS)
+    assert outputs[2][: len(plain)] != plain  # the decoder prefix changed the output

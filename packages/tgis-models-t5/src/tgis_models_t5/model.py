@@ -246,19 +246,21 @@ class T5Decoder(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
         encoder_hidden: torch.Tensor,
         encoder_mask: torch.Tensor | None,
         cache: EncoderDecoderCache | None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """New decoder tokens after the cached ones → their hidden states.
+        """New decoder tokens after the cached ones (or their embeddings: a decoder prompt prefix)
+        → their hidden states.
 
         ``attention_mask`` covers the cached and the new positions; left padding shifts a row's
         columns, not the distances between them, so one position bias serves every row.
         """
-        hidden = self.embed_tokens(input_ids)
-        new = input_ids.shape[1]
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        new = hidden.shape[1]
         past = cache.self_attention_cache.get_seq_length(0) if cache is not None else 0
         total = past + new
         self_bias = self.position_bias(new, total, past)
@@ -324,18 +326,22 @@ class T5ForConditionalGeneration(nn.Module):
         encoder_outputs: BaseModelOutput | tuple[torch.Tensor, ...] | None = None,
         cache: EncoderDecoderCache | None = None,
         use_cache: bool | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
     ) -> Seq2SeqLMOutput:
-        """Decoder logits for ``decoder_input_ids``, running the encoder unless its output is given;
-        ``cache`` (unless ``use_cache`` is False) holds earlier decoder positions and grows by the new ones."""
-        if decoder_input_ids is None:
-            raise ValueError("T5 needs decoder_input_ids")
+        """Decoder logits for ``decoder_input_ids`` (or their embeddings), running the encoder unless
+        its output is given; ``cache`` (unless ``use_cache`` is False) holds earlier decoder
+        positions and grows by the new ones."""
+        if decoder_input_ids is None and decoder_inputs_embeds is None:
+            raise ValueError("T5 needs decoder_input_ids or decoder_inputs_embeds")
         if encoder_outputs is None:
             if input_ids is None:
                 raise ValueError("T5 needs input_ids or encoder_outputs")
             encoder_outputs = self.encoder(input_ids, attention_mask)
         if use_cache is False:
             cache = None
-        hidden = self.decoder(decoder_input_ids, decoder_attention_mask, encoder_outputs[0], attention_mask, cache)
+        hidden = self.decoder(
+            decoder_input_ids, decoder_attention_mask, encoder_outputs[0], attention_mask, cache, decoder_inputs_embeds
+        )
         if self.output_scale is not None:
             hidden = hidden * self.output_scale
         # The cache grows in place; the output's name for it differs between transformers releases.

@@ -1,11 +1,11 @@
 """Prompt prefixes (PEFT prompt tuning): learned embeddings put in front of a request's prompt.
 
 A prefix lives in ``PREFIX_STORE_PATH/<prefix_id>/`` as PEFT saves a prompt-tuning adapter
-(``adapter_model.safetensors`` or ``adapter_model.bin`` holding ``prompt_embeddings``) or as a
-plain tensor: ``decoder.pt`` for decoder-only models, ``encoder.pt`` for encoder-decoder ones,
-whose prefix goes in front of the encoder's input (as PEFT's generate does; a seq2seq adapter's
-second half, trained for the decoder, is not used there either). Loaded prefixes are kept, least
-recently used first out, within PROMPT_CACHE_SIZE_MB.
+(``adapter_model.safetensors`` or ``adapter_model.bin`` holding ``prompt_embeddings``) or as
+plain tensors, the layout TGIS used: ``decoder.pt`` for decoder-only models; ``encoder.pt`` and/or
+``decoder.pt`` for encoder-decoder ones, in front of the encoder's input and of the decoder's
+start token. A seq2seq adapter gives the encoder's prefix only, as PEFT's generate uses it.
+Loaded prefixes are kept, least recently used first out, within PROMPT_CACHE_SIZE_MB.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import pickle
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,6 +40,23 @@ class PrefixesUnsupportedError(Exception):
     """The engine cannot put prefixes in front of prompts (yet)."""
 
 
+@dataclass(frozen=True)
+class PromptPrefix:
+    """Learned embeddings, [length, width] each, in the model's dtype on its device."""
+
+    input: torch.Tensor | None  # in front of the prompt (the encoder's input for encoder-decoders)
+    decoder: torch.Tensor | None = None  # encoder-decoders: in front of the decoder start token
+
+    @property
+    def length(self) -> int:
+        """Tokens the prefix adds to the request's sequences."""
+        return sum(len(t) for t in (self.input, self.decoder) if t is not None)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.input, self.decoder) if t is not None)
+
+
 class PrefixStore:
     """Loads, checks and caches prompt prefixes for one model; safe to share between threads."""
 
@@ -58,12 +77,11 @@ class PrefixStore:
         self.dtype = dtype
         self.device = device
         self.cache_bytes = cache_bytes
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache: OrderedDict[str, PromptPrefix] = OrderedDict()
         self._cached_bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, prefix_id: str) -> torch.Tensor:
-        """The prefix's embeddings, [length, width], in the model's dtype on its device."""
+    def get(self, prefix_id: str) -> PromptPrefix:
         if self.root is None:
             raise PrefixNotFoundError(f'prefix id "{prefix_id}" not found: no PREFIX_STORE_PATH is configured')
         with self._lock:
@@ -75,13 +93,13 @@ class PrefixStore:
             self._remember(prefix_id, prefix)
         return prefix
 
-    def _remember(self, prefix_id: str, prefix: torch.Tensor) -> None:
-        size = prefix.numel() * prefix.element_size()
+    def _remember(self, prefix_id: str, prefix: PromptPrefix) -> None:
+        size = prefix.nbytes
         if prefix_id in self._cache or size > self.cache_bytes:
             return  # loaded twice concurrently, or larger than the whole cache: served uncached
         while self._cache and self._cached_bytes + size > self.cache_bytes:
             _, evicted = self._cache.popitem(last=False)
-            self._cached_bytes -= evicted.numel() * evicted.element_size()
+            self._cached_bytes -= evicted.nbytes
         self._cache[prefix_id] = prefix
         self._cached_bytes += size
 
@@ -96,53 +114,79 @@ class PrefixStore:
             raise InvalidPrefixError(f"invalid prefix id {prefix_id!r}: it leaves the prefix store")
         return folder
 
-    def _load(self, prefix_id: str) -> torch.Tensor:
+    def _load(self, prefix_id: str) -> PromptPrefix:
         folder = self._folder(prefix_id)
-        tensor = _read_prefix(folder, prefix_id, "encoder.pt" if self.encoder_decoder else "decoder.pt")
-        return self._checked(tensor, prefix_id).to(device=self.device, dtype=self.dtype)
+        adapter = _read_adapter(folder, prefix_id)
+        if adapter is not None:
+            prefix = PromptPrefix(self._checked(adapter, prefix_id, "adapter"))
+        elif self.encoder_decoder:
+            encoder = _read_tensor(folder, "encoder.pt", prefix_id)
+            decoder = _read_tensor(folder, "decoder.pt", prefix_id)
+            if encoder is None and decoder is None:
+                raise PrefixNotFoundError(f'prefix id "{prefix_id}" not found')
+            prefix = PromptPrefix(
+                self._checked(encoder, prefix_id, "encoder.pt"), self._checked(decoder, prefix_id, "decoder.pt")
+            )
+        else:
+            decoder = _read_tensor(folder, "decoder.pt", prefix_id)
+            if decoder is None:
+                if (folder / "encoder.pt").is_file():
+                    raise InvalidPrefixError(f"prefix {prefix_id!r} has only encoder.pt; this model takes decoder.pt")
+                raise PrefixNotFoundError(f'prefix id "{prefix_id}" not found')
+            prefix = PromptPrefix(self._checked(decoder, prefix_id, "decoder.pt"))
+        if prefix.length >= self.max_length:
+            raise InvalidPrefixError(
+                f"prefix {prefix_id!r} has length {prefix.length}, which must be below {self.max_length}"
+            )
+        return prefix
 
-    def _checked(self, tensor: torch.Tensor, prefix_id: str) -> torch.Tensor:
+    def _checked(self, tensor: torch.Tensor | None, prefix_id: str, source: str) -> torch.Tensor | None:
+        """The tensor in the model's dtype on its device, once it is shown usable."""
+        if tensor is None:
+            return None
+        where = f"prefix {prefix_id!r} ({source})"
         if tensor.dim() != 2:
-            raise InvalidPrefixError(f"prefix {prefix_id!r} must be 2-D [length, width], not {list(tensor.shape)}")
+            raise InvalidPrefixError(f"{where} must be 2-D [length, width], not {list(tensor.shape)}")
         length, width = tensor.shape
         if width != self.width:
-            raise InvalidPrefixError(
-                f"prefix {prefix_id!r} has width {width}, the model's embeddings have {self.width}"
-            )
-        if not 0 < length < self.max_length:
-            raise InvalidPrefixError(
-                f"prefix {prefix_id!r} has length {length}, which must be between 1 and {self.max_length - 1}"
-            )
-        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
-            raise InvalidPrefixError(f"prefix {prefix_id!r} must hold finite floating-point values")
-        return tensor
+            raise InvalidPrefixError(f"{where} has width {width}, the model's embeddings have {self.width}")
+        if length == 0:
+            raise InvalidPrefixError(f"{where} is empty")
+        if not tensor.is_floating_point():
+            raise InvalidPrefixError(f"{where} must hold finite floating-point values")
+        converted = tensor.to(device=self.device, dtype=self.dtype)
+        if not torch.isfinite(converted).all():
+            # Finite in float32 can still overflow float16.
+            raise InvalidPrefixError(f"{where} must hold finite floating-point values (in {self.dtype})")
+        return converted
 
 
-def _read_prefix(folder: Path, prefix_id: str, plain_file: str) -> torch.Tensor:
-    """The stored tensor, from the first of PEFT's safetensors, PEFT's .bin, or ``plain_file``."""
-    for name, read in (
-        ("adapter_model.safetensors", load_file),
-        ("adapter_model.bin", _torch_load),
-        (plain_file, _torch_load),
-    ):
-        path = folder / name
-        if not path.is_file():
+def _read_adapter(folder: Path, prefix_id: str) -> torch.Tensor | None:
+    """The prompt embeddings of a PEFT prompt-tuning adapter in the folder, if it holds one."""
+    for name, read in (("adapter_model.safetensors", load_file), ("adapter_model.bin", _torch_load)):
+        loaded = _read(folder / name, read, prefix_id)
+        if loaded is None:
             continue
-        try:
-            loaded = read(path)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
-            raise InvalidPrefixError(f"prefix {prefix_id!r}: {name} could not be read: {e}") from e
-        if name == plain_file:
-            if not isinstance(loaded, torch.Tensor):
-                raise InvalidPrefixError(f"prefix {prefix_id!r}: {name} must hold one tensor")
-            return loaded
-        if not isinstance(loaded, dict) or _PEFT_KEY not in loaded:
+        if not isinstance(loaded, dict) or not isinstance(loaded.get(_PEFT_KEY), torch.Tensor):
             raise InvalidPrefixError(f"prefix {prefix_id!r}: {name} holds no {_PEFT_KEY} (not prompt tuning)")
         return _first_submodule(loaded[_PEFT_KEY], folder / "adapter_config.json")
-    other = "decoder.pt" if plain_file == "encoder.pt" else "encoder.pt"
-    if (folder / other).is_file():
-        raise InvalidPrefixError(f"prefix {prefix_id!r} has only {other}; this model takes {plain_file}")
-    raise PrefixNotFoundError(f'prefix id "{prefix_id}" not found')
+    return None
+
+
+def _read_tensor(folder: Path, name: str, prefix_id: str) -> torch.Tensor | None:
+    loaded = _read(folder / name, _torch_load, prefix_id)
+    if loaded is not None and not isinstance(loaded, torch.Tensor):
+        raise InvalidPrefixError(f"prefix {prefix_id!r}: {name} must hold one tensor")
+    return loaded
+
+
+def _read(path: Path, read: Callable[[Path], object], prefix_id: str) -> object | None:
+    if not path.is_file():
+        return None
+    try:
+        return read(path)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
+        raise InvalidPrefixError(f"prefix {prefix_id!r}: {path.name} could not be read: {e}") from e
 
 
 def _first_submodule(embeddings: torch.Tensor, config_path: Path) -> torch.Tensor:

@@ -109,7 +109,7 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except PrefixesUnsupportedError as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-        return pb.PrefixLookupResponse(prefix_length=len(prefix))
+        return pb.PrefixLookupResponse(prefix_length=prefix.length)
 
     def ClearCache(self, request: pb.ClearCacheRequest, context: grpc.ServicerContext) -> pb.ClearCacheResponse:
         with self._lock:

@@ -13,7 +13,7 @@ from tgis_proto import shard_pb2 as pb
 from tgis_proto.plugins import Registry
 from tgis_shard.logits import BatchTokenChooser, ChosenTokens, token_details, top_tokens
 from tgis_shard.memory import MemorySettings
-from tgis_shard.prefixes import PrefixesUnsupportedError, PrefixStore
+from tgis_shard.prefixes import PrefixesUnsupportedError, PrefixStore, PromptPrefix
 
 
 @dataclass(frozen=True)
@@ -133,8 +133,8 @@ class Engine(ABC):
     def memory_model(self) -> pb.MemoryModel | None:
         """What batches cost in memory (see tgis_shard.memory); None when ESTIMATE_MEMORY=off."""
 
-    def prompt_prefix(self, prefix_id: str) -> torch.Tensor:
-        """A prompt prefix's embeddings, [length, hidden] (see tgis_shard.prefixes); loads it once."""
+    def prompt_prefix(self, prefix_id: str) -> PromptPrefix:
+        """A prompt prefix's embeddings (see tgis_shard.prefixes); loaded once, then cached."""
         info = self.info()
         raise PrefixesUnsupportedError(
             f"the {info.engine} engine does not support prompt prefixes for {info.model_type} models yet"

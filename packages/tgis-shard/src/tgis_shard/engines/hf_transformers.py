@@ -35,6 +35,7 @@ from tgis_shard.engines.base import (
     shard_info,
 )
 from tgis_shard.logits import BatchTokenChooser
+from tgis_shard.prefixes import PromptPrefix
 
 
 @dataclass
@@ -77,7 +78,7 @@ class CausalLMEngine(Engine):
         self._embeddings = model.get_input_embeddings()
         self.prefixes = ctx.prefix_store(self._embeddings.embedding_dim)
 
-    def prompt_prefix(self, prefix_id: str) -> torch.Tensor:
+    def prompt_prefix(self, prefix_id: str) -> PromptPrefix:
         return self.prefixes.get(prefix_id)
 
     def info(self) -> pb.InfoResponse:
@@ -115,7 +116,7 @@ class CausalLMEngine(Engine):
     @torch.inference_mode()
     def prefill(self, batch: pb.Batch) -> tuple[list[GeneratedToken], CausalLMBatch]:
         device = self.ctx.device
-        prefixes = [self.prompt_prefix(r.prefix_id) if r.prefix_id else None for r in batch.requests]
+        prefixes = [self.prompt_prefix(r.prefix_id).input if r.prefix_id else None for r in batch.requests]
         # A row is [padding, prompt prefix, input tokens]: the prefix is part of the sequence.
         prefix_lengths = [0 if p is None else len(p) for p in prefixes]
         lengths = [len(r.input_ids) + n for r, n in zip(batch.requests, prefix_lengths, strict=True)]

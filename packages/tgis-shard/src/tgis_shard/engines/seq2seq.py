@@ -41,6 +41,7 @@ from tgis_shard.engines.base import (
 from tgis_shard.engines.hf_transformers import padded_memory_model
 from tgis_shard.layers.distributed import agree_with_rank0
 from tgis_shard.logits import BatchTokenChooser
+from tgis_shard.prefixes import PromptPrefix
 
 
 @dataclass
@@ -137,13 +138,16 @@ class Seq2SeqLMEngine(Engine):
         self._row_positions: _RowPositions | None = None
         if not self._takes_decoder_position_ids:
             self._row_positions = _absolute_positions(model)
-        # Prompt prefixes go in front of the encoder's input embeddings.
-        self._encoder_takes_embeds = "inputs_embeds" in inspect.signature(model.get_encoder().forward).parameters
+        # Prompt prefixes go in front of the encoder's input and of the decoder start token.
+        self._takes_embeds = (
+            "inputs_embeds" in inspect.signature(model.get_encoder().forward).parameters
+            and "decoder_inputs_embeds" in accepted
+        )
         self._embeddings = model.get_input_embeddings()
         self.prefixes = ctx.prefix_store(self._embeddings.weight.shape[-1], encoder_decoder=True)
 
-    def prompt_prefix(self, prefix_id: str) -> torch.Tensor:
-        if not self._encoder_takes_embeds:
+    def prompt_prefix(self, prefix_id: str) -> PromptPrefix:
+        if not self._takes_embeds:
             return super().prompt_prefix(prefix_id)
         return self.prefixes.get(prefix_id)
 
@@ -161,13 +165,15 @@ class Seq2SeqLMEngine(Engine):
         self,
         encoder_hidden: torch.Tensor,
         encoder_mask: torch.Tensor,
-        decoder_input_ids: torch.Tensor,
+        decoder_input: dict[str, torch.Tensor],
         decoder_mask: torch.Tensor,
         cache: EncoderDecoderCache,
     ) -> torch.Tensor:
-        """One decoder position per row; ``decoder_mask`` includes it. Returns [batch, vocab] logits."""
-        # The new token's position is the number of real decoder tokens before it.
-        positions = decoder_mask[:, :-1].sum(dim=1, keepdim=True)
+        """New decoder positions per row (``decoder_input_ids`` or ``decoder_inputs_embeds``);
+        ``decoder_mask`` covers the cached and the new ones. Returns the last position's [batch, vocab] logits."""
+        new = next(iter(decoder_input.values())).shape[1]
+        # A position counts the real decoder tokens before it.
+        positions = (decoder_mask.cumsum(dim=1) - 1).clamp(min=0)[:, -new:]
         kwargs: dict[str, object] = {self._cache_kwarg: cache}
         if self._takes_decoder_position_ids:
             kwargs["decoder_position_ids"] = positions
@@ -176,41 +182,64 @@ class Seq2SeqLMEngine(Engine):
             out = self.model(
                 encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden),
                 attention_mask=encoder_mask,
-                decoder_input_ids=decoder_input_ids,
                 decoder_attention_mask=decoder_mask,
                 use_cache=True,
+                **decoder_input,
                 **kwargs,
             )
         return out.logits[:, -1, :]
+
+    def _encoder_input(
+        self, requests: Sequence[pb.Request], prefixes: Sequence[torch.Tensor | None]
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Right-padded encoder rows [prompt prefix, input tokens, padding] and their mask."""
+        device = self.ctx.device
+        starts = [0 if p is None else len(p) for p in prefixes]
+        lengths = [start + len(r.input_ids) for start, r in zip(starts, requests, strict=True)]
+        input_ids = torch.full((len(lengths), max(lengths)), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for row, (request, start, length) in enumerate(zip(requests, starts, lengths, strict=True)):
+            input_ids[row, start:length] = torch.tensor(list(request.input_ids), dtype=torch.long)
+            mask[row, :length] = 1
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        if all(p is None for p in prefixes):
+            return {"input_ids": input_ids}, mask
+        embeds = self._embeddings(input_ids)
+        for row, prefix in enumerate(prefixes):
+            if prefix is not None:
+                embeds[row, : len(prefix)] = prefix
+        return {"inputs_embeds": embeds}, mask
+
+    def _first_decoder_input(
+        self, prefixes: Sequence[torch.Tensor | None]
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Left-padded decoder rows [decoder prefix, start token] and their mask."""
+        device = self.ctx.device
+        lengths = [1 + (0 if p is None else len(p)) for p in prefixes]
+        width = max(lengths)
+        ids = torch.full((len(lengths), width), self.decoder_start_token_id, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for row, length in enumerate(lengths):
+            mask[row, width - length :] = 1
+        if width == 1:
+            return {"decoder_input_ids": ids}, mask
+        embeds = self._embeddings(ids)
+        for row, prefix in enumerate(prefixes):
+            if prefix is not None:
+                embeds[row, width - 1 - len(prefix) : width - 1] = prefix
+        return {"decoder_inputs_embeds": embeds}, mask
 
     @torch.inference_mode()
     def prefill(self, batch: pb.Batch) -> tuple[list[GeneratedToken], Seq2SeqLMBatch]:
         device = self.ctx.device
         prefixes = [self.prompt_prefix(r.prefix_id) if r.prefix_id else None for r in batch.requests]
-        # An encoder row is [prompt prefix, input tokens, padding].
-        prefix_lengths = [0 if p is None else len(p) for p in prefixes]
-        lengths = [n + len(r.input_ids) for n, r in zip(prefix_lengths, batch.requests, strict=True)]
-        width = max(lengths)
-        input_ids = torch.full((len(lengths), width), self.pad_token_id, dtype=torch.long)
-        encoder_mask = torch.zeros((len(lengths), width), dtype=torch.long)
-        for row, (request, start, length) in enumerate(zip(batch.requests, prefix_lengths, lengths, strict=True)):
-            input_ids[row, start:length] = torch.tensor(list(request.input_ids), dtype=torch.long)
-            encoder_mask[row, :length] = 1
-        input_ids, encoder_mask = input_ids.to(device), encoder_mask.to(device)
-        encoder_input: dict[str, torch.Tensor] = {"input_ids": input_ids}
-        if any(p is not None for p in prefixes):
-            embeds = self._embeddings(input_ids)
-            for row, prefix in enumerate(prefixes):
-                if prefix is not None:
-                    embeds[row, : len(prefix)] = prefix
-            encoder_input = {"inputs_embeds": embeds}
+        encoder_input, encoder_mask = self._encoder_input(batch.requests, [p and p.input for p in prefixes])
         encoder_hidden = self.model.get_encoder()(**encoder_input, attention_mask=encoder_mask).last_hidden_state
-        decoder_input_ids = torch.full((len(lengths), 1), self.decoder_start_token_id, dtype=torch.long, device=device)
-        decoder_mask = torch.ones_like(decoder_input_ids)
+        decoder_input, decoder_mask = self._first_decoder_input([p and p.decoder for p in prefixes])
         # The cross-attention cache gets no config: the decoder's sliding-window layer types (T5Gemma)
         # describe its self-attention only; cross-attention always sees the whole encoder output.
         cache = EncoderDecoderCache(DynamicCache(config=self._decoder_config), DynamicCache())
-        logits = self._decoder_step(encoder_hidden, encoder_mask, decoder_input_ids, decoder_mask, cache)
+        logits = self._decoder_step(encoder_hidden, encoder_mask, decoder_input, decoder_mask, cache)
         if self.forced_bos_token_id is not None:
             # As generate() does: every other token impossible, whatever the sampling settings.
             forced = torch.full_like(logits, -math.inf)
@@ -266,9 +295,8 @@ class Seq2SeqLMEngine(Engine):
         batch = _seq2seq(state)
         ones = torch.ones((len(batch.ids), 1), dtype=batch.decoder_mask.dtype, device=self.ctx.device)
         decoder_mask = torch.cat([batch.decoder_mask, ones], dim=1)
-        logits = self._decoder_step(
-            batch.encoder_hidden, batch.encoder_mask, batch.decoder_input_ids, decoder_mask, batch.cache
-        )
+        decoder_input = {"decoder_input_ids": batch.decoder_input_ids}
+        logits = self._decoder_step(batch.encoder_hidden, batch.encoder_mask, decoder_input, decoder_mask, batch.cache)
         chosen = batch.chooser.choose(logits)
         agree_with_rank0(chosen.token_ids)
         batch.decoder_mask = decoder_mask

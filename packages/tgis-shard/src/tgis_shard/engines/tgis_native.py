@@ -47,7 +47,7 @@ from tgis_shard.layers.paged_attention import (
     choose_backend,
 )
 from tgis_shard.logits import BatchTokenChooser
-from tgis_shard.prefixes import PrefixesUnsupportedError
+from tgis_shard.prefixes import PrefixesUnsupportedError, PromptPrefix
 from tgis_shard.weights import Weights
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ class NativeEngine(Engine):
         self._takes_prefixes = "embedding_overrides" in inspect.signature(model.forward).parameters
         self.prefixes = ctx.prefix_store(model.hidden_size if self._takes_prefixes else 0)
 
-    def prompt_prefix(self, prefix_id: str) -> torch.Tensor:
+    def prompt_prefix(self, prefix_id: str) -> PromptPrefix:
         if not self._takes_prefixes:
             raise PrefixesUnsupportedError(
                 f"the {self.config.model_type} model plugin does not support prompt prefixes (no embedding_overrides)"
@@ -173,7 +173,7 @@ class NativeEngine(Engine):
     def prefill(self, batch: pb.Batch) -> tuple[list[GeneratedToken], NativeBatch]:
         device = self.ctx.device
         requests = list(batch.requests)
-        prefixes = [self.prompt_prefix(r.prefix_id) if r.prefix_id else None for r in requests]
+        prefixes = [self.prompt_prefix(r.prefix_id).input if r.prefix_id else None for r in requests]
         # A sequence is [prompt prefix, input tokens]; prefix positions hold placeholder ids whose
         # embeddings the prefix's replace.
         prefix_lengths = [0 if p is None else len(p) for p in prefixes]
