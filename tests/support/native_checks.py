@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.support.engines import NEW_TOKENS, PROMPTS, decode_steps, native_engine, request, start_then_join
-from tests.support.prefixes import check_prefix_outputs, run_prefix_scenario, save_prefixes
+from tests.support.prefixes import PREFIXES, check_prefix_outputs, run_prefix_scenario, save_prefixes
 from tests.support.ranks import run_ranks
 from tests.support.tiny_models import reference_greedy
 from tgis_proto import shard_pb2 as pb
@@ -107,10 +107,16 @@ def check_each_rank_holds_about_half(model_dir: Path) -> None:
         assert 0.5 * full < half < 0.55 * full
 
 
-def _gpu_scenario(rank: int, world_size: int, port: int, model_dir: str, ids, dtype: torch.dtype) -> dict:
+def _gpu_scenario(
+    rank: int, world_size: int, port: int, model_dir: str, ids, dtype: torch.dtype, store: str | None
+) -> dict:
     device = torch.device(f"cuda:{rank}")
-    engine = native_engine(rank, world_size, port, model_dir, dtype, device)
-    requests = [request(i, prompt, GPU_NEW_TOKENS, logprobs=True) for i, prompt in enumerate(ids)]
+    engine = native_engine(rank, world_size, port, model_dir, dtype, device, prefix_store_path=store and Path(store))
+    prefix_ids = {i: PREFIXES[i][0] for i in PREFIXES} if store else {}
+    requests = [
+        request(i, prompt, GPU_NEW_TOKENS, prefix_id=prefix_ids.get(i, ""), logprobs=True)
+        for i, prompt in enumerate(ids)
+    ]
     tokens, state = engine.prefill(pb.Batch(id=1, requests=requests))
     outputs = {t.request_id: [t.token_id] for t in tokens}
     decode_steps(engine, state, outputs, GPU_NEW_TOKENS - 1)
@@ -121,28 +127,45 @@ def _gpu_scenario(rank: int, world_size: int, port: int, model_dir: str, ids, dt
     }
 
 
-def _gpu_reference(model_dir: Path, ids, dtype: torch.dtype) -> list[tuple[list[int], list[torch.Tensor]]]:
+def _gpu_reference(
+    model_dir: Path, ids, dtype: torch.dtype, prefixes: dict[int, torch.Tensor]
+) -> list[tuple[list[int], list[torch.Tensor]]]:
+    """Greedy tokens and per-step logits of transformers on cuda:0; prompt i after prefixes[i]."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to("cuda:0").eval()
     results = []
-    for prompt in ids:
+    for i, prompt in enumerate(ids):
+        ids_on_gpu = torch.tensor([prompt], device="cuda:0")
+        if i in prefixes:
+            embeds = model.get_input_embeddings()(ids_on_gpu)
+            embeds = torch.cat([prefixes[i].to("cuda:0", dtype)[None], embeds], dim=1)
+            inputs = {"inputs_embeds": embeds, "attention_mask": torch.ones(embeds.shape[:2], device="cuda:0")}
+            start = 0  # with embeddings alone as input, generate returns only the new tokens
+        else:
+            inputs, start = {"input_ids": ids_on_gpu}, len(prompt)
         out = model.generate(
-            torch.tensor([prompt], device="cuda:0"),
+            **inputs,
             max_new_tokens=GPU_NEW_TOKENS,
             do_sample=False,
             output_logits=True,
             return_dict_in_generate=True,
         )
-        results.append((out.sequences[0, len(prompt) :].tolist(), [s[0].float().cpu() for s in out.logits]))
+        results.append((out.sequences[0, start:].tolist(), [s[0].float().cpu() for s in out.logits]))
     return results
 
 
-def check_two_gpus_match_transformers(model_dir: Path, dtype: torch.dtype) -> None:
-    """TP=2 over NCCL against transformers on one GPU; a divergence is allowed only at a near-tie."""
+def check_two_gpus_match_transformers(model_dir: Path, dtype: torch.dtype, prefix_store: Path | None = None) -> None:
+    """TP=2 over NCCL against transformers on one GPU; a divergence is allowed only at a near-tie.
+    With ``prefix_store``, requests 0 and 2 carry the prefix scenario's PEFT prompt prefixes."""
     ids = prompt_ids(model_dir)
-    results = run_ranks(_gpu_scenario, 2, str(model_dir), ids, dtype)
+    prefixes: dict[int, torch.Tensor] = {}
+    if prefix_store is not None:
+        saved = save_prefixes(model_dir, prefix_store)
+        prefixes = {i: saved[name] for i, (name, _) in PREFIXES.items()}
+    store = str(prefix_store) if prefix_store is not None else None
+    results = run_ranks(_gpu_scenario, 2, str(model_dir), ids, dtype, store)
     assert results[0]["outputs"] == results[1]["outputs"]
     print(f"{model_dir.name} {dtype}: attention backend {results[0]['backend']}")
-    for i, (ref_tokens, ref_logits) in enumerate(_gpu_reference(model_dir, ids, dtype)):
+    for i, (ref_tokens, ref_logits) in enumerate(_gpu_reference(model_dir, ids, dtype, prefixes)):
         assert_close_to_reference(
             results[0]["outputs"][i],
             results[0]["first_logprobs"][i],

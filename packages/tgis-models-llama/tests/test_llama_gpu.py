@@ -23,3 +23,7 @@ def model_dir(tmp_path_factory):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_two_gpu_nccl_llama_matches_transformers(model_dir, dtype):
     check_two_gpus_match_transformers(model_dir, dtype)
+
+
+def test_two_gpu_nccl_llama_prompt_prefixes_match_transformers(model_dir, tmp_path):
+    check_two_gpus_match_transformers(model_dir, torch.bfloat16, prefix_store=tmp_path)
