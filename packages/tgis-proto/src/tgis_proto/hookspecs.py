@@ -40,5 +40,11 @@ def tgis_register_models(register: ModelFamilyRegistrar) -> None:
     Call ``register(model_type, "module:attr", aliases=(), engines=("tgis_native",))``.
     ``aliases`` are further ``model_type`` values served by the same code (for example
     ``RefinedWeb`` for ``falcon``). The target is the family's entry point for the listed
-    engines (for ``tgis_native``: a callable building the tensor-parallel model).
+    engines. For ``tgis_native`` it is ``build(config, weights, tp)`` returning a module with
+    ``num_layers``, ``num_kv_heads`` and ``head_dim`` (this rank's) and
+    ``forward(input_ids, positions, cache, meta, logit_rows)`` running one ragged step (see
+    ``tgis_shard.engines.tgis_native.NativeCausalLM``). To serve prompt prefixes it also takes
+    ``embedding_overrides`` in ``forward`` (``tgis_shard.layers.embedding.embed`` applies them
+    after the word embedding) and says ``hidden_size``; without them, requests naming a prefix are
+    refused and everything else is served.
     """
