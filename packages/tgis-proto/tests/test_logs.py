@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tgis_proto.logs import JsonFormatter, configure_logging
+from tgis_proto.logs import JsonFormatter, configure_logging, configure_logging_from_env
 
 
 def test_json_formatter_writes_one_object_per_record_with_the_exception() -> None:
@@ -36,3 +36,15 @@ def test_configured_logging_writes_the_chosen_format_to_stderr(restored_logging,
         assert json.loads(line)["message"] == "serving on 8033"
     else:
         assert line.endswith("INFO tgis_router: serving on 8033")
+
+
+@pytest.mark.parametrize(
+    ("value", "is_json"), [("true", True), ("1", True), ("Yes", True), ("false", False), ("", False)]
+)
+def test_logging_from_env_reads_json_output_and_log_level(restored_logging, capsys, value, is_json) -> None:
+    configure_logging_from_env({"JSON_OUTPUT": value, "LOG_LEVEL": "warning"})
+    logging.getLogger("tgis_shard").info("below the level")
+    logging.getLogger("tgis_shard").warning("shard %d slow", 1)
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("{") == is_json
+    assert "shard 1 slow" in line

@@ -8,6 +8,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tgis_proto.logs import FALSE_WORDS, TRUE_WORDS
+
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -18,9 +20,9 @@ class ConfigError(Exception):
 
 def _bool(value: str) -> bool:
     lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
+    if lowered in TRUE_WORDS:
         return True
-    if lowered in ("0", "false", "no", "off", ""):
+    if lowered in FALSE_WORDS:
         return False
     raise ValueError(f"expected true or false, got {value!r}")
 

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from tgis_proto.logs import configure_logging
+from tgis_proto.logs import configure_logging_from_env
 from tgis_proto.plugins import PluginError
 from tgis_shard import model_files
 from tgis_shard.embedded import DEFAULT_MODEL, EmbeddedModelError
@@ -132,9 +132,7 @@ def _plugins() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    # The launcher passes its LOG_LEVEL and JSON_OUTPUT on to the shards it starts.
-    json_output = os.environ.get("JSON_OUTPUT", "false").strip().lower() in ("1", "true", "yes", "on")
-    configure_logging(os.environ.get("LOG_LEVEL", "INFO").upper(), json_output)
+    configure_logging_from_env()
     try:
         if args.command == "prepare":
             print(_prepare(args).to_json())
