@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from tgis_proto import shard_pb2 as pb
+from tgis_proto.plugins import resolve
 from tgis_shard.engines.base import BatchState, Engine, GeneratedToken, ShardContext
-from tgis_shard.engines.hf_transformers import create_engine
 from tgis_shard.registry import shard_registry
 
 # Prompts of different lengths (one a single token), shared by the engine tests.
@@ -17,8 +17,9 @@ PROMPTS = ["Hello there, general", "A", "The quick brown fox jumps over the lazy
 NEW_TOKENS = 8
 
 
-def cpu_engine(model_dir: Path, prefix_store_path: Path | None = None) -> Engine:
-    """The hf_transformers engine on the CPU in float32, as one rank of one."""
+def cpu_engine(model_dir: Path, prefix_store_path: Path | None = None, engine: str = "hf_transformers") -> Engine:
+    """A one-device engine (registered under ``engine``) on the CPU in float32, as one rank of one."""
+    registry = shard_registry(None)
     ctx = ShardContext(
         model_dir=model_dir,
         model_type="test",
@@ -27,10 +28,10 @@ def cpu_engine(model_dir: Path, prefix_store_path: Path | None = None) -> Engine
         rank=0,
         world_size=1,
         max_sequence_length=256,
-        registry=shard_registry(None),
+        registry=registry,
         prefix_store_path=prefix_store_path,
     )
-    return create_engine(ctx)
+    return resolve(registry.engine(engine).target)(ctx)
 
 
 def request(rid: int, ids: list[int], max_new_tokens: int, prefix_id: str = "", **details: object) -> pb.Request:

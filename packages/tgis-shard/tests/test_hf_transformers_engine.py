@@ -16,6 +16,7 @@ from tests.support.engines import (
 from tests.support.prefixes import check_prefix_outputs, run_prefix_scenario, save_prefixes
 from tests.support.tiny_models import build_tiny_causal_lm
 from tgis_proto import shard_pb2 as pb
+from tgis_shard.engines.base import UnsupportedModelError
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2", "bloom"])
@@ -92,3 +93,23 @@ def test_prompt_prefixes_equal_transformers_on_prefix_then_prompt_embeddings(mod
     engine = cpu_engine(model_dir, prefix_store_path=tmp_path)
     assert engine.prompt_prefix("team/long").length == 7
     check_prefix_outputs(model_dir, prompt_ids, prefixes, run_prefix_scenario(engine, prompt_ids))
+
+
+def test_hf_optimum_bt_runs_the_fused_sdpa_attention_and_equals_transformers(model_dir, prompt_ids, expected):
+    if not type(cpu_engine(model_dir).model)._supports_sdpa:
+        # BLOOM has no SDPA attention in transformers 5: refused, not silently run eagerly.
+        with pytest.raises(UnsupportedModelError, match="hf_optimum_bt needs sdpa attention"):
+            cpu_engine(model_dir, engine="hf_optimum_bt")
+        return
+    engine = cpu_engine(model_dir, engine="hf_optimum_bt")
+    assert engine.model.config._attn_implementation == "sdpa"
+    assert engine.info().engine == "hf_optimum_bt"
+    check_one_batch_equals_reference(engine, prompt_ids, expected)
+
+
+def test_hf_optimum_bt_refuses_a_model_without_sdpa_attention(model_dir, monkeypatch):
+    model_class = type(cpu_engine(model_dir).model)
+    monkeypatch.setattr(model_class, "_supports_sdpa", False)
+    with pytest.raises(UnsupportedModelError, match="hf_optimum_bt needs sdpa attention"):
+        cpu_engine(model_dir, engine="hf_optimum_bt")
+    assert cpu_engine(model_dir).model.config._attn_implementation == "eager"  # hf_transformers falls back

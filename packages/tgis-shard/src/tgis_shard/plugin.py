@@ -15,6 +15,11 @@ def tgis_register_engines(register: EngineRegistrar) -> None:
         description="any transformers causal or encoder-decoder LM, on one GPU or the CPU",
     )
     register(
+        "hf_optimum_bt",
+        "tgis_shard.engines.hf_transformers:create_sdpa_engine",
+        description="hf_transformers with fused SDPA attention required (what BetterTransformer became)",
+    )
+    register(
         "tgis_native",
         "tgis_shard.engines.tgis_native:create_engine",
         aliases=("hf_custom_tp",),

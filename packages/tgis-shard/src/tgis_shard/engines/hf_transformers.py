@@ -64,8 +64,11 @@ class CausalLMBatch(BatchState):
 
 
 class CausalLMEngine(Engine):
-    def __init__(self, model: PreTrainedModel, ctx: ShardContext, eos_token_ids: list[int]):
+    def __init__(
+        self, model: PreTrainedModel, ctx: ShardContext, eos_token_ids: list[int], engine: str = "hf_transformers"
+    ):
         self.model = model
+        self.engine = engine
         self.ctx = ctx
         self.eos_token_ids = eos_token_ids
         self.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
@@ -88,7 +91,7 @@ class CausalLMEngine(Engine):
             model_kind=pb.DECODER_ONLY,
             vocab_size=self.model.config.vocab_size,
             batch_padding=True,
-            engine="hf_transformers",
+            engine=self.engine,
         )
 
     def _forward(
@@ -247,17 +250,35 @@ def eos_token_ids(model_dir: object, config: object) -> list[int]:
 
 def create_engine(ctx: ShardContext) -> Engine:
     """Loads the model from its folder (never from a hub) onto the shard's device."""
+    return _load_engine(ctx, "hf_transformers")
+
+
+def create_sdpa_engine(ctx: ShardContext) -> Engine:
+    """``hf_optimum_bt``: what optimum's BetterTransformer did (fused attention kernels) is
+    transformers' SDPA attention now; this engine requires it instead of falling back to eager."""
+    return _load_engine(ctx, "hf_optimum_bt", attn_implementation="sdpa")
+
+
+def _load_engine(ctx: ShardContext, engine: str, attn_implementation: str | None = None) -> Engine:
     if ctx.world_size != 1:
         raise UnsupportedModelError(
-            "hf_transformers runs on one device; use DEPLOYMENT_FRAMEWORK=tgis_native to shard a model"
+            f"{engine} runs on one device; use DEPLOYMENT_FRAMEWORK=tgis_native to shard a model"
         )
     config = AutoConfig.from_pretrained(ctx.model_dir, local_files_only=True)
-    if getattr(config, "is_encoder_decoder", False):
+    seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    options = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    try:
+        model = auto.from_pretrained(ctx.model_dir, dtype=ctx.dtype, local_files_only=True, **options)
+    except ValueError as e:
+        if attn_implementation is None:
+            raise
+        raise UnsupportedModelError(f"{engine} needs {attn_implementation} attention: {e}") from e
+    model = model.to(ctx.device).eval()
+    eos = eos_token_ids(ctx.model_dir, config)
+    if seq2seq:
         # Imported here: the seq2seq engine reuses this module's helpers.
         from tgis_shard.engines.seq2seq import Seq2SeqLMEngine
 
-        seq2seq = AutoModelForSeq2SeqLM.from_pretrained(ctx.model_dir, dtype=ctx.dtype, local_files_only=True)
-        return Seq2SeqLMEngine(seq2seq.to(ctx.device).eval(), ctx, eos_token_ids(ctx.model_dir, config))
-    model = AutoModelForCausalLM.from_pretrained(ctx.model_dir, dtype=ctx.dtype, local_files_only=True)
-    model = model.to(ctx.device).eval()
-    return CausalLMEngine(model, ctx, eos_token_ids(ctx.model_dir, config))
+        return Seq2SeqLMEngine(model, ctx, eos, engine=engine)
+    return CausalLMEngine(model, ctx, eos, engine=engine)
