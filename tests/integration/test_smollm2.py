@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.support.prefixes import reference_greedy_with_prefix, save_peft_prefix
 from tests.support.server import launcher
 from tgis_proto import generation_pb2 as fmaas
 from tgis_shard.embedded import DEFAULT_MODEL
@@ -22,8 +23,15 @@ def model_dir():
 
 
 @pytest.fixture(scope="module")
-def server(model_dir):
-    with launcher(None) as running:  # no MODEL_NAME: the embedded default
+def prefix(model_dir, tmp_path_factory):
+    store = tmp_path_factory.mktemp("prefixes")
+    return store, save_peft_prefix(model_dir, store, "tuned", length=4, seed=11)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, prefix):
+    store, _ = prefix
+    with launcher(None, env={"PREFIX_STORE_PATH": str(store)}) as running:  # no MODEL_NAME: the embedded default
         yield running
 
 
@@ -108,3 +116,15 @@ def test_stop_sequence_and_logprobs_against_the_reference(server, reference):
     assert response.text == text[: text.index(stop) + 1]
     assert all(t.logprob <= 0 for t in response.tokens)
     assert response.tokens[0].logprob > -1.0  # " Paris" is the model's confident first choice
+
+
+def test_prompt_prefix_on_the_real_model_equals_transformers_on_the_prefixed_embeddings(server, model_dir, prefix):
+    _, embeddings = prefix
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    request = fmaas.BatchedGenerationRequest(
+        requests=[fmaas.GenerationRequest(text=PROMPTS[0])], params=_params(), prefix_id="tuned"
+    )
+    (response,) = server.stub.Generate(request).responses
+    ids = reference_greedy_with_prefix(model_dir, embeddings, tokenizer(PROMPTS[0]).input_ids, MAX_NEW_TOKENS)
+    assert [t.text for t in response.tokens] == tokenizer.convert_ids_to_tokens(ids)
+    assert response.input_token_count == len(tokenizer(PROMPTS[0]).input_ids)  # the prefix is not input text

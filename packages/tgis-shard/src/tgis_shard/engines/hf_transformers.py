@@ -79,7 +79,7 @@ class CausalLMEngine(Engine):
         # transformers renamed past_key_values to cache (5.2x); both spellings are in the field.
         self._cache_kwarg = "cache" if "cache" in accepted else "past_key_values"
         self._embeddings = model.get_input_embeddings()
-        self.prefixes = ctx.prefix_store(self._embeddings.embedding_dim)
+        self.prefixes = ctx.prefix_store(self._embeddings.weight.shape[-1])
 
     def prompt_prefix(self, prefix_id: str) -> PromptPrefix:
         return self.prefixes.get(prefix_id)
