@@ -1,4 +1,4 @@
-"""bench/batch_sizing.py runs end to end on the CPU (its GPU numbers are in bench/RESULTS.md)."""
+"""The benches run end to end on the CPU (their GPU numbers are in bench/RESULTS.md)."""
 
 from __future__ import annotations
 
@@ -23,3 +23,17 @@ def test_batch_sizing_bench_runs_both_policies_on_the_same_load() -> None:
     assert all(row[1] == "no" for row in rows)  # no out-of-memory
     assert all(float(row[2]) >= 1 for row in rows)  # average batch
     assert all("prefill" in " ".join(row) and "decode" in " ".join(row) for row in rows)
+
+
+def test_router_overhead_bench_measures_every_option_at_every_batch_size() -> None:
+    out = subprocess.run(
+        [sys.executable, "bench/router_overhead.py", "--batch-sizes", "1", "4", "--steps", "4"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    rows = [line.split() for line in out.splitlines() if line.strip() and line.split()[0].isdigit()]
+    assert [int(row[0]) for row in rows] == [1, 1, 1, 4, 4, 4]
+    assert all(float(row[-3]) > 0 for row in rows)  # microseconds per request-token
