@@ -1,10 +1,14 @@
 """Memory models: KV bytes per token, the synthesised CPU model, the prefill fit."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import LlamaConfig, T5Config
 
 from tgis_shard import memory
+from tgis_shard.engines.base import ShardContext
+from tgis_shard.registry import shard_registry
 
 
 def test_kv_bytes_per_token_counts_keys_and_values_of_every_layer():
@@ -59,3 +63,25 @@ def test_cuda_allocator_setting_of_the_operator_is_kept(name):
     environ = {name: "max_split_size_mb:512"}
     memory.configure_cuda_allocator(environ)
     assert environ == {name: "max_split_size_mb:512"}
+
+
+def test_usable_memory_keeps_the_prefix_cache_out_then_the_safety_margin():
+    settings = memory.MemorySettings(safety_margin_percent=20, reserved_bytes=2 * 2**30)
+    assert memory.usable_bytes(12 * 2**30, settings) == pytest.approx(8 * 2**30)
+    assert memory.usable_bytes(2**30, settings) == 0.0  # never negative
+
+
+def test_a_configured_prefix_store_reserves_prompt_cache_size_mb(tmp_path):
+    ctx = ShardContext(
+        model_dir=tmp_path,
+        model_type="llama",
+        dtype=torch.float16,
+        device=torch.device("cpu"),
+        rank=0,
+        world_size=1,
+        max_sequence_length=128,
+        registry=shard_registry(None),
+        prompt_cache_size_mb=64,
+    )
+    assert ctx.memory_settings.reserved_bytes == 0  # no PREFIX_STORE_PATH: nothing to cache
+    assert replace(ctx, prefix_store_path=tmp_path).memory_settings.reserved_bytes == 64 * 2**20

@@ -47,6 +47,8 @@ class MemorySettings:
     safety_margin_percent: int = 20
     max_batch_size: int = 12
     max_sequence_length: int = 2048
+    # Device memory that fills up after start-up outside the batches: the prompt-prefix cache.
+    reserved_bytes: int = 0
 
 
 def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -150,7 +152,13 @@ def measured_decode_bytes_per_token(
     return (torch.cuda.max_memory_allocated(device) - before) / (rows * (tokens + 1))
 
 
-def free_bytes_for_batches(device: torch.device, safety_margin_percent: int) -> float:
+def free_bytes_for_batches(device: torch.device, settings: MemorySettings) -> float:
+    """What batches may use of the device memory free now (after the weights)."""
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(device)
-    return free * (1 - safety_margin_percent / 100)
+    return usable_bytes(free, settings)
+
+
+def usable_bytes(free: float, settings: MemorySettings) -> float:
+    """Free memory less what is reserved for later (prefix cache), less BATCH_SAFETY_MARGIN percent."""
+    return max(0.0, free - settings.reserved_bytes) * (1 - settings.safety_margin_percent / 100)

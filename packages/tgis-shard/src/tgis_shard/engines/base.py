@@ -53,8 +53,14 @@ class ShardContext:
 
     @property
     def memory_settings(self) -> MemorySettings:
+        # Loaded prompt prefixes live on the device, up to PROMPT_CACHE_SIZE_MB, beside the batches.
+        prefix_cache = self.prompt_cache_size_mb * 2**20 if self.prefix_store_path is not None else 0
         return MemorySettings(
-            self.estimate_memory, self.batch_safety_margin, self.max_batch_size, self.max_sequence_length
+            self.estimate_memory,
+            self.batch_safety_margin,
+            self.max_batch_size,
+            self.max_sequence_length,
+            reserved_bytes=prefix_cache,
         )
 
 

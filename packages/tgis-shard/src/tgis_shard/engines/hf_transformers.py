@@ -226,7 +226,7 @@ def padded_memory_model(engine: Engine, config: object) -> pb.MemoryModel | None
     # The config's count is the floor: a small probe can miss transients that grow with the batch.
     counted = memory.config_decode_bytes_per_token(config, ctx.dtype) / ctx.world_size
     return pb.MemoryModel(
-        limit_bytes=memory.free_bytes_for_batches(ctx.device, settings.safety_margin_percent),
+        limit_bytes=memory.free_bytes_for_batches(ctx.device, settings),
         bytes_per_token=max(decode, counted),
         prefill_bytes_per_token=linear,
         prefill_quadratic_bytes=quadratic,

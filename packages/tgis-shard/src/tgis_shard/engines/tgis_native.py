@@ -258,7 +258,7 @@ class NativeEngine(Engine):
         if settings.estimate == "auto" and self.ctx.device.type == "cuda":
             tokens = min(memory.MEASURE_TOKENS, settings.max_sequence_length - 1)
             linear, quadratic = memory.measured_prefill_bytes(self.ctx.device, self.measure_prefill, tokens)
-            free = memory.free_bytes_for_batches(self.ctx.device, settings.safety_margin_percent)
+            free = memory.free_bytes_for_batches(self.ctx.device, settings)
             # Activations live outside the cache: cap prefill tokens by what stays free, counting
             # the quadratic part at a full-length prompt.
             per_token = linear + quadratic * settings.max_sequence_length
@@ -312,9 +312,10 @@ def _cache_blocks(ctx: ShardContext, model: NativeCausalLM, block_size: int) -> 
     """GPU: what fits in the memory left after the weights; CPU: max batch × max length."""
     if ctx.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(ctx.device)
+        free -= ctx.memory_settings.reserved_bytes  # the prompt-prefix cache fills up later
         element = torch.empty((), dtype=ctx.dtype).element_size()
         per_block = 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * element
-        return max(1, int(free * GPU_CACHE_FRACTION) // per_block)
+        return max(1, int(max(0, free) * GPU_CACHE_FRACTION) // per_block)
     return ctx.max_batch_size * blocks_for(ctx.max_sequence_length, block_size)
 
 
