@@ -9,15 +9,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _bench(script: str, *args: str) -> str:
+    command = [sys.executable, f"bench/{script}", *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, check=True).stdout
+
+
 def test_batch_sizing_bench_runs_both_policies_on_the_same_load() -> None:
-    out = subprocess.run(
-        [sys.executable, "bench/batch_sizing.py", "--shape", "tiny", "--requests", "12", "--max-sequence-length=256"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    ).stdout
+    out = _bench("batch_sizing.py", "--shape", "tiny", "--requests", "12", "--max-sequence-length=256")
     rows = [line.split() for line in out.splitlines() if line.startswith(("dynamic", "fixed-"))]
     assert [row[0].split("-")[0] for row in rows] == ["dynamic", "fixed"]
     assert all(row[1] == "no" for row in rows)  # no out-of-memory
@@ -26,14 +24,7 @@ def test_batch_sizing_bench_runs_both_policies_on_the_same_load() -> None:
 
 
 def test_router_overhead_bench_measures_every_option_at_every_batch_size() -> None:
-    out = subprocess.run(
-        [sys.executable, "bench/router_overhead.py", "--batch-sizes", "1", "4", "--steps", "4"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    ).stdout
+    out = _bench("router_overhead.py", "--batch-sizes", "1", "4", "--steps", "4")
     rows = [line.split() for line in out.splitlines() if line.strip() and line.split()[0].isdigit()]
     assert [int(row[0]) for row in rows] == [1, 1, 1, 4, 4, 4]
     assert all(float(row[-3]) > 0 for row in rows)  # microseconds per request-token

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 
 from tgis_proto import shard_pb2 as pb
 from tgis_proto.plugins import resolve
-from tgis_shard.engines.base import BatchState, Engine, GeneratedToken, ShardContext
+from tgis_shard.engines.base import BatchState, Engine, GeneratedToken, ShardContext, UnsupportedModelError
 from tgis_shard.registry import shard_registry
 
 # Prompts of different lengths (one a single token), shared by the engine tests.
@@ -17,21 +18,37 @@ PROMPTS = ["Hello there, general", "A", "The quick brown fox jumps over the lazy
 NEW_TOKENS = 8
 
 
+def cpu_context(model_dir: Path, **overrides: object) -> ShardContext:
+    """One rank of one on the CPU in float32, for a model in ``model_dir``."""
+    settings: dict[str, object] = {
+        "model_dir": model_dir,
+        "model_type": "test",
+        "dtype": torch.float32,
+        "device": torch.device("cpu"),
+        "rank": 0,
+        "world_size": 1,
+        "max_sequence_length": 256,
+        "registry": shard_registry(None),
+    }
+    return ShardContext(**{**settings, **overrides})
+
+
 def cpu_engine(model_dir: Path, prefix_store_path: Path | None = None, engine: str = "hf_transformers") -> Engine:
     """A one-device engine (registered under ``engine``) on the CPU in float32, as one rank of one."""
-    registry = shard_registry(None)
-    ctx = ShardContext(
-        model_dir=model_dir,
-        model_type="test",
-        dtype=torch.float32,
-        device=torch.device("cpu"),
-        rank=0,
-        world_size=1,
-        max_sequence_length=256,
-        registry=registry,
-        prefix_store_path=prefix_store_path,
-    )
-    return resolve(registry.engine(engine).target)(ctx)
+    ctx = cpu_context(model_dir, prefix_store_path=prefix_store_path)
+    return resolve(ctx.registry.engine(engine).target)(ctx)
+
+
+def check_sdpa_engine_or_refusal(model_dir: Path, prompt_ids: list[list[int]], expected: list[list[int]]) -> None:
+    """hf_optimum_bt runs a model with SDPA attention like transformers, and refuses one without."""
+    if not type(cpu_engine(model_dir).model)._supports_sdpa:
+        with pytest.raises(UnsupportedModelError, match="hf_optimum_bt needs sdpa attention"):
+            cpu_engine(model_dir, engine="hf_optimum_bt")
+        return
+    engine = cpu_engine(model_dir, engine="hf_optimum_bt")
+    assert engine.model.config._attn_implementation == "sdpa"
+    assert engine.info().engine == "hf_optimum_bt"
+    check_one_batch_equals_reference(engine, prompt_ids, expected)
 
 
 def request(rid: int, ids: list[int], max_new_tokens: int, prefix_id: str = "", **details: object) -> pb.Request:

@@ -8,6 +8,7 @@ import torch
 from tests.support.engines import (
     NEW_TOKENS,
     check_one_batch_equals_reference,
+    check_sdpa_engine_or_refusal,
     cpu_engine,
     decode_steps,
     request,
@@ -96,15 +97,8 @@ def test_prompt_prefixes_equal_transformers_on_prefix_then_prompt_embeddings(mod
 
 
 def test_hf_optimum_bt_runs_the_fused_sdpa_attention_and_equals_transformers(model_dir, prompt_ids, expected):
-    if not type(cpu_engine(model_dir).model)._supports_sdpa:
-        # BLOOM has no SDPA attention in transformers 5: refused, not silently run eagerly.
-        with pytest.raises(UnsupportedModelError, match="hf_optimum_bt needs sdpa attention"):
-            cpu_engine(model_dir, engine="hf_optimum_bt")
-        return
-    engine = cpu_engine(model_dir, engine="hf_optimum_bt")
-    assert engine.model.config._attn_implementation == "sdpa"
-    assert engine.info().engine == "hf_optimum_bt"
-    check_one_batch_equals_reference(engine, prompt_ids, expected)
+    # BLOOM has no SDPA attention in transformers 5: refused, not silently run eagerly.
+    check_sdpa_engine_or_refusal(model_dir, prompt_ids, expected)
 
 
 def test_hf_optimum_bt_refuses_a_model_without_sdpa_attention(model_dir, monkeypatch):

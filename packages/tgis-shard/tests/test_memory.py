@@ -6,9 +6,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, T5Config
 
+from tests.support.engines import cpu_context
 from tgis_shard import memory
-from tgis_shard.engines.base import ShardContext
-from tgis_shard.registry import shard_registry
 
 
 def test_kv_bytes_per_token_counts_keys_and_values_of_every_layer():
@@ -72,16 +71,6 @@ def test_usable_memory_keeps_the_prefix_cache_out_then_the_safety_margin():
 
 
 def test_a_configured_prefix_store_reserves_prompt_cache_size_mb(tmp_path):
-    ctx = ShardContext(
-        model_dir=tmp_path,
-        model_type="llama",
-        dtype=torch.float16,
-        device=torch.device("cpu"),
-        rank=0,
-        world_size=1,
-        max_sequence_length=128,
-        registry=shard_registry(None),
-        prompt_cache_size_mb=64,
-    )
+    ctx = cpu_context(tmp_path, prompt_cache_size_mb=64)
     assert ctx.memory_settings.reserved_bytes == 0  # no PREFIX_STORE_PATH: nothing to cache
     assert replace(ctx, prefix_store_path=tmp_path).memory_settings.reserved_bytes == 64 * 2**20

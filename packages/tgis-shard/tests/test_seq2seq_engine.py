@@ -13,6 +13,7 @@ from tests.support.engines import (
     NEW_TOKENS,
     PROMPTS,
     check_one_batch_equals_reference,
+    check_sdpa_engine_or_refusal,
     cpu_engine,
     decode_steps,
     request,
@@ -26,7 +27,6 @@ from tests.support.prefixes import (
 )
 from tests.support.tiny_models import build_tiny_seq2seq_lm, reference_greedy
 from tgis_proto import shard_pb2 as pb
-from tgis_shard.engines.base import UnsupportedModelError
 from tgis_shard.engines.seq2seq import Seq2SeqLMEngine
 
 # t5: relative position buckets; bart: learned absolute positions (encoder and decoder);
@@ -192,12 +192,4 @@ def test_tgis_encoder_and_decoder_prefix_files_equal_transformers(model_dir, pro
 
 
 def test_hf_optimum_bt_serves_encoder_decoders_with_sdpa_attention_or_refuses(model_dir, prompt_ids, expected):
-    if not type(_engine(model_dir).model)._supports_sdpa:
-        with pytest.raises(UnsupportedModelError, match="hf_optimum_bt needs sdpa attention"):
-            cpu_engine(model_dir, engine="hf_optimum_bt")
-        return
-    engine = cpu_engine(model_dir, engine="hf_optimum_bt")
-    assert isinstance(engine, Seq2SeqLMEngine)
-    assert engine.model.config._attn_implementation == "sdpa"
-    assert engine.info().engine == "hf_optimum_bt"
-    check_one_batch_equals_reference(engine, prompt_ids, expected)
+    check_sdpa_engine_or_refusal(model_dir, prompt_ids, expected)
