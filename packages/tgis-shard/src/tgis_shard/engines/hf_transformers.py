@@ -34,6 +34,7 @@ from tgis_shard.engines.base import (
     input_token_details,
     shard_info,
 )
+from tgis_shard.layers.embedding import EmbeddingOverrides
 from tgis_shard.logits import BatchTokenChooser
 from tgis_shard.prefixes import PromptPrefix
 
@@ -131,13 +132,9 @@ class CausalLMEngine(Engine):
             mask[row, width - length :] = 1
         input_ids, mask = input_ids.to(device), mask.to(device)
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        inputs_embeds = None
-        if any(p is not None for p in prefixes):
-            inputs_embeds = self._embeddings(input_ids)
-            for row, (request, prefix) in enumerate(zip(batch.requests, prefixes, strict=True)):
-                if prefix is not None:
-                    end = width - len(request.input_ids)
-                    inputs_embeds[row, end - len(prefix) : end] = prefix
+        starts = [row * width + width - length for row, length in enumerate(lengths)]
+        overrides = EmbeddingOverrides.at(prefixes, starts, device)
+        inputs_embeds = None if overrides is None else overrides.apply(self._embeddings(input_ids))
         cache = DynamicCache(config=self.model.config)
         want_inputs = any(r.details.input_tokens for r in batch.requests)
         logits = self._forward(input_ids, mask, position_ids, cache, not want_inputs, inputs_embeds)

@@ -40,6 +40,7 @@ from tgis_shard.engines.base import (
 )
 from tgis_shard.engines.hf_transformers import padded_memory_model
 from tgis_shard.layers.distributed import agree_with_rank0
+from tgis_shard.layers.embedding import EmbeddingOverrides
 from tgis_shard.logits import BatchTokenChooser
 from tgis_shard.prefixes import PromptPrefix
 
@@ -202,13 +203,10 @@ class Seq2SeqLMEngine(Engine):
             input_ids[row, start:length] = torch.tensor(list(request.input_ids), dtype=torch.long)
             mask[row, :length] = 1
         input_ids, mask = input_ids.to(device), mask.to(device)
-        if all(p is None for p in prefixes):
+        overrides = EmbeddingOverrides.at(prefixes, [row * input_ids.shape[1] for row in range(len(lengths))], device)
+        if overrides is None:
             return {"input_ids": input_ids}, mask
-        embeds = self._embeddings(input_ids)
-        for row, prefix in enumerate(prefixes):
-            if prefix is not None:
-                embeds[row, : len(prefix)] = prefix
-        return {"inputs_embeds": embeds}, mask
+        return {"inputs_embeds": overrides.apply(self._embeddings(input_ids))}, mask
 
     def _first_decoder_input(
         self, prefixes: Sequence[torch.Tensor | None]
@@ -221,13 +219,10 @@ class Seq2SeqLMEngine(Engine):
         mask = torch.zeros_like(ids)
         for row, length in enumerate(lengths):
             mask[row, width - length :] = 1
-        if width == 1:
+        overrides = EmbeddingOverrides.at(prefixes, [row * width + width - n for row, n in enumerate(lengths)], device)
+        if overrides is None:
             return {"decoder_input_ids": ids}, mask
-        embeds = self._embeddings(ids)
-        for row, prefix in enumerate(prefixes):
-            if prefix is not None:
-                embeds[row, width - 1 - len(prefix) : width - 1] = prefix
-        return {"decoder_inputs_embeds": embeds}, mask
+        return {"decoder_inputs_embeds": overrides.apply(self._embeddings(ids))}, mask
 
     @torch.inference_mode()
     def prefill(self, batch: pb.Batch) -> tuple[list[GeneratedToken], Seq2SeqLMBatch]:

@@ -190,7 +190,9 @@ class NativeEngine(Engine):
             ends = list(accumulate(lengths))
             want_inputs = any(r.details.input_tokens for r in requests)
             last_rows = torch.tensor([e - 1 for e in ends], device=device)
-            extra = _prefix_overrides(prefixes, [e - n for e, n in zip(ends, lengths, strict=True)], device)
+            overrides = EmbeddingOverrides.at(prefixes, [e - n for e, n in zip(ends, lengths, strict=True)], device)
+            # Without prefixes the keyword stays out: families that take no overrides serve the rest.
+            extra = {} if overrides is None else {"embedding_overrides": overrides}
             logits = self.model(input_ids, positions, self.cache, meta, None if want_inputs else last_rows, **extra)
             chooser = BatchTokenChooser.from_requests(
                 requests, self.eos_token_ids, self.config.vocab_size, device, prompt_in_history=True
@@ -288,18 +290,6 @@ class NativeEngine(Engine):
                 raise RuntimeError("health check forward pass produced non-finite logits")
         finally:
             self.allocator.free(tables[0])
-
-
-def _prefix_overrides(
-    prefixes: Sequence[torch.Tensor | None], starts: Sequence[int], device: torch.device
-) -> dict[str, EmbeddingOverrides]:
-    """The model's keyword for the prefixes' embeddings at the start of their sequences (none
-    without prefixes, so families that take no overrides still serve plain requests)."""
-    given = [(p, start) for p, start in zip(prefixes, starts, strict=True) if p is not None]
-    if not given:
-        return {}
-    rows = torch.cat([torch.arange(start, start + len(p), device=device) for p, start in given])
-    return {"embedding_overrides": EmbeddingOverrides(rows, torch.cat([p for p, _ in given]))}
 
 
 def _native(state: BatchState) -> NativeBatch:

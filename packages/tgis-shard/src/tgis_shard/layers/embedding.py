@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,8 +21,22 @@ class EmbeddingOverrides:
     rows: torch.Tensor  # [k] indices into the step's tokens
     values: torch.Tensor  # [k, hidden]
 
+    @classmethod
+    def at(
+        cls, prefixes: Sequence[torch.Tensor | None], starts: Sequence[int], device: torch.device
+    ) -> EmbeddingOverrides | None:
+        """Each prefix's embeddings from its start token on (``starts``: token indices, row-major
+        for padded batches); None when no request has a prefix."""
+        given = [(p, start) for p, start in zip(prefixes, starts, strict=True) if p is not None]
+        if not given:
+            return None
+        rows = torch.cat([torch.arange(start, start + len(p), device=device) for p, start in given])
+        return cls(rows, torch.cat([p for p, _ in given]))
+
     def apply(self, embedded: torch.Tensor) -> torch.Tensor:
-        return embedded.index_put((self.rows,), self.values.to(embedded.dtype))
+        """``embedded``: [tokens, hidden], or a padded [rows, columns, hidden] batch."""
+        flat = embedded.reshape(-1, embedded.shape[-1])
+        return flat.index_put((self.rows,), self.values.to(flat.dtype)).view_as(embedded)
 
 
 def embed(
