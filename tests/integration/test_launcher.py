@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
+import grpc
 import pytest
 
 from tests.support.server import launcher, launcher_command
@@ -71,21 +75,66 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
-def test_launcher_exits_non_zero_when_a_shard_dies(model_dir):
-    with launcher(model_dir) as server:
-        request = fmaas.BatchedGenerationRequest(requests=[fmaas.GenerationRequest(text="hi")])
-        assert server.stub.Generate(request).responses[0].generated_token_count > 0
+def _long_stream(server, max_new_tokens: int = 200):
+    """A stream that runs for its whole length (EOS masked), and its first message."""
+    request = fmaas.SingleGenerationRequest(
+        request=fmaas.GenerationRequest(text="The lighthouse keeper"),
+        params=fmaas.Parameters(
+            stopping=fmaas.StoppingCriteria(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
+        ),
+    )
+    stream = server.stub.GenerateStream(request, timeout=120)
+    next(stream)  # the header: the request is accepted and queued
+    next(stream)  # its first token: the request runs
+    return stream
+
+
+def _health(server) -> tuple[int, bytes] | None:
+    """(status, body) of /health; None when the port no longer answers."""
+    try:
+        with urllib.request.urlopen(f"http://localhost:{server.http_port}/health", timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except (urllib.error.URLError, ConnectionError):
+        return None
+
+
+def test_shard_death_fails_streams_unavailable_and_the_launcher_exits_non_zero(model_dir):
+    with launcher(model_dir, "--max-new-tokens", "200") as server:
+        stream = _long_stream(server)
         shards = _children(server.process.pid)
         assert shards, "the launcher has no child processes"
         os.kill(shards[0], signal.SIGKILL)
+        with pytest.raises(grpc.RpcError) as e:
+            for _ in stream:
+                pass
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert e.value.details()
+        health = _health(server)
+        assert health is None or (health[0] == 503 and "error" in json.loads(health[1]))
         assert server.process.wait(timeout=60) == 1
         assert "exited with code" in server.log()
 
 
-def test_sigterm_stops_everything_with_exit_zero(model_dir):
-    with launcher(model_dir) as server:
+def test_sigterm_finishes_running_streams_refuses_new_calls_and_exits_zero(model_dir):
+    with launcher(model_dir, "--max-new-tokens", "200") as server:
+        streams = [_long_stream(server) for _ in range(3)]
         shards = _children(server.process.pid)
         server.process.send_signal(signal.SIGTERM)
+        # Calls that arrive before the router saw the signal are still served; then it refuses.
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                server.stub.Generate(fmaas.BatchedGenerationRequest(requests=[fmaas.GenerationRequest(text="hi")]))
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.UNAVAILABLE
+                break
+            assert time.monotonic() < deadline, "new calls were still accepted 5 s after SIGTERM"
+        for stream in streams:
+            *_, last = stream
+            assert last.stop_reason == fmaas.MAX_TOKENS
+            assert last.generated_token_count == 200
         assert server.process.wait(timeout=60) == 0
         time.sleep(0.5)
         assert all(not Path(f"/proc/{pid}").exists() for pid in shards)

@@ -147,6 +147,35 @@ def test_one_bad_parameter_fails_the_whole_call_with_its_message(server):
     assert e.value.details() == "max_new_tokens must be <= 64"
 
 
+def test_an_input_without_tokens_is_invalid_argument_naming_its_index(server):
+    # The tiny tokenizer adds no BOS, so an empty text has no tokens: nothing to generate from.
+    calls = [
+        lambda: server.stub.Generate(_batch([""], _params())),
+        lambda: server.stub.Generate(_batch(["Hello", "", "there"], _params())),
+        lambda: list(
+            server.stub.GenerateStream(
+                fmaas.SingleGenerationRequest(request=fmaas.GenerationRequest(text=""), params=_params())
+            )
+        ),
+    ]
+    for call, index in zip(calls, [0, 1, 0], strict=True):
+        with pytest.raises(grpc.RpcError) as e:
+            call()
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.value.details() == f"input {index} is empty: it has no tokens and no prompt prefix"
+    # A prompt prefix stands in for the tokens; the server still serves.
+    prefixed = fmaas.BatchedGenerationRequest(requests=[fmaas.GenerationRequest(text="")], params=_params())
+    prefixed.prefix_id = "tuned/task-1"
+    assert server.stub.Generate(prefixed).responses[0].generated_token_count > 0
+
+
+def test_a_stream_without_its_request_is_invalid_argument(server):
+    with pytest.raises(grpc.RpcError) as e:
+        list(server.stub.GenerateStream(fmaas.SingleGenerationRequest(params=_params())))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details() == "missing request"
+
+
 def test_prompt_prefix_output_equals_transformers_on_prefixed_embeddings(server, model_dir, tokenizer, prefix_store):
     _, prefix = prefix_store
     prompts = PROMPTS[:2]
@@ -226,8 +255,10 @@ def test_model_info(server):
 
 
 def test_health_and_metrics_over_http(server):
-    with urllib.request.urlopen(f"http://localhost:{server.http_port}/health", timeout=60) as response:
-        assert response.status == 200
+    for _ in range(2):  # a forward pass before any generation was seen, then a ping
+        with urllib.request.urlopen(f"http://localhost:{server.http_port}/health", timeout=60) as response:
+            assert response.status == 200
+            assert response.read() == b""
     with urllib.request.urlopen(f"http://localhost:{server.http_port}/metrics", timeout=10) as response:
         body = response.read().decode()
     assert "tgi_request_count_total" in body

@@ -3,7 +3,7 @@
 import pytest
 
 from tgis_router.config import ConfigError, num_shards, parse_config
-from tgis_router.launcher import _child_env, not_yet_supported
+from tgis_router.launcher import _child_env, clamp_max_new_tokens, not_yet_supported
 
 
 def test_defaults_match_tgis():
@@ -71,3 +71,9 @@ def test_accepted_but_unsupported_tgis_options_are_named_at_start():
     warnings = not_yet_supported(config)
     # Prompt prefixes are served now; PT2_COMPILE is still only accepted.
     assert [w.split()[0] for w in warnings] == ["PT2_COMPILE"]
+
+
+def test_max_new_tokens_is_clamped_below_the_sequence_length_as_tgis_does():
+    config = parse_config(["--max-new-tokens", "1024"], environ={})
+    assert clamp_max_new_tokens(config, 256).max_new_tokens == 255
+    assert clamp_max_new_tokens(config, 1025).max_new_tokens == 1024

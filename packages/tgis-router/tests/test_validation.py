@@ -67,6 +67,29 @@ def test_greedy_ignores_sampling_parameters():
             {"response": fmaas.ResponseOptions(token_logprobs=True)},
             "must request input and/or generated tokens to request extra token detail",
         ),
+        (
+            {"stopping": fmaas.StoppingCriteria(stop_sequences=["stop", ""])},
+            "can specify at most 6 non-empty stop sequences, each not more than 240 UTF8 bytes",
+        ),
+        (
+            {"method": fmaas.SAMPLE, "sampling": fmaas.SamplingParameters(top_k=2**31)},
+            "top_k must be strictly positive",
+        ),
+        # TGIS checks the stop-sequence count, then the token-detail rule, then each sequence.
+        (
+            {
+                "stopping": fmaas.StoppingCriteria(stop_sequences=["a"] * 7),
+                "response": fmaas.ResponseOptions(token_logprobs=True),
+            },
+            "can specify at most 6 non-empty stop sequences, each not more than 240 UTF8 bytes",
+        ),
+        (
+            {
+                "stopping": fmaas.StoppingCriteria(stop_sequences=[""]),
+                "response": fmaas.ResponseOptions(token_ranks=True),
+            },
+            "must request input and/or generated tokens to request extra token detail",
+        ),
     ],
 )
 def test_invalid_parameters_have_tgis_messages(kwargs, message):
@@ -75,35 +98,50 @@ def test_invalid_parameters_have_tgis_messages(kwargs, message):
     assert str(e.value) == message
 
 
+def test_largest_signed_top_k_is_accepted_and_greedy_ignores_top_k():
+    sampled = validate_params(params(method=fmaas.SAMPLE, sampling=fmaas.SamplingParameters(top_k=2**31 - 1)), LIMITS)
+    assert sampled.sampling.top_k == 2**31 - 1
+    assert not validate_params(params(sampling=fmaas.SamplingParameters(top_k=2**32 - 1)), LIMITS).sample
+
+
+def test_an_input_without_tokens_is_refused_naming_its_index():
+    p = validate_params(params(), LIMITS)
+    with pytest.raises(ValidationError) as e:
+        validate_input(2, "", [], p, LIMITS)
+    assert str(e.value) == "input 2 is empty: it has no tokens and no prompt prefix"
+    # A prompt prefix stands in for the missing tokens.
+    assert validate_input(2, "", [], p, LIMITS, prefix_id="p", prefix_length=4).prefix_length == 4
+
+
 def test_input_at_the_sequence_limit_is_refused():
     p = validate_params(params(), LIMITS)
     with pytest.raises(ValidationError) as e:
-        validate_input("x", list(range(64)), p, LIMITS)
+        validate_input(0, "x", list(range(64)), p, LIMITS)
     assert str(e.value) == "input tokens (64) plus prefix length (0) must be < 64"
 
 
 def test_min_new_tokens_beyond_the_sequence_limit_is_refused():
     p = validate_params(params(stopping=fmaas.StoppingCriteria(max_new_tokens=20, min_new_tokens=10)), LIMITS)
     with pytest.raises(ValidationError) as e:
-        validate_input("x", list(range(60)), p, LIMITS)
+        validate_input(0, "x", list(range(60)), p, LIMITS)
     assert str(e.value) == "input tokens (60) plus prefix length (0) plus min_new_tokens (10) must be <= 64"
 
 
 def test_max_new_tokens_is_reduced_to_fit_and_marked_token_limited():
     p = validate_params(params(stopping=fmaas.StoppingCriteria(max_new_tokens=20)), LIMITS)
-    request = validate_input("x", list(range(50)), p, LIMITS)
+    request = validate_input(0, "x", list(range(50)), p, LIMITS)
     assert request.max_new_tokens == 14
     assert request.token_limited
-    assert not validate_input("x", list(range(10)), p, LIMITS).token_limited
+    assert not validate_input(0, "x", list(range(10)), p, LIMITS).token_limited
 
 
 def test_unseeded_sampling_inputs_get_distinct_random_seeds_below_2_32():
     p = validate_params(params(method=fmaas.SAMPLE), LIMITS)
-    seeds = {validate_input("x", [1], p, LIMITS).seed for _ in range(20)}
+    seeds = {validate_input(0, "x", [1], p, LIMITS).seed for _ in range(20)}
     assert len(seeds) > 1
     assert all(0 <= s < 2**32 for s in seeds)
 
 
 def test_a_given_seed_applies_to_every_input():
     p = validate_params(params(method=fmaas.SAMPLE, sampling=fmaas.SamplingParameters(seed=42)), LIMITS)
-    assert {validate_input("x", [1], p, LIMITS).seed for _ in range(3)} == {42}
+    assert {validate_input(0, "x", [1], p, LIMITS).seed for _ in range(3)} == {42}

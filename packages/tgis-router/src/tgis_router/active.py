@@ -9,6 +9,7 @@ from collections.abc import Collection, Sequence
 from tgis_proto import shard_pb2 as pb
 from tgis_router import metrics
 from tgis_router.detokenize import IncrementalDetokenizer
+from tgis_router.errors import RouterError
 from tgis_router.events import Event, Finish, InputTokens, NewToken, TokenDetail
 from tgis_router.requests import StopReason, ValidatedRequest
 from tgis_router.stopping import StopSequenceFilter, token_stop_reason
@@ -144,7 +145,7 @@ class ActiveRequest:
             self._finished(finish)
         return self.finished
 
-    def finish(self, reason: StopReason, error: str | None = None) -> None:
+    def finish(self, reason: StopReason, error: RouterError | None = None) -> None:
         """Ends the request without a token (error, time limit, shutdown)."""
         if not self.finished:
             finish = Finish(reason, error=error, text=self._stop_sequences.flush())

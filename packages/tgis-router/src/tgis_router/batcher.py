@@ -1,12 +1,19 @@
 """Continuous batching: prefill waiting requests into a new shard batch, merge it into the
-running one, prune finished requests on the next step."""
+running one, prune finished requests on the next step.
+
+Every accepted request ends with exactly one answer: its last token, or one error. A failure
+fails the requests it concerns and no more: one request's bad data fails that request, a
+shard's failed prefill fails the joining requests, a failed step fails the running batch (and
+its shard batches are cleared); the loop always goes on.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable, Sequence
 
 import grpc
 
@@ -14,25 +21,31 @@ from tgis_proto import shard_pb2 as pb
 from tgis_router import metrics
 from tgis_router.active import ActiveRequest
 from tgis_router.admission import Admission, Candidate, Decision, Running, projected_peak
+from tgis_router.errors import GenerationFailedError, OutOfMemoryError, RouterError, shard_error
+from tgis_router.health import GenerationHealth
 from tgis_router.queue import RequestQueue
 from tgis_router.requests import StopReason
 from tgis_router.shard_client import ShardClient
 
 log = logging.getLogger(__name__)
 
+NEVER_FITS = "the request does not fit in the memory available to batches"
+LOOP_FAILURE_PAUSE_S = 0.05
+
 
 class Batcher:
-    def __init__(self, shards: ShardClient, queue: RequestQueue, admission: Admission):
+    def __init__(self, shards: ShardClient, queue: RequestQueue, admission: Admission, health: GenerationHealth):
         self._shards = shards
         self._queue = queue
         self._admission = admission
+        self._health = health
         self._batch_ids = itertools.count(1)
         self._running: dict[int, ActiveRequest] = {}
         self._running_batch_id: int | None = None
         self._waited_steps = 0  # decode steps since waiting requests were last considered in vain
 
     async def run(self) -> None:
-        """Runs until cancelled; a failed step fails its requests, never the loop."""
+        """Runs until cancelled; a failure ends the requests it concerns, never the loop."""
         while True:
             try:
                 if self._running_batch_id is None:
@@ -40,10 +53,12 @@ class Batcher:
                     self._running_batch_id = await self._prefill(self._admit())
                 else:
                     await self._next_token()
-            except Exception:
-                # A bug must not silently stall every future request: fail what is running, go on.
+            except Exception as e:
+                # Each step handles its own failures; this is a bug in the loop's bookkeeping.
                 log.exception("batching step failed")
-                await self._abandon_running("internal error in the batching loop")
+                await self._abandon_running(GenerationFailedError(f"internal error in the batching loop: {e!r}"))
+                # A failure that recurs must not spin the event loop: RPCs and probes go on.
+                await asyncio.sleep(LOOP_FAILURE_PAUSE_S)
 
     async def _timed(self, method: str, size: int, call: Awaitable[pb.StepResponse]) -> pb.StepResponse:
         started = time.monotonic()
@@ -60,42 +75,68 @@ class Batcher:
             return []
         running = [e for e in self._running.values() if not e.finished]
         states = [Running(e.length, e.remaining) for e in running]
-        candidates = [Candidate(e.length, e.request.max_new_tokens, e.arrival) for e in waiting]
-        decision = self._admission.select(states, candidates, self._waited_steps)
+        try:
+            decision = self._admission.select(states, _candidates(waiting), self._waited_steps)
+        except Exception:
+            log.exception("admission failed; judging the %d waiting requests one by one", len(waiting))
+            waiting = self._judgeable(states, waiting)
+            decision = self._admission.select(states, _candidates(waiting), self._waited_steps)
         _count(decision)
         if not decision.admit:
             self._waited_steps += 1
-            if not running:
+            if not running and waiting:
                 # Nothing runs, so nothing will free memory: the head can never fit.
                 head = waiting[0]
                 self._queue.remove([head])
-                head.finish(StopReason.ERROR, error="the request does not fit in the memory available to batches")
+                head.finish(StopReason.ERROR, OutOfMemoryError(NEVER_FITS))
             return []
         self._waited_steps = 0
         admitted = [waiting[i] for i in decision.admit]
         self._queue.remove(admitted)
-        joining = [Running(candidates[i].input_length, candidates[i].max_new_tokens) for i in decision.admit]
+        joining = [Running(e.length, e.request.max_new_tokens) for e in admitted]
         metrics.batch_weight.set(projected_peak(self._admission.model, [*states, *joining]))
         return admitted
 
+    def _judgeable(self, states: list[Running], waiting: list[ActiveRequest]) -> list[ActiveRequest]:
+        """The waiting requests admission can judge alone; the others are failed and dequeued."""
+        judgeable = []
+        for entry in waiting:
+            try:
+                self._admission.select(states, _candidates([entry]), self._waited_steps)
+                judgeable.append(entry)
+            except Exception as e:
+                self._queue.remove([entry])
+                _fail([entry], GenerationFailedError(f"internal error in admission: {e!r}"))
+        return judgeable
+
     async def _prefill(self, entries: list[ActiveRequest]) -> int | None:
-        """Prefills the admitted requests as a new batch; returns its id."""
+        """Prefills the admitted requests as a new batch; returns its id (None: no batch)."""
+        requests: list[pb.Request] = []
+        sent: list[ActiveRequest] = []
+        for entry in entries:
+            try:
+                requests.append(entry.to_shard_request())
+                sent.append(entry)
+            except Exception as e:
+                log.exception("request %d cannot be sent to the shards", entry.id)
+                _fail([entry], GenerationFailedError(f"internal error preparing the request: {e!r}"))
+        entries = sent
         if not entries:
             return None
-        batch = pb.Batch(id=next(self._batch_ids), requests=[e.to_shard_request() for e in entries])
+        batch = pb.Batch(id=next(self._batch_ids), requests=requests)
         for entry in entries:
             entry.started()
             self._running[entry.id] = entry
         try:
             response = await self._timed("prefill", len(entries), self._shards.prefill(batch))
         except grpc.aio.AioRpcError as e:
-            self._fail(entries, f"prefill failed: {e.details()}")
-            for entry in entries:
-                del self._running[entry.id]
+            self._health.step_failed()
+            self._fail_running([entry.id for entry in entries], shard_error(e, "prefill"))
             await self._clear(batch.id)
             return None
-        self._dispatch(response)
-        return batch.id
+        self._health.step_succeeded()
+        self._apply(response)
+        return response.batch_id or None
 
     async def _next_token(self) -> None:
         assert self._running_batch_id is not None
@@ -112,46 +153,62 @@ class Batcher:
             call = self._shards.next_token(self._running_batch_id, merge, drop)
             response = await self._timed("next_token", len(self._running), call)
         except grpc.aio.AioRpcError as e:
-            await self._abandon_running(f"generation failed: {e.details()}", batch_ids)
+            self._health.step_failed()
+            await self._abandon_running(shard_error(e, "generation"), batch_ids)
             return
+        self._health.step_succeeded()
         metrics.batch_current_size.set(len(self._running))
-        if response.batch_id == 0:
-            self._running_batch_id = None
-            return
-        self._dispatch(response)
+        self._apply(response)
+        self._running_batch_id = response.batch_id or None
 
-    def _dispatch(self, response: pb.StepResponse) -> None:
+    def _apply(self, response: pb.StepResponse) -> None:
+        """Fails the requests the step dropped, hands out the new tokens."""
+        for failure in response.failures:
+            error_type = OutOfMemoryError if failure.kind == pb.FAILURE_OUT_OF_MEMORY else GenerationFailedError
+            self._fail_running([failure.request_id], error_type(failure.message))
         for generation in response.generations:
             entry = self._running.get(generation.request_id)
             if entry is None:
                 log.error("shard returned a token for unknown request %d", generation.request_id)
                 continue
-            if generation.input_tokens or (entry.generated == 0 and entry.request.params.response.input_tokens):
-                entry.add_input_tokens(generation.input_tokens)
-            entry.add_token(generation.token)
+            try:
+                if generation.input_tokens or (entry.generated == 0 and entry.request.params.response.input_tokens):
+                    entry.add_input_tokens(generation.input_tokens)
+                entry.add_token(generation.token)
+            except Exception as e:
+                # One request's text handling must not cost the others their tokens.
+                log.exception("handling a token of request %d failed", entry.id)
+                _fail([entry], GenerationFailedError(f"internal error handling a token: {e!r}"))
 
-    async def _abandon_running(self, message: str, batch_ids: list[int] | None = None) -> None:
+    def _fail_running(self, request_ids: Iterable[int], error: RouterError) -> None:
+        """Fails requests the shards no longer hold; they leave the running set."""
+        entries = [self._running.pop(rid) for rid in request_ids if rid in self._running]
+        _fail(entries, error)
+
+    async def _abandon_running(self, error: RouterError, batch_ids: Sequence[int] | None = None) -> None:
         """Fails every running request and drops their shard batches (all of them if unknown)."""
-        self._fail(list(self._running.values()), message)
-        self._running.clear()
+        self._fail_running(list(self._running), error)
         self._running_batch_id = None
         metrics.batch_current_size.set(0)
-        if batch_ids is None:
-            await self._clear(None)
-        else:
-            for batch_id in batch_ids:
-                await self._clear(batch_id)
-
-    def _fail(self, entries: list[ActiveRequest], message: str) -> None:
-        log.error(message)
-        for entry in entries:
-            entry.finish(StopReason.ERROR, error=message)
+        for batch_id in batch_ids if batch_ids is not None else [None]:
+            await self._clear(batch_id)
 
     async def _clear(self, batch_id: int | None) -> None:
         try:
             await self._shards.clear_cache(batch_id)
         except grpc.aio.AioRpcError as e:
-            log.error("clearing batch %d failed: %s", batch_id, e.details())
+            log.error("clearing batch %s failed: %s", batch_id, e.details())
+
+
+def _candidates(entries: Sequence[ActiveRequest]) -> list[Candidate]:
+    return [Candidate(e.length, e.request.max_new_tokens, e.arrival) for e in entries]
+
+
+def _fail(entries: Sequence[ActiveRequest], error: RouterError) -> None:
+    if entries:
+        log.error("%d request(s) failed: %s", len(entries), error)
+    for entry in entries:
+        entry.finish(StopReason.ERROR, error)
 
 
 def _count(decision: Decision) -> None:

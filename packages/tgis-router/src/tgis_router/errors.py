@@ -25,10 +25,32 @@ class OverloadedError(RouterError):
 
 
 class GenerationFailedError(RouterError):
-    """A shard failed while running the request's batch."""
+    """A shard, or the router itself, failed while running the request."""
 
     status = grpc.StatusCode.INTERNAL
 
 
+class OutOfMemoryError(RouterError):
+    """The request's step ran out of device memory, or the request can never fit."""
+
+    status = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class ShardUnavailableError(RouterError):
+    """A shard is gone or its connection broke."""
+
     status = grpc.StatusCode.UNAVAILABLE
+
+
+# How a shard RPC's failure reads to the client: the backend gone, out of memory, or a failure.
+_SHARD_STATUS: dict[grpc.StatusCode, type[RouterError]] = {
+    grpc.StatusCode.UNAVAILABLE: ShardUnavailableError,
+    grpc.StatusCode.CANCELLED: ShardUnavailableError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: OutOfMemoryError,
+}
+
+
+def shard_error(error: grpc.aio.AioRpcError, what: str) -> RouterError:
+    """The client-facing error for a failed shard call; ``what`` names the call."""
+    kind = _SHARD_STATUS.get(error.code(), GenerationFailedError)
+    return kind(f"{what} failed: {error.details() or error.code().name}")

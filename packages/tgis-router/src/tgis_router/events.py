@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tgis_router.errors import RouterError
 from tgis_router.requests import StopReason
 
 
@@ -19,11 +20,12 @@ class TokenDetail:
 
 @dataclass(frozen=True)
 class Finish:
-    """The end of an input; ``text`` is text held back for stop sequences, released now."""
+    """The end of an input; ``text`` is text held back for stop sequences, released now;
+    ``error`` is what the client gets when ``reason`` is ERROR."""
 
     reason: StopReason
     stop_sequence: str = ""
-    error: str | None = None
+    error: RouterError | None = None
     text: str = ""
 
 

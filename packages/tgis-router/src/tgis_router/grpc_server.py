@@ -15,7 +15,7 @@ from tgis_proto import generation_pb2 as fmaas
 from tgis_proto import generation_pb2_grpc as fmaas_grpc
 from tgis_router import metrics
 from tgis_router.active import ActiveRequest
-from tgis_router.errors import OverloadedError, RouterError
+from tgis_router.errors import OverloadedError, RouterError, ValidationError
 from tgis_router.prefixes import PrefixLengths
 from tgis_router.queue import RequestQueue
 from tgis_router.responses import stream_responses, unary_response
@@ -73,8 +73,8 @@ class GenerationService(fmaas_grpc.GenerationServiceServicer):
         prefix_length = await self._prefixes.length(prefix_id) if prefix_id else 0
         tokenized = await self._tokenizer.encode(texts, keep_last=generation_params.truncate_input_tokens)
         validated = [
-            validate_input(text, t.ids, generation_params, self._limits, prefix_id or "", prefix_length)
-            for text, t in zip(texts, tokenized, strict=True)
+            validate_input(index, text, t.ids, generation_params, self._limits, prefix_id or "", prefix_length)
+            for index, (text, t) in enumerate(zip(texts, tokenized, strict=True))
         ]
         entries = [
             ActiveRequest(
@@ -128,6 +128,8 @@ class GenerationService(fmaas_grpc.GenerationServiceServicer):
         try:
             self._admit(1)
             try:
+                if not request.HasField("request"):
+                    raise ValidationError("missing request")
                 prefix_id = request.prefix_id if request.HasField("prefix_id") else None
                 entries = await self._submit([request.request.text], prefix_id, request.params, "stream")
                 async for message in stream_responses(entries[0]):

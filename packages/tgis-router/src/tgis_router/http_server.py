@@ -1,8 +1,9 @@
-"""HTTP port: /metrics (Prometheus) and /health (200 only when every shard computes)."""
+"""HTTP port: /metrics (Prometheus) and /health (see tgis_router.health)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Iterable
@@ -14,7 +15,7 @@ from prometheus_client import make_wsgi_app
 
 log = logging.getLogger(__name__)
 
-_HEALTH_TIMEOUT_S = 60.0
+_HEALTH_TIMEOUT_S = 65.0  # the check's own time-out comes first
 
 
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
@@ -27,9 +28,10 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 def start_http_server(
-    port: int, health: Callable[[], Awaitable[None]], loop: asyncio.AbstractEventLoop
+    port: int, health: Callable[[], Awaitable[str | None]], loop: asyncio.AbstractEventLoop
 ) -> _ThreadingWSGIServer:
-    """Serves in a daemon thread; health checks run on the router's event loop."""
+    """Serves in a daemon thread; ``health`` (None: healthy, else why not) runs on the router's
+    event loop. /health answers 200 with an empty body, or 503 with a JSON error."""
     metrics_app = make_wsgi_app()
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -38,12 +40,15 @@ def start_http_server(
             return metrics_app(environ, start_response)
         if path == "/health":
             try:
-                asyncio.run_coroutine_threadsafe(health(), loop).result(timeout=_HEALTH_TIMEOUT_S)
-            except Exception as e:
-                start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
-                return [f"unhealthy: {e}\n".encode()]
-            start_response("200 OK", [("Content-Type", "text/plain")])
-            return [b"ok\n"]
+                reason = asyncio.run_coroutine_threadsafe(health(), loop).result(timeout=_HEALTH_TIMEOUT_S)
+            except Exception as e:  # the router's loop is gone or stuck
+                reason = f"health check failed: {e!r}"
+            if reason is None:
+                start_response("200 OK", [("Content-Length", "0")])
+                return [b""]
+            body = json.dumps({"error": reason}).encode()
+            start_response("503 Service Unavailable", [("Content-Type", "application/json")])
+            return [body]
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found\n"]
 

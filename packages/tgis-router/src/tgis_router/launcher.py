@@ -13,6 +13,7 @@ import shutil
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from tgis_proto import shard_pb2 as shard_pb
@@ -67,6 +68,19 @@ def _check_one_request_fits(config: LauncherConfig, info: shard_pb.InfoResponse,
             f"for batches ({model.limit / 2**20:.0f} MiB, {model.tokens_fit()} tokens); lower "
             "MAX_SEQUENCE_LENGTH or BATCH_SAFETY_MARGIN, or use more GPUs"
         )
+
+
+def clamp_max_new_tokens(config: LauncherConfig, max_sequence_length: int) -> LauncherConfig:
+    """As TGIS: an output can be at most MAX_SEQUENCE_LENGTH - 1 tokens (the input takes one)."""
+    if config.max_new_tokens < max_sequence_length:
+        return config
+    log.warning(
+        "MAX_NEW_TOKENS %d is not below MAX_SEQUENCE_LENGTH %d; using %d",
+        config.max_new_tokens,
+        max_sequence_length,
+        max_sequence_length - 1,
+    )
+    return replace(config, max_new_tokens=max_sequence_length - 1)
 
 
 async def _prepare(config: LauncherConfig) -> dict:
@@ -177,8 +191,7 @@ async def _launch(config: LauncherConfig) -> int:
     except PluginError as e:
         raise LaunchError(str(e)) from None
     max_sequence_length = config.max_sequence_length or description["max_sequence_length"]
-    if config.max_new_tokens >= max_sequence_length:
-        log.warning("MAX_NEW_TOKENS %d >= MAX_SEQUENCE_LENGTH %d", config.max_new_tokens, max_sequence_length)
+    config = clamp_max_new_tokens(config, max_sequence_length)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

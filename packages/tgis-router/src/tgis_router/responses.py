@@ -29,7 +29,7 @@ def token_info(detail: TokenDetail, options: ResponseOptions) -> fmaas.TokenInfo
 
 def _raise_if_error(finish: Finish) -> None:
     if finish.reason == StopReason.ERROR:
-        raise GenerationFailedError(finish.error or "generation failed")
+        raise finish.error or GenerationFailedError("generation failed")
 
 
 def _seed(entry: ActiveRequest) -> int:

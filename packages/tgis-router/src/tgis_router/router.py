@@ -19,6 +19,7 @@ from tgis_router.admission import Admission, AdmissionConfig, memory_model
 from tgis_router.batcher import Batcher
 from tgis_router.config import LauncherConfig
 from tgis_router.grpc_server import GenerationService, ModelFacts
+from tgis_router.health import GenerationHealth
 from tgis_router.http_server import start_http_server
 from tgis_router.prefixes import PrefixLengths
 from tgis_router.queue import RequestQueue
@@ -82,7 +83,8 @@ async def run_router(
     )
     admission = Admission(memory_model(info), admission_config(config))
     metrics.batch_weight_limit.set(admission.model.limit)
-    batcher_task = asyncio.create_task(Batcher(shards, queue, admission).run(), name="batcher")
+    health_state = GenerationHealth(shards)
+    batcher_task = asyncio.create_task(Batcher(shards, queue, admission, health_state).run(), name="batcher")
 
     server = grpc.aio.server()
     fmaas_grpc.add_GenerationServiceServicer_to_server(service, server)
@@ -98,7 +100,7 @@ async def run_router(
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    http = start_http_server(config.port, lambda: shards.health(timeout=60), asyncio.get_running_loop())
+    http = start_http_server(config.port, health_state.check, asyncio.get_running_loop())
     log.info("router ready: gRPC on port %d, HTTP /health and /metrics on port %d", config.grpc_port, config.port)
     print(
         f"tgis is serving fmaas.GenerationService on localhost:{config.grpc_port}. Try:\n"

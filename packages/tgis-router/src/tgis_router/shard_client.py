@@ -33,8 +33,10 @@ class ShardClient:
     async def info(self, timeout: float | None = None) -> pb.InfoResponse:
         return await self._all(lambda s: s.Info(pb.InfoRequest(), timeout=timeout, wait_for_ready=True))
 
-    async def health(self, timeout: float | None = None) -> None:
-        await self._all(lambda s: s.Health(pb.HealthRequest(), timeout=timeout))
+    async def health(self, forward: bool, timeout: float | None = None) -> None:
+        """A ping; with ``forward``, a real one-token forward pass after the running step."""
+        request = pb.HealthRequest(forward=forward)
+        await self._all(lambda s: s.Health(request, timeout=timeout))
 
     async def prefill(self, batch: pb.Batch) -> pb.StepResponse:
         return await self._all(lambda s: s.Prefill(pb.PrefillRequest(batch=batch)))

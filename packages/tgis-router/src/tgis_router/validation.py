@@ -13,6 +13,11 @@ DEFAULT_MAX_NEW_TOKENS = 20
 MAX_STOP_SEQUENCES = 6
 MAX_STOP_SEQUENCE_BYTES = 240
 MIN_TEMPERATURE = 0.05
+MAX_TOP_K = 2**31 - 1
+STOP_SEQUENCES_MESSAGE = (
+    f"can specify at most {MAX_STOP_SEQUENCES} non-empty stop sequences, "
+    f"each not more than {MAX_STOP_SEQUENCE_BYTES} UTF8 bytes"
+)
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,9 @@ def validate_params(params: fmaas.Parameters, limits: Limits) -> GenerationParam
             raise ValidationError("top_p must be > 0.0 and <= 1.0")
         if s.typical_p > 1.0:
             raise ValidationError("typical_p must be <= 1.0")
+        if s.top_k > MAX_TOP_K:
+            # TGIS reads top_k as a signed 32-bit number: larger values are negative there.
+            raise ValidationError("top_k must be strictly positive")
         sampling = SamplingParams(
             temperature=s.temperature or 1.0,
             top_k=s.top_k,
@@ -56,17 +64,15 @@ def validate_params(params: fmaas.Parameters, limits: Limits) -> GenerationParam
         if not 1.0 <= lp.decay_factor <= 10.0:
             raise ValidationError("length_penalty must be >= 1.0 and <= 10.0")
         length_penalty = LengthPenalty(lp.start_index, lp.decay_factor)
-    stop_sequences = tuple(s for s in stopping.stop_sequences if s)
-    if len(stop_sequences) > MAX_STOP_SEQUENCES or any(
-        len(s.encode()) > MAX_STOP_SEQUENCE_BYTES for s in stop_sequences
-    ):
-        raise ValidationError(
-            f"can specify at most {MAX_STOP_SEQUENCES} non-empty stop sequences, "
-            f"each not more than {MAX_STOP_SEQUENCE_BYTES} UTF8 bytes"
-        )
+    # TGIS's order: the count, then the token-detail rule, then each sequence's content.
+    stop_sequences = tuple(stopping.stop_sequences)
+    if len(stop_sequences) > MAX_STOP_SEQUENCES:
+        raise ValidationError(STOP_SEQUENCES_MESSAGE)
     r = params.response
     if (r.token_logprobs or r.token_ranks or r.top_n_tokens) and not (r.input_tokens or r.generated_tokens):
         raise ValidationError("must request input and/or generated tokens to request extra token detail")
+    if any(not s or len(s.encode()) > MAX_STOP_SEQUENCE_BYTES for s in stop_sequences):
+        raise ValidationError(STOP_SEQUENCES_MESSAGE)
     return GenerationParams(
         sample=sample,
         sampling=sampling,
@@ -94,6 +100,7 @@ def validate_params(params: fmaas.Parameters, limits: Limits) -> GenerationParam
 
 
 def validate_input(
+    index: int,
     text: str,
     input_ids: list[int],
     params: GenerationParams,
@@ -101,8 +108,12 @@ def validate_input(
     prefix_id: str = "",
     prefix_length: int = 0,
 ) -> ValidatedRequest:
-    """Checks one tokenized input against the sequence-length limit and fixes its seed."""
+    """Checks input ``index`` of a call, tokenized, against the sequence-length limit and fixes
+    its seed."""
     n = len(input_ids)
+    if n + prefix_length == 0:
+        # Nothing to condition the first token on (a tokenizer that adds no BOS, an empty text).
+        raise ValidationError(f"input {index} is empty: it has no tokens and no prompt prefix")
     if n + prefix_length >= limits.max_sequence_length:
         raise ValidationError(
             f"input tokens ({n}) plus prefix length ({prefix_length}) must be < {limits.max_sequence_length}"

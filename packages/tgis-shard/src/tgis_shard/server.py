@@ -1,4 +1,4 @@
-"""The shard's gRPC server: keeps batch states by id and runs the router's batch operations."""
+"""The shard's gRPC server: the router's batch operations on ``Batches``, one at a time."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import grpc
 
 from tgis_proto import shard_pb2 as pb
 from tgis_proto import shard_pb2_grpc as pb_grpc
-from tgis_shard.engines.base import BatchState, Engine, GeneratedToken
+from tgis_shard.engines.base import Engine, GeneratedToken
 from tgis_shard.prefixes import InvalidPrefixError, PrefixesUnsupportedError, PrefixNotFoundError
+from tgis_shard.steps import Batches, StepFailed, StepResult, UnknownBatchError
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +37,20 @@ def _to_proto(tokens: Iterable[GeneratedToken]) -> list[pb.Generation]:
     ]
 
 
+def _step_response(result: StepResult) -> pb.StepResponse:
+    return pb.StepResponse(
+        generations=_to_proto(result.tokens),
+        batch_id=result.state.batch_id if result.state is not None else 0,
+        failures=result.failures,
+    )
+
+
 class ShardServicer(pb_grpc.ShardServiceServicer):
-    """Runs one operation at a time: batch state is not shared between concurrent steps."""
+    """Runs one batch operation at a time: batch state is not shared between concurrent steps."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self.batches: dict[int, BatchState] = {}
+        self.batches = Batches(engine)
         self._lock = threading.Lock()
         self._info = engine.info()
         engine.warm_up()
@@ -54,50 +63,34 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
         return self._info
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthResponse:
-        with self._lock:
-            try:
-                self.engine.health_check()
-            except Exception as e:
-                log.exception("health check failed")
-                context.abort(grpc.StatusCode.UNAVAILABLE, f"forward pass failed: {e}")
+        # A ping answers without the lock: a long step must not fail a liveness probe.
+        if request.forward:
+            with self._lock:
+                try:
+                    self.engine.health_check()
+                except Exception as e:
+                    log.exception("health check failed")
+                    context.abort(grpc.StatusCode.UNAVAILABLE, f"forward pass failed: {e}")
         return pb.HealthResponse()
 
     def Prefill(self, request: pb.PrefillRequest, context: grpc.ServicerContext) -> pb.StepResponse:
         with self._lock:
-            if request.batch.id in self.batches:
-                context.abort(grpc.StatusCode.ALREADY_EXISTS, f"batch {request.batch.id} already exists")
             try:
-                tokens, state = self.engine.prefill(request.batch)
-            except Exception as e:
-                log.exception("prefill of batch %d failed", request.batch.id)
-                context.abort(grpc.StatusCode.INTERNAL, f"prefill failed: {e}")
-            self.batches[state.batch_id] = state
-            return pb.StepResponse(generations=_to_proto(tokens), batch_id=state.batch_id)
+                result = self.batches.prefill(request.batch)
+            except ValueError as e:
+                context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
+            return _step_response(result)
 
     def NextToken(self, request: pb.NextTokenRequest, context: grpc.ServicerContext) -> pb.StepResponse:
         with self._lock:
-            batch_ids = [request.batch_id, *request.merge_batch_ids]
-            missing = [b for b in batch_ids if b not in self.batches]
-            if missing:
-                context.abort(grpc.StatusCode.NOT_FOUND, f"unknown batch ids {missing}")
-            states = [self.batches.pop(b) for b in batch_ids]
-            drop = set(request.drop_request_ids)
             try:
-                kept = [s.filter([r for r in s.request_ids if r not in drop]) for s in states]
-                alive = [s for s in kept if s is not None]
-                if not alive:
-                    return pb.StepResponse(batch_id=0)
-                state = self.engine.concatenate(alive)
-                state.batch_id = request.batch_id
-                tokens = self.engine.decode(state)
-            except Exception as e:
-                # The batch's tensors may be half-updated: it is dropped, the router fails its requests.
-                log.exception("next token step of batch %d failed", request.batch_id)
-                for dropped in states:
-                    dropped.release()
-                context.abort(grpc.StatusCode.INTERNAL, f"next token step failed: {e}")
-            self.batches[state.batch_id] = state
-            return pb.StepResponse(generations=_to_proto(tokens), batch_id=state.batch_id)
+                result = self.batches.next_token(request.batch_id, request.merge_batch_ids, request.drop_request_ids)
+            except UnknownBatchError as e:
+                context.abort(grpc.StatusCode.NOT_FOUND, e.args[0])
+            except StepFailed as e:
+                code = grpc.StatusCode.RESOURCE_EXHAUSTED if e.out_of_memory else grpc.StatusCode.INTERNAL
+                context.abort(code, str(e))
+            return _step_response(result)
 
     def PrefixLookup(self, request: pb.PrefixLookupRequest, context: grpc.ServicerContext) -> pb.PrefixLookupResponse:
         # Not under the batch lock: loading a file must not wait for (or hold up) a step.
@@ -113,12 +106,7 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
 
     def ClearCache(self, request: pb.ClearCacheRequest, context: grpc.ServicerContext) -> pb.ClearCacheResponse:
         with self._lock:
-            if request.HasField("batch_id"):
-                dropped = [self.batches.pop(request.batch_id)] if request.batch_id in self.batches else []
-            else:
-                dropped, self.batches = list(self.batches.values()), {}
-            for state in dropped:
-                state.release()
+            self.batches.clear(request.batch_id if request.HasField("batch_id") else None)
         return pb.ClearCacheResponse()
 
 

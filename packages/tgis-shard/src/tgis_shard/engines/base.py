@@ -125,11 +125,13 @@ class Engine(ABC):
 
     @abstractmethod
     def concatenate(self, states: Sequence[BatchState]) -> BatchState:
-        """Merges batches into one; the first one's id is kept."""
+        """Merges batches into one; the first one's id is kept. The merged batch owns what the
+        parts held (cache blocks): afterwards only it is released."""
 
     @abstractmethod
     def decode(self, state: BatchState) -> list[GeneratedToken]:
-        """Decodes one more token for every request of the batch, in place."""
+        """Decodes one more token for every request of the batch, in place. When it raises, the
+        batch is as it was before the call, so the caller may drop rows and decode again."""
 
     @abstractmethod
     def health_check(self) -> None:

@@ -182,8 +182,13 @@ class CausalLMEngine(Engine):
         batch = _causal(state)
         ones = torch.ones((len(batch.ids), 1), dtype=batch.attention_mask.dtype, device=self.ctx.device)
         mask = torch.cat([batch.attention_mask, ones], dim=1)
-        logits = self._forward(batch.input_ids, mask, batch.position_ids, batch.cache, last_only=True)
-        chosen = batch.chooser.choose(logits[:, -1, :])
+        try:
+            logits = self._forward(batch.input_ids, mask, batch.position_ids, batch.cache, last_only=True)
+            chosen = batch.chooser.choose(logits[:, -1, :])
+        except Exception:
+            # Layers that took this step's keys give them back: the batch is as it was.
+            kv_cache.truncate(batch.cache, batch.attention_mask.shape[1])
+            raise
         batch.attention_mask = mask
         batch.input_ids = chosen.token_ids.unsqueeze(1)
         batch.position_ids = batch.position_ids + 1

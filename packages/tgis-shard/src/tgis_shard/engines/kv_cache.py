@@ -39,6 +39,15 @@ def select_rows_right_padded(cache: DynamicCache, rows: torch.Tensor, keep_first
         layer.values = layer.values[rows, :, :keep_first, :]
 
 
+def truncate(cache: DynamicCache, length: int) -> None:
+    """Keeps the first ``length`` positions of every layer: undoes a step that appended to some
+    layers before it failed (views, no copy)."""
+    for layer in _layers(cache):
+        if layer.keys.shape[-2] > length:
+            layer.keys = layer.keys[:, :, :length, :]
+            layer.values = layer.values[:, :, :length, :]
+
+
 def concatenate(caches: Sequence[DynamicCache], length: int) -> DynamicCache:
     """Stacks caches along the batch, left-padding each to ``length`` positions; reuses the first
     and empties the others."""

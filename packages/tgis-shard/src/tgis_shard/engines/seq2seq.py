@@ -291,9 +291,16 @@ class Seq2SeqLMEngine(Engine):
         ones = torch.ones((len(batch.ids), 1), dtype=batch.decoder_mask.dtype, device=self.ctx.device)
         decoder_mask = torch.cat([batch.decoder_mask, ones], dim=1)
         decoder_input = {"decoder_input_ids": batch.decoder_input_ids}
-        logits = self._decoder_step(batch.encoder_hidden, batch.encoder_mask, decoder_input, decoder_mask, batch.cache)
-        chosen = batch.chooser.choose(logits)
-        agree_with_rank0(chosen.token_ids)
+        try:
+            logits = self._decoder_step(
+                batch.encoder_hidden, batch.encoder_mask, decoder_input, decoder_mask, batch.cache
+            )
+            chosen = batch.chooser.choose(logits)
+            agree_with_rank0(chosen.token_ids)
+        except Exception:
+            # Layers that took this step's keys give them back: the batch is as it was.
+            kv_cache.truncate(batch.cache.self_attention_cache, batch.decoder_mask.shape[1])
+            raise
         batch.decoder_mask = decoder_mask
         batch.decoder_input_ids = chosen.token_ids.unsqueeze(1)
         return generated_tokens(batch.ids, chosen, batch.chooser)

@@ -216,15 +216,21 @@ class NativeEngine(Engine):
 
     def concatenate(self, states: Sequence[BatchState]) -> NativeBatch:
         batches = [_native(s) for s in states]
-        first = batches[0]
         if len(batches) == 1:
-            return first
-        first.ids = [rid for b in batches for rid in b.ids]
-        first.block_tables = [t for b in batches for t in b.block_tables]
-        first.context_lens = [n for b in batches for n in b.context_lens]
-        first.next_ids = torch.cat([b.next_ids for b in batches])
-        first.chooser = BatchTokenChooser.concatenate([b.chooser for b in batches])
-        return first
+            return batches[0]
+        merged = NativeBatch(
+            batches[0].batch_id,
+            [rid for b in batches for rid in b.ids],
+            [t for b in batches for t in b.block_tables],
+            [n for b in batches for n in b.context_lens],
+            torch.cat([b.next_ids for b in batches]),
+            BatchTokenChooser.concatenate([b.chooser for b in batches]),
+            self.allocator,
+        )
+        # The blocks change hands only now that nothing can fail: each is freed once, by its owner.
+        for part in batches:
+            part.ids, part.block_tables, part.context_lens = [], [], []
+        return merged
 
     @torch.inference_mode()
     def decode(self, state: BatchState) -> list[GeneratedToken]:

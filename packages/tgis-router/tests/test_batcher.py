@@ -1,0 +1,390 @@
+"""The batching loop against a scripted shard: order, cancellation, time limits, failure
+isolation, and the invariant that every accepted request ends exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+
+import grpc
+import pytest
+
+from tests.support.fake_shard import EOS_ID, FakeShards, rpc_error, save_word_tokenizer, token_at
+from tgis_proto import generation_pb2 as fmaas
+from tgis_router.active import ActiveRequest
+from tgis_router.admission import Admission, AdmissionConfig, MemoryModel
+from tgis_router.batcher import NEVER_FITS, Batcher
+from tgis_router.errors import GenerationFailedError, OutOfMemoryError, RouterError, ShardUnavailableError
+from tgis_router.events import Finish, NewToken
+from tgis_router.health import GenerationHealth
+from tgis_router.queue import RequestQueue
+from tgis_router.requests import StopReason
+from tgis_router.responses import unary_response
+from tgis_router.shard_client import ShardClient
+from tgis_router.tokenization import TokenizerPool
+from tgis_router.validation import Limits, validate_input, validate_params
+
+LIMITS = Limits(max_new_tokens=100, max_sequence_length=256, default_include_stop_seqs=True)
+ROOMY = MemoryModel(limit=1e12, bytes_per_token=1.0, prefill_bytes_per_token=0.0, padded=False)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    pool = TokenizerPool(save_word_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json"), workers=1)
+    yield pool
+    pool.close()
+
+
+class Harness:
+    """A queue, a batcher on fake shards, and a way to submit requests as the service does."""
+
+    def __init__(self, tokenizer: TokenizerPool, shards: FakeShards, max_batch_size: int, model: MemoryModel):
+        self.tokenizer = tokenizer
+        self.shards = shards
+        self.queue = RequestQueue()
+        self.health = GenerationHealth(shards)  # type: ignore[arg-type]
+        admission = Admission(model, AdmissionConfig(max_batch_size=max_batch_size))
+        self.batcher = Batcher(shards, self.queue, admission, self.health)  # type: ignore[arg-type]
+        self._ids = iter(range(1, 10**6))
+
+    def submit(self, words: int = 3, max_new_tokens: int = 5, time_limit_ms: int = 0, **params) -> ActiveRequest:
+        p = validate_params(
+            fmaas.Parameters(
+                stopping=fmaas.StoppingCriteria(max_new_tokens=max_new_tokens, time_limit_millis=time_limit_ms),
+                **params,
+            ),
+            LIMITS,
+        )
+        input_ids = [4 + i for i in range(words)]
+        request = validate_input(0, " ".join(f"w{i}" for i in range(words)), input_ids, p, LIMITS)
+        entry = ActiveRequest(next(self._ids), request, self.tokenizer, {EOS_ID}, True, "batch", time.monotonic(), True)
+        self.queue.put(entry)
+        return entry
+
+
+def run_with_batcher(
+    tokenizer: TokenizerPool,
+    scenario: Callable[[Harness], Awaitable[None]],
+    shards: FakeShards | None = None,
+    max_batch_size: int = 8,
+    model: MemoryModel = ROOMY,
+) -> Harness:
+    async def main() -> Harness:
+        harness = Harness(tokenizer, shards or FakeShards(), max_batch_size, model)
+        task = asyncio.create_task(harness.batcher.run())
+        try:
+            await asyncio.wait_for(scenario(harness), 20)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        return harness
+
+    return asyncio.run(main())
+
+
+def expected_text(request_id: int, tokens: int) -> str:
+    return "".join(f" w{token_at(request_id, i) - 4}" for i in range(tokens))
+
+
+async def outcome(entry: ActiveRequest) -> fmaas.GenerationResponse | RouterError:
+    try:
+        return await unary_response(entry)
+    except RouterError as e:
+        return e
+
+
+def terminal_events(entry: ActiveRequest) -> int:
+    """Events that end the request, left in its queue after it was answered (must be 0)."""
+    count = 0
+    while not entry.events.empty():
+        event = entry.events.get_nowait()
+        count += isinstance(event, Finish) or (isinstance(event, NewToken) and event.finish is not None)
+    return count
+
+
+def test_requests_are_answered_in_arrival_order_when_one_fits_at_a_time(tokenizer):
+    async def scenario(h: Harness) -> None:
+        entries = [h.submit(max_new_tokens=3) for _ in range(5)]
+        answers = await asyncio.gather(*(outcome(e) for e in entries))
+        for entry, answer in zip(entries, answers, strict=True):
+            assert answer.text == expected_text(entry.id, 3)
+            assert answer.stop_reason == fmaas.MAX_TOKENS
+        assert h.shards.prefilled == [e.id for e in entries]
+
+    run_with_batcher(tokenizer, scenario, max_batch_size=1)
+
+
+def test_waiting_requests_join_the_running_batch(tokenizer):
+    async def scenario(h: Harness) -> None:
+        first = h.submit(max_new_tokens=20)
+        await asyncio.sleep(0.01)
+        later = [h.submit(max_new_tokens=2) for _ in range(3)]
+        answers = await asyncio.gather(*(outcome(e) for e in [first, *later]))
+        assert [a.generated_token_count for a in answers] == [20, 2, 2, 2]
+        assert answers[0].text == expected_text(first.id, 20)
+
+    run_with_batcher(tokenizer, scenario, shards=FakeShards(step_delay=0.001))
+
+
+def test_a_request_cancelled_in_the_queue_never_reaches_the_shards(tokenizer):
+    async def scenario(h: Harness) -> None:
+        running = h.submit(max_new_tokens=30)
+        await asyncio.sleep(0.01)
+        waiting = h.submit()
+        waiting.cancel()
+        await outcome(running)
+        assert waiting.id not in h.shards.prefilled
+
+    run_with_batcher(tokenizer, scenario, shards=FakeShards(step_delay=0.001), max_batch_size=1)
+
+
+@pytest.mark.parametrize("stage", ["prefill", "decode"])
+def test_a_cancelled_request_leaves_the_shard_batch_within_one_step(tokenizer, stage):
+    async def scenario(h: Harness) -> None:
+        other = h.submit(max_new_tokens=40)
+        entry = h.submit(max_new_tokens=40)
+        while h.shards.generated.get(entry.id, 0) < (1 if stage == "prefill" else 5):
+            await asyncio.sleep(0.0005)
+        entry.cancel()
+        steps_at_cancel = h.shards.generated[other.id]
+        while entry.id in h.shards.held_request_ids():
+            await asyncio.sleep(0.0005)
+        assert h.shards.generated[other.id] - steps_at_cancel <= 2
+        assert (await outcome(other)).generated_token_count == 40
+
+    run_with_batcher(tokenizer, scenario, shards=FakeShards(step_delay=0.002))
+
+
+def test_time_limits_end_requests_in_the_queue_and_while_running(tokenizer):
+    async def scenario(h: Harness) -> None:
+        running = h.submit(max_new_tokens=100, time_limit_ms=60)
+        queued = h.submit(max_new_tokens=5, time_limit_ms=10)  # waits behind ``running``
+        answers = await asyncio.gather(outcome(running), outcome(queued))
+        assert answers[0].stop_reason == fmaas.TIME_LIMIT
+        assert 0 < answers[0].generated_token_count < 100
+        assert answers[1].stop_reason == fmaas.TIME_LIMIT
+        assert answers[1].generated_token_count == 0
+        assert queued.id not in h.shards.prefilled
+
+    run_with_batcher(tokenizer, scenario, shards=FakeShards(step_delay=0.005), max_batch_size=1)
+
+
+def test_a_failed_prefill_fails_only_the_joining_requests(tokenizer):
+    def on_prefill(ids: list[int]) -> None:
+        if 2 in ids:
+            raise rpc_error(grpc.StatusCode.INTERNAL, "prefill failed: boom")
+
+    async def scenario(h: Harness) -> None:
+        running = h.submit(max_new_tokens=20)
+        await asyncio.sleep(0.01)
+        joining = h.submit()
+        assert isinstance(await outcome(joining), GenerationFailedError)
+        assert (await outcome(running)).generated_token_count == 20
+        after = h.submit(max_new_tokens=2)
+        assert (await outcome(after)).text == expected_text(after.id, 2)
+
+    h = run_with_batcher(tokenizer, scenario, shards=FakeShards(step_delay=0.001, on_prefill=on_prefill))
+    assert h.shards.cleared  # the failed batch was cleared on the shards
+
+
+def test_a_failed_step_fails_the_running_batch_clears_it_and_the_loop_goes_on(tokenizer):
+    fail = {"armed": True}
+
+    def on_next_token(ids: list[int]) -> None:
+        if fail["armed"] and len(ids) == 2:
+            fail["armed"] = False
+            raise rpc_error(grpc.StatusCode.INTERNAL, "next token step failed: boom")
+
+    async def scenario(h: Harness) -> None:
+        entries = [h.submit(max_new_tokens=10) for _ in range(2)]
+        answers = await asyncio.gather(*(outcome(e) for e in entries))
+        assert all(isinstance(a, GenerationFailedError) and "boom" in str(a) for a in answers)
+        assert h.shards.batches == {}
+        after = h.submit(max_new_tokens=3)
+        assert (await outcome(after)).text == expected_text(after.id, 3)
+
+    run_with_batcher(tokenizer, scenario, shards=FakeShards(on_next_token=on_next_token))
+
+
+def test_requests_the_shard_reports_failed_get_resource_exhausted_and_the_rest_go_on(tokenizer):
+    async def scenario(h: Harness) -> None:
+        entries = [h.submit(max_new_tokens=6) for _ in range(4)]
+        answers = await asyncio.gather(*(outcome(e) for e in entries))
+        assert isinstance(answers[1], OutOfMemoryError)
+        assert answers[1].status == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for i in (0, 2, 3):
+            assert answers[i].text == expected_text(entries[i].id, 6)
+
+    shards = FakeShards(on_next_token=lambda ids: [2] if 2 in ids else None)
+    run_with_batcher(tokenizer, scenario, shards=shards)
+
+
+def test_a_lost_shard_reads_unavailable(tokenizer):
+    def gone(ids: list[int]) -> None:
+        raise rpc_error(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses")
+
+    async def scenario(h: Harness) -> None:
+        answer = await outcome(h.submit())
+        assert isinstance(answer, ShardUnavailableError)
+        assert answer.status == grpc.StatusCode.UNAVAILABLE
+        assert "failed to connect" in str(answer)
+
+    run_with_batcher(tokenizer, scenario, shards=FakeShards(on_prefill=gone))
+
+
+def test_one_requests_token_handling_failure_fails_only_that_request(tokenizer, monkeypatch):
+    async def scenario(h: Harness) -> None:
+        entries = [h.submit(max_new_tokens=4) for _ in range(3)]
+        broken = entries[1]
+
+        def add_token(token):
+            raise UnicodeError("detokenizer bug")
+
+        monkeypatch.setattr(broken, "add_token", add_token)
+        answers = await asyncio.gather(*(outcome(e) for e in entries))
+        assert isinstance(answers[1], GenerationFailedError) and "detokenizer bug" in str(answers[1])
+        assert answers[0].generated_token_count == answers[2].generated_token_count == 4
+
+    run_with_batcher(tokenizer, scenario)
+
+
+def test_a_request_admission_cannot_judge_fails_alone(tokenizer, monkeypatch):
+    async def scenario(h: Harness) -> None:
+        select = h.batcher._admission.select
+
+        def picky(running, queue, waited_steps=0):
+            if any(c.input_length == 7 for c in queue):
+                raise ZeroDivisionError("admission bug")
+            return select(running, queue, waited_steps)
+
+        monkeypatch.setattr(h.batcher._admission, "select", picky)
+        good, bad = h.submit(words=3), h.submit(words=7)
+        answers = await asyncio.gather(outcome(good), outcome(bad))
+        assert answers[0].generated_token_count == 5
+        assert isinstance(answers[1], GenerationFailedError) and "admission bug" in str(answers[1])
+
+    run_with_batcher(tokenizer, scenario)
+
+
+def test_a_request_that_can_never_fit_gets_resource_exhausted(tokenizer):
+    tiny = MemoryModel(limit=4.0, bytes_per_token=1.0, prefill_bytes_per_token=0.0, padded=False)
+
+    async def scenario(h: Harness) -> None:
+        answer = await outcome(h.submit(words=8))
+        assert isinstance(answer, OutOfMemoryError) and str(answer) == NEVER_FITS
+
+    run_with_batcher(tokenizer, scenario, model=tiny)
+
+
+def test_health_pings_while_steps_succeed_and_runs_a_forward_pass_after_a_failure(tokenizer):
+    failing = {"on": False}
+
+    def on_next_token(ids: list[int]) -> None:
+        if failing["on"]:
+            raise rpc_error(grpc.StatusCode.INTERNAL, "boom")
+
+    async def scenario(h: Harness) -> None:
+        assert await h.health.check() is None  # before any step: a real forward pass
+        await outcome(h.submit(max_new_tokens=2))
+        assert await h.health.check() is None
+        failing["on"] = True
+        await outcome(h.submit(max_new_tokens=3))
+        h.shards.health_error = rpc_error(grpc.StatusCode.UNAVAILABLE, "forward pass failed: x")
+        assert "forward pass failed" in await h.health.check()
+        h.shards.health_error = None
+        assert await h.health.check() is None  # the forward pass works again: healthy
+        assert await h.health.check() is None
+
+    h = run_with_batcher(tokenizer, scenario, shards=FakeShards(on_next_token=on_next_token))
+    assert h.shards.health_calls == [True, False, True, True, False]
+
+
+def test_every_request_ends_exactly_once_under_random_faults_and_cancellations(tokenizer):
+    rng = random.Random(7)
+
+    def maybe_fail(ids: list[int]) -> list[int] | None:
+        roll = rng.random()
+        if roll < 0.03:
+            raise rpc_error(rng.choice([grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED]), "fault")
+        return [rng.choice(ids)] if roll < 0.08 else None
+
+    async def scenario(h: Harness) -> None:
+        entries: list[ActiveRequest] = []
+        cancelled: set[int] = set()
+        for _ in range(300):
+            entries.append(h.submit(words=rng.randint(1, 8), max_new_tokens=rng.randint(1, 12)))
+            if rng.random() < 0.1:
+                victim = rng.choice(entries)
+                victim.cancel()
+                cancelled.add(victim.id)
+            await asyncio.sleep(rng.random() * 0.002)
+        live = [e for e in entries if e.id not in cancelled]
+        answers = await asyncio.gather(*(outcome(e) for e in live))
+        for entry, answer in zip(live, answers, strict=True):
+            assert terminal_events(entry) == 0, "a second answer was queued"
+            if isinstance(answer, RouterError):
+                assert answer.status in (grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED)
+            else:
+                assert answer.text == expected_text(entry.id, answer.generated_token_count)
+                assert answer.generated_token_count == entry.request.max_new_tokens
+        assert all(e.finished for e in entries)
+        while h.shards.batches:  # the last finished requests leave on the next step
+            await asyncio.sleep(0.001)
+            if not h.batcher._running:
+                break
+        assert h.shards.held_request_ids() <= {e.id for e in entries if not e.finished}
+
+    shards = FakeShards(on_prefill=maybe_fail, on_next_token=maybe_fail)
+    run_with_batcher(tokenizer, scenario, shards=shards)
+
+
+def test_eos_from_the_shard_ends_the_request_without_its_text(tokenizer):
+    # EOS from the shard ends the request with EOS_TOKEN; the EOS text never shows.
+    async def scenario(h: Harness) -> None:
+        entry = h.submit(max_new_tokens=10)
+        h.shards.generated[entry.id] = 0
+        original = h.shards._generations
+
+        def with_eos(request_ids):
+            generations = original(request_ids)
+            for g in generations:
+                if h.shards.generated[g.request_id] == 3:
+                    g.token.id = EOS_ID
+            return generations
+
+        h.shards._generations = with_eos  # type: ignore[method-assign]
+        answer = await outcome(entry)
+        assert answer.stop_reason == fmaas.EOS_TOKEN
+        assert answer.generated_token_count == 3
+        assert answer.text == expected_text(entry.id, 2)
+
+    run_with_batcher(tokenizer, scenario)
+
+
+def test_finish_is_idempotent_and_later_tokens_are_ignored(tokenizer):
+    async def scenario(h: Harness) -> None:
+        entry = h.submit(max_new_tokens=50)
+        while h.shards.generated.get(entry.id, 0) < 2:
+            await asyncio.sleep(0.0005)
+        entry.finish(StopReason.ERROR, GenerationFailedError("first"))
+        entry.finish(StopReason.ERROR, GenerationFailedError("second"))
+        answer = await outcome(entry)
+        assert str(answer) == "first"
+        await asyncio.sleep(0.02)
+        assert terminal_events(entry) == 0
+
+    run_with_batcher(tokenizer, scenario, shards=FakeShards(step_delay=0.001))
+
+
+def test_health_reports_shards_that_cannot_be_reached(tmp_path):
+    async def probe() -> str | None:
+        shards = ShardClient([str(tmp_path / "no-such-shard")])
+        try:
+            return await GenerationHealth(shards).check()
+        finally:
+            await shards.close()
+
+    reason = asyncio.run(probe())
+    assert reason is not None and reason.startswith("forward pass failed")
