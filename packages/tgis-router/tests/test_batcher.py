@@ -244,7 +244,8 @@ def test_one_requests_token_handling_failure_fails_only_that_request(tokenizer, 
 
         monkeypatch.setattr(broken, "add_token", add_token)
         answers = await asyncio.gather(*(outcome(e) for e in entries))
-        assert isinstance(answers[1], GenerationFailedError) and "detokenizer bug" in str(answers[1])
+        assert isinstance(answers[1], GenerationFailedError)
+        assert "detokenizer bug" in str(answers[1])
         assert answers[0].generated_token_count == answers[2].generated_token_count == 4
 
     run_with_batcher(tokenizer, scenario)
@@ -263,7 +264,8 @@ def test_a_request_admission_cannot_judge_fails_alone(tokenizer, monkeypatch):
         good, bad = h.submit(words=3), h.submit(words=7)
         answers = await asyncio.gather(outcome(good), outcome(bad))
         assert answers[0].generated_token_count == 5
-        assert isinstance(answers[1], GenerationFailedError) and "admission bug" in str(answers[1])
+        assert isinstance(answers[1], GenerationFailedError)
+        assert "admission bug" in str(answers[1])
 
     run_with_batcher(tokenizer, scenario)
 
@@ -273,7 +275,8 @@ def test_a_request_that_can_never_fit_gets_resource_exhausted(tokenizer):
 
     async def scenario(h: Harness) -> None:
         answer = await outcome(h.submit(words=8))
-        assert isinstance(answer, OutOfMemoryError) and str(answer) == NEVER_FITS
+        assert isinstance(answer, OutOfMemoryError)
+        assert str(answer) == NEVER_FITS
 
     run_with_batcher(tokenizer, scenario, model=tiny)
 
@@ -387,4 +390,5 @@ def test_health_reports_shards_that_cannot_be_reached(tmp_path):
             await shards.close()
 
     reason = asyncio.run(probe())
-    assert reason is not None and reason.startswith("forward pass failed")
+    assert reason is not None
+    assert reason.startswith("forward pass failed")

@@ -117,7 +117,8 @@ def test_a_request_whose_prefill_fails_alone_fails_and_the_others_form_the_batch
     result = batches.prefill(_batch(1, prompt_ids, [0, 1, 2]))
     assert [(f.request_id, f.kind) for f in result.failures] == [(1, pb.FAILURE_INTERNAL)]
     assert "request 1 has a bad parameter" in result.failures[0].message
-    assert result.state is not None and result.state.request_ids == [0, 2]
+    assert result.state is not None
+    assert result.state.request_ids == [0, 2]
     outputs: dict[int, list[int]] = {}
     _collect(outputs, result.tokens)
     _run_to_end(batches, 1, outputs)
@@ -131,7 +132,8 @@ def test_out_of_memory_in_a_prefill_fails_the_new_batch_and_the_running_one_goes
     _collect(outputs, batches.prefill(_batch(1, prompt_ids, [0])).tokens)
     engine.prefill_error = _oom()
     result = batches.prefill(_batch(2, prompt_ids, [1, 2]))
-    assert result.state is None and result.tokens == []
+    assert result.state is None
+    assert result.tokens == []
     assert {(f.request_id, f.kind) for f in result.failures} == {
         (1, pb.FAILURE_OUT_OF_MEMORY),
         (2, pb.FAILURE_OUT_OF_MEMORY),
