@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.support.server import launcher, launcher_command
+from tests.support.server import child_pids, launcher, launcher_command
 from tests.support.tiny_models import build_tiny_causal_lm
 from tgis_proto import generation_pb2 as fmaas
 
@@ -70,11 +70,6 @@ def test_hf_transformers_refuses_two_shards(model_dir):
     assert "hf_transformers runs on one device" in result.stderr
 
 
-def _children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
-
-
 def _long_stream(server, max_new_tokens: int = 200):
     """A stream that runs for its whole length (EOS masked), and its first message."""
     request = fmaas.SingleGenerationRequest(
@@ -103,7 +98,7 @@ def _health(server) -> tuple[int, bytes] | None:
 def test_shard_death_fails_streams_unavailable_and_the_launcher_exits_non_zero(model_dir):
     with launcher(model_dir, "--max-new-tokens", "200") as server:
         stream = _long_stream(server)
-        shards = _children(server.process.pid)
+        shards = child_pids(server.process.pid)
         assert shards, "the launcher has no child processes"
         os.kill(shards[0], signal.SIGKILL)
         with pytest.raises(grpc.RpcError) as e:
@@ -120,7 +115,7 @@ def test_shard_death_fails_streams_unavailable_and_the_launcher_exits_non_zero(m
 def test_sigterm_finishes_running_streams_refuses_new_calls_and_exits_zero(model_dir):
     with launcher(model_dir, "--max-new-tokens", "200") as server:
         streams = [_long_stream(server) for _ in range(3)]
-        shards = _children(server.process.pid)
+        shards = child_pids(server.process.pid)
         server.process.send_signal(signal.SIGTERM)
         # Calls that arrive before the router saw the signal are still served; then it refuses.
         deadline = time.monotonic() + 5

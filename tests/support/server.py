@@ -57,6 +57,12 @@ def _wait_ready(process: subprocess.Popen, channel: grpc.Channel, log_file: Path
     raise TimeoutError(f"launcher not ready after {READY_TIMEOUT_S}s:\n{log_file.read_text()[-4000:]}")
 
 
+def child_pids(pid: int) -> list[int]:
+    """The direct children of a process (the launcher's shards)."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
 def stop(process: subprocess.Popen, timeout: float = 30.0) -> int:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)

@@ -1,5 +1,7 @@
 """Parameter validation: TGIS defaults and its INVALID_ARGUMENT messages word for word."""
 
+import math
+
 import pytest
 
 from tgis_proto import generation_pb2 as fmaas
@@ -96,6 +98,20 @@ def test_invalid_parameters_have_tgis_messages(kwargs, message):
     with pytest.raises(ValidationError) as e:
         validate_params(params(**kwargs), LIMITS)
     assert str(e.value) == message
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"method": fmaas.SAMPLE, "sampling": fmaas.SamplingParameters(temperature=math.nan)}, "temperature"),
+        ({"method": fmaas.SAMPLE, "sampling": fmaas.SamplingParameters(top_p=math.nan)}, "top_p"),
+        ({"method": fmaas.SAMPLE, "sampling": fmaas.SamplingParameters(typical_p=math.nan)}, "typical_p"),
+        ({"decoding": fmaas.DecodingParameters(repetition_penalty=math.nan)}, "repetition_penalty"),
+    ],
+)
+def test_nan_parameters_are_refused(kwargs, message):
+    with pytest.raises(ValidationError, match=f"^{message} must be"):
+        validate_params(params(**kwargs), LIMITS)
 
 
 def test_largest_signed_top_k_is_accepted_and_greedy_ignores_top_k():

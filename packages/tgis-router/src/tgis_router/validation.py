@@ -28,16 +28,17 @@ class Limits:
 
 
 def validate_params(params: fmaas.Parameters, limits: Limits) -> GenerationParams:
-    """Checks the parameters shared by every input of a call."""
+    """Checks the parameters shared by every input of a call. Comparisons are written so that
+    NaN fails them: TGIS's messages, and no NaN reaches the sampler."""
     sample = params.method == fmaas.SAMPLE
     sampling = SamplingParams()
     if sample:
         s = params.sampling
-        if s.temperature != 0 and s.temperature < MIN_TEMPERATURE:
+        if s.temperature != 0 and not s.temperature >= MIN_TEMPERATURE:
             raise ValidationError(f"temperature must be >= {MIN_TEMPERATURE}")
-        if s.top_p < 0.0 or s.top_p > 1.0:
+        if not 0.0 <= s.top_p <= 1.0:
             raise ValidationError("top_p must be > 0.0 and <= 1.0")
-        if s.typical_p > 1.0:
+        if not s.typical_p <= 1.0:
             raise ValidationError("typical_p must be <= 1.0")
         if s.top_k > MAX_TOP_K:
             # TGIS reads top_k as a signed 32-bit number: larger values are negative there.
@@ -56,7 +57,7 @@ def validate_params(params: fmaas.Parameters, limits: Limits) -> GenerationParam
     if stopping.min_new_tokens > max_new_tokens:
         raise ValidationError("min_new_tokens must be <= max_new_tokens")
     decoding = params.decoding
-    if decoding.repetition_penalty < 0.0:
+    if not decoding.repetition_penalty >= 0.0:
         raise ValidationError("repetition_penalty must be > 0.0")
     length_penalty = None
     if decoding.HasField("length_penalty"):
