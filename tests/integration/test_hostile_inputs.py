@@ -108,14 +108,17 @@ def parameters(draw: st.DrawFn) -> fmaas.Parameters:
 
 
 def _check(call) -> None:
+    """The call answers, or refuses with a reason a client can act on."""
     try:
         call()
     except grpc.RpcError as e:
-        assert e.code() in ANSWERS_WITH_A_REASON, f"{e.code().name}: {e.details()}"
-        assert e.details()
-        event(e.details().split(":")[0][:40])
+        refusal = e
     else:
         event("OK")
+        return
+    assert refusal.code() in ANSWERS_WITH_A_REASON, f"{refusal.code().name}: {refusal.details()}"
+    assert refusal.details()
+    event(refusal.details().split(":")[0][:40])
 
 
 texts_to_generate_from = st.one_of(
