@@ -106,6 +106,12 @@ def test_shard_death_fails_streams_unavailable_and_the_launcher_exits_non_zero(m
                 pass
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         assert e.value.details()
+        # A new call: refused by the router (its prefill finds no shard) or by the closing port.
+        with pytest.raises(grpc.RpcError) as e:
+            server.stub.Generate(
+                fmaas.BatchedGenerationRequest(requests=[fmaas.GenerationRequest(text="hi")]), timeout=30
+            )
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         health = _health(server)
         assert health is None or (health[0] == 503 and "error" in json.loads(health[1]))
         assert server.process.wait(timeout=60) == 1

@@ -149,12 +149,13 @@ def test_one_bad_parameter_fails_the_whole_call_with_its_message(server):
 
 def test_an_input_without_tokens_is_invalid_argument_naming_its_index(server):
     # The tiny tokenizer adds no BOS, so an empty text has no tokens: nothing to generate from.
+    # A deadline, so that a request that is never answered fails instead of hanging.
     calls = [
-        lambda: server.stub.Generate(_batch([""], _params())),
-        lambda: server.stub.Generate(_batch(["Hello", "", "there"], _params())),
+        lambda: server.stub.Generate(_batch([""], _params()), timeout=30),
+        lambda: server.stub.Generate(_batch(["Hello", "", "there"], _params()), timeout=30),
         lambda: list(
             server.stub.GenerateStream(
-                fmaas.SingleGenerationRequest(request=fmaas.GenerationRequest(text=""), params=_params())
+                fmaas.SingleGenerationRequest(request=fmaas.GenerationRequest(text=""), params=_params()), timeout=30
             )
         ),
     ]
@@ -166,7 +167,7 @@ def test_an_input_without_tokens_is_invalid_argument_naming_its_index(server):
     # A prompt prefix stands in for the tokens; the server still serves.
     prefixed = fmaas.BatchedGenerationRequest(requests=[fmaas.GenerationRequest(text="")], params=_params())
     prefixed.prefix_id = "tuned/task-1"
-    assert server.stub.Generate(prefixed).responses[0].generated_token_count > 0
+    assert server.stub.Generate(prefixed, timeout=30).responses[0].generated_token_count > 0
 
 
 def test_a_stream_without_its_request_is_invalid_argument(server):

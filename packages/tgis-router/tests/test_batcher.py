@@ -40,12 +40,12 @@ def tokenizer(tmp_path_factory):
 class Harness:
     """A queue, a batcher on fake shards, and a way to submit requests as the service does."""
 
-    def __init__(self, tokenizer: TokenizerPool, shards: FakeShards, max_batch_size: int, model: MemoryModel):
+    def __init__(self, tokenizer: TokenizerPool, shards: FakeShards, config: AdmissionConfig, model: MemoryModel):
         self.tokenizer = tokenizer
         self.shards = shards
         self.queue = RequestQueue()
         self.health = GenerationHealth(shards)  # type: ignore[arg-type]
-        admission = Admission(model, AdmissionConfig(max_batch_size=max_batch_size))
+        admission = Admission(model, config)
         self.batcher = Batcher(shards, self.queue, admission, self.health)  # type: ignore[arg-type]
         self._ids = iter(range(1, 10**6))
 
@@ -70,9 +70,12 @@ def run_with_batcher(
     shards: FakeShards | None = None,
     max_batch_size: int = 8,
     model: MemoryModel = ROOMY,
+    queue_jump_window_s: float = 1.0,
 ) -> Harness:
+    config = AdmissionConfig(max_batch_size=max_batch_size, queue_jump_window_s=queue_jump_window_s)
+
     async def main() -> Harness:
-        harness = Harness(tokenizer, shards or FakeShards(), max_batch_size, model)
+        harness = Harness(tokenizer, shards or FakeShards(), config, model)
         task = asyncio.create_task(harness.batcher.run())
         try:
             await asyncio.wait_for(scenario(harness), 20)
@@ -138,6 +141,51 @@ def test_a_request_cancelled_in_the_queue_never_reaches_the_shards(tokenizer):
         assert waiting.id not in h.shards.prefilled
 
     run_with_batcher(tokenizer, scenario, shards=FakeShards(step_delay=0.001), max_batch_size=1)
+
+
+def test_a_request_that_does_not_fit_yet_is_passed_only_by_requests_that_arrived_soon_after_it(tokenizer):
+    # Room for four small requests (3 + 20 tokens) or the big one (60 + 20) alone.
+    model = MemoryModel(limit=100.0, bytes_per_token=1.0, prefill_bytes_per_token=0.0, padded=False)
+    window = 0.03
+
+    async def scenario(h: Harness) -> None:
+        smalls = [h.submit(words=3, max_new_tokens=20)]
+        await asyncio.sleep(0.005)
+        big = h.submit(words=60, max_new_tokens=20)
+        for _ in range(60):  # a steady stream of small requests that would always fit
+            await asyncio.sleep(0.002)
+            smalls.append(h.submit(words=3, max_new_tokens=20))
+        answers = await asyncio.gather(*(outcome(e) for e in [big, *smalls]))
+        assert all(a.generated_token_count == 20 for a in answers)
+        later = [e for e in smalls if e.arrival - big.arrival > window]
+        assert later
+        order = h.shards.prefilled
+        assert all(order.index(e.id) > order.index(big.id) for e in later)
+
+    shards = FakeShards(step_delay=0.001)
+    run_with_batcher(tokenizer, scenario, shards=shards, model=model, queue_jump_window_s=window)
+
+
+def test_a_bug_in_the_loop_fails_the_running_batch_clears_the_shards_and_the_loop_goes_on(tokenizer, monkeypatch):
+    async def scenario(h: Harness) -> None:
+        apply = h.batcher._apply
+        calls = {"n": 0}
+
+        def buggy(response):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyError("bookkeeping bug")
+            return apply(response)
+
+        monkeypatch.setattr(h.batcher, "_apply", buggy)
+        first = await outcome(h.submit(max_new_tokens=10))
+        assert isinstance(first, GenerationFailedError)
+        assert "internal error in the batching loop" in str(first)
+        assert None in h.shards.cleared  # every shard batch dropped
+        after = h.submit(max_new_tokens=3)
+        assert (await outcome(after)).text == expected_text(after.id, 3)
+
+    run_with_batcher(tokenizer, scenario)
 
 
 @pytest.mark.parametrize("stage", ["prefill", "decode"])
