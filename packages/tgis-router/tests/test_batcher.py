@@ -144,14 +144,14 @@ def test_a_request_cancelled_in_the_queue_never_reaches_the_shards(tokenizer):
 
 
 def test_a_request_that_does_not_fit_yet_is_passed_only_by_requests_that_arrived_soon_after_it(tokenizer):
-    # Room for four small requests (3 + 20 tokens) or the big one (60 + 20) alone.
+    # Room for four small requests (3 + 20 tokens) or the big one (70 + 20) alone.
     model = MemoryModel(limit=100.0, bytes_per_token=1.0, prefill_bytes_per_token=0.0, padded=False)
     window = 0.03
 
     async def scenario(h: Harness) -> None:
         smalls = [h.submit(words=3, max_new_tokens=20)]
         await asyncio.sleep(0.005)
-        big = h.submit(words=60, max_new_tokens=20)
+        big = h.submit(words=70, max_new_tokens=20)
         for _ in range(60):  # a steady stream of small requests that would always fit
             await asyncio.sleep(0.002)
             smalls.append(h.submit(words=3, max_new_tokens=20))
