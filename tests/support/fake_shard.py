@@ -38,6 +38,11 @@ def token_at(request_id: int, position: int) -> int:
     return FIRST_WORD_ID + (request_id * 7 + position) % len(WORDS)
 
 
+def expected_text(request_id: int, tokens: int) -> str:
+    """The text of a request's first ``tokens`` tokens, decoded after a prompt of words."""
+    return "".join(f" {WORDS[token_at(request_id, i) - FIRST_WORD_ID]}" for i in range(tokens))
+
+
 def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
 

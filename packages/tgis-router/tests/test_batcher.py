@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 import pytest
 
-from tests.support.fake_shard import EOS_ID, FakeShards, rpc_error, save_word_tokenizer, token_at
+from tests.support.fake_shard import EOS_ID, FakeShards, expected_text, rpc_error, save_word_tokenizer
 from tgis_proto import generation_pb2 as fmaas
 from tgis_router.active import ActiveRequest
 from tgis_router.admission import Admission, AdmissionConfig, MemoryModel
@@ -85,10 +85,6 @@ def run_with_batcher(
         return harness
 
     return asyncio.run(main())
-
-
-def expected_text(request_id: int, tokens: int) -> str:
-    return "".join(f" w{token_at(request_id, i) - 4}" for i in range(tokens))
 
 
 async def outcome(entry: ActiveRequest) -> fmaas.GenerationResponse | RouterError:

@@ -54,7 +54,7 @@ def test_metrics_and_unknown_paths():
         finally:
             server.shutdown()
 
-    metrics, unknown = asyncio.run(main())
-    assert metrics[0] == 200
-    assert b"tgi_request_count" in metrics[2]
+    scraped, unknown = asyncio.run(main())
+    assert scraped[0] == 200
+    assert b"tgi_request_count" in scraped[2]
     assert unknown[0] == 404

@@ -163,7 +163,7 @@ class ActiveRequest:
             self._timer.cancel()
         now = time.monotonic()
         if finish.reason == StopReason.ERROR:
-            metrics.request_failure.labels(err="generate").inc()
+            metrics.request_failure.labels(err=finish.error.metric_label if finish.error else "generate").inc()
         else:
             metrics.request_success.labels(stop_reason=finish.reason.name, kind=self.kind).inc()
         metrics.request_generated_tokens.observe(self.generated)

@@ -7,18 +7,21 @@ import grpc
 
 class RouterError(Exception):
     status: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    metric_label = "generate"  # tgi_request_failure's err label (TGIS's values)
 
 
 class ValidationError(RouterError):
     """A request parameter is out of range; the message names it (TGIS wording)."""
 
     status = grpc.StatusCode.INVALID_ARGUMENT
+    metric_label = "validation"
 
 
 class OverloadedError(RouterError):
     """Accepting the call would exceed MAX_CONCURRENT_REQUESTS."""
 
     status = grpc.StatusCode.RESOURCE_EXHAUSTED
+    metric_label = "conc_limit"
 
     def __init__(self) -> None:
         super().__init__("Model is overloaded")

@@ -117,7 +117,7 @@ class GenerationService(fmaas_grpc.GenerationServiceServicer):
                 _cancel_unfinished(entries)
                 self._release(n)
         except RouterError as e:
-            await _abort(context, e)
+            await _abort(context, e, counted=bool(entries))
             raise  # abort raised already; this line only satisfies the type checker
 
     async def GenerateStream(
@@ -138,7 +138,7 @@ class GenerationService(fmaas_grpc.GenerationServiceServicer):
                 _cancel_unfinished(entries)
                 self._release(1)
         except RouterError as e:
-            await _abort(context, e)
+            await _abort(context, e, counted=bool(entries))
 
     async def Tokenize(
         self, request: fmaas.BatchedTokenizeRequest, context: grpc.aio.ServicerContext
@@ -178,7 +178,8 @@ def _cancel_unfinished(entries: Collection[ActiveRequest]) -> None:
         entry.cancel()
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: RouterError) -> None:
-    label = type(error).__name__.removesuffix("Error").lower()
-    metrics.request_failure.labels(err=label).inc()
+async def _abort(context: grpc.aio.ServicerContext, error: RouterError, counted: bool) -> None:
+    """Ends the call with the error. ``counted``: it ended a queued request, which counted it."""
+    if not counted:
+        metrics.request_failure.labels(err=error.metric_label).inc()
     await context.abort(error.status, str(error))

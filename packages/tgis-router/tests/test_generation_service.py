@@ -1,0 +1,192 @@
+"""fmaas.GenerationService in process, over real gRPC, on a batcher over scripted shards: call
+shapes, refusals, client cancellation and deadlines release what they held, failures counted once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import grpc
+import pytest
+from prometheus_client import REGISTRY
+
+from tests.support.fake_shard import EOS_ID, FakeShards, expected_text, rpc_error, save_word_tokenizer
+from tests.support.ports import free_port
+from tgis_proto import generation_pb2 as fmaas
+from tgis_proto import generation_pb2_grpc as fmaas_grpc
+from tgis_router.admission import Admission, AdmissionConfig, MemoryModel
+from tgis_router.batcher import Batcher
+from tgis_router.grpc_server import GenerationService, ModelFacts
+from tgis_router.health import GenerationHealth
+from tgis_router.prefixes import PrefixLengths
+from tgis_router.queue import RequestQueue
+from tgis_router.tokenization import TokenizerPool
+from tgis_router.validation import Limits
+
+MAX_CONCURRENT = 4
+ROOMY = MemoryModel(limit=1e12, bytes_per_token=1.0, prefill_bytes_per_token=0.0, padded=False)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory):
+    return save_word_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json")
+
+
+class Service:
+    """The service and its batcher on a free port; ``stub`` talks to it."""
+
+    def __init__(self, tokenizer_file, shards: FakeShards):
+        self.shards = shards
+        self.tokenizer = TokenizerPool(tokenizer_file, workers=1)
+        self.queue = RequestQueue()
+
+        async def no_prefixes(prefix_id: str) -> int:
+            raise rpc_error(grpc.StatusCode.NOT_FOUND, f'prefix id "{prefix_id}" not found')
+
+        self.service = GenerationService(
+            ModelFacts(False, frozenset({EOS_ID}), 256, 100),
+            Limits(100, 256, True),
+            self.tokenizer,
+            self.queue,
+            MAX_CONCURRENT,
+            False,
+            PrefixLengths(no_prefixes),
+        )
+        admission = Admission(ROOMY, AdmissionConfig(max_batch_size=8))
+        self.batcher = Batcher(shards, self.queue, admission, GenerationHealth(shards))  # type: ignore[arg-type]
+        self.port = free_port()
+
+    async def __aenter__(self) -> Service:
+        self.server = grpc.aio.server()
+        fmaas_grpc.add_GenerationServiceServicer_to_server(self.service, self.server)
+        self.server.add_insecure_port(f"localhost:{self.port}")
+        await self.server.start()
+        self.task = asyncio.create_task(self.batcher.run())
+        self.channel = grpc.aio.insecure_channel(f"localhost:{self.port}")
+        self.stub = fmaas_grpc.GenerationServiceStub(self.channel)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.channel.close()
+        await self.server.stop(grace=None)
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        self.tokenizer.close()
+
+    @property
+    def in_flight(self) -> int:
+        return self.service._in_flight
+
+
+def run_service(tokenizer_file, scenario: Callable[[Service], Awaitable[None]], shards: FakeShards | None = None):
+    async def main() -> None:
+        async with Service(tokenizer_file, shards or FakeShards()) as service:
+            await asyncio.wait_for(scenario(service), 30)
+
+    asyncio.run(main())
+
+
+def _params(max_new_tokens: int = 4, **kwargs) -> fmaas.Parameters:
+    return fmaas.Parameters(stopping=fmaas.StoppingCriteria(max_new_tokens=max_new_tokens), **kwargs)
+
+
+def _batch(texts: list[str], params: fmaas.Parameters) -> fmaas.BatchedGenerationRequest:
+    return fmaas.BatchedGenerationRequest(requests=[fmaas.GenerationRequest(text=t) for t in texts], params=params)
+
+
+def _stream_request(text: str, params: fmaas.Parameters) -> fmaas.SingleGenerationRequest:
+    return fmaas.SingleGenerationRequest(request=fmaas.GenerationRequest(text=text), params=params)
+
+
+def _failures(err: str | None = None) -> float:
+    """tgi_request_failure_total for one err label, or over all of them."""
+    return sum(
+        sample.value
+        for metric in REGISTRY.collect()
+        for sample in metric.samples
+        if sample.name == "tgi_request_failure_total" and err in (None, sample.labels["err"])
+    )
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await asyncio.sleep(0.001)
+
+
+def test_unary_batch_and_stream_answers_agree(tokenizer_file):
+    async def scenario(s: Service) -> None:
+        unary = await s.stub.Generate(_batch(["w1 w2", "w3"], _params()))
+        messages = [m async for m in s.stub.GenerateStream(_stream_request("w1 w2", _params()))]
+        assert [r.text for r in unary.responses] == [expected_text(1, 4), expected_text(2, 4)]
+        assert [r.stop_reason for r in unary.responses] == [fmaas.MAX_TOKENS] * 2
+        assert messages[0].input_token_count == 2
+        assert "".join(m.text for m in messages[1:]) == expected_text(3, 4)
+        assert messages[-1].stop_reason == fmaas.MAX_TOKENS
+        assert s.in_flight == 0
+
+    run_service(tokenizer_file, scenario)
+
+
+def test_refusals_have_their_status_and_message_and_are_counted_once(tokenizer_file):
+    async def scenario(s: Service) -> None:
+        cases = [
+            (s.stub.Generate(_batch(["w1"] * (MAX_CONCURRENT + 1), _params())), "Model is overloaded"),
+            (s.stub.Generate(_batch(["w1", ""], _params())), "input 1 is empty: it has no tokens and no prompt prefix"),
+            (
+                s.stub.Generate(
+                    fmaas.BatchedGenerationRequest(requests=[fmaas.GenerationRequest(text="w1")], prefix_id="p")
+                ),
+                "can't retrieve prompt prefix with id 'p': prefix id \"p\" not found",
+            ),
+        ]
+        before = _failures("validation"), _failures("conc_limit"), _failures()
+        for call, message in cases:
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await call
+            assert e.value.details() == message
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await anext(aiter(s.stub.GenerateStream(fmaas.SingleGenerationRequest(params=_params()))))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.value.details() == "missing request"
+        assert (_failures("validation"), _failures("conc_limit"), _failures()) == (
+            before[0] + 3,
+            before[1] + 1,
+            before[2] + 4,
+        )
+        assert s.in_flight == 0
+        assert s.shards.prefilled == []
+
+    run_service(tokenizer_file, scenario)
+
+
+def test_a_failed_generation_is_internal_and_counted_once(tokenizer_file):
+    def boom(ids: list[int]) -> None:
+        raise rpc_error(grpc.StatusCode.INTERNAL, "next token step failed: boom")
+
+    async def scenario(s: Service) -> None:
+        before = _failures("generate"), _failures()
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await s.stub.Generate(_batch(["w1"], _params()))
+        assert e.value.code() == grpc.StatusCode.INTERNAL
+        assert e.value.details() == "generation failed: next token step failed: boom"
+        assert (_failures("generate"), _failures()) == (before[0] + 1, before[1] + 1)
+
+    run_service(tokenizer_file, scenario, FakeShards(on_next_token=boom))
+
+
+def test_a_client_that_leaves_frees_its_slot_and_its_requests_leave_the_batch(tokenizer_file):
+    async def scenario(s: Service) -> None:
+        stream = s.stub.GenerateStream(_stream_request("w1", _params(max_new_tokens=90)))
+        await anext(aiter(stream))
+        await anext(aiter(stream))
+        stream.cancel()
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await asyncio.wait_for(s.stub.Generate(_batch(["w2", "w3"], _params(max_new_tokens=90)), timeout=0.05), 5)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await _until(lambda: s.in_flight == 0)
+        await _until(lambda: not s.shards.held_request_ids())
+        assert (await s.stub.Generate(_batch(["w1"], _params(max_new_tokens=2)))).responses[
+            0
+        ].generated_token_count == 2
+
+    run_service(tokenizer_file, scenario, FakeShards(step_delay=0.002))
