@@ -3,19 +3,17 @@ real CPU engines (hf_transformers, tgis_native) and the reference tokens of each
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import pytest
-import torch
-from torch import nn
 
 from tests.support.engines import NEW_TOKENS, cpu_engine, native_engine
 from tests.support.engines import request as shard_request
+from tests.support.faults import FaultyEngine, out_of_memory
 from tests.support.ports import free_port
 from tests.support.tiny_models import build_tiny_causal_lm
 from tgis_proto import shard_pb2 as pb
-from tgis_shard.engines.base import BatchState, Engine, GeneratedToken
+from tgis_shard.engines.base import GeneratedToken
 from tgis_shard.steps import Batches, StepFailed
 
 
@@ -24,72 +22,11 @@ def model_dir(tmp_path_factory):
     return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-llama"), arch="llama", seed=3)
 
 
-class FaultyEngine(Engine):
-    """Delegates to a real engine; raises where a test arms it. Decode faults go off inside the
-    model's second layer, after the first one wrote this step's keys and values."""
-
-    def __init__(self, inner: Engine):
-        self.inner = inner
-        self.ctx = inner.ctx
-        self.bad_requests: set[int] = set()  # a prefill that contains one of these raises
-        self.prefill_error: Exception | None = None  # raised by the next prefill
-        self.decode_error: Exception | None = None  # raised inside the next decode of > 1 row ...
-        self.decode_rows: int = 0  # ... of exactly this many rows (0: any)
-
-    def info(self) -> pb.InfoResponse:
-        return self.inner.info()
-
-    def prefill(self, batch: pb.Batch) -> tuple[list[GeneratedToken], BatchState]:
-        bad = self.bad_requests & {r.id for r in batch.requests}
-        if bad:
-            raise ValueError(f"request {min(bad)} has a bad parameter")
-        if self.prefill_error is not None:
-            error, self.prefill_error = self.prefill_error, None
-            raise error
-        return self.inner.prefill(batch)
-
-    def concatenate(self, states: Sequence[BatchState]) -> BatchState:
-        return self.inner.concatenate(states)
-
-    def decode(self, state: BatchState) -> list[GeneratedToken]:
-        error = self.decode_error
-        if error is None or (self.decode_rows and len(state.request_ids) != self.decode_rows):
-            return self.inner.decode(state)
-        self.decode_error = None
-        with _raising_in_second_layer(self.inner, error):
-            return self.inner.decode(state)
-
-    def health_check(self) -> None:
-        self.inner.health_check()
-
-    def memory_model(self) -> pb.MemoryModel | None:
-        return self.inner.memory_model()
-
-
-@contextmanager
-def _raising_in_second_layer(engine: Engine, error: Exception) -> Iterator[None]:
-    model = engine.model  # type: ignore[attr-defined]
-    layers = next(m for name, m in model.named_modules() if name.endswith("layers") and isinstance(m, nn.ModuleList))
-
-    def explode(*_: object) -> None:
-        raise error
-
-    handle = layers[1].register_forward_pre_hook(explode)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 @pytest.fixture(params=["hf_transformers", "tgis_native"])
 def engine(request, model_dir) -> FaultyEngine:
     if request.param == "hf_transformers":
         return FaultyEngine(cpu_engine(model_dir))
     return FaultyEngine(native_engine(0, 1, free_port(), model_dir))
-
-
-def _oom() -> torch.OutOfMemoryError:
-    return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
 def _batch(batch_id: int, prompt_ids: list[list[int]], rows: Sequence[int]) -> pb.Batch:
@@ -130,7 +67,7 @@ def test_out_of_memory_in_a_prefill_fails_the_new_batch_and_the_running_one_goes
     batches = Batches(engine)
     outputs: dict[int, list[int]] = {}
     _collect(outputs, batches.prefill(_batch(1, prompt_ids, [0])).tokens)
-    engine.prefill_error = _oom()
+    engine.prefill_error = out_of_memory()
     result = batches.prefill(_batch(2, prompt_ids, [1, 2]))
     assert result.state is None
     assert result.tokens == []
@@ -150,7 +87,7 @@ def test_out_of_memory_after_a_join_fails_the_joiners_and_the_running_batch_goes
     for _ in range(2):
         _collect(outputs, batches.next_token(1, [], []).tokens)
     batches.prefill(_batch(2, prompt_ids, [1, 2]))
-    engine.decode_error, engine.decode_rows = _oom(), 3
+    engine.decode_error, engine.decode_rows = out_of_memory(), 3
     result = batches.next_token(1, [2], [])
     assert {(f.request_id, f.kind) for f in result.failures} == {
         (1, pb.FAILURE_OUT_OF_MEMORY),
@@ -181,7 +118,7 @@ def test_a_failed_step_after_a_merge_drops_every_batch_and_frees_each_block_once
 def test_out_of_memory_with_nobody_joining_fails_the_step_as_out_of_memory(engine, prompt_ids):
     batches = Batches(engine)
     batches.prefill(_batch(1, prompt_ids, [0, 1]))
-    engine.decode_error = _oom()
+    engine.decode_error = out_of_memory()
     with pytest.raises(StepFailed) as failed:
         batches.next_token(1, [], [])
     assert failed.value.out_of_memory
