@@ -16,7 +16,7 @@ from tgis_proto import shard_pb2 as pb
 from tgis_proto import shard_pb2_grpc as pb_grpc
 from tgis_shard.engines.base import Engine, GeneratedToken
 from tgis_shard.prefixes import InvalidPrefixError, PrefixesUnsupportedError, PrefixNotFoundError
-from tgis_shard.steps import Batches, StepFailed, StepResult, UnknownBatchError
+from tgis_shard.steps import Batches, BatchExistsError, StepFailed, StepResult, UnknownBatchError
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
         with self._lock:
             try:
                 result = self.batches.prefill(request.batch)
-            except ValueError as e:
+            except BatchExistsError as e:
                 context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
             return _step_response(result)
 
@@ -86,7 +86,7 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
             try:
                 result = self.batches.next_token(request.batch_id, request.merge_batch_ids, request.drop_request_ids)
             except UnknownBatchError as e:
-                context.abort(grpc.StatusCode.NOT_FOUND, e.args[0])
+                context.abort(grpc.StatusCode.NOT_FOUND, str(e))
             except StepFailed as e:
                 code = grpc.StatusCode.RESOURCE_EXHAUSTED if e.out_of_memory else grpc.StatusCode.INTERNAL
                 context.abort(code, str(e))

@@ -42,8 +42,12 @@ class StepFailed(Exception):
         self.out_of_memory = out_of_memory
 
 
-class UnknownBatchError(KeyError):
+class UnknownBatchError(Exception):
     """The router named a batch the shard does not hold."""
+
+
+class BatchExistsError(Exception):
+    """The router prefilled a batch under an id the shard already holds."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,7 @@ class Batches:
 
     def prefill(self, batch: pb.Batch) -> StepResult:
         if batch.id in self._states:
-            raise ValueError(f"batch {batch.id} already exists")
+            raise BatchExistsError(f"batch {batch.id} already exists")
         try:
             tokens, state = self.engine.prefill(batch)
         except Exception as e:
@@ -129,7 +133,8 @@ class Batches:
             log.exception("merging into batch %d failed", batch_id)
             raise StepFailed(f"next token step failed: {e}", is_out_of_memory(e)) from e
         state.batch_id = batch_id
-        joining = [rid for rid in state.request_ids if rid not in set(running)]
+        still_running = set(running)
+        joining = [rid for rid in state.request_ids if rid not in still_running]
         try:
             tokens = self.engine.decode(state)
             failures: list[pb.RequestFailure] = []
