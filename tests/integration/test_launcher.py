@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from tests.support.ports import free_port
 from tests.support.server import child_pids, launcher, launcher_command
 from tests.support.tiny_models import build_tiny_causal_lm
 from tgis_proto import generation_pb2 as fmaas
@@ -84,38 +85,50 @@ def _long_stream(server, max_new_tokens: int = 200):
     return stream
 
 
-def _health(server) -> tuple[int, bytes] | None:
-    """(status, body) of /health; None when the port no longer answers."""
+def _health(server) -> tuple[int, bytes]:
+    """(status, body) of /health."""
     try:
         with urllib.request.urlopen(f"http://localhost:{server.http_port}/health", timeout=30) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
-    except (urllib.error.URLError, ConnectionError):
-        return None
 
 
-def test_shard_death_fails_streams_unavailable_and_the_launcher_exits_non_zero(model_dir):
-    with launcher(model_dir, "--max-new-tokens", "200") as server:
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-llama"), arch="llama")
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_shard_death_fails_streams_unavailable_and_the_launcher_stops_the_rest_and_exits_non_zero(
+    model_dir, llama_dir, ranks
+):
+    engine = [] if ranks == 1 else ["--deployment-framework", "tgis_native", "--num-gpus", "2"]
+    model = model_dir if ranks == 1 else llama_dir
+    with launcher(model, *engine, "--master-port", str(free_port()), "--max-new-tokens", "200") as server:
         stream = _long_stream(server)
         shards = child_pids(server.process.pid)
-        assert shards, "the launcher has no child processes"
-        os.kill(shards[0], signal.SIGKILL)
+        assert len(shards) == ranks
+        os.kill(shards[-1], signal.SIGKILL)
         with pytest.raises(grpc.RpcError) as e:
             for _ in stream:
                 pass
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         assert e.value.details()
-        # A new call: refused by the router (its prefill finds no shard) or by the closing port.
+        # The router refuses new calls while it shuts down, and /health says why it is unhealthy.
         with pytest.raises(grpc.RpcError) as e:
             server.stub.Generate(
                 fmaas.BatchedGenerationRequest(requests=[fmaas.GenerationRequest(text="hi")]), timeout=30
             )
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-        health = _health(server)
-        assert health is None or (health[0] == 503 and "error" in json.loads(health[1]))
+        assert e.value.details()
+        status, body = _health(server)
+        assert status == 503
+        assert json.loads(body)["error"].startswith("forward pass failed")
         assert server.process.wait(timeout=60) == 1
         assert "exited with code" in server.log()
+        time.sleep(0.5)
+        assert all(not Path(f"/proc/{pid}").exists() for pid in shards)
 
 
 def test_sigterm_finishes_running_streams_refuses_new_calls_and_exits_zero(model_dir):
@@ -130,9 +143,9 @@ def test_sigterm_finishes_running_streams_refuses_new_calls_and_exits_zero(model
             try:
                 server.stub.Generate(fmaas.BatchedGenerationRequest(requests=[fmaas.GenerationRequest(text="hi")]))
             except grpc.RpcError as e:
-                refused = e.code()
+                refused = e.code(), e.details()
             assert time.monotonic() < deadline, "new calls were still accepted 5 s after SIGTERM"
-        assert refused == grpc.StatusCode.UNAVAILABLE
+        assert refused == (grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         for stream in streams:
             *_, last = stream
             assert last.stop_reason == fmaas.MAX_TOKENS

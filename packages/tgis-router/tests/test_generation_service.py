@@ -190,3 +190,19 @@ def test_a_client_that_leaves_frees_its_slot_and_its_requests_leave_the_batch(to
         ].generated_token_count == 2
 
     run_service(tokenizer_file, scenario, FakeShards(step_delay=0.002))
+
+
+def test_a_shutting_down_service_refuses_new_calls_and_lets_running_ones_finish(tokenizer_file):
+    async def scenario(s: Service) -> None:
+        stream = s.stub.GenerateStream(_stream_request("w1", _params(max_new_tokens=30)))
+        await anext(aiter(stream))
+        s.service.refuse_new_calls("the server is shutting down")
+        assert not await s.service.wait_idle(0.001)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await s.stub.Generate(_batch(["w2"], _params()))
+        assert (e.value.code(), e.value.details()) == (grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        messages = [m async for m in stream]
+        assert messages[-1].generated_token_count == 30
+        assert await s.service.wait_idle(5)
+
+    run_service(tokenizer_file, scenario, FakeShards(step_delay=0.002))

@@ -45,6 +45,13 @@ class ShardUnavailableError(RouterError):
     status = grpc.StatusCode.UNAVAILABLE
 
 
+class ShuttingDownError(RouterError):
+    """The server no longer takes generation calls: it is shutting down."""
+
+    status = grpc.StatusCode.UNAVAILABLE
+    metric_label = "unavailable"
+
+
 # How a shard RPC's failure reads to the client: the backend gone, out of memory, or a failure.
 _SHARD_STATUS: dict[grpc.StatusCode, type[RouterError]] = {
     grpc.StatusCode.UNAVAILABLE: ShardUnavailableError,

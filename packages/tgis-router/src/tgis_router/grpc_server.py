@@ -15,7 +15,7 @@ from tgis_proto import generation_pb2 as fmaas
 from tgis_proto import generation_pb2_grpc as fmaas_grpc
 from tgis_router import metrics
 from tgis_router.active import ActiveRequest
-from tgis_router.errors import OverloadedError, RouterError, ValidationError
+from tgis_router.errors import OverloadedError, RouterError, ShuttingDownError, ValidationError
 from tgis_router.prefixes import PrefixLengths
 from tgis_router.queue import RequestQueue
 from tgis_router.responses import stream_responses, unary_response
@@ -52,16 +52,36 @@ class GenerationService(fmaas_grpc.GenerationServiceServicer):
         self._skip_special_tokens = not output_special_tokens
         self._prefixes = prefixes
         self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._refusal: str | None = None  # set once the server is shutting down
         self._request_ids = itertools.count(1)
 
+    def refuse_new_calls(self, reason: str) -> None:
+        """From now on generation calls get UNAVAILABLE with ``reason``; running ones go on."""
+        self._refusal = reason
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Waits until no generation call is in flight; False if ``timeout`` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
     def _admit(self, n: int) -> None:
+        if self._refusal is not None:
+            raise ShuttingDownError(self._refusal)
         if self._in_flight + n > self._max_concurrent:
             raise OverloadedError()
         self._in_flight += n
+        self._idle.clear()
         metrics.requests_in_flight.set(self._in_flight)
 
     def _release(self, n: int) -> None:
         self._in_flight -= n
+        if self._in_flight == 0:
+            self._idle.set()
         metrics.requests_in_flight.set(self._in_flight)
 
     async def _submit(

@@ -29,6 +29,10 @@ from tgis_router.validation import Limits
 
 log = logging.getLogger(__name__)
 
+# Running calls get this long to finish after a stop (a SIGTERM, a shard's exit); Kubernetes
+# allows 30 s between SIGTERM and SIGKILL by default.
+DRAIN_TIMEOUT_S = 30.0
+REFUSAL_LINGER_S = 1.0
 SERVICE_NAME = fmaas.DESCRIPTOR.services_by_name["GenerationService"].full_name
 
 
@@ -114,8 +118,14 @@ async def run_router(
             raise RuntimeError(f"the batching loop stopped: {batcher_task.exception()!r}")
     finally:
         stop_task.cancel()
+        # New calls get a clear UNAVAILABLE from the service itself while running ones finish,
+        # and for a moment after, for the clients that raced the signal; only then the port closes.
+        service.refuse_new_calls("the server is shutting down")
         await health_servicer.enter_graceful_shutdown()
-        await server.stop(grace=5)
+        if not await service.wait_idle(DRAIN_TIMEOUT_S):
+            log.warning("calls still running after %.0f s of shutdown are cancelled", DRAIN_TIMEOUT_S)
+        await asyncio.sleep(REFUSAL_LINGER_S)
+        await server.stop(grace=0)
         http.shutdown()
         batcher_task.cancel()
         await asyncio.gather(batcher_task, return_exceptions=True)
