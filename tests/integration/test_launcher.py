@@ -153,3 +153,17 @@ def test_sigterm_finishes_running_streams_refuses_new_calls_and_exits_zero(model
         assert server.process.wait(timeout=60) == 0
         time.sleep(0.5)
         assert all(not Path(f"/proc/{pid}").exists() for pid in shards)
+
+
+def test_max_new_tokens_not_below_the_sequence_length_is_clamped_as_tgis_does(model_dir):
+    with launcher(model_dir, "--max-new-tokens", "5000", "--max-sequence-length", "256") as server:
+        assert server.stub.ModelInfo(fmaas.ModelInfoRequest()).max_new_tokens == 255
+        request = fmaas.BatchedGenerationRequest(
+            requests=[fmaas.GenerationRequest(text="hi")],
+            params=fmaas.Parameters(stopping=fmaas.StoppingCriteria(max_new_tokens=256)),
+        )
+        with pytest.raises(grpc.RpcError) as e:
+            server.stub.Generate(request, timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.value.details() == "max_new_tokens must be <= 255"
+        assert "MAX_NEW_TOKENS 5000 is not below MAX_SEQUENCE_LENGTH 256; using 255" in server.log()
