@@ -28,3 +28,13 @@ def test_router_overhead_bench_measures_every_option_at_every_batch_size() -> No
     rows = [line.split() for line in out.splitlines() if line.strip() and line.split()[0].isdigit()]
     assert [int(row[0]) for row in rows] == [1, 1, 1, 4, 4, 4]
     assert all(float(row[-3]) > 0 for row in rows)  # microseconds per request-token
+
+
+def test_detokenizers_bench_times_both_and_finds_the_router_s_exact() -> None:
+    out = _bench("detokenizers.py", "--tokens", "200", "--rounds", "1")
+    table = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("|")][2:]  # past the header
+    rows = {cells[0].strip(): cells[1:] for cells in table}
+    assert set(rows) == {"IncrementalDetokenizer (tgis_router)", "DecodeStream"}
+    assert all(float(cells[0]) > 0 for cells in rows.values())  # microseconds per token
+    ours = rows["IncrementalDetokenizer (tgis_router)"]
+    assert [cell.split()[0] for cell in ours[1:]] == ["0", "0"]  # no text differs from the reference
