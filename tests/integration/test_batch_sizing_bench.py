@@ -38,3 +38,11 @@ def test_detokenizers_bench_times_both_and_finds_the_router_s_exact() -> None:
     assert all(float(cells[0]) > 0 for cells in rows.values())  # microseconds per token
     ours = rows["IncrementalDetokenizer (tgis_router)"]
     assert [cell.split()[0] for cell in ours[1:]] == ["0", "0"]  # no text differs from the reference
+
+
+def test_router_alone_bench_streams_through_the_real_router() -> None:
+    out = _bench("router_alone.py", "--streams", "4", "--seconds", "1", "--max-new-tokens", "8", "--step-ms", "0", "2")
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("|")][2:]
+    assert [row[0].strip() for row in rows] == ["0 ms", "2 ms"]
+    assert all(float(row[1].replace(",", "")) > 0 for row in rows)  # tokens per second
+    assert all(int(row[2]) > 0 for row in rows)  # calls completed
