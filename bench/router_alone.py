@@ -24,17 +24,9 @@ sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
 
 from tests.support.fake_shard import FakeShards  # noqa: E402
-from tests.support.ports import free_port  # noqa: E402
+from tests.support.router_in_process import RouterInProcess  # noqa: E402
 from tgis_proto import generation_pb2 as fmaas  # noqa: E402
 from tgis_proto import generation_pb2_grpc as fmaas_grpc  # noqa: E402
-from tgis_router.admission import Admission, AdmissionConfig, MemoryModel  # noqa: E402
-from tgis_router.batcher import Batcher  # noqa: E402
-from tgis_router.grpc_server import GenerationService, ModelFacts  # noqa: E402
-from tgis_router.health import GenerationHealth  # noqa: E402
-from tgis_router.prefixes import PrefixLengths  # noqa: E402
-from tgis_router.queue import RequestQueue  # noqa: E402
-from tgis_router.tokenization import TokenizerPool  # noqa: E402
-from tgis_router.validation import Limits  # noqa: E402
 
 PROMPT = "The lighthouse keeper climbed the spiral stairs every evening at dusk."
 MAX_BATCH_SIZE = 256
@@ -95,49 +87,30 @@ async def _clients(address: str, streams: int, seconds: float, max_new_tokens: i
 
 async def _serve(tokenizer_file: Path, step_ms: float, streams: int, seconds: float, max_new_tokens: int) -> dict:
     shards = TimedShards(step_delay=step_ms / 1000)
-    tokenizer = TokenizerPool(tokenizer_file, workers=1)
-    queue = RequestQueue()
-
-    async def no_prefixes(prefix_id: str) -> int:
-        raise KeyError(prefix_id)
-
-    service = GenerationService(
-        ModelFacts(False, frozenset({2}), 4096, 1024),
-        Limits(1024, 4096, True),
-        tokenizer,
-        queue,
-        4 * MAX_BATCH_SIZE,
-        False,
-        PrefixLengths(no_prefixes),
+    router = RouterInProcess(
+        tokenizer_file,
+        shards,
+        max_concurrent=4 * MAX_BATCH_SIZE,
+        max_batch_size=MAX_BATCH_SIZE,
+        max_sequence_length=4096,
+        max_new_tokens=1024,
+        eos_token_ids=frozenset({2}),  # SmolLM2's <|im_end|>; the fake shard never sends it
     )
-    roomy = MemoryModel(limit=1e15, bytes_per_token=1.0, prefill_bytes_per_token=0.0, padded=False)
-    batcher = Batcher(
-        shards, queue, Admission(roomy, AdmissionConfig(max_batch_size=MAX_BATCH_SIZE)), GenerationHealth(shards)
-    )  # type: ignore[arg-type]
-    server = grpc.aio.server()
-    fmaas_grpc.add_GenerationServiceServicer_to_server(service, server)
-    port = free_port()
-    server.add_insecure_port(f"localhost:{port}")
-    await server.start()
-    loop_task = asyncio.create_task(batcher.run())
-    client = await asyncio.create_subprocess_exec(
-        sys.executable,
-        __file__,
-        "--client",
-        f"localhost:{port}",
-        "--streams",
-        str(streams),
-        "--seconds",
-        str(seconds),
-        "--max-new-tokens",
-        str(max_new_tokens),
-        stdout=asyncio.subprocess.PIPE,
-    )
-    out, _ = await client.communicate()
-    loop_task.cancel()
-    await asyncio.gather(loop_task, return_exceptions=True)
-    await server.stop(grace=None)
-    tokenizer.close()
+    async with router:
+        client = await asyncio.create_subprocess_exec(
+            sys.executable,
+            __file__,
+            "--client",
+            router.address,
+            "--streams",
+            str(streams),
+            "--seconds",
+            str(seconds),
+            "--max-new-tokens",
+            str(max_new_tokens),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await client.communicate()
     result = json.loads(out.decode().strip().splitlines()[-1])
     gaps_ms = sorted(g * 1000 for g in shards.idle_gaps[len(shards.idle_gaps) // 10 :])  # past the ramp-up
     result.update(

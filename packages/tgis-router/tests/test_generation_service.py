@@ -10,21 +10,11 @@ import grpc
 import pytest
 from prometheus_client import REGISTRY
 
-from tests.support.fake_shard import EOS_ID, FakeShards, expected_text, rpc_error, save_word_tokenizer
-from tests.support.ports import free_port
+from tests.support.fake_shard import FakeShards, expected_text, rpc_error, save_word_tokenizer
+from tests.support.router_in_process import RouterInProcess
 from tgis_proto import generation_pb2 as fmaas
-from tgis_proto import generation_pb2_grpc as fmaas_grpc
-from tgis_router.admission import Admission, AdmissionConfig, MemoryModel
-from tgis_router.batcher import Batcher
-from tgis_router.grpc_server import GenerationService, ModelFacts
-from tgis_router.health import GenerationHealth
-from tgis_router.prefixes import PrefixLengths
-from tgis_router.queue import RequestQueue
-from tgis_router.tokenization import TokenizerPool
-from tgis_router.validation import Limits
 
 MAX_CONCURRENT = 4
-ROOMY = MemoryModel(limit=1e12, bytes_per_token=1.0, prefill_bytes_per_token=0.0, padded=False)
 
 
 @pytest.fixture(scope="module")
@@ -32,55 +22,11 @@ def tokenizer_file(tmp_path_factory):
     return save_word_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json")
 
 
-class Service:
-    """The service and its batcher on a free port; ``stub`` talks to it."""
-
-    def __init__(self, tokenizer_file, shards: FakeShards):
-        self.shards = shards
-        self.tokenizer = TokenizerPool(tokenizer_file, workers=1)
-        self.queue = RequestQueue()
-
-        async def no_prefixes(prefix_id: str) -> int:
-            raise rpc_error(grpc.StatusCode.NOT_FOUND, f'prefix id "{prefix_id}" not found')
-
-        self.service = GenerationService(
-            ModelFacts(False, frozenset({EOS_ID}), 256, 100),
-            Limits(100, 256, True),
-            self.tokenizer,
-            self.queue,
-            MAX_CONCURRENT,
-            False,
-            PrefixLengths(no_prefixes),
-        )
-        admission = Admission(ROOMY, AdmissionConfig(max_batch_size=8))
-        self.batcher = Batcher(shards, self.queue, admission, GenerationHealth(shards))  # type: ignore[arg-type]
-        self.port = free_port()
-
-    async def __aenter__(self) -> Service:
-        self.server = grpc.aio.server()
-        fmaas_grpc.add_GenerationServiceServicer_to_server(self.service, self.server)
-        self.server.add_insecure_port(f"localhost:{self.port}")
-        await self.server.start()
-        self.task = asyncio.create_task(self.batcher.run())
-        self.channel = grpc.aio.insecure_channel(f"localhost:{self.port}")
-        self.stub = fmaas_grpc.GenerationServiceStub(self.channel)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.channel.close()
-        await self.server.stop(grace=None)
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
-        self.tokenizer.close()
-
-    @property
-    def in_flight(self) -> int:
-        return self.service._in_flight
-
-
-def run_service(tokenizer_file, scenario: Callable[[Service], Awaitable[None]], shards: FakeShards | None = None):
+def run_service(
+    tokenizer_file, scenario: Callable[[RouterInProcess], Awaitable[None]], shards: FakeShards | None = None
+):
     async def main() -> None:
-        async with Service(tokenizer_file, shards or FakeShards()) as service:
+        async with RouterInProcess(tokenizer_file, shards or FakeShards(), MAX_CONCURRENT) as service:
             await asyncio.wait_for(scenario(service), 30)
 
     asyncio.run(main())
@@ -114,7 +60,7 @@ async def _until(condition: Callable[[], bool]) -> None:
 
 
 def test_unary_batch_and_stream_answers_agree(tokenizer_file):
-    async def scenario(s: Service) -> None:
+    async def scenario(s: RouterInProcess) -> None:
         unary = await s.stub.Generate(_batch(["w1 w2", "w3"], _params()))
         messages = [m async for m in s.stub.GenerateStream(_stream_request("w1 w2", _params()))]
         assert [r.text for r in unary.responses] == [expected_text(1, 4), expected_text(2, 4)]
@@ -128,7 +74,7 @@ def test_unary_batch_and_stream_answers_agree(tokenizer_file):
 
 
 def test_refusals_have_their_status_and_message_and_are_counted_once(tokenizer_file):
-    async def scenario(s: Service) -> None:
+    async def scenario(s: RouterInProcess) -> None:
         cases = [
             (s.stub.Generate(_batch(["w1"] * (MAX_CONCURRENT + 1), _params())), "Model is overloaded"),
             (s.stub.Generate(_batch(["w1", ""], _params())), "input 1 is empty: it has no tokens and no prompt prefix"),
@@ -163,7 +109,7 @@ def test_a_failed_generation_is_internal_and_counted_once(tokenizer_file):
     def boom(ids: list[int]) -> None:
         raise rpc_error(grpc.StatusCode.INTERNAL, "next token step failed: boom")
 
-    async def scenario(s: Service) -> None:
+    async def scenario(s: RouterInProcess) -> None:
         before = _failures("generate"), _failures()
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await s.stub.Generate(_batch(["w1"], _params()))
@@ -175,7 +121,7 @@ def test_a_failed_generation_is_internal_and_counted_once(tokenizer_file):
 
 
 def test_a_client_that_leaves_frees_its_slot_and_its_requests_leave_the_batch(tokenizer_file):
-    async def scenario(s: Service) -> None:
+    async def scenario(s: RouterInProcess) -> None:
         stream = s.stub.GenerateStream(_stream_request("w1", _params(max_new_tokens=90)))
         await anext(aiter(stream))
         await anext(aiter(stream))
@@ -193,7 +139,7 @@ def test_a_client_that_leaves_frees_its_slot_and_its_requests_leave_the_batch(to
 
 
 def test_a_shutting_down_service_refuses_new_calls_and_lets_running_ones_finish(tokenizer_file):
-    async def scenario(s: Service) -> None:
+    async def scenario(s: RouterInProcess) -> None:
         stream = s.stub.GenerateStream(_stream_request("w1", _params(max_new_tokens=30)))
         await anext(aiter(stream))
         s.service.refuse_new_calls("the server is shutting down")
