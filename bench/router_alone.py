@@ -51,11 +51,12 @@ class TimedShards(FakeShards):
             self._last_end = time.perf_counter()
             self.steps += 1
 
-    async def prefill(self, batch):
-        return await self._timed(super().prefill(batch))
+    # Timed inside the shard's lock: from when it starts a step to when it answers.
+    async def _prefill(self, batch):
+        return await self._timed(super()._prefill(batch))
 
-    async def next_token(self, batch_id, merge_batch_ids, drop_request_ids):
-        return await self._timed(super().next_token(batch_id, merge_batch_ids, drop_request_ids))
+    async def _next_token(self, batch_id, merge_batch_ids, drop_request_ids):
+        return await self._timed(super()._next_token(batch_id, merge_batch_ids, drop_request_ids))
 
 
 async def _clients(address: str, streams: int, seconds: float, max_new_tokens: int) -> dict:

@@ -77,7 +77,20 @@ class FakeShards:
     def _failures(failed: Sequence[int] | None) -> list[pb.RequestFailure]:
         return [pb.RequestFailure(request_id=r, kind=pb.FAILURE_OUT_OF_MEMORY, message="oom") for r in failed or ()]
 
+    def __post_init__(self) -> None:
+        self._lock = asyncio.Lock()  # a shard runs one batch operation at a time
+
     async def prefill(self, batch: pb.Batch) -> pb.StepResponse:
+        async with self._lock:
+            return await self._prefill(batch)
+
+    async def next_token(
+        self, batch_id: int, merge_batch_ids: Sequence[int], drop_request_ids: Sequence[int]
+    ) -> pb.StepResponse:
+        async with self._lock:
+            return await self._next_token(batch_id, merge_batch_ids, drop_request_ids)
+
+    async def _prefill(self, batch: pb.Batch) -> pb.StepResponse:
         await asyncio.sleep(self.step_delay)
         ids = [r.id for r in batch.requests]
         failed = set(self.on_prefill(ids) or ()) if self.on_prefill else set()
@@ -89,7 +102,7 @@ class FakeShards:
             generations=self._generations(kept), batch_id=batch.id if kept else 0, failures=self._failures(failed)
         )
 
-    async def next_token(
+    async def _next_token(
         self, batch_id: int, merge_batch_ids: Sequence[int], drop_request_ids: Sequence[int]
     ) -> pb.StepResponse:
         await asyncio.sleep(self.step_delay)
@@ -107,6 +120,10 @@ class FakeShards:
         )
 
     async def clear_cache(self, batch_id: int | None = None) -> None:
+        async with self._lock:
+            self._clear(batch_id)
+
+    def _clear(self, batch_id: int | None) -> None:
         self.cleared.append(batch_id)
         if batch_id is None:
             self.batches.clear()

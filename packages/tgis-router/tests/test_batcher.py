@@ -49,14 +49,15 @@ class Harness:
         self.batcher = Batcher(shards, self.queue, admission, self.health)  # type: ignore[arg-type]
         self._ids = iter(range(1, 10**6))
 
-    def submit(self, words: int = 3, max_new_tokens: int = 5, time_limit_ms: int = 0, **params) -> ActiveRequest:
-        p = validate_params(
-            fmaas.Parameters(
-                stopping=fmaas.StoppingCriteria(max_new_tokens=max_new_tokens, time_limit_millis=time_limit_ms),
-                **params,
-            ),
-            LIMITS,
+    def submit(
+        self, words: int = 3, max_new_tokens: int = 5, time_limit_ms: int = 0, stopping_sequence: str = "", **params
+    ) -> ActiveRequest:
+        stopping = fmaas.StoppingCriteria(
+            max_new_tokens=max_new_tokens,
+            time_limit_millis=time_limit_ms,
+            stop_sequences=[stopping_sequence] if stopping_sequence else [],
         )
+        p = validate_params(fmaas.Parameters(stopping=stopping, **params), LIMITS)
         input_ids = [4 + i for i in range(words)]
         request = validate_input(0, " ".join(f"w{i}" for i in range(words)), input_ids, p, LIMITS)
         entry = ActiveRequest(next(self._ids), request, self.tokenizer, {EOS_ID}, True, "batch", time.monotonic(), True)
@@ -436,3 +437,28 @@ def test_health_reports_shards_that_cannot_be_reached(tmp_path):
     reason = asyncio.run(probe())
     assert reason is not None
     assert reason.startswith("forward pass failed")
+
+
+def test_a_finish_by_length_or_eos_leaves_the_batch_with_the_next_step_and_costs_no_extra_token(tokenizer):
+    async def scenario(h: Harness) -> None:
+        entries = [h.submit(max_new_tokens=n) for n in (3, 5, 8)]
+        answers = await asyncio.gather(*(outcome(e) for e in entries))
+        assert [a.generated_token_count for a in answers] == [3, 5, 8]
+        # The step after the last token was sent already without these requests.
+        assert [h.shards.generated[e.id] for e in entries] == [3, 5, 8]
+
+    run_with_batcher(tokenizer, scenario, shards=FakeShards(step_delay=0.001))
+
+
+def test_a_stop_sequence_ends_the_request_a_step_later_and_that_token_is_never_sent(tokenizer):
+    async def scenario(h: Harness) -> None:
+        entry = h.submit(max_new_tokens=20, stopping_sequence=expected_text(1, 3).split()[-1])
+        answer = await outcome(entry)
+        assert answer.stop_reason == fmaas.STOP_SEQUENCE
+        assert answer.generated_token_count == 3
+        assert answer.text == expected_text(1, 3)
+        await asyncio.sleep(0.02)
+        assert h.shards.generated[entry.id] == 4  # the step in flight made one more, discarded
+        assert terminal_events(entry) == 0
+
+    run_with_batcher(tokenizer, scenario, shards=FakeShards(step_delay=0.001))

@@ -115,6 +115,10 @@ class ActiveRequest:
         )
         self.events.put_nowait(InputTokens(tokens))
 
+    def ends_with(self, token_id: int) -> bool:
+        """Whether this next token ends the request by EOS or length: known from the id alone."""
+        return token_stop_reason(self.request, token_id, self.generated + 1, self._eos_token_ids) is not None
+
     def add_token(self, token: pb.Token) -> bool:
         """Records one generated token; True when the request is now finished."""
         if self.finished:

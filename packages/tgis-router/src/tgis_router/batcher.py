@@ -14,6 +14,7 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Iterable, Sequence
+from dataclasses import dataclass
 
 import grpc
 
@@ -33,6 +34,15 @@ NEVER_FITS = "the request does not fit in the memory available to batches"
 LOOP_FAILURE_PAUSE_S = 0.05
 
 
+@dataclass(frozen=True)
+class _Step:
+    """A decode step sent to the shards."""
+
+    response: asyncio.Future[pb.StepResponse]
+    batch_ids: list[int]  # the shard batches it names: cleared if it fails
+    drop: list[int]  # the requests it prunes: they leave the running set once it answered
+
+
 class Batcher:
     def __init__(self, shards: ShardClient, queue: RequestQueue, admission: Admission, health: GenerationHealth):
         self._shards = shards
@@ -42,6 +52,8 @@ class Batcher:
         self._batch_ids = itertools.count(1)
         self._running: dict[int, ActiveRequest] = {}
         self._running_batch_id: int | None = None
+        self._step: _Step | None = None  # the decode step on the shards, not handled yet
+        self._joining: list[int] = []  # prefilled batches the next step merges
         self._waited_steps = 0  # decode steps since waiting requests were last considered in vain
 
     async def run(self) -> None:
@@ -139,27 +151,58 @@ class Batcher:
         return response.batch_id or None
 
     async def _next_token(self) -> None:
+        """Handles one decode step. The step after it goes to the shards before its tokens are
+        handed out, so the shards compute while the router detokenizes: a finish by EOS or length
+        is known from the token id; a stop sequence, a time limit or a cancellation takes effect
+        one step later, and the token that step made for the request is discarded, never sent.
+        Waiting requests are prefilled meanwhile (the shards run it right after the step) and
+        join with the step after."""
         assert self._running_batch_id is not None
-        merge: list[int] = []
+        if self._step is None:
+            self._send_step()
+        step = self._step
+        assert step is not None
         if len(self._queue):
             new_batch_id = await self._prefill(self._admit())
             if new_batch_id is not None:
-                merge.append(new_batch_id)
-        drop = [rid for rid, entry in self._running.items() if entry.finished]
-        for rid in drop:
-            del self._running[rid]
-        batch_ids = [self._running_batch_id, *merge]
+                self._joining.append(new_batch_id)
         try:
-            call = self._shards.next_token(self._running_batch_id, merge, drop)
-            response = await self._timed("next_token", len(self._running), call)
+            response = await step.response
         except grpc.aio.AioRpcError as e:
+            self._step = None
             self._health.step_failed()
-            await self._abandon_running(shard_error(e, "generation"), batch_ids)
+            await self._abandon_running(shard_error(e, "generation"), [*step.batch_ids, *self._joining])
             return
+        self._step = None
         self._health.step_succeeded()
+        for rid in step.drop:
+            self._running.pop(rid, None)
         metrics.batch_current_size.set(len(self._running))
+        # A batch prefilled during the step carries on when none of the running requests did.
+        self._running_batch_id = response.batch_id or (self._joining.pop(0) if self._joining else None)
+        if self._running_batch_id is not None:
+            self._send_step(also_drop=self._ending(response))
+            await asyncio.sleep(0)  # the step's calls go out before the tokens are handed out
         self._apply(response)
-        self._running_batch_id = response.batch_id or None
+
+    def _send_step(self, also_drop: Iterable[int] = ()) -> None:
+        """Sends the next decode step: it merges the prefilled batches and prunes the requests
+        that finished (and ``also_drop``, which finish with the tokens about to be handed out)."""
+        assert self._running_batch_id is not None
+        drop = sorted({rid for rid, entry in self._running.items() if entry.finished}.union(also_drop))
+        merge, self._joining = self._joining, []
+        call = self._shards.next_token(self._running_batch_id, merge, drop)
+        response = asyncio.ensure_future(self._timed("next_token", len(self._running) - len(drop), call))
+        self._step = _Step(response, [self._running_batch_id, *merge], drop)
+
+    def _ending(self, response: pb.StepResponse) -> list[int]:
+        """Requests whose token in this response ends them by EOS or length."""
+        ending = []
+        for generation in response.generations:
+            entry = self._running.get(generation.request_id)
+            if entry is not None and not entry.finished and entry.ends_with(generation.token.id):
+                ending.append(generation.request_id)
+        return ending
 
     def _apply(self, response: pb.StepResponse) -> None:
         """Fails the requests the step dropped, hands out the new tokens."""
@@ -187,6 +230,11 @@ class Batcher:
 
     async def _abandon_running(self, error: RouterError, batch_ids: Sequence[int] | None = None) -> None:
         """Fails every running request and drops their shard batches (all of them if unknown)."""
+        if self._step is not None:
+            # Clearing goes after it on the shards anyway; its outcome no longer matters.
+            await asyncio.gather(self._step.response, return_exceptions=True)
+            self._step = None
+        self._joining = []
         self._fail_running(list(self._running), error)
         self._running_batch_id = None
         metrics.batch_current_size.set(0)
