@@ -6,13 +6,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pytest
+import torch
 
-from tests.support.engines import NEW_TOKENS, cpu_engine, native_engine
+from tests.support.engines import NEW_TOKENS, cpu_context, native_engine
 from tests.support.engines import request as shard_request
 from tests.support.faults import FaultyEngine, out_of_memory
 from tests.support.ports import free_port
 from tests.support.tiny_models import build_tiny_causal_lm
 from tgis_proto import shard_pb2 as pb
+from tgis_proto.plugins import resolve
 from tgis_shard.engines.base import GeneratedToken
 from tgis_shard.steps import Batches, StepFailed
 
@@ -22,11 +24,19 @@ def model_dir(tmp_path_factory):
     return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-llama"), arch="llama", seed=3)
 
 
-@pytest.fixture(params=["hf_transformers", "tgis_native"])
+ENGINES = ("hf_transformers", "tgis_native")
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(params=[*ENGINES, *(pytest.param(f"{e}-cuda", marks=NEEDS_CUDA) for e in ENGINES)])
 def engine(request, model_dir) -> FaultyEngine:
-    if request.param == "hf_transformers":
-        return FaultyEngine(cpu_engine(model_dir))
-    return FaultyEngine(native_engine(0, 1, free_port(), model_dir))
+    name, _, device_type = request.param.partition("-")
+    device = torch.device(device_type or "cpu")
+    if name == "hf_transformers":
+        ctx = cpu_context(model_dir, device=device)
+        return FaultyEngine(resolve(ctx.registry.engine(name).target)(ctx))
+    # The torch attention backend on CUDA too: these steps test bookkeeping, not kernels.
+    return FaultyEngine(native_engine(0, 1, free_port(), model_dir, device=device, attention_backend="torch"))
 
 
 def _batch(batch_id: int, prompt_ids: list[list[int]], rows: Sequence[int]) -> pb.Batch:
