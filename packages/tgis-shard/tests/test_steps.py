@@ -31,7 +31,7 @@ NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 @pytest.fixture(params=[*ENGINES, *(pytest.param(f"{e}-cuda", marks=NEEDS_CUDA) for e in ENGINES)])
 def engine(request, model_dir) -> FaultyEngine:
     name, _, device_type = request.param.partition("-")
-    device = torch.device(device_type or "cpu")
+    device = torch.device(device_type, 0) if device_type else torch.device("cpu")
     if name == "hf_transformers":
         ctx = cpu_context(model_dir, device=device)
         return FaultyEngine(resolve(ctx.registry.engine(name).target)(ctx))
