@@ -63,7 +63,6 @@ class FakeShards:
     cleared: list[int | None] = field(default_factory=list)
     health_calls: list[bool] = field(default_factory=list)
     health_error: grpc.aio.AioRpcError | None = None
-    world_size: int = 1
 
     def _generations(self, request_ids: Sequence[int]) -> list[pb.Generation]:
         generations = []

@@ -1,5 +1,6 @@
 """Continuous batching: prefill waiting requests into a new shard batch, merge it into the
-running one, prune finished requests on the next step.
+running one, prune finished requests on the next step. Each decode step is sent before the
+previous one's tokens are handed out (see ``Batcher._next_token``).
 
 Every accepted request ends with exactly one answer: its last token, or one error. A failure
 fails the requests it concerns and no more: one request's bad data fails that request, a
