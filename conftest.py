@@ -1,3 +1,3 @@
 """Fixtures shared by the test packages (the packages' tests and tests/ alike)."""
 
-pytest_plugins = ["tests.support.engine_fixtures", "tests.support.logging_fixtures"]
+pytest_plugins = ["tests.support.engine_fixtures", "tests.support.logging_fixtures", "tests.support.word_requests"]

@@ -146,7 +146,7 @@ class StepPeaks:
 def run(engine, admission: Admission, load: list[Request], device: torch.device, progress: int = 0) -> dict:
     queue = list(load)
     running: dict[int, Request] = {}
-    state, batch_ids, steps, tokens, sizes, waited = None, iter(range(1, 10**9)), 0, 0, [], 0
+    state, steps, tokens, sizes, waited = None, 0, 0, [], 0
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     peaks = StepPeaks(device)
@@ -162,15 +162,15 @@ def run(engine, admission: Admission, load: list[Request], device: torch.device,
             waited = 0 if joining else waited + 1
             if joining:
                 queue = [r for i, r in enumerate(queue) if i not in set(decision.admit)]
-                batch = pb.Batch(
-                    id=next(batch_ids),
-                    requests=[
-                        pb.Request(id=r.id, input_ids=[5] * r.input_length, max_new_tokens=r.max_new_tokens)
-                        for r in joining
-                    ],
-                )
+                requests = [
+                    pb.Request(id=r.id, input_ids=[5] * r.input_length, max_new_tokens=r.max_new_tokens)
+                    for r in joining
+                ]
+                for request in requests:
+                    engine.sampler.add(request, request.input_ids)
                 with peaks.step("prefill"):
-                    _, new_state = engine.prefill(batch)
+                    _, new_state, choice = engine.prefill(requests)
+                choice.commit()
                 for r in joining:
                     r.generated = 1
                     running[r.id] = r
@@ -182,6 +182,7 @@ def run(engine, admission: Admission, load: list[Request], device: torch.device,
             finished = [rid for rid, r in running.items() if r.generated >= r.output_length]
             for rid in finished:
                 del running[rid]
+                engine.sampler.remove(rid)
             if state is not None:
                 with peaks.step("filter"):
                     state = state.filter(list(running))

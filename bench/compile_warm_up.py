@@ -1,5 +1,5 @@
 """Compiled attention after the tgis_native warm-up: how long it takes, and how many graphs a
-random serving mix (prefills of 1-6 prompts up to 240 tokens joining, decodes, requests leaving)
+random serving mix (1-6 prompts up to 240 tokens joining, decodes beside them, requests leaving)
 still compiles afterwards. 0 means no request waits for a compilation.
 
     python3 bench/compile_warm_up.py
@@ -18,9 +18,8 @@ from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support.engines import native_engine, request
+from tests.support.engines import StepDriver, native_engine, request
 from tests.support.tiny_models import build_tiny_causal_lm
-from tgis_proto import shard_pb2 as pb
 
 SHAPE = {
     "hidden_size": 256,
@@ -42,26 +41,21 @@ def main() -> None:
     graphs_after_warm_up = counters["stats"]["unique_graphs"]
 
     rng = random.Random(0)
-    running, next_id, steps = None, 0, 0
-    for batch_id in range(STEPS):
-        if running is None or rng.random() < 0.3:
-            requests = []
-            for _ in range(rng.randint(1, 6)):
+    driver = StepDriver(engine)
+    next_id = 0
+    for _ in range(STEPS):
+        if not driver.prompt_length or rng.random() < 0.3:
+            for _ in range(rng.randint(1, 6 - len(driver.prompt_length))):
                 next_id += 1
-                prompt = [rng.randrange(100) for _ in range(rng.randint(1, 240))]
-                requests.append(request(next_id, prompt, 16))
-            _, joining = engine.prefill(pb.Batch(id=batch_id + 1, requests=requests))
-            running = joining if running is None else engine.concatenate([running, joining])
-            steps += 1
-        engine.decode(running)
-        steps += 1
-        ids = running.request_ids
+                driver.join(request(next_id, [rng.randrange(100) for _ in range(rng.randint(1, 240))], 16))
+        driver.step()
+        ids = list(driver.prompt_length)
         if len(ids) > 1 and rng.random() < 0.3:
-            running = running.filter(ids[: len(ids) // 2])
+            driver.leave(*ids[len(ids) // 2 :])
     torch.cuda.synchronize()
     print(
         f"attention {engine.cache.backend} | warm-up {warm_up_s:.1f} s, {graphs_after_warm_up} graphs"
-        f" | {steps} serving steps compiled {counters['stats']['unique_graphs'] - graphs_after_warm_up} more"
+        f" | {STEPS} serving steps compiled {counters['stats']['unique_graphs'] - graphs_after_warm_up} more"
     )
 
 

@@ -36,27 +36,21 @@ class TimedShards(FakeShards):
     """Records how long the shard waits between the end of one step and the start of the next."""
 
     def __init__(self, step_delay: float):
-        super().__init__(step_delay=step_delay)
+        super().__init__(step_delay=step_delay, record_steps=False)
         self.idle_gaps: list[float] = []
         self._last_end: float | None = None
-        self.steps = 0
+        self.step_count = 0
 
-    async def _timed(self, step):
+    async def _run(self, request):
+        # Timed inside the shard's lock: from when it starts a step to when it answers.
         started = time.perf_counter()
         if self._last_end is not None:
             self.idle_gaps.append(started - self._last_end)
         try:
-            return await step
+            return await super()._run(request)
         finally:
             self._last_end = time.perf_counter()
-            self.steps += 1
-
-    # Timed inside the shard's lock: from when it starts a step to when it answers.
-    async def _prefill(self, batch):
-        return await self._timed(super()._prefill(batch))
-
-    async def _next_token(self, batch_id, merge_batch_ids, drop_request_ids):
-        return await self._timed(super()._next_token(batch_id, merge_batch_ids, drop_request_ids))
+            self.step_count += 1
 
 
 async def _clients(address: str, streams: int, seconds: float, max_new_tokens: int) -> dict:
@@ -115,7 +109,7 @@ async def _serve(tokenizer_file: Path, step_ms: float, streams: int, seconds: fl
     result = json.loads(out.decode().strip().splitlines()[-1])
     gaps_ms = sorted(g * 1000 for g in shards.idle_gaps[len(shards.idle_gaps) // 10 :])  # past the ramp-up
     result.update(
-        steps=shards.steps,
+        steps=shards.step_count,
         idle_p50_ms=statistics.median(gaps_ms) if gaps_ms else float("nan"),
         idle_p90_ms=gaps_ms[int(len(gaps_ms) * 0.9)] if gaps_ms else float("nan"),
     )

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from tests.support.prefixes import reference_greedy_with_prefix, save_peft_prefix
 from tests.support.server import free_port, launcher
-from tests.support.tiny_models import build_tiny_causal_lm, reference_greedy
+from tests.support.tiny_models import build_tiny_causal_lm, reference_texts
 from tgis_proto import generation_pb2 as fmaas
 
 PROMPTS = ["Hello there", "The quick brown fox jumps over the lazy dog, and then it", "A"]
@@ -38,11 +38,7 @@ def server(model_dir, prefix):
 
 @pytest.fixture(scope="module")
 def expected(model_dir):
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return [
-        tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
-        for ids in reference_greedy(model_dir, PROMPTS, MAX_NEW_TOKENS)
-    ]
+    return reference_texts(model_dir, PROMPTS, MAX_NEW_TOKENS)
 
 
 def _generate(server, prompts, prefix_id=None):

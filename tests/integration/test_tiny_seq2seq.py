@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from tests.support.prefixes import reference_greedy_with_prefix, save_peft_prefix
 from tests.support.server import launcher
-from tests.support.tiny_models import build_tiny_seq2seq_lm, reference_greedy
+from tests.support.tiny_models import build_tiny_seq2seq_lm, reference_texts
 from tgis_proto import generation_pb2 as fmaas
 
 PROMPTS = ["translate: Hello there", "A", "The quick brown fox jumps over the lazy dog"]
@@ -42,11 +42,7 @@ def server(model_dir, prefix):
 
 @pytest.fixture(scope="module")
 def expected(model_dir):
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return [
-        tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
-        for ids in reference_greedy(model_dir, PROMPTS, MAX_NEW_TOKENS)
-    ]
+    return reference_texts(model_dir, PROMPTS, MAX_NEW_TOKENS)
 
 
 def _params(**response) -> fmaas.Parameters:

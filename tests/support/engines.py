@@ -1,8 +1,7 @@
-"""Driving a shard engine directly in tests: context, requests, decode loops."""
+"""Driving a shard engine directly in tests: context, requests, and a stand-in for the router."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -10,8 +9,10 @@ import torch
 
 from tgis_proto import shard_pb2 as pb
 from tgis_proto.plugins import resolve
-from tgis_shard.engines.base import BatchState, Engine, GeneratedToken, ShardContext, UnsupportedModelError
+from tgis_shard.engines.base import Engine, ShardContext, UnsupportedModelError
 from tgis_shard.registry import shard_registry
+from tgis_shard.sampler import GeneratedToken
+from tgis_shard.steps import StepRunner
 
 # Prompts of different lengths (one a single token), shared by the engine tests.
 PROMPTS = ["Hello there, general", "A", "The quick brown fox jumps over the lazy dog and then"]
@@ -61,11 +62,82 @@ def request(rid: int, ids: list[int], max_new_tokens: int, prefix_id: str = "", 
     )
 
 
-def decode_steps(engine: Engine, state: object, outputs: dict[int, list[int]], steps: int) -> None:
-    """Runs ``steps`` decode steps, appending each request's tokens to ``outputs``."""
-    for _ in range(steps):
-        for token in engine.decode(state):
-            outputs[token.request_id].append(token.token_id)
+class StepDriver:
+    """Plays the router for one engine: requests join, each step runs every request's remaining
+    prompt (at most ``chunk`` tokens of it, when given) or its next token, requests leave; a paged
+    engine's blocks are handed out here. Steps go through the shard's ``StepRunner``."""
+
+    def __init__(self, engine: Engine, chunk: int | None = None):
+        self.engine = engine
+        self.runner = StepRunner(engine)
+        self.chunk = chunk
+        info = engine.info()
+        self.paged = info.HasField("kv_cache")
+        self.block_size = info.kv_cache.block_size
+        self.free_blocks = list(range(info.kv_cache.num_blocks, 0, -1))
+        self.prompt_length: dict[int, int] = {}  # prompt prefix and input tokens
+        self.computed: dict[int, int] = {}
+        self.blocks: dict[int, list[int]] = {}
+        self.outputs: dict[int, list[int]] = {}
+        self.first: dict[int, GeneratedToken] = {}  # each request's first token, with its details
+        self.failures: list[pb.RequestFailure] = []
+        self._joins: list[pb.Request] = []
+        self._leaves: list[int] = []
+
+    def join(self, *requests: pb.Request) -> None:
+        for r in requests:
+            self.prompt_length[r.id] = self._prefix_length(r.prefix_id) + len(r.input_ids)
+            self.computed[r.id], self.blocks[r.id], self.outputs[r.id] = 0, [], []
+        self._joins += requests
+
+    def _prefix_length(self, prefix_id: str) -> int:
+        """As the router asks the shard (PrefixLookup); an unusable prefix fails the join later."""
+        try:
+            return self.engine.prompt_prefix(prefix_id).length if prefix_id else 0
+        except Exception:
+            return 0
+
+    def leave(self, *request_ids: int) -> None:
+        for rid in request_ids:
+            self._forget(rid)
+            self._leaves.append(rid)
+
+    def _forget(self, rid: int) -> None:
+        self.free_blocks += self.blocks.pop(rid, [])
+        self.prompt_length.pop(rid, None)
+        self.computed.pop(rid, None)
+
+    def step(self) -> list[GeneratedToken]:
+        scheduled = []
+        for rid, length in self.prompt_length.items():
+            left = length - self.computed[rid]
+            tokens = (min(left, self.chunk) if self.chunk else left) if left > 0 else 1
+            new_blocks = []
+            if self.paged:
+                needed = -(-(self.computed[rid] + tokens) // self.block_size) - len(self.blocks[rid])
+                new_blocks = [self.free_blocks.pop() for _ in range(needed)]
+                self.blocks[rid] += new_blocks
+            scheduled.append(pb.ScheduledTokens(request_id=rid, num_tokens=tokens, new_block_ids=new_blocks))
+            self.computed[rid] += tokens
+        request = pb.StepRequest(leaves=self._leaves, joins=self._joins, scheduled=scheduled)
+        self._joins, self._leaves = [], []
+        outcome = self.runner.step(request)
+        for failure in outcome.failures:
+            self._forget(failure.request_id)
+        self.failures += outcome.failures
+        for token in outcome.tokens:
+            self.first.setdefault(token.request_id, token)
+            self.outputs[token.request_id].append(token.token_id)
+        return outcome.tokens
+
+    def run(self, steps: int) -> None:
+        for _ in range(steps):
+            self.step()
+
+    def run_until(self, tokens: int) -> None:
+        """Steps until every request holds ``tokens`` generated tokens (the router would stop them)."""
+        while any(len(self.outputs[rid]) < tokens for rid in self.prompt_length):
+            self.step()
 
 
 def native_engine(
@@ -90,7 +162,7 @@ def native_engine(
         world_size=world_size,
         max_sequence_length=256,
         registry=shard_registry(None),
-        max_batch_size=4,
+        max_batch_size=8,
         master_addr="127.0.0.1",
         master_port=port,
         attention_backend=attention_backend,
@@ -99,37 +171,27 @@ def native_engine(
     return create_native_engine(ctx)
 
 
-def check_one_batch_equals_reference(engine: Engine, prompt_ids: list[list[int]], expected: list[list[int]]) -> None:
+def check_one_batch_equals_reference(
+    engine: Engine, prompt_ids: list[list[int]], expected: list[list[int]], chunk: int | None = None
+) -> None:
     """All prompts in one padded or ragged batch give each prompt's unbatched reference tokens."""
-    tokens, state = engine.prefill(
-        pb.Batch(id=1, requests=[request(i, ids, NEW_TOKENS) for i, ids in enumerate(prompt_ids)])
-    )
-    outputs = {t.request_id: [t.token_id] for t in tokens}
-    decode_steps(engine, state, outputs, NEW_TOKENS - 1)
+    driver = StepDriver(engine, chunk)
+    driver.join(*(request(i, ids, NEW_TOKENS) for i, ids in enumerate(prompt_ids)))
+    driver.run_until(NEW_TOKENS)
     for i, reference in enumerate(expected):
-        # The reference stops at EOS; the engine keeps going until the router prunes it.
-        assert outputs[i][: len(reference)] == reference
+        # The reference stops at EOS; the engine keeps going until the router stops it.
+        assert driver.outputs[i][: len(reference)] == reference
+    driver.leave(*range(len(prompt_ids)))
+    driver.step()
+    assert engine.request_ids() == []
 
 
-@dataclass
-class Joined:
-    """Request 0 ran alone for two steps; requests 1 and 2 were then prefilled and merged in."""
-
-    running: BatchState  # the merged batch, rows 0, 1, 2
-    joining: BatchState  # what the merge consumed
-    outputs: dict[int, list[int]]  # every request's tokens so far
-    first: dict[int, GeneratedToken]  # each request's first token, with its details
-
-
-def start_then_join(engine: Engine, prompt_ids: list[list[int]], **details: object) -> Joined:
-    """Request 0 alone for two decode steps, then 1 and 2 prefilled and concatenated to it."""
-    tokens, running = engine.prefill(pb.Batch(id=1, requests=[request(0, prompt_ids[0], NEW_TOKENS, **details)]))
-    first = {t.request_id: t for t in tokens}
-    outputs = {t.request_id: [t.token_id] for t in tokens}
-    decode_steps(engine, running, outputs, 2)
-    tokens, joining = engine.prefill(
-        pb.Batch(id=2, requests=[request(i, prompt_ids[i], NEW_TOKENS, **details) for i in (1, 2)])
-    )
-    first.update({t.request_id: t for t in tokens})
-    outputs.update({t.request_id: [t.token_id] for t in tokens})
-    return Joined(engine.concatenate([running, joining]), joining, outputs, first)
+def start_then_join(engine: Engine, prompt_ids: list[list[int]], **details: object) -> StepDriver:
+    """Request 0 alone for its prompt and two decode steps, then 1 and 2 join: the driver after
+    the step that prefilled them beside request 0's third decode."""
+    driver = StepDriver(engine)
+    driver.join(request(0, prompt_ids[0], NEW_TOKENS, **details))
+    driver.run(3)
+    driver.join(*(request(i, prompt_ids[i], NEW_TOKENS, **details) for i in (1, 2)))
+    driver.step()
+    return driver

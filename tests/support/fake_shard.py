@@ -1,8 +1,11 @@
 """A scripted stand-in for the shards (ShardClient's interface), for the router's glue tests.
 
-Tokens are a function of (request id, position), so every answer can be checked; faults are
-injected per call by ``on_prefill`` / ``on_next_token`` hooks, which may raise (an RPC error)
-or return request ids to report failed.
+Tokens are a function of (request id, output position), so every answer can be checked, also
+after a preemption. The fake keeps the persistent batch and checks the router's half of the step
+protocol as a shard relies on it: joins of new ids only, work for held requests only, prompt
+chunks within the prompt, one token per decode, and (with a KV cache) blocks that cover every
+token and belong to one request at a time. Faults are injected per step by ``on_join`` /
+``on_step`` hooks, which may raise (an RPC error) or return request ids to report failed.
 """
 
 from __future__ import annotations
@@ -50,84 +53,123 @@ def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
 Hook = Callable[[list[int]], Sequence[int] | None]
 
 
+class ProtocolError(AssertionError):
+    """The router broke the step protocol (also kept in ``FakeShards.violations``: the batcher
+    turns the exception into failed requests)."""
+
+
+@dataclass
+class Held:
+    """A request in the fake's batch."""
+
+    prompt_length: int
+    position: int  # output position of its next token
+    computed: int = 0
+    blocks: list[int] = field(default_factory=list)
+    input_ids: tuple[int, ...] = ()
+
+
 @dataclass
 class FakeShards:
-    """Holds batches as lists of request ids; ``step_delay`` simulates the device's time."""
+    """``step_delay`` simulates the device's time; ``kv_cache`` makes it a paged engine."""
 
     step_delay: float = 0.0
-    on_prefill: Hook | None = None  # gets the batch's request ids
-    on_next_token: Hook | None = None  # gets the merged batch's request ids
-    batches: dict[int, list[int]] = field(default_factory=dict)
-    generated: dict[int, int] = field(default_factory=dict)
-    prefilled: list[int] = field(default_factory=list)  # request ids, in the order prefilled
-    cleared: list[int | None] = field(default_factory=list)
+    on_join: Hook | None = None  # gets the joining request ids
+    on_step: Hook | None = None  # gets the scheduled request ids
+    kv_cache: pb.KVCacheLayout | None = None
+    tokens: Callable[[int, int], int] = token_at  # the token of (request id, output position)
+    requests: dict[int, Held] = field(default_factory=dict)
+    generated: dict[int, int] = field(default_factory=dict)  # tokens made per request, discarded ones too
+    prefilled: list[int] = field(default_factory=list)  # request ids, in the order they first joined
+    steps: list[pb.StepRequest] = field(default_factory=list)
+    record_steps: bool = True
+    resets: int = 0
     health_calls: list[bool] = field(default_factory=list)
     health_error: grpc.aio.AioRpcError | None = None
+    violations: list[str] = field(default_factory=list)
 
-    def _generations(self, request_ids: Sequence[int]) -> list[pb.Generation]:
-        generations = []
-        for rid in request_ids:
-            position = self.generated.get(rid, 0)
-            self.generated[rid] = position + 1
-            generations.append(pb.Generation(request_id=rid, token=pb.Token(id=token_at(rid, position))))
-        return generations
+    def __post_init__(self) -> None:
+        self._lock = asyncio.Lock()  # a shard runs one batch operation at a time
+        self._block_owner: dict[int, int] = {}
 
     @staticmethod
     def _failures(failed: Sequence[int] | None) -> list[pb.RequestFailure]:
         return [pb.RequestFailure(request_id=r, kind=pb.FAILURE_OUT_OF_MEMORY, message="oom") for r in failed or ()]
 
-    def __post_init__(self) -> None:
-        self._lock = asyncio.Lock()  # a shard runs one batch operation at a time
-
-    async def prefill(self, batch: pb.Batch) -> pb.StepResponse:
+    async def step(self, request: pb.StepRequest) -> pb.StepResponse:
         async with self._lock:
-            return await self._prefill(batch)
+            return await self._run(request)
 
-    async def next_token(
-        self, batch_id: int, merge_batch_ids: Sequence[int], drop_request_ids: Sequence[int]
-    ) -> pb.StepResponse:
-        async with self._lock:
-            return await self._next_token(batch_id, merge_batch_ids, drop_request_ids)
-
-    async def _prefill(self, batch: pb.Batch) -> pb.StepResponse:
+    async def _run(self, request: pb.StepRequest) -> pb.StepResponse:
+        """One step, from when the shard starts it to when it answers."""
         await asyncio.sleep(self.step_delay)
-        ids = [r.id for r in batch.requests]
-        failed = set(self.on_prefill(ids) or ()) if self.on_prefill else set()
-        kept = [r for r in ids if r not in failed]
-        self.prefilled += kept
-        if kept:
-            self.batches[batch.id] = kept
-        return pb.StepResponse(
-            generations=self._generations(kept), batch_id=batch.id if kept else 0, failures=self._failures(failed)
-        )
+        if self.record_steps:
+            self.steps.append(request)
+        try:
+            return self._step(request)
+        except ProtocolError as e:
+            self.violations.append(str(e))
+            raise
 
-    async def _next_token(
-        self, batch_id: int, merge_batch_ids: Sequence[int], drop_request_ids: Sequence[int]
-    ) -> pb.StepResponse:
-        await asyncio.sleep(self.step_delay)
-        missing = [b for b in [batch_id, *merge_batch_ids] if b not in self.batches]
-        if missing:
-            raise rpc_error(grpc.StatusCode.NOT_FOUND, f"unknown batch ids {missing}")
-        ids = [r for b in [batch_id, *merge_batch_ids] for r in self.batches.pop(b)]
-        ids = [r for r in ids if r not in set(drop_request_ids)]
-        failed = set(self.on_next_token(ids) or ()) if self.on_next_token else set()
-        ids = [r for r in ids if r not in failed]
-        if ids:
-            self.batches[batch_id] = ids
-        return pb.StepResponse(
-            generations=self._generations(ids), batch_id=batch_id if ids else 0, failures=self._failures(failed)
-        )
+    def _drop(self, rid: int) -> None:
+        held = self.requests.pop(rid, None)
+        for block in held.blocks if held is not None else ():
+            del self._block_owner[block]
 
-    async def clear_cache(self, batch_id: int | None = None) -> None:
+    def _step(self, request: pb.StepRequest) -> pb.StepResponse:
+        for rid in request.leaves:
+            self._drop(rid)
+        joining = [r.id for r in request.joins]
+        failed = set(self.on_join(joining) or ()) if self.on_join else set()
+        for r in request.joins:
+            if r.id in self.requests:
+                raise ProtocolError(f"request {r.id} joined twice")
+            if r.id not in failed:
+                if r.id not in self.prefilled:
+                    self.prefilled.append(r.id)
+                self.requests[r.id] = Held(len(r.input_ids), r.resumed_tokens, input_ids=tuple(r.input_ids))
+        scheduled = [s.request_id for s in request.scheduled if s.request_id not in failed]
+        failed |= set(self.on_step(scheduled) or ()) if self.on_step else set()
+        generations = []
+        for work in request.scheduled:
+            if work.request_id in failed:
+                continue
+            held = self.requests.get(work.request_id)
+            if held is None:
+                raise ProtocolError(f"request {work.request_id} scheduled but not in the batch")
+            self._check(work, held)
+            held.computed += work.num_tokens
+            if held.computed >= held.prompt_length:
+                rid = work.request_id
+                self.generated[rid] = self.generated.get(rid, 0) + 1
+                generations.append(pb.Generation(request_id=rid, token=pb.Token(id=self.tokens(rid, held.position))))
+                held.position += 1
+        for rid in failed:
+            self._drop(rid)
+        return pb.StepResponse(generations=generations, failures=self._failures(sorted(failed)))
+
+    def _check(self, work: pb.ScheduledTokens, held: Held) -> None:
+        rid, tokens = work.request_id, work.num_tokens
+        left = held.prompt_length - held.computed
+        if (left > 0 and not 0 < tokens <= left) or (left <= 0 and tokens != 1):
+            raise ProtocolError(f"request {rid}: {tokens} tokens scheduled with {left} prompt tokens left")
+        if self.kv_cache is None:
+            if work.new_block_ids:
+                raise ProtocolError(f"request {rid} got blocks from a padded engine's router")
+            return
+        for block in work.new_block_ids:
+            if not 1 <= block <= self.kv_cache.num_blocks or block in self._block_owner:
+                raise ProtocolError(f"request {rid} got block {block}, held by {self._block_owner.get(block)}")
+            self._block_owner[block] = rid
+        held.blocks += work.new_block_ids
+        if len(held.blocks) * self.kv_cache.block_size < held.computed + tokens:
+            raise ProtocolError(f"request {rid}: {len(held.blocks)} blocks for {held.computed + tokens} tokens")
+
+    async def reset(self) -> None:
         async with self._lock:
-            self._clear(batch_id)
-
-    def _clear(self, batch_id: int | None) -> None:
-        self.cleared.append(batch_id)
-        if batch_id is None:
-            self.batches.clear()
-        else:
-            self.batches.pop(batch_id, None)
+            self.resets += 1
+            self.requests.clear()
+            self._block_owner.clear()
 
     async def health(self, forward: bool, timeout: float | None = None) -> None:
         self.health_calls.append(forward)
@@ -135,4 +177,4 @@ class FakeShards:
             raise self.health_error
 
     def held_request_ids(self) -> set[int]:
-        return {r for ids in self.batches.values() for r in ids}
+        return set(self.requests)

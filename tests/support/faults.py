@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from tgis_proto import shard_pb2 as pb
-from tgis_shard.engines.base import BatchState, Engine, GeneratedToken
+from tgis_shard.engines.base import Engine, ScheduledWork
+from tgis_shard.prefixes import PromptPrefix
+from tgis_shard.sampler import GeneratedToken
 
 
 def out_of_memory() -> torch.OutOfMemoryError:
@@ -17,39 +19,42 @@ def out_of_memory() -> torch.OutOfMemoryError:
 
 
 class FaultyEngine(Engine):
-    """Delegates to a real engine; raises where a test arms it. Decode faults go off inside the
+    """Delegates to a real engine; raises where a test arms it. Step faults go off inside the
     model's second layer, after the first one wrote this step's keys and values."""
 
     def __init__(self, inner: Engine):
         self.inner = inner
         self.ctx = inner.ctx
-        self.bad_requests: set[int] = set()  # a prefill that contains one of these raises
-        self.prefill_error: Exception | None = None  # raised by the next prefill
-        self.decode_error: Exception | None = None  # raised inside the next decode of > 1 row ...
-        self.decode_rows: int = 0  # ... of exactly this many rows (0: any)
+        self.chunked_prefill = inner.chunked_prefill  # type: ignore[misc]
+        self.bad_requests: set[int] = set()  # a step that runs one of these raises
+        self.step_error: Exception | None = None  # raised inside the next step ...
+        self.step_size: int = 0  # ... that runs exactly this many requests (0: any)
 
     def info(self) -> pb.InfoResponse:
         return self.inner.info()
 
-    def prefill(self, batch: pb.Batch) -> tuple[list[GeneratedToken], BatchState]:
-        bad = self.bad_requests & {r.id for r in batch.requests}
+    def join(self, request: pb.Request) -> None:
+        self.inner.join(request)
+
+    def leave(self, request_ids: Collection[int]) -> None:
+        self.inner.leave(request_ids)
+
+    def request_ids(self) -> list[int]:
+        return self.inner.request_ids()
+
+    def step(self, work: Sequence[ScheduledWork]) -> list[GeneratedToken]:
+        bad = self.bad_requests & {w.request_id for w in work}
         if bad:
             raise ValueError(f"request {min(bad)} has a bad parameter")
-        if self.prefill_error is not None:
-            error, self.prefill_error = self.prefill_error, None
-            raise error
-        return self.inner.prefill(batch)
-
-    def concatenate(self, states: Sequence[BatchState]) -> BatchState:
-        return self.inner.concatenate(states)
-
-    def decode(self, state: BatchState) -> list[GeneratedToken]:
-        error = self.decode_error
-        if error is None or (self.decode_rows and len(state.request_ids) != self.decode_rows):
-            return self.inner.decode(state)
-        self.decode_error = None
+        error = self.step_error
+        if error is None or (self.step_size and len(work) != self.step_size):
+            return self.inner.step(work)
+        self.step_error = None
         with _raising_in_second_layer(self.inner, error):
-            return self.inner.decode(state)
+            return self.inner.step(work)
+
+    def prompt_prefix(self, prefix_id: str) -> PromptPrefix:
+        return self.inner.prompt_prefix(prefix_id)
 
     def health_check(self) -> None:
         self.inner.health_check()

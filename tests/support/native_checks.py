@@ -13,11 +13,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.support.engines import NEW_TOKENS, PROMPTS, decode_steps, native_engine, request, start_then_join
+from tests.support.engines import NEW_TOKENS, PROMPTS, StepDriver, native_engine, request
 from tests.support.prefixes import PREFIXES, check_prefix_outputs, run_prefix_scenario, save_prefixes
 from tests.support.ranks import run_ranks
 from tests.support.tiny_models import reference_greedy
-from tgis_proto import shard_pb2 as pb
 
 LOGPROB_TOLERANCE = 1e-4  # float32 on CPU: the sharded sums only reorder additions
 GPU_NEW_TOKENS = 12
@@ -33,49 +32,59 @@ def prompt_ids(model_dir: Path) -> list[list[int]]:
 
 
 def _join_leave_scenario(
-    rank: int, world_size: int, port: int, model_dir: str, ids: list[list[int]], attention_backend: str | None
+    rank: int,
+    world_size: int,
+    port: int,
+    model_dir: str,
+    ids: list[list[int]],
+    attention_backend: str | None,
+    chunk: int | None,
 ) -> dict:
-    """Request 0 runs alone, 1 and 2 join after two steps, 2 leaves after two more (after the
-    engine's warm-up, whose batches must leave no trace)."""
+    """Request 0 runs alone, 1 and 2 join after three tokens, 2 leaves two steps later (after the
+    engine's warm-up, whose requests must leave no trace); ``chunk`` caps prompt tokens per step."""
     engine = native_engine(rank, world_size, port, model_dir, attention_backend=attention_backend)
     engine.warm_up()
-    assert engine.allocator.free_blocks == engine.cache.num_blocks
-    joined = start_then_join(engine, ids, logprobs=True, ranks=True)
-    running, outputs, first = joined.running, joined.outputs, joined.first
-    decode_steps(engine, running, outputs, 2)
-    free_before = engine.allocator.free_blocks
-    running = running.filter([0, 1])
-    freed = engine.allocator.free_blocks - free_before
-    decode_steps(engine, running, outputs, NEW_TOKENS)
+    assert engine.request_ids() == []
+    driver = StepDriver(engine, chunk)
+    driver.join(request(0, ids[0], NEW_TOKENS, logprobs=True, ranks=True))
+    driver.run_until(3)
+    driver.join(*(request(i, ids[i], NEW_TOKENS, logprobs=True, ranks=True) for i in (1, 2)))
+    driver.run_until(1)
+    driver.run(2)
+    driver.leave(2)
+    driver.run_until(NEW_TOKENS)
     return {
-        "outputs": outputs,
-        "first_logprobs": {rid: t.logprob for rid, t in first.items()},
-        "first_ranks": {rid: t.rank for rid, t in first.items()},
-        "freed_blocks": freed,
+        "outputs": driver.outputs,
+        "first_logprobs": {rid: t.logprob for rid, t in driver.first.items()},
+        "first_ranks": {rid: t.rank for rid, t in driver.first.items()},
     }
 
 
 def check_sharded_equals_transformers(
-    model_dir: Path, world_size: int, reference_dir: Path | None = None, attention_backend: str | None = None
+    model_dir: Path,
+    world_size: int,
+    reference_dir: Path | None = None,
+    attention_backend: str | None = None,
+    chunk: int | None = None,
 ) -> None:
     """``reference_dir``: the same weights in a form transformers loads, when ``model_dir``'s isn't.
-    ``attention_backend``: forced instead of the fastest available (torch, on a CPU)."""
+    ``attention_backend``: forced instead of the fastest available (torch, on a CPU). ``chunk``:
+    prompts prefilled in chunks of at most this many tokens."""
     reference_dir = reference_dir or model_dir
     ids = prompt_ids(reference_dir)
     expected = reference_greedy(reference_dir, PROMPTS, NEW_TOKENS)
     reference = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         first_logprobs = [torch.log_softmax(reference(torch.tensor([i])).logits[0, -1], dim=-1) for i in ids]
-    results = run_ranks(_join_leave_scenario, world_size, str(model_dir), ids, attention_backend)
+    results = run_ranks(_join_leave_scenario, world_size, str(model_dir), ids, attention_backend, chunk)
     result = results[0]
     for i in (0, 1):
         assert result["outputs"][i][: len(expected[i])] == expected[i]
-    assert result["outputs"][2] == expected[2][:3]  # left after its prefill token and two steps
+    assert result["outputs"][2] == expected[2][:3]  # left after its first token and two steps
     for i, logprobs in enumerate(first_logprobs):
         token = expected[i][0]
         assert result["first_logprobs"][i] == pytest.approx(float(logprobs[token]), abs=LOGPROB_TOLERANCE)
         assert result["first_ranks"][i] == 1
-    assert result["freed_blocks"] > 0  # the leaving request's blocks went back to the pool
     assert all(r["outputs"] == result["outputs"] for r in results)  # every rank followed the same tokens
 
 
@@ -113,16 +122,17 @@ def _gpu_scenario(
     device = torch.device(f"cuda:{rank}")
     engine = native_engine(rank, world_size, port, model_dir, dtype, device, prefix_store_path=store and Path(store))
     prefix_ids = {i: PREFIXES[i][0] for i in PREFIXES} if store else {}
-    requests = [
-        request(i, prompt, GPU_NEW_TOKENS, prefix_id=prefix_ids.get(i, ""), logprobs=True)
-        for i, prompt in enumerate(ids)
-    ]
-    tokens, state = engine.prefill(pb.Batch(id=1, requests=requests))
-    outputs = {t.request_id: [t.token_id] for t in tokens}
-    decode_steps(engine, state, outputs, GPU_NEW_TOKENS - 1)
+    driver = StepDriver(engine)
+    driver.join(
+        *(
+            request(i, prompt, GPU_NEW_TOKENS, prefix_id=prefix_ids.get(i, ""), logprobs=True)
+            for i, prompt in enumerate(ids)
+        )
+    )
+    driver.run_until(GPU_NEW_TOKENS)
     return {
-        "outputs": outputs,
-        "first_logprobs": {t.request_id: t.logprob for t in tokens},
+        "outputs": driver.outputs,
+        "first_logprobs": {rid: t.logprob for rid, t in driver.first.items()},
         "backend": engine.cache.backend,
     }
 

@@ -7,8 +7,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
 
-from tests.support.engines import NEW_TOKENS, decode_steps, request
-from tgis_proto import shard_pb2 as pb
+from tests.support.engines import NEW_TOKENS, StepDriver, request
 from tgis_shard.engines.base import Engine
 
 
@@ -89,21 +88,16 @@ def save_prefixes(model_dir: Path, store: Path) -> dict[str, torch.Tensor]:
     return {name: save_peft_prefix(model_dir, store, name, n, seed=i) for i, (name, n) in PREFIXES.items()}
 
 
-def run_prefix_scenario(engine: Engine, ids: list[list[int]]) -> dict[int, list[int]]:
+def run_prefix_scenario(engine: Engine, ids: list[list[int]], chunk: int | None = None) -> dict[int, list[int]]:
     """Two prefixes of different lengths and a plain prompt in one batch; after two steps a
     prefixed request joins. Every request's tokens."""
     chosen = {i: PREFIXES[i][0] if i in PREFIXES else "" for i in range(len(ids))}
-    tokens, running = engine.prefill(
-        pb.Batch(id=1, requests=[request(i, ids[i], NEW_TOKENS, prefix_id=chosen[i]) for i in range(len(ids))])
-    )
-    outputs = {t.request_id: [t.token_id] for t in tokens}
-    decode_steps(engine, running, outputs, 2)
-    joining = request(JOINING_ID, ids[0], NEW_TOKENS, prefix_id=PREFIXES[2][0])
-    tokens, joined = engine.prefill(pb.Batch(id=2, requests=[joining]))
-    outputs.update({t.request_id: [t.token_id] for t in tokens})
-    running = engine.concatenate([running, joined])
-    decode_steps(engine, running, outputs, NEW_TOKENS - 1)
-    return outputs
+    driver = StepDriver(engine, chunk)
+    driver.join(*(request(i, ids[i], NEW_TOKENS, prefix_id=chosen[i]) for i in range(len(ids))))
+    driver.run(3)
+    driver.join(request(JOINING_ID, ids[0], NEW_TOKENS, prefix_id=PREFIXES[2][0]))
+    driver.run_until(NEW_TOKENS)
+    return driver.outputs
 
 
 def check_prefix_outputs(

@@ -14,8 +14,10 @@ from tgis_router.admission import Admission, AdmissionConfig, MemoryModel
 from tgis_router.batcher import Batcher
 from tgis_router.grpc_server import GenerationService, ModelFacts
 from tgis_router.health import GenerationHealth
+from tgis_router.kv_blocks import BlockPool
 from tgis_router.prefixes import PrefixLengths
 from tgis_router.queue import RequestQueue
+from tgis_router.scheduler import PaddedScheduler, PagedScheduler, Scheduler
 from tgis_router.tokenization import TokenizerPool
 from tgis_router.validation import Limits
 
@@ -27,7 +29,8 @@ async def _no_prefixes(prefix_id: str) -> int:
 
 
 class RouterInProcess:
-    """``async with RouterInProcess(...) as router``: ``router.stub`` talks to it over gRPC."""
+    """``async with RouterInProcess(...) as router``: ``router.stub`` talks to it over gRPC. Fake
+    shards with a KV cache get the paged scheduler, others the padded one."""
 
     def __init__(
         self,
@@ -38,6 +41,7 @@ class RouterInProcess:
         max_sequence_length: int = 256,
         max_new_tokens: int = 100,
         eos_token_ids: frozenset[int] = frozenset({EOS_ID}),
+        step_tokens: int = 2048,
     ):
         self.shards = shards
         self.tokenizer = TokenizerPool(tokenizer_file, workers=1)
@@ -51,8 +55,13 @@ class RouterInProcess:
             False,
             PrefixLengths(_no_prefixes),
         )
-        admission = Admission(ROOMY, AdmissionConfig(max_batch_size=max_batch_size))
-        self.batcher = Batcher(shards, queue, admission, GenerationHealth(shards))  # type: ignore[arg-type]
+        scheduler: Scheduler
+        if shards.kv_cache is not None:
+            blocks = BlockPool(shards.kv_cache.num_blocks, shards.kv_cache.block_size)
+            scheduler = PagedScheduler(queue, max_batch_size, blocks, step_tokens)
+        else:
+            scheduler = PaddedScheduler(queue, Admission(ROOMY, AdmissionConfig(max_batch_size=max_batch_size)))
+        self.batcher = Batcher(shards, queue, scheduler, GenerationHealth(shards))  # type: ignore[arg-type]
         self.address = f"localhost:{free_port()}"
 
     async def __aenter__(self) -> RouterInProcess:

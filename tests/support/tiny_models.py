@@ -433,3 +433,12 @@ def reference_greedy(
         prefix = 1 if seq2seq else input_ids.shape[1]
         results.append(output[0, prefix:].tolist())
     return results
+
+
+def reference_texts(model_dir: pathlib.Path, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """The text of each prompt's :func:`reference_greedy` tokens, as the server answers it."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    return [
+        tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
+        for ids in reference_greedy(model_dir, prompts, max_new_tokens)
+    ]

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import FalconConfig, PretrainedConfig
 
-from tests.support.engines import native_engine, request
+from tests.support.engines import StepDriver, native_engine, request
 from tests.support.native_checks import (
     check_each_rank_holds_about_half,
     check_prefixes_equal_transformers,
@@ -18,7 +18,6 @@ from tests.support.native_checks import (
 )
 from tests.support.tiny_models import build_tiny_causal_lm
 from tgis_models_falcon.model import FalconLayout
-from tgis_proto import shard_pb2 as pb
 
 CONFIGS = {
     # One KV head for two ranks: it is replicated, each rank keeping half the query heads.
@@ -68,7 +67,9 @@ def test_parallel_blocks_all_reduce_once_per_layer(tmp_path, monkeypatch, config
     reduced = []
     all_reduce = type(engine.tp).all_reduce
     monkeypatch.setattr(type(engine.tp), "all_reduce", lambda tp, x: reduced.append(x.shape) or all_reduce(tp, x))
-    engine.prefill(pb.Batch(id=1, requests=[request(0, [5, 6, 7], 2)]))
+    driver = StepDriver(engine)
+    driver.join(request(0, [5, 6, 7], 2))
+    driver.step()
     # On one rank the embedding looks its rows up whole: every reduce is a block's.
     assert len(reduced) == engine.model.num_layers * per_layer
 

@@ -44,6 +44,13 @@ def test_sharded_llama_equals_transformers(model_dir, world_size):
     check_sharded_equals_transformers(model_dir, world_size)
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_chunked_prefill_equals_transformers(tmp_path, world_size):
+    # Prompts of 1, 5 and 12 tokens in chunks of at most 3, beside other requests' decodes.
+    model_dir = build_tiny_causal_lm(tmp_path / "llama", arch="llama")
+    check_sharded_equals_transformers(model_dir, world_size, chunk=3)
+
+
 def test_flex_attention_engine_equals_transformers_after_its_warm_up(tmp_path):
     # FlexAttention runs eagerly on a CPU: the GPU's compiled kernel sees the same masks.
     model_dir = build_tiny_causal_lm(tmp_path / "llama", arch="llama")

@@ -11,11 +11,10 @@ import pytest
 import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-from tests.support.engines import decode_steps, native_engine, request
+from tests.support.engines import StepDriver, native_engine, request
 from tests.support.native_checks import assert_close_to_reference
 from tests.support.ranks import run_ranks
 from tests.support.tiny_models import build_tiny_seq2seq_lm
-from tgis_proto import shard_pb2 as pb
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 
@@ -55,11 +54,10 @@ def _fold_query_scaling(model_dir: Path) -> None:
 
 def _scenario(rank: int, world_size: int, port: int, model_dir: str, prompt_ids, dtype: torch.dtype) -> dict:
     engine = native_engine(rank, world_size, port, model_dir, dtype, torch.device(f"cuda:{rank}"))
-    requests = [request(i, ids, NEW_TOKENS, logprobs=True) for i, ids in enumerate(prompt_ids)]
-    tokens, state = engine.prefill(pb.Batch(id=1, requests=requests))
-    outputs = {t.request_id: [t.token_id] for t in tokens}
-    decode_steps(engine, state, outputs, NEW_TOKENS - 1)
-    return {"outputs": outputs, "first_logprobs": {t.request_id: t.logprob for t in tokens}}
+    driver = StepDriver(engine)
+    driver.join(*(request(i, ids, NEW_TOKENS, logprobs=True) for i, ids in enumerate(prompt_ids)))
+    driver.run_until(NEW_TOKENS)
+    return {"outputs": driver.outputs, "first_logprobs": {rid: t.logprob for rid, t in driver.first.items()}}
 
 
 def _reference(model_dir: Path, prompt_ids, dtype: torch.dtype) -> list[tuple[list[int], list[torch.Tensor]]]:

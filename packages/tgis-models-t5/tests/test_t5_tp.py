@@ -12,13 +12,12 @@ import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from tests.support.engines import NEW_TOKENS, PROMPTS, decode_steps, native_engine, request, start_then_join
+from tests.support.engines import NEW_TOKENS, PROMPTS, StepDriver, native_engine, request, start_then_join
 from tests.support.native_checks import check_prefixes_equal_transformers
 from tests.support.prefixes import reference_greedy_with_prefix
 from tests.support.ranks import run_ranks
 from tests.support.tiny_models import build_tiny_seq2seq_lm, reference_greedy
 from tgis_models_t5.model import relative_buckets
-from tgis_proto import shard_pb2 as pb
 
 LOGPROB_TOLERANCE = 1e-4  # float32 on CPU; the sharded sums only reorder additions
 
@@ -52,20 +51,19 @@ def reference_logprobs(model_dir, prompt_ids):
 
 
 def _scenario(rank: int, world_size: int, port: int, model_dir: str, prompt_ids: list[list[int]]) -> dict:
-    """Request 0 runs alone, 1 and 2 join after two steps, 2 leaves after two more."""
+    """Request 0 runs alone, 1 and 2 join after three tokens, 2 leaves two steps later."""
     engine = native_engine(rank, world_size, port, model_dir)
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
-    joined = start_then_join(engine, prompt_ids, logprobs=True, ranks=True, top_n=2)
-    running, outputs, first = joined.running, joined.outputs, joined.first
-    decode_steps(engine, running, outputs, 2)
-    running = running.filter([0, 1])
-    decode_steps(engine, running, outputs, NEW_TOKENS)
+    driver = start_then_join(engine, prompt_ids, logprobs=True, ranks=True, top_n=2)
+    driver.run(2)
+    driver.leave(2)
+    driver.run(NEW_TOKENS)
     engine.health_check()
     return {
         "engine": engine.info().engine,
-        "outputs": outputs,
-        "first_logprobs": {rid: t.logprob for rid, t in first.items()},
-        "first_ranks": {rid: t.rank for rid, t in first.items()},
+        "outputs": driver.outputs,
+        "first_logprobs": {rid: t.logprob for rid, t in driver.first.items()},
+        "first_ranks": {rid: t.rank for rid, t in driver.first.items()},
         "weight_bytes": weight_bytes,
     }
 
@@ -115,16 +113,13 @@ def test_mt5_model_type_is_served_by_the_t5_plugin(tmp_path):
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "model_type": "mt5"}))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompt_ids = [tokenizer(p).input_ids for p in PROMPTS]
-    engine = native_engine(0, 1, 0, model_dir)
-    tokens, state = engine.prefill(
-        pb.Batch(id=1, requests=[request(i, ids, NEW_TOKENS, logprobs=True) for i, ids in enumerate(prompt_ids)])
-    )
-    outputs = {t.request_id: [t.token_id] for t in tokens}
-    decode_steps(engine, state, outputs, NEW_TOKENS - 1)
+    driver = StepDriver(native_engine(0, 1, 0, model_dir))
+    driver.join(*(request(i, ids, NEW_TOKENS, logprobs=True) for i, ids in enumerate(prompt_ids)))
+    driver.run_until(NEW_TOKENS)
     expected = reference_greedy(model_dir, PROMPTS, NEW_TOKENS)
     for i, reference in enumerate(_reference_first_logprobs(model_dir, prompt_ids)):
-        assert outputs[i][: len(expected[i])] == expected[i]
-        assert tokens[i].logprob == pytest.approx(float(reference[expected[i][0]]), abs=LOGPROB_TOLERANCE)
+        assert driver.outputs[i][: len(expected[i])] == expected[i]
+        assert driver.first[i].logprob == pytest.approx(float(reference[expected[i][0]]), abs=LOGPROB_TOLERANCE)
 
 
 @pytest.mark.parametrize("bidirectional", [True, False], ids=["encoder", "decoder"])
@@ -141,11 +136,10 @@ def test_encoder_prompt_prefixes_on_two_ranks_equal_transformers(tmp_path):
 
 
 def _tgis_prefix_scenario(rank: int, world_size: int, port: int, model_dir: str, store: str, ids: list[int]):
-    engine = native_engine(rank, world_size, port, model_dir, prefix_store_path=Path(store))
-    tokens, state = engine.prefill(pb.Batch(id=1, requests=[request(0, ids, NEW_TOKENS, prefix_id="both")]))
-    outputs = {0: [tokens[0].token_id]}
-    decode_steps(engine, state, outputs, NEW_TOKENS - 1)
-    return outputs[0]
+    driver = StepDriver(native_engine(rank, world_size, port, model_dir, prefix_store_path=Path(store)))
+    driver.join(request(0, ids, NEW_TOKENS, prefix_id="both"))
+    driver.run_until(NEW_TOKENS)
+    return driver.outputs[0]
 
 
 def test_tgis_encoder_and_decoder_prefix_files_on_two_ranks_equal_transformers(tmp_path):

@@ -1,52 +1,61 @@
 """The batching loop against a scripted shard: order, cancellation, time limits, failure
-isolation, and the invariant that every accepted request ends exactly once."""
+isolation, preemption and chunked prefill, and the invariant that every accepted request ends
+exactly once."""
 
 from __future__ import annotations
 
 import asyncio
 import random
-import time
 from collections.abc import Awaitable, Callable
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
-from tests.support.fake_shard import EOS_ID, FakeShards, expected_text, rpc_error, save_word_tokenizer
+from tests.support.fake_shard import EOS_ID, FakeShards, expected_text, rpc_error, token_at
+from tests.support.word_requests import word_request
 from tgis_proto import generation_pb2 as fmaas
+from tgis_proto import shard_pb2 as pb
 from tgis_router.active import ActiveRequest
 from tgis_router.admission import Admission, AdmissionConfig, MemoryModel
-from tgis_router.batcher import NEVER_FITS, Batcher
+from tgis_router.batcher import Batcher
 from tgis_router.errors import GenerationFailedError, OutOfMemoryError, RouterError, ShardUnavailableError
 from tgis_router.events import Finish, NewToken
 from tgis_router.health import GenerationHealth
+from tgis_router.kv_blocks import BlockPool
 from tgis_router.queue import RequestQueue
 from tgis_router.requests import StopReason
 from tgis_router.responses import unary_response
+from tgis_router.scheduler import NEVER_FITS, PaddedScheduler, PagedScheduler
 from tgis_router.shard_client import ShardClient
 from tgis_router.tokenization import TokenizerPool
-from tgis_router.validation import Limits, validate_input, validate_params
 
-LIMITS = Limits(max_new_tokens=100, max_sequence_length=256, default_include_stop_seqs=True)
 ROOMY = MemoryModel(limit=1e12, bytes_per_token=1.0, prefill_bytes_per_token=0.0, padded=False)
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    pool = TokenizerPool(save_word_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json"), workers=1)
-    yield pool
-    pool.close()
-
-
 class Harness:
-    """A queue, a batcher on fake shards, and a way to submit requests as the service does."""
+    """A queue, a batcher on fake shards, and a way to submit requests as the service does. A
+    fake with a KV cache gets the paged scheduler (``step_tokens`` per step), else the padded one."""
 
-    def __init__(self, tokenizer: TokenizerPool, shards: FakeShards, config: AdmissionConfig, model: MemoryModel):
+    def __init__(
+        self,
+        tokenizer: TokenizerPool,
+        shards: FakeShards,
+        config: AdmissionConfig,
+        model: MemoryModel,
+        step_tokens: int,
+    ):
         self.tokenizer = tokenizer
         self.shards = shards
         self.queue = RequestQueue()
         self.health = GenerationHealth(shards)  # type: ignore[arg-type]
-        admission = Admission(model, config)
-        self.batcher = Batcher(shards, self.queue, admission, self.health)  # type: ignore[arg-type]
+        if shards.kv_cache is not None:
+            blocks = BlockPool(shards.kv_cache.num_blocks, shards.kv_cache.block_size)
+            scheduler = PagedScheduler(self.queue, config.max_batch_size, blocks, step_tokens)
+        else:
+            scheduler = PaddedScheduler(self.queue, Admission(model, config))
+        self.scheduler = scheduler
+        self.batcher = Batcher(shards, self.queue, scheduler, self.health)  # type: ignore[arg-type]
         self._ids = iter(range(1, 10**6))
 
     def submit(
@@ -57,10 +66,7 @@ class Harness:
             time_limit_millis=time_limit_ms,
             stop_sequences=[stopping_sequence] if stopping_sequence else [],
         )
-        p = validate_params(fmaas.Parameters(stopping=stopping, **params), LIMITS)
-        input_ids = [4 + i for i in range(words)]
-        request = validate_input(0, " ".join(f"w{i}" for i in range(words)), input_ids, p, LIMITS)
-        entry = ActiveRequest(next(self._ids), request, self.tokenizer, {EOS_ID}, True, "batch", time.monotonic(), True)
+        entry = word_request(next(self._ids), self.tokenizer, words, fmaas.Parameters(stopping=stopping, **params))
         self.queue.put(entry)
         return entry
 
@@ -72,11 +78,12 @@ def run_with_batcher(
     max_batch_size: int = 8,
     model: MemoryModel = ROOMY,
     queue_jump_window_s: float = 1.0,
+    step_tokens: int = 2048,
 ) -> Harness:
     config = AdmissionConfig(max_batch_size=max_batch_size, queue_jump_window_s=queue_jump_window_s)
 
     async def main() -> Harness:
-        harness = Harness(tokenizer, shards or FakeShards(), config, model)
+        harness = Harness(tokenizer, shards or FakeShards(), config, model, step_tokens)
         task = asyncio.create_task(harness.batcher.run())
         try:
             await asyncio.wait_for(scenario(harness), 20)
@@ -85,7 +92,9 @@ def run_with_batcher(
             await asyncio.gather(task, return_exceptions=True)
         return harness
 
-    return asyncio.run(main())
+    harness = asyncio.run(main())
+    assert harness.shards.violations == []
+    return harness
 
 
 async def outcome(entry: ActiveRequest) -> fmaas.GenerationResponse | RouterError:
@@ -165,20 +174,21 @@ def test_a_request_that_does_not_fit_yet_is_passed_only_by_requests_that_arrived
 
 def test_a_bug_in_the_loop_fails_the_running_batch_clears_the_shards_and_the_loop_goes_on(tokenizer, monkeypatch):
     async def scenario(h: Harness) -> None:
-        apply = h.batcher._apply
+        hand_out = h.batcher._hand_out
         calls = {"n": 0}
 
-        def buggy(response):
+        def buggy(outcome):
             calls["n"] += 1
             if calls["n"] == 3:
                 raise KeyError("bookkeeping bug")
-            return apply(response)
+            return hand_out(outcome)
 
-        monkeypatch.setattr(h.batcher, "_apply", buggy)
+        monkeypatch.setattr(h.batcher, "_hand_out", buggy)
         first = await outcome(h.submit(max_new_tokens=10))
         assert isinstance(first, GenerationFailedError)
         assert "internal error in the batching loop" in str(first)
-        assert None in h.shards.cleared  # every shard batch dropped
+        assert h.shards.resets == 1  # every request dropped from the shards
+        assert h.shards.requests == {}
         after = h.submit(max_new_tokens=3)
         assert (await outcome(after)).text == expected_text(after.id, 3)
 
@@ -216,41 +226,40 @@ def test_time_limits_end_requests_in_the_queue_and_while_running(tokenizer):
     run_with_batcher(tokenizer, scenario, shards=FakeShards(step_delay=0.005), max_batch_size=1)
 
 
-def test_a_failed_prefill_fails_only_the_joining_requests(tokenizer):
-    def on_prefill(ids: list[int]) -> None:
-        if 2 in ids:
-            raise rpc_error(grpc.StatusCode.INTERNAL, "prefill failed: boom")
-
+def test_joining_requests_the_shard_reports_failed_fail_alone_and_the_running_go_on(tokenizer):
     async def scenario(h: Harness) -> None:
         running = h.submit(max_new_tokens=20)
         await asyncio.sleep(0.01)
         joining = h.submit()
-        assert isinstance(await outcome(joining), GenerationFailedError)
+        answer = await outcome(joining)
+        assert isinstance(answer, OutOfMemoryError)
         assert (await outcome(running)).generated_token_count == 20
         after = h.submit(max_new_tokens=2)
         assert (await outcome(after)).text == expected_text(after.id, 2)
 
-    h = run_with_batcher(tokenizer, scenario, shards=FakeShards(step_delay=0.001, on_prefill=on_prefill))
-    assert h.shards.cleared  # the failed batch was cleared on the shards
+    h = run_with_batcher(tokenizer, scenario, shards=FakeShards(step_delay=0.001, on_join=lambda ids: [2]))
+    assert h.shards.resets == 0
 
 
 def test_a_failed_step_fails_the_running_batch_clears_it_and_the_loop_goes_on(tokenizer):
-    fail = {"armed": True}
+    steps = {"n": 0}
 
-    def on_next_token(ids: list[int]) -> None:
-        if fail["armed"] and len(ids) == 2:
-            fail["armed"] = False
-            raise rpc_error(grpc.StatusCode.INTERNAL, "next token step failed: boom")
+    def on_step(ids: list[int]) -> None:
+        steps["n"] += 1
+        if steps["n"] == 3:  # both requests are decoding
+            raise rpc_error(grpc.StatusCode.INTERNAL, "step failed: boom")
 
     async def scenario(h: Harness) -> None:
         entries = [h.submit(max_new_tokens=10) for _ in range(2)]
         answers = await asyncio.gather(*(outcome(e) for e in entries))
-        assert all(isinstance(a, GenerationFailedError) and "boom" in str(a) for a in answers)
-        assert h.shards.batches == {}
+        assert all(isinstance(a, GenerationFailedError) for a in answers)
+        assert all("boom" in str(a) for a in answers)
+        assert h.shards.requests == {}
+        assert h.shards.resets == 1
         after = h.submit(max_new_tokens=3)
         assert (await outcome(after)).text == expected_text(after.id, 3)
 
-    run_with_batcher(tokenizer, scenario, shards=FakeShards(on_next_token=on_next_token))
+    run_with_batcher(tokenizer, scenario, shards=FakeShards(on_step=on_step))
 
 
 def test_requests_the_shard_reports_failed_get_resource_exhausted_and_the_rest_go_on(tokenizer):
@@ -262,7 +271,7 @@ def test_requests_the_shard_reports_failed_get_resource_exhausted_and_the_rest_g
         for i in (0, 2, 3):
             assert answers[i].text == expected_text(entries[i].id, 6)
 
-    shards = FakeShards(on_next_token=lambda ids: [2] if 2 in ids else None)
+    shards = FakeShards(on_step=lambda ids: [2] if 2 in ids else None)
     run_with_batcher(tokenizer, scenario, shards=shards)
 
 
@@ -276,7 +285,7 @@ def test_a_lost_shard_reads_unavailable(tokenizer):
         assert answer.status == grpc.StatusCode.UNAVAILABLE
         assert "failed to connect" in str(answer)
 
-    run_with_batcher(tokenizer, scenario, shards=FakeShards(on_prefill=gone))
+    run_with_batcher(tokenizer, scenario, shards=FakeShards(on_step=gone))
 
 
 def test_one_requests_token_handling_failure_fails_only_that_request(tokenizer, monkeypatch):
@@ -298,14 +307,14 @@ def test_one_requests_token_handling_failure_fails_only_that_request(tokenizer, 
 
 def test_a_request_admission_cannot_judge_fails_alone(tokenizer, monkeypatch):
     async def scenario(h: Harness) -> None:
-        select = h.batcher._admission.select
+        select = h.scheduler.admission.select
 
         def picky(running, queue, waited_steps=0):
             if any(c.input_length == 7 for c in queue):
                 raise ZeroDivisionError("admission bug")
             return select(running, queue, waited_steps)
 
-        monkeypatch.setattr(h.batcher._admission, "select", picky)
+        monkeypatch.setattr(h.scheduler.admission, "select", picky)
         good, bad = h.submit(words=3), h.submit(words=7)
         answers = await asyncio.gather(outcome(good), outcome(bad))
         assert answers[0].generated_token_count == 5
@@ -329,7 +338,7 @@ def test_a_request_that_can_never_fit_gets_resource_exhausted(tokenizer):
 def test_health_pings_while_steps_succeed_and_runs_a_forward_pass_after_a_failure(tokenizer):
     failing = {"on": False}
 
-    def on_next_token(ids: list[int]) -> None:
+    def on_step(ids: list[int]) -> None:
         if failing["on"]:
             raise rpc_error(grpc.StatusCode.INTERNAL, "boom")
 
@@ -345,7 +354,7 @@ def test_health_pings_while_steps_succeed_and_runs_a_forward_pass_after_a_failur
         assert await h.health.check() is None  # the forward pass works again: healthy
         assert await h.health.check() is None
 
-    h = run_with_batcher(tokenizer, scenario, shards=FakeShards(on_next_token=on_next_token))
+    h = run_with_batcher(tokenizer, scenario, shards=FakeShards(on_step=on_step))
     assert h.shards.health_calls == [True, False, True, True, False]
 
 
@@ -378,13 +387,11 @@ def test_every_request_ends_exactly_once_under_random_faults_and_cancellations(t
                 assert answer.text == expected_text(entry.id, answer.generated_token_count)
                 assert answer.generated_token_count == entry.request.max_new_tokens
         assert all(e.finished for e in entries)
-        while h.shards.batches:  # the last finished requests leave on the next step
+        while h.shards.requests:  # the last finished requests leave with one more step
             await asyncio.sleep(0.001)
-            if not h.batcher._running:
-                break
-        assert h.shards.held_request_ids() <= {e.id for e in entries if not e.finished}
+        assert not h.scheduler.running
 
-    shards = FakeShards(on_prefill=maybe_fail, on_next_token=maybe_fail)
+    shards = FakeShards(on_join=maybe_fail, on_step=maybe_fail)
     run_with_batcher(tokenizer, scenario, shards=shards)
 
 
@@ -392,17 +399,7 @@ def test_eos_from_the_shard_ends_the_request_without_its_text(tokenizer):
     # EOS from the shard ends the request with EOS_TOKEN; the EOS text never shows.
     async def scenario(h: Harness) -> None:
         entry = h.submit(max_new_tokens=10)
-        h.shards.generated[entry.id] = 0
-        original = h.shards._generations
-
-        def with_eos(request_ids):
-            generations = original(request_ids)
-            for g in generations:
-                if h.shards.generated[g.request_id] == 3:
-                    g.token.id = EOS_ID
-            return generations
-
-        h.shards._generations = with_eos  # type: ignore[method-assign]
+        h.shards.tokens = lambda rid, position: EOS_ID if position == 2 else token_at(rid, position)
         answer = await outcome(entry)
         assert answer.stop_reason == fmaas.EOS_TOKEN
         assert answer.generated_token_count == 3
@@ -462,3 +459,55 @@ def test_a_stop_sequence_ends_the_request_a_step_later_and_that_token_is_never_s
         assert terminal_events(entry) == 0
 
     run_with_batcher(tokenizer, scenario, shards=FakeShards(step_delay=0.001))
+
+
+def _preemptions() -> float:
+    return REGISTRY.get_sample_value("tgi_request_preemptions_total") or 0.0
+
+
+def test_a_full_cache_preempts_the_latest_request_which_resumes_with_every_token_unchanged(tokenizer):
+    # 12 blocks of 4 tokens; each request needs 5 (6 prompt + 12 new tokens): 6 cannot all fit.
+    shards = FakeShards(step_delay=0.0005, kv_cache=pb.KVCacheLayout(num_blocks=12, block_size=4))
+    before = _preemptions()
+
+    async def scenario(h: Harness) -> None:
+        entries = [h.submit(words=6, max_new_tokens=12) for _ in range(6)]
+        answers = await asyncio.gather(*(outcome(e) for e in entries))
+        for entry, answer in zip(entries, answers, strict=True):
+            assert answer.text == expected_text(entry.id, 12)
+            assert answer.generated_token_count == 12
+            assert terminal_events(entry) == 0
+        while h.scheduler.running:
+            await asyncio.sleep(0.001)
+        assert h.scheduler.blocks.free == 12
+
+    h = run_with_batcher(tokenizer, scenario, shards=shards)
+    assert _preemptions() > before
+    resumed = [r for step in h.shards.steps for r in step.joins if r.resumed_tokens]
+    assert resumed  # ... and came back with the tokens they had generated in their prompt
+    assert all(list(r.input_ids[6:]) == [token_at(r.id, i) for i in range(r.resumed_tokens)] for r in resumed)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_running_request_keeps_decoding(tokenizer):
+    shards = FakeShards(step_delay=0.0005, kv_cache=pb.KVCacheLayout(num_blocks=64, block_size=4))
+
+    async def scenario(h: Harness) -> None:
+        running = h.submit(words=2, max_new_tokens=30)
+        while h.shards.generated.get(running.id, 0) < 2:
+            await asyncio.sleep(0.0005)
+        long = h.submit(words=40, max_new_tokens=3)
+        answers = await asyncio.gather(outcome(running), outcome(long))
+        assert answers[0].text == expected_text(running.id, 30)
+        assert answers[1].text == expected_text(long.id, 3)
+        chunks = [
+            step
+            for step in h.shards.steps
+            for work in step.scheduled
+            if work.request_id == long.id and work.num_tokens > 1
+        ]
+        assert len(chunks) == 6  # 40 prompt tokens, 7 a step beside one decode: 5 × 7 + 5
+        for step in chunks:
+            assert sum(w.num_tokens for w in step.scheduled) <= 8
+            assert running.id in {w.request_id for w in step.scheduled}  # the decode never waits
+
+    run_with_batcher(tokenizer, scenario, shards=shards, max_batch_size=4, step_tokens=8)

@@ -107,17 +107,17 @@ def test_refusals_have_their_status_and_message_and_are_counted_once(tokenizer_f
 
 def test_a_failed_generation_is_internal_and_counted_once(tokenizer_file):
     def boom(ids: list[int]) -> None:
-        raise rpc_error(grpc.StatusCode.INTERNAL, "next token step failed: boom")
+        raise rpc_error(grpc.StatusCode.INTERNAL, "step failed: boom")
 
     async def scenario(s: RouterInProcess) -> None:
         before = _failures("generate"), _failures()
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await s.stub.Generate(_batch(["w1"], _params()))
         assert e.value.code() == grpc.StatusCode.INTERNAL
-        assert e.value.details() == "generation failed: next token step failed: boom"
+        assert e.value.details() == "generation failed: step failed: boom"
         assert (_failures("generate"), _failures()) == (before[0] + 1, before[1] + 1)
 
-    run_service(tokenizer_file, scenario, FakeShards(on_next_token=boom))
+    run_service(tokenizer_file, scenario, FakeShards(on_step=boom))
 
 
 def test_a_client_that_leaves_frees_its_slot_and_its_requests_leave_the_batch(tokenizer_file):

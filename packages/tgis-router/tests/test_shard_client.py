@@ -21,14 +21,12 @@ class RecordingStub:
         self._log.append((self._rank, "end", name))
         return response
 
-    def NextToken(self, request, **_: object):
-        return self._call("NextToken", pb.StepResponse(batch_id=request.batch_id))
+    def Step(self, request, **_: object):
+        name = "Step" if request.leaves else "Step2"
+        return self._call(name, pb.StepResponse(failures=[pb.RequestFailure(request_id=r) for r in request.leaves]))
 
-    def Prefill(self, request, **_: object):
-        return self._call("Prefill", pb.StepResponse(batch_id=request.batch.id))
-
-    def ClearCache(self, request, **_: object):
-        return self._call("ClearCache", pb.ClearCacheResponse())
+    def Reset(self, request, **_: object):
+        return self._call("Reset", pb.ResetResponse())
 
     def Health(self, request, **_: object):
         return self._call("Forward" if request.forward else "Ping", pb.HealthResponse())
@@ -39,27 +37,27 @@ def test_batch_operations_run_one_at_a_time_in_order_on_every_rank_and_pings_do_
 
     async def main() -> None:
         client = ShardClient([])
-        client._stubs = [RecordingStub(r, log, {"NextToken": 0.02, "Prefill": 0.01}) for r in range(2)]
-        step = client.next_token(1, [], [])  # sent at once: nothing is in flight
-        assert (0, "start", "NextToken") not in log  # ... but it starts when the loop runs
-        prefill = client.prefill(pb.Batch(id=2))
+        client._stubs = [RecordingStub(r, log, {"Step": 0.02, "Step2": 0.01}) for r in range(2)]
+        step = client.step(pb.StepRequest(leaves=[1]))  # sent at once: nothing is in flight
+        assert (0, "start", "Step") not in log  # ... but it starts when the loop runs
+        second = client.step(pb.StepRequest())
         forward = asyncio.ensure_future(client.health(forward=True))
-        clear = asyncio.ensure_future(client.clear_cache(2))
+        reset = asyncio.ensure_future(client.reset())
         await asyncio.sleep(0.005)
         await client.health(forward=False)  # a ping answers while the step runs
-        assert (await step).batch_id == 1
-        assert (await prefill).batch_id == 2
+        assert [f.request_id for f in (await step).failures] == [1]  # rank 0's answer
+        assert list((await second).failures) == []
         await forward
-        await clear
+        await reset
 
     asyncio.run(main())
     for rank in range(2):
         events = [(kind, name) for r, kind, name in log if r == rank and name != "Ping"]
         names = [name for kind, name in events if kind == "start"]
-        assert names == ["NextToken", "Prefill", "Forward", "ClearCache"]
+        assert names == ["Step", "Step2", "Forward", "Reset"]
         # Each one ends before the next starts.
         assert events == [(kind, name) for name in names for kind in ("start", "end")]
     # ... and on every rank: the next one starts after the slowest rank answered.
-    assert log.index((0, "start", "Prefill")) > log.index((1, "end", "NextToken"))
+    assert log.index((0, "start", "Step2")) > log.index((1, "end", "Step"))
     ping_start = log.index((0, "start", "Ping"))
-    assert ping_start < log.index((0, "end", "NextToken"))
+    assert ping_start < log.index((0, "end", "Step"))

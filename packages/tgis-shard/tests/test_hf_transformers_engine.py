@@ -7,10 +7,10 @@ import torch
 
 from tests.support.engines import (
     NEW_TOKENS,
+    StepDriver,
     check_one_batch_equals_reference,
     check_sdpa_engine_or_refusal,
     cpu_engine,
-    decode_steps,
     request,
     start_then_join,
 )
@@ -35,32 +35,40 @@ def test_left_padded_batch_equals_unpadded_reference(engine, prompt_ids, expecte
 
 
 def test_joining_and_pruning_mid_generation_changes_no_output(engine, prompt_ids, expected):
-    joined = start_then_join(engine, prompt_ids)
-    running, joining, outputs = joined.running, joined.joining, joined.outputs
-    assert running.batch_id == 1
-    assert running.request_ids == [0, 1, 2]
+    driver = start_then_join(engine, prompt_ids)
+    joining = engine.prefilled_batch
+    assert joining is not None
+    assert joining.request_ids == [1, 2]
+    driver.step()  # merges the joiners, then decodes all three
+    assert engine.batch.request_ids == [0, 1, 2]
     # The joining batch's cache was copied into the merged one and let go, layer by layer.
     assert all(layer.keys.numel() == layer.values.numel() == 0 for layer in joining.cache.layers)
-    decode_steps(engine, running, outputs, 2)
+    driver.run(1)
     # Request 2 (the longest prompt) leaves: its padding columns go with it.
-    width_before = running.attention_mask.shape[1]
-    running = running.filter([0, 1])
-    assert running.attention_mask.shape[1] < width_before
-    decode_steps(engine, running, outputs, NEW_TOKENS)
+    width_before = engine.batch.attention_mask.shape[1]
+    driver.leave(2)
+    driver.step()
+    assert engine.batch.attention_mask.shape[1] < width_before + 1  # the step's decode added one
+    assert engine.batch.request_ids == [0, 1]
+    driver.run(NEW_TOKENS)
     for i in (0, 1):
-        assert outputs[i][: len(expected[i])] == expected[i]
-    assert outputs[2] == expected[2][:3]
-    assert running.filter([]) is None
+        assert driver.outputs[i][: len(expected[i])] == expected[i]
+    assert driver.outputs[2] == expected[2][:3]
+    driver.leave(0, 1)
+    driver.step()
+    assert engine.batch is None
+    assert engine.request_ids() == []
 
 
 def test_token_details_are_log_softmax_of_the_reference_scores(engine, model_dir, prompt_ids):
-    tokens, _ = engine.prefill(
-        pb.Batch(id=1, requests=[request(0, prompt_ids[2], NEW_TOKENS, logprobs=True, ranks=True, top_n=3)])
-    )
+    driver = StepDriver(engine)
+    driver.join(request(0, prompt_ids[2], NEW_TOKENS, logprobs=True, ranks=True, top_n=3))
+    (token,) = driver.step()
+    driver.leave(0)
+    driver.step()
     with torch.no_grad():
         logits = engine.model(torch.tensor([prompt_ids[2]])).logits[0, -1]
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    token = tokens[0]
     assert token.token_id == int(logprobs.argmax())
     assert token.logprob == pytest.approx(float(logprobs.max()), abs=1e-4)
     assert token.rank == 1

@@ -1,5 +1,5 @@
 """Each logits processor against the transformers processor of the same name, row by row, and
-the batch chooser's sampling and details."""
+the sampler's draws, state and details."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from transformers.generation.logits_process import (
 
 from tgis_proto import shard_pb2 as pb
 from tgis_shard import logits as lp
+from tgis_shard.sampler import Sampler, uniform
 
 VOCAB = 64
 EOS = 1
@@ -46,7 +47,7 @@ def test_temperature_matches_transformers(scores):
 
 def test_top_k_matches_transformers(scores):
     values = [1, 5, 0, 64, 100]
-    ours = lp.top_k(scores.clone(), torch.tensor(values))
+    ours = lp.top_k(scores.clone(), torch.tensor(values), max(values))
     expected = _rowwise(TopKLogitsWarper, scores, [v if v else None for v in values])
     assert torch.equal(ours, expected)
 
@@ -107,56 +108,120 @@ def test_length_penalty_keeps_a_masked_eos_masked(scores):
     assert torch.isneginf(out[:, EOS]).all()
 
 
-def _request(rid: int, **chooser) -> pb.Request:
+def _request(rid: int, resumed_tokens: int = 0, **chooser) -> pb.Request:
     details = pb.TokenDetailOptions(logprobs=True, ranks=True, top_n=3)
-    return pb.Request(id=rid, input_ids=[5, 6, 7], chooser=pb.NextTokenChooser(**chooser), details=details)
+    return pb.Request(
+        id=rid,
+        input_ids=[5, 6, 7],
+        chooser=pb.NextTokenChooser(**chooser),
+        details=details,
+        resumed_tokens=resumed_tokens,
+    )
 
 
-def _sample_sequence(chooser: lp.BatchTokenChooser, row: int, logits: list[torch.Tensor]) -> list[int]:
-    return [int(chooser.choose(step).token_ids[row]) for step in logits]
+def _sampler(*requests: pb.Request, capacity: int = 4) -> Sampler:
+    sampler = Sampler(capacity, VOCAB, [EOS], torch.device("cpu"))
+    for request in requests:
+        sampler.add(request, request.input_ids)
+    return sampler
+
+
+def _sample_sequence(sampler: Sampler, ids: list[int], row: int, logits: list[torch.Tensor]) -> list[int]:
+    tokens = []
+    for step in logits:
+        choice = sampler.choose(step, ids)
+        choice.commit()
+        tokens.append(int(choice.token_ids[row]))
+    return tokens
+
+
+def _splitmix64(seed: int, n: int) -> list[float]:
+    """The reference: splitmix64's first n outputs for a seed, as (0, 1] doubles."""
+    mask, state, out = 2**64 - 1, seed, []
+    for _ in range(n):
+        state = (state + 0x9E3779B97F4A7C15) & mask
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        z ^= z >> 31
+        out.append(((z >> 11) + 1) * 2.0**-53)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**32 - 1, 2**63 + 12345, 2**64 - 1])
+def test_draws_are_splitmix64_of_the_seed_at_each_count(seed):
+    signed = seed - 2**64 if seed >= 2**63 else seed
+    counters = torch.arange(6)
+    draws = uniform(torch.full((6,), signed, dtype=torch.long), counters)
+    assert draws.tolist() == _splitmix64(seed, 6)
 
 
 def test_seeded_sampling_is_independent_of_the_batch_around_it():
     steps = [torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(i)) for i in range(10)]
     other = [torch.randn(1, VOCAB) for _ in range(10)]
     sampled = {"sample": True, "seed": 1234, "temperature": 1.5, "top_k": 20}
-    alone = lp.BatchTokenChooser.from_requests([_request(1, **sampled)], [EOS], VOCAB, torch.device("cpu"), True)
-    with_others = lp.BatchTokenChooser.from_requests(
-        [_request(2, sample=True, seed=9), _request(1, **sampled), _request(3)], [EOS], VOCAB, torch.device("cpu"), True
-    )
-    expected = _sample_sequence(alone, 0, steps)
+    alone = _sampler(_request(1, **sampled))
+    with_others = _sampler(_request(2, sample=True, seed=9), _request(1, **sampled), _request(3))
+    expected = _sample_sequence(alone, [1], 0, steps)
     mixed = [torch.cat([o, s, o]) for o, s in zip(other, steps, strict=True)]
-    assert _sample_sequence(with_others, 1, mixed) == expected
+    assert _sample_sequence(with_others, [2, 1, 3], 1, mixed) == expected
     assert len(set(expected)) > 1  # it really samples
+
+
+def test_a_resumed_request_draws_what_it_would_have_drawn_next():
+    steps = [torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    params = {"sample": True, "seed": 77, "top_p": 0.9}
+    whole = _sample_sequence(_sampler(_request(1, **params)), [1], 0, steps)
+    resumed = _sample_sequence(_sampler(_request(1, resumed_tokens=5, **params)), [1], 0, steps[5:])
+    assert resumed == whole[5:]
+
+
+def test_a_choice_changes_nothing_until_committed():
+    steps = [torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    sampler = _sampler(_request(1, sample=True, seed=3), _request(2, repetition_penalty=1.5))
+    first = sampler.choose(steps[0], [1, 2])
+    again = sampler.choose(steps[0], [1, 2])
+    assert torch.equal(first.token_ids, again.token_ids)
+    again.commit()
+    assert _sample_sequence(sampler, [1, 2], 0, steps[1:]) == _sample_sequence(
+        _committed_once(steps[0]), [1, 2], 0, steps[1:]
+    )
+
+
+def _committed_once(logits: torch.Tensor) -> Sampler:
+    sampler = _sampler(_request(1, sample=True, seed=3), _request(2, repetition_penalty=1.5))
+    sampler.choose(logits, [1, 2]).commit()
+    return sampler
 
 
 def test_different_seeds_give_different_samples():
     steps = [torch.zeros(1, VOCAB) for _ in range(20)]  # uniform: every draw is free
-    device = torch.device("cpu")
-    a = lp.BatchTokenChooser.from_requests([_request(1, sample=True, seed=1)], [EOS], VOCAB, device, True)
-    b = lp.BatchTokenChooser.from_requests([_request(1, sample=True, seed=2)], [EOS], VOCAB, device, True)
-    assert _sample_sequence(a, 0, steps) != _sample_sequence(b, 0, steps)
+    a = _sampler(_request(1, sample=True, seed=1))
+    b = _sampler(_request(1, sample=True, seed=2))
+    assert _sample_sequence(a, [1], 0, steps) != _sample_sequence(b, [1], 0, steps)
 
 
 def test_greedy_rows_ignore_sampling_parameters(scores):
     greedy = pb.Request(id=1, chooser=pb.NextTokenChooser(sample=False, temperature=0.1, top_k=1, top_p=0.1))
-    chooser = lp.BatchTokenChooser.from_requests([greedy], [EOS], VOCAB, torch.device("cpu"), True)
-    assert torch.equal(chooser.process(scores[:1]), scores[:1])
-    assert int(chooser.choose(scores[:1]).token_ids[0]) == int(scores[0].argmax())
+    greedy.details.logprobs = True
+    choice = _sampler(greedy).choose(scores[:1], [1])
+    assert int(choice.token_ids[0]) == int(scores[0].argmax())
+    assert float(choice.details.logprobs[0]) == pytest.approx(float(scores[0].log_softmax(-1).max()))
 
 
 def test_details_come_from_log_softmax_of_the_final_scores(scores):
     request = _request(1, sample=True, seed=3, top_k=5, repetition_penalty=1.3)
-    chooser = lp.BatchTokenChooser.from_requests([request], [EOS], VOCAB, torch.device("cpu"), True)
-    final = lp.BatchTokenChooser.from_requests([request], [EOS], VOCAB, torch.device("cpu"), True).process(scores[:1])
-    chosen = chooser.choose(scores[:1])
+    seen = torch.zeros(1, VOCAB, dtype=torch.bool)
+    seen[0, request.input_ids] = True
+    final = lp.repetition_penalty(scores[:1].clone(), seen, torch.tensor([1.3]))
+    final = lp.top_k(final, torch.tensor([5]), 5)
+    choice = _sampler(request).choose(scores[:1], [1])
     logprobs = final.log_softmax(dim=-1)[0]
-    token = int(chosen.token_ids[0])
-    assert torch.isfinite(final[0, token])
-    assert float(chosen.details.logprobs[0]) == pytest.approx(float(logprobs[token]))
-    assert int(chosen.details.ranks[0]) == 1 + int((logprobs > logprobs[token]).sum())
-    top = lp.top_tokens(chosen.details.top_ids[0].tolist(), chosen.details.top_logprobs[0].tolist(), 3)
-    assert [t for t, _ in top] == logprobs.topk(3).indices.tolist()
+    (token,) = choice.generated_tokens()
+    assert torch.isfinite(final[0, token.token_id])
+    assert token.logprob == pytest.approx(float(logprobs[token.token_id]))
+    assert token.rank == 1 + int((logprobs > logprobs[token.token_id]).sum())
+    assert [t for t, _ in token.top_tokens] == logprobs.topk(3).indices.tolist()
 
 
 def test_top_tokens_never_include_removed_tokens_and_keep_ties():
@@ -173,21 +238,25 @@ def test_top_tokens_never_include_removed_tokens_and_keep_ties():
 def test_min_new_tokens_masks_eos_until_reached():
     logits = torch.zeros(1, VOCAB)
     logits[0, EOS] = 100.0
-    chooser = lp.BatchTokenChooser.from_requests(
-        [_request(1, min_new_tokens=2)], [EOS], VOCAB, torch.device("cpu"), True
-    )
-    assert [int(chooser.choose(logits).token_ids[0]) for _ in range(3)][:2] != [EOS, EOS]
-    fresh = lp.BatchTokenChooser.from_requests([_request(1, min_new_tokens=2)], [EOS], VOCAB, torch.device("cpu"), True)
-    assert [int(fresh.choose(logits).token_ids[0]) for _ in range(3)][2] == EOS
+    tokens = _sample_sequence(_sampler(_request(1, min_new_tokens=2)), [1], 0, [logits] * 3)
+    assert EOS not in tokens[:2]
+    assert tokens[2] == EOS
 
 
 def test_repetition_penalty_covers_prompt_and_generated_tokens():
     logits = torch.zeros(1, VOCAB)
     logits[0, 6] = 1.0  # a prompt token
     logits[0, 10] = 0.9
-    chooser = lp.BatchTokenChooser.from_requests(
-        [_request(1, repetition_penalty=2.0)], [EOS], VOCAB, torch.device("cpu"), True
-    )
-    assert int(chooser.choose(logits).token_ids[0]) == 10  # 6 was in the prompt: 1.0 / 2 < 0.9
-    # 10 was just generated: 0.9 / 2 now loses to the prompt token's 1.0 / 2.
-    assert int(chooser.choose(logits).token_ids[0]) == 6
+    sampler = _sampler(_request(1, repetition_penalty=2.0))
+    # 6 was in the prompt: 1.0 / 2 < 0.9; then 10 was just generated: 0.9 / 2 loses to 1.0 / 2.
+    assert _sample_sequence(sampler, [1], 0, [logits, logits]) == [10, 6]
+
+
+def test_a_slot_reused_by_a_penalised_request_forgets_the_last_ones_history():
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 6] = 1.0
+    sampler = _sampler(_request(1, repetition_penalty=2.0), capacity=1)
+    sampler.remove(1)
+    fresh = pb.Request(id=2, input_ids=[9], chooser=pb.NextTokenChooser(repetition_penalty=2.0))
+    sampler.add(fresh, fresh.input_ids)
+    assert _sample_sequence(sampler, [2], 0, [logits]) == [6]

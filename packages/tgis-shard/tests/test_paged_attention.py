@@ -15,8 +15,6 @@ from tgis_shard.layers import paged_attention as paged_attention_module
 from tgis_shard.layers.paged_attention import (
     BLOCK_SIZES,
     AttentionMetadata,
-    BlockAllocator,
-    CacheFullError,
     PagedKVCache,
     _flash_attn,
     _flex_available,
@@ -90,11 +88,9 @@ class Engine:
         self.dtype, self.device, self.backend = dtype, device, backend
         self.sliding_window = sliding_window
         self.generator = torch.Generator().manual_seed(seed)
-        self.allocator = BlockAllocator(num_blocks)
-        # Hand the free list back in random order so block tables are scattered, not 0, 1, 2...
-        everything = self.allocator.allocate(num_blocks)
-        random.Random(seed).shuffle(everything)
-        self.allocator.free(everything)
+        # A free list in random order, so block tables are scattered, not 0, 1, 2...
+        self.free_blocks = list(range(num_blocks))
+        random.Random(seed).shuffle(self.free_blocks)
         self.cache = PagedKVCache(NUM_LAYERS, num_blocks, block_size, kv_heads, HEAD_DIM, dtype, device)
         self.alibi_slopes = torch.tensor([2 ** (-(i + 1) / 2) for i in range(heads)]) if alibi else None
         self.scale = HEAD_DIM**-0.5
@@ -111,7 +107,7 @@ class Engine:
                 self.seqs[name] = RunningSequence([empty] * NUM_LAYERS, [empty] * NUM_LAYERS)
             seq = self.seqs[name]
             missing = blocks_for(len(seq) + n, self.block_size) - len(seq.blocks)
-            seq.blocks += self.allocator.allocate(max(missing, 0))
+            seq.blocks += [self.free_blocks.pop() for _ in range(max(missing, 0))]
         seqs = [self.seqs[name] for name in new_tokens]
         query_lens = list(new_tokens.values())
         meta = AttentionMetadata.build(
@@ -152,7 +148,7 @@ class Engine:
         return meta
 
     def finish(self, name: str) -> None:
-        self.allocator.free(self.seqs.pop(name).blocks)
+        self.free_blocks += self.seqs.pop(name).blocks
 
 
 @CPU_BACKENDS
@@ -210,7 +206,7 @@ def test_freed_blocks_are_reused_without_stale_keys_leaking(backend: str) -> Non
     engine.step({"old": 17, "keep": 3})
     old_blocks = set(engine.seqs["old"].blocks)
     engine.finish("old")
-    assert engine.allocator.free_blocks == 7
+    assert len(engine.free_blocks) == 7
     # Shorter than the old sequence, so its blocks still hold the old keys past its length.
     engine.step({"keep": 1, "new": 6})
     assert set(engine.seqs["new"].blocks) <= old_blocks
@@ -288,31 +284,6 @@ def test_metadata_rejects_inconsistent_steps(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         AttentionMetadata.build(query_lens, context_lens, tables, block_size=4, device="cpu")
-
-
-def test_allocator_refuses_more_blocks_than_free_and_keeps_them() -> None:
-    allocator = BlockAllocator(4)
-    taken = allocator.allocate(3)
-    with pytest.raises(CacheFullError, match="asked for 2 blocks, 1 free") as error:
-        allocator.allocate(2)
-    assert (error.value.requested, error.value.free) == (2, 1)
-    assert allocator.free_blocks == 1
-    allocator.free(taken)
-    assert sorted(allocator.allocate(4)) == [0, 1, 2, 3]
-
-
-def test_allocator_rejects_double_free_and_unknown_blocks() -> None:
-    allocator = BlockAllocator(4)
-    blocks = allocator.allocate(2)
-    allocator.free(blocks)
-    with pytest.raises(ValueError, match="not allocated"):
-        allocator.free(blocks[:1])
-    with pytest.raises(ValueError, match="not allocated"):
-        allocator.free([17])
-    with pytest.raises(ValueError, match="twice"):
-        allocator.free([0, 0])
-    with pytest.raises(ValueError, match="allocate -1"):
-        allocator.allocate(-1)
 
 
 @pytest.mark.parametrize(

@@ -12,10 +12,10 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 from tests.support.engines import (
     NEW_TOKENS,
     PROMPTS,
+    StepDriver,
     check_one_batch_equals_reference,
     check_sdpa_engine_or_refusal,
     cpu_engine,
-    decode_steps,
     request,
     start_then_join,
 )
@@ -59,42 +59,48 @@ def test_right_padded_batch_equals_unpadded_reference(engine, prompt_ids, expect
 
 
 def test_joining_and_pruning_mid_generation_changes_no_output(engine, prompt_ids, expected):
-    joined = start_then_join(engine, prompt_ids)
-    running, joining, outputs = joined.running, joined.joining, joined.outputs
-    assert running.batch_id == 1
+    driver = start_then_join(engine, prompt_ids)
+    joining = engine.prefilled_batch
+    driver.step()  # merges the joiners, then decodes all three
+    running = engine.batch
     assert running.request_ids == [0, 1, 2]
     # The joining batch's caches were copied into the merged ones and let go, layer by layer.
     joined = [*joining.cache.self_attention_cache.layers, *joining.cache.cross_attention_cache.layers]
     assert all(layer.keys.numel() == layer.values.numel() == 0 for layer in joined)
     # The joined rows are at other decoder positions than the running one: left padding is in play.
-    assert running.decoder_mask.sum(dim=1).tolist() == [3, 1, 1]
-    decode_steps(engine, running, outputs, 2)
+    assert running.decoder_mask.sum(dim=1).tolist() == [5, 2, 2]
+    driver.run(1)
     # Request 2 (the longest prompt) leaves: its encoder padding columns go with it.
     encoder_width = running.encoder_mask.shape[1]
-    running = running.filter([0, 1])
+    driver.leave(2)
+    driver.step()
     assert running.encoder_mask.shape[1] < encoder_width
-    decode_steps(engine, running, outputs, 1)
     # Request 0 (the oldest) leaves: its decoder padding columns go with it.
     decoder_width = running.decoder_mask.shape[1]
-    running = running.filter([1])
-    assert running.decoder_mask.shape[1] < decoder_width
-    decode_steps(engine, running, outputs, NEW_TOKENS)
-    assert outputs[0] == expected[0][:6]
-    assert outputs[1][: len(expected[1])] == expected[1]
-    assert outputs[2] == expected[2][:3]
-    assert running.filter([]) is None
+    driver.leave(0)
+    driver.step()
+    assert running.decoder_mask.shape[1] < decoder_width + 1  # the step's decode added one
+    driver.run(NEW_TOKENS)
+    assert driver.outputs[0] == expected[0][:7]
+    assert driver.outputs[1][: len(expected[1])] == expected[1]
+    assert driver.outputs[2] == expected[2][:3]
+    driver.leave(1)
+    driver.step()
+    assert engine.batch is None
+    assert engine.request_ids() == []
 
 
 def test_token_details_are_log_softmax_of_the_first_decoder_step(engine, prompt_ids):
     ids = prompt_ids[2]
-    tokens, _ = engine.prefill(
-        pb.Batch(id=1, requests=[request(0, ids, NEW_TOKENS, logprobs=True, ranks=True, top_n=3, input_tokens=True)])
-    )
+    driver = StepDriver(engine)
+    driver.join(request(0, ids, NEW_TOKENS, logprobs=True, ranks=True, top_n=3, input_tokens=True))
+    (token,) = driver.step()
+    driver.leave(0)
+    driver.step()
     with torch.no_grad():
         start = torch.tensor([[engine.decoder_start_token_id]])
         logits = engine.model(input_ids=torch.tensor([ids]), decoder_input_ids=start).logits[0, -1]
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    token = tokens[0]
     assert token.token_id == int(logprobs.argmax())
     assert token.logprob == pytest.approx(float(logprobs.max()), abs=1e-4)
     assert token.rank == 1
@@ -127,9 +133,9 @@ def test_decoder_with_more_layers_than_the_encoder(tmp_path):
     # generate() itself fails here and the reference is an uncached greedy loop.
     engine = _engine(build_tiny_seq2seq_lm(tmp_path, arch="t5", num_decoder_layers=3))
     ids = AutoTokenizer.from_pretrained(tmp_path)(PROMPTS[0]).input_ids
-    tokens, state = engine.prefill(pb.Batch(id=1, requests=[request(0, ids, NEW_TOKENS)]))
-    outputs = {0: [tokens[0].token_id]}
-    decode_steps(engine, state, outputs, 3)
+    driver = StepDriver(engine)
+    driver.join(request(0, ids, NEW_TOKENS))
+    driver.run(4)
     decoded = [engine.decoder_start_token_id]
     with torch.no_grad():
         for _ in range(4):
@@ -137,7 +143,7 @@ def test_decoder_with_more_layers_than_the_encoder(tmp_path):
                 input_ids=torch.tensor([ids]), decoder_input_ids=torch.tensor([decoded]), use_cache=False
             ).logits
             decoded.append(int(logits[0, -1].argmax()))
-    assert outputs[0] == decoded[1:]
+    assert driver.outputs[0] == decoded[1:]
 
 
 def test_forced_first_token_of_the_generation_config_is_generated_first(tmp_path):
@@ -170,15 +176,12 @@ def test_tgis_encoder_and_decoder_prefix_files_equal_transformers(model_dir, pro
     engine = cpu_engine(model_dir, prefix_store_path=tmp_path)
     assert engine.prompt_prefix("both").length == 7
     chosen = {0: "both", 1: "", 2: "decoder"}
-    tokens, running = engine.prefill(
-        pb.Batch(id=1, requests=[request(i, prompt_ids[i], NEW_TOKENS, prefix_id=p) for i, p in chosen.items()])
-    )
-    outputs = {t.request_id: [t.token_id] for t in tokens}
-    decode_steps(engine, running, outputs, 2)
-    tokens, joining = engine.prefill(pb.Batch(id=2, requests=[request(3, prompt_ids[0], NEW_TOKENS, prefix_id="both")]))
-    outputs.update({t.request_id: [t.token_id] for t in tokens})
-    running = engine.concatenate([running, joining])
-    decode_steps(engine, running, outputs, NEW_TOKENS - 1)
+    driver = StepDriver(engine)
+    driver.join(*(request(i, prompt_ids[i], NEW_TOKENS, prefix_id=p) for i, p in chosen.items()))
+    driver.run(3)
+    driver.join(request(3, prompt_ids[0], NEW_TOKENS, prefix_id="both"))
+    driver.run_until(NEW_TOKENS)
+    outputs = driver.outputs
     chosen[3] = "both"
     for rid, prefix_id in chosen.items():
         tensors = saved.get(prefix_id, {})

@@ -25,9 +25,11 @@ def servicer(tmp_path_factory):
     return ShardServicer(FaultyEngine(cpu_engine(model_dir)))
 
 
-def _prefill(servicer: ShardServicer, batch_id: int, request_ids: list[int]) -> pb.StepResponse:
-    requests = [pb.Request(id=r, input_ids=[5, 6, 7], max_new_tokens=4) for r in request_ids]
-    return servicer.Prefill(pb.PrefillRequest(batch=pb.Batch(id=batch_id, requests=requests)), AbortingContext())
+def _step(servicer: ShardServicer, joining: list[int] = (), decoding: list[int] = ()) -> pb.StepResponse:
+    joins = [pb.Request(id=r, input_ids=[5, 6, 7], max_new_tokens=4) for r in joining]
+    scheduled = [pb.ScheduledTokens(request_id=r, num_tokens=3) for r in joining]
+    scheduled += [pb.ScheduledTokens(request_id=r, num_tokens=1) for r in decoding]
+    return servicer.Step(pb.StepRequest(joins=joins, scheduled=scheduled), AbortingContext())
 
 
 def _health_in_thread(servicer: ShardServicer, forward: bool) -> threading.Thread:
@@ -61,20 +63,31 @@ def test_a_failing_forward_pass_is_unavailable(servicer, monkeypatch):
 def test_step_failures_reach_the_router_as_per_request_failures_or_status_codes(servicer):
     engine = servicer.engine
     engine.bad_requests = {12}
-    response = _prefill(servicer, 1, [11, 12])
+    response = _step(servicer, joining=[11, 12])
     assert [g.request_id for g in response.generations] == [11]
     assert [(f.request_id, f.kind) for f in response.failures] == [(12, pb.FAILURE_INTERNAL)]
-    assert response.batch_id == 1
-    with pytest.raises(RuntimeError, match="ALREADY_EXISTS"):
-        _prefill(servicer, 1, [13])
-    with pytest.raises(RuntimeError, match="NOT_FOUND: unknown batch ids \\[7\\]"):
-        servicer.NextToken(pb.NextTokenRequest(batch_id=1, merge_batch_ids=[7]), AbortingContext())
-    engine.decode_error = out_of_memory()
-    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED: next token step failed: CUDA out of memory"):
-        servicer.NextToken(pb.NextTokenRequest(batch_id=1), AbortingContext())
-    assert len(servicer.batches) == 0
-    _prefill(servicer, 2, [14])
-    engine.decode_error = RuntimeError("a kernel failed")
-    with pytest.raises(RuntimeError, match="INTERNAL: next token step failed: a kernel failed"):
-        servicer.NextToken(pb.NextTokenRequest(batch_id=2), AbortingContext())
     engine.bad_requests = set()
+    response = _step(servicer, joining=[11])
+    assert [(f.request_id, f.kind) for f in response.failures] == [(11, pb.FAILURE_INTERNAL)]
+    assert "request 11 is in the batch already" in response.failures[0].message
+    with pytest.raises(RuntimeError, match="INTERNAL: step failed: requests \\[7\\] are not in the batch"):
+        _step(servicer, decoding=[11, 7])
+    assert len(servicer.steps) == 0
+    _step(servicer, joining=[13, 14])
+    engine.step_error = out_of_memory()
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED: step failed: CUDA out of memory"):
+        _step(servicer, decoding=[13, 14])
+    assert len(servicer.steps) == 0
+    _step(servicer, joining=[15])
+    engine.step_error = RuntimeError("a kernel failed")
+    with pytest.raises(RuntimeError, match="INTERNAL: step failed: a kernel failed"):
+        _step(servicer, decoding=[15])
+    assert len(servicer.steps) == 0
+
+
+def test_reset_drops_every_request(servicer):
+    _step(servicer, joining=[21, 22])
+    servicer.Reset(pb.ResetRequest(), AbortingContext())
+    assert len(servicer.steps) == 0
+    assert [g.request_id for g in _step(servicer, joining=[21]).generations] == [21]
+    servicer.Reset(pb.ResetRequest(), AbortingContext())

@@ -95,9 +95,10 @@ class ActiveRequest:
         )
 
     def started(self) -> None:
-        """Called when the request's prefill is sent."""
-        self._prefill_at = time.monotonic()
-        metrics.request_queue_duration.observe(self._prefill_at - self.arrival)
+        """Called when the request first joins a step (not again when it resumes after a preemption)."""
+        if self._prefill_at is None:
+            self._prefill_at = time.monotonic()
+            metrics.request_queue_duration.observe(self._prefill_at - self.arrival)
 
     def _detail(self, token: pb.Token) -> TokenDetail:
         return TokenDetail(
@@ -115,9 +116,9 @@ class ActiveRequest:
         )
         self.events.put_nowait(InputTokens(tokens))
 
-    def ends_with(self, token_id: int) -> bool:
-        """Whether this next token ends the request by EOS or length: known from the id alone."""
-        return token_stop_reason(self.request, token_id, self.generated + 1, self._eos_token_ids) is not None
+    def ends_with(self, token_id: int, generated: int) -> bool:
+        """Whether the ``generated``-th token ends the request by EOS or length: known from the id alone."""
+        return token_stop_reason(self.request, token_id, generated, self._eos_token_ids) is not None
 
     def add_token(self, token: pb.Token) -> bool:
         """Records one generated token; True when the request is now finished."""

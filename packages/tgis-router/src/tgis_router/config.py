@@ -100,6 +100,8 @@ class LauncherConfig:
     max_prefill_padding: float = 0.2
     batch_safety_margin: int = 20
     max_waiting_tokens: int = 24
+    max_step_tokens: int = 2048
+    kv_cache_manager_num_gpu_blocks: int | None = None
     port: int = 3000
     grpc_port: int = 8033
     shard_uds_path: str = "/tmp/tgis-shard"
@@ -136,6 +138,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_prefill_padding", _fraction, "largest fraction of padding in a prefill batch"),
     Option("batch_safety_margin", _percent, "percent of free memory kept out of the batch weight limit"),
     Option("max_waiting_tokens", _positive_int, "decode steps a waiting request may be passed over"),
+    Option(
+        "max_step_tokens",
+        _positive_int,
+        "tokens one step processes (decodes and prompt chunks); longer prompts are prefilled over several "
+        "steps (tgis_native)",
+    ),
+    Option(
+        "kv_cache_manager_num_gpu_blocks",
+        _positive_int,
+        "blocks of the paged KV cache (tgis_native; default: what fits in memory on a GPU, "
+        "MAX_BATCH_SIZE sequences of MAX_SEQUENCE_LENGTH on the CPU)",
+    ),
     Option("port", _port, "HTTP port for /health and /metrics"),
     Option("grpc_port", _port, "gRPC port of fmaas.GenerationService"),
     Option("shard_uds_path", str, "unix socket path prefix of the shards ({path}-{rank})"),

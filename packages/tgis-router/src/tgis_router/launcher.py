@@ -21,6 +21,7 @@ from tgis_proto.logs import configure_logging
 from tgis_proto.plugins import PluginError, Registry, load_registry
 from tgis_router.admission import Admission, memory_model
 from tgis_router.config import ConfigError, LauncherConfig, num_shards, parse_config
+from tgis_router.kv_blocks import blocks_for
 from tgis_router.router import ModelSetup, admission_config, run_router
 from tgis_router.shard_client import ShardClient
 
@@ -60,6 +61,15 @@ def _check_plugins(config: LauncherConfig, registry: Registry) -> None:
 
 def _check_one_request_fits(config: LauncherConfig, info: shard_pb.InfoResponse, max_sequence_length: int) -> None:
     """A configuration in which one maximum-length request cannot run would fail requests later."""
+    if info.HasField("kv_cache"):
+        layout = info.kv_cache
+        if blocks_for(max_sequence_length, layout.block_size) > layout.num_blocks:
+            raise LaunchError(
+                f"one request of MAX_SEQUENCE_LENGTH {max_sequence_length} tokens does not fit in the KV cache "
+                f"({layout.num_blocks} blocks of {layout.block_size} tokens); lower MAX_SEQUENCE_LENGTH or raise "
+                "KV_CACHE_MANAGER_NUM_GPU_BLOCKS"
+            )
+        return
     admission = Admission(memory_model(info), admission_config(config))
     if not admission.fits_alone(max_sequence_length - 1, 1):
         model = admission.model
@@ -139,6 +149,8 @@ async def _start_shards(
             args += ["--dtype-str", config.dtype_str]
         if config.prefix_store_path:
             args += ["--prefix-store-path", config.prefix_store_path]
+        if config.kv_cache_manager_num_gpu_blocks:
+            args += ["--kv-cache-blocks", str(config.kv_cache_manager_num_gpu_blocks)]
         args += ["--prompt-cache-size-mb", str(config.prompt_cache_size_mb)]
         env = _child_env(
             config,

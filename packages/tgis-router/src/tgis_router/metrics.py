@@ -50,3 +50,8 @@ prefill_tokens_limit_exceeded = Counter(
 )
 queue_jumps = Counter("tgi_queue_jump", "Requests admitted ahead of an earlier one that did not fit")
 add_on_waits = Counter("tgi_batch_add_on_wait", "Steps a small add-on waited (MAX_WAITING_TOKENS)")
+kv_cache_blocks = Gauge("tgi_kv_cache_blocks", "Blocks of the paged KV cache")
+kv_cache_blocks_used = Gauge("tgi_kv_cache_blocks_used", "Blocks of the paged KV cache held by requests")
+request_preemptions = Counter(
+    "tgi_request_preemptions", "Requests preempted when the KV cache ran full (recomputed later)"
+)

@@ -22,6 +22,12 @@ class RequestQueue:
         self._not_empty.set()
         metrics.queue_size.set(len(self._entries))
 
+    def put_front(self, entry: ActiveRequest) -> None:
+        """A preempted request waits ahead of every other: it was admitted before them."""
+        self._entries.appendleft(entry)
+        self._not_empty.set()
+        metrics.queue_size.set(len(self._entries))
+
     async def wait(self) -> None:
         """Returns once at least one entry is waiting."""
         while not self._entries:

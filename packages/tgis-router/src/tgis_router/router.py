@@ -21,8 +21,10 @@ from tgis_router.config import LauncherConfig
 from tgis_router.grpc_server import GenerationService, ModelFacts
 from tgis_router.health import GenerationHealth
 from tgis_router.http_server import start_http_server
+from tgis_router.kv_blocks import BlockPool
 from tgis_router.prefixes import PrefixLengths
 from tgis_router.queue import RequestQueue
+from tgis_router.scheduler import PaddedScheduler, PagedScheduler, Scheduler
 from tgis_router.shard_client import ShardClient
 from tgis_router.tokenization import TokenizerPool
 from tgis_router.validation import Limits
@@ -50,6 +52,24 @@ def admission_config(config: LauncherConfig) -> AdmissionConfig:
         max_prefill_padding=config.max_prefill_padding,
         max_waiting_tokens=config.max_waiting_tokens,
     )
+
+
+def step_token_budget(config: LauncherConfig, info: shard_pb.InfoResponse) -> int:
+    """MAX_STEP_TOKENS, or less where the shard measured that a longer prefill runs out of memory."""
+    measured = info.memory.max_prefill_tokens if info.HasField("memory") else 0
+    return min(config.max_step_tokens, measured) if measured else config.max_step_tokens
+
+
+def create_scheduler(config: LauncherConfig, info: shard_pb.InfoResponse, queue: RequestQueue) -> Scheduler:
+    """Paged engines get the block-owning scheduler; padded ones dynamic batch sizing."""
+    if info.HasField("kv_cache"):
+        if not info.chunked_prefill:
+            raise ValueError(f"the {info.engine} engine pages its KV cache but takes no chunked prefill")
+        blocks = BlockPool(info.kv_cache.num_blocks, info.kv_cache.block_size)
+        return PagedScheduler(queue, config.max_batch_size, blocks, step_token_budget(config, info))
+    admission = Admission(memory_model(info), admission_config(config))
+    metrics.batch_weight_limit.set(admission.model.limit)
+    return PaddedScheduler(queue, admission)
 
 
 def _server_credentials(config: LauncherConfig) -> grpc.ServerCredentials | None:
@@ -85,10 +105,9 @@ async def run_router(
         config.output_special_tokens,
         PrefixLengths(shards.prefix_lookup),
     )
-    admission = Admission(memory_model(info), admission_config(config))
-    metrics.batch_weight_limit.set(admission.model.limit)
+    scheduler = create_scheduler(config, info, queue)
     health_state = GenerationHealth(shards)
-    batcher_task = asyncio.create_task(Batcher(shards, queue, admission, health_state).run(), name="batcher")
+    batcher_task = asyncio.create_task(Batcher(shards, queue, scheduler, health_state).run(), name="batcher")
 
     server = grpc.aio.server()
     fmaas_grpc.add_GenerationServiceServicer_to_server(service, server)

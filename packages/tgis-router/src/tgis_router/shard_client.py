@@ -1,10 +1,10 @@
 """Async client of every shard rank; each operation goes to all ranks, rank 0 answers.
 
-Operations that run under a shard's batch lock (prefill, next token, clear, a forward-pass
-health check) go out one at a time, in the order they were asked for: each rank serves its
-calls from a thread pool, so two calls in flight together could run in different orders on
-different ranks, and the collectives inside the model would pair up wrongly. The others (info,
-a health ping, prefix lookups) go out at once.
+Operations that run under a shard's batch lock (a step, a reset, a forward-pass health check)
+go out one at a time, in the order they were asked for: each rank serves its calls from a
+thread pool, so two calls in flight together could run in different orders on different ranks,
+and the collectives inside the model would pair up wrongly. The others (info, a health ping,
+prefix lookups) go out at once.
 """
 
 from __future__ import annotations
@@ -38,10 +38,6 @@ class ShardClient:
         self._stubs = [pb_grpc.ShardServiceStub(c) for c in self._channels]
         self._last_batch_op: asyncio.Future | None = None
 
-    @property
-    def world_size(self) -> int:
-        return len(self._stubs)
-
     def _all(self, call: Callable[[pb_grpc.ShardServiceStub], Awaitable[T]]) -> Awaitable[T]:
         # Ranks run in lock step (collectives inside the model), so every rank gets every op.
         # The calls are made here, not when awaited.
@@ -69,20 +65,12 @@ class ShardClient:
         else:
             await self._all(lambda s: s.Health(request, timeout=timeout))
 
-    def prefill(self, batch: pb.Batch) -> Awaitable[pb.StepResponse]:
-        return self._in_order(lambda s: s.Prefill(pb.PrefillRequest(batch=batch)))
+    def step(self, request: pb.StepRequest) -> Awaitable[pb.StepResponse]:
+        return self._in_order(lambda s: s.Step(request))
 
-    def next_token(
-        self, batch_id: int, merge_batch_ids: Sequence[int], drop_request_ids: Sequence[int]
-    ) -> Awaitable[pb.StepResponse]:
-        request = pb.NextTokenRequest(
-            batch_id=batch_id, merge_batch_ids=merge_batch_ids, drop_request_ids=drop_request_ids
-        )
-        return self._in_order(lambda s: s.NextToken(request))
-
-    async def clear_cache(self, batch_id: int | None = None) -> None:
-        request = pb.ClearCacheRequest() if batch_id is None else pb.ClearCacheRequest(batch_id=batch_id)
-        await self._in_order(lambda s: s.ClearCache(request))
+    async def reset(self) -> None:
+        """Drops every request the shards hold."""
+        await self._in_order(lambda s: s.Reset(pb.ResetRequest()))
 
     async def prefix_lookup(self, prefix_id: str) -> int:
         """Length of a prompt prefix; every rank loads it, so a later prefill finds it cached."""

@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
         help="folder of prompt prefixes (PEFT prompt tuning), one sub-folder per prefix id",
     )
     serve.add_argument("--prompt-cache-size-mb", type=int, default=512, help="memory for loaded prompt prefixes")
+    serve.add_argument(
+        "--kv-cache-blocks", type=int, default=None, help="blocks of tgis_native's paged KV cache (default: measured)"
+    )
 
     sub.add_parser("plugins", help="list installed plugins, engines and model families")
 
@@ -106,6 +109,7 @@ def _serve(args: argparse.Namespace) -> None:
         batch_safety_margin=args.batch_safety_margin,
         prefix_store_path=args.prefix_store_path,
         prompt_cache_size_mb=args.prompt_cache_size_mb,
+        kv_cache_blocks=args.kv_cache_blocks,
     )
     from tgis_proto.plugins import resolve
 

@@ -1,4 +1,4 @@
-"""The shard's gRPC server: the router's batch operations on ``Batches``, one at a time."""
+"""The shard's gRPC server: the router's steps on the engine's batch (``StepRunner``), one at a time."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import grpc
 
 from tgis_proto import shard_pb2 as pb
 from tgis_proto import shard_pb2_grpc as pb_grpc
-from tgis_shard.engines.base import Engine, GeneratedToken
+from tgis_shard.engines.base import Engine
 from tgis_shard.prefixes import InvalidPrefixError, PrefixesUnsupportedError, PrefixNotFoundError
-from tgis_shard.steps import Batches, BatchExistsError, StepFailed, StepResult, UnknownBatchError
+from tgis_shard.sampler import GeneratedToken
+from tgis_shard.steps import StepFailed, StepRunner
 
 log = logging.getLogger(__name__)
 
@@ -37,20 +38,12 @@ def _to_proto(tokens: Iterable[GeneratedToken]) -> list[pb.Generation]:
     ]
 
 
-def _step_response(result: StepResult) -> pb.StepResponse:
-    return pb.StepResponse(
-        generations=_to_proto(result.tokens),
-        batch_id=result.state.batch_id if result.state is not None else 0,
-        failures=result.failures,
-    )
-
-
 class ShardServicer(pb_grpc.ShardServiceServicer):
     """Runs one batch operation at a time: batch state is not shared between concurrent steps."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self.batches = Batches(engine)
+        self.steps = StepRunner(engine)
         self._lock = threading.Lock()
         self._info = engine.info()
         engine.warm_up()
@@ -73,24 +66,14 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
                     context.abort(grpc.StatusCode.UNAVAILABLE, f"forward pass failed: {e}")
         return pb.HealthResponse()
 
-    def Prefill(self, request: pb.PrefillRequest, context: grpc.ServicerContext) -> pb.StepResponse:
+    def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepResponse:
         with self._lock:
             try:
-                result = self.batches.prefill(request.batch)
-            except BatchExistsError as e:
-                context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
-            return _step_response(result)
-
-    def NextToken(self, request: pb.NextTokenRequest, context: grpc.ServicerContext) -> pb.StepResponse:
-        with self._lock:
-            try:
-                result = self.batches.next_token(request.batch_id, request.merge_batch_ids, request.drop_request_ids)
-            except UnknownBatchError as e:
-                context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+                outcome = self.steps.step(request)
             except StepFailed as e:
                 code = grpc.StatusCode.RESOURCE_EXHAUSTED if e.out_of_memory else grpc.StatusCode.INTERNAL
                 context.abort(code, str(e))
-            return _step_response(result)
+            return pb.StepResponse(generations=_to_proto(outcome.tokens), failures=outcome.failures)
 
     def PrefixLookup(self, request: pb.PrefixLookupRequest, context: grpc.ServicerContext) -> pb.PrefixLookupResponse:
         # Not under the batch lock: loading a file must not wait for (or hold up) a step.
@@ -104,10 +87,10 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         return pb.PrefixLookupResponse(prefix_length=prefix.length)
 
-    def ClearCache(self, request: pb.ClearCacheRequest, context: grpc.ServicerContext) -> pb.ClearCacheResponse:
+    def Reset(self, request: pb.ResetRequest, context: grpc.ServicerContext) -> pb.ResetResponse:
         with self._lock:
-            self.batches.clear(request.batch_id if request.HasField("batch_id") else None)
-        return pb.ClearCacheResponse()
+            self.steps.reset()
+        return pb.ResetResponse()
 
 
 def serve(engine: Engine, uds_path: Path) -> None:

@@ -1,12 +1,14 @@
-"""The shard's batches and their steps, with failures kept to the requests they concern.
+"""The shard's half of the step pipeline: applies the router's steps to the engine's persistent
+batch, with failures kept to the requests they concern.
 
-- A prefill that fails for a multi-request batch is retried request by request: a request that
-  fails alone (its prompt prefix, its parameters) is reported failed, the others form the batch.
-  Out of memory fails the whole new batch at once: retrying would only run out again.
-- A decode that runs out of memory right after batches joined drops the joiners (reported
-  failed) and decodes the running requests again: engines leave a batch as it was when a
-  decode raises (``Engine.decode``).
-- Any other failure of a step fails the step (``StepFailed``) and drops every batch it named.
+- A request that cannot join (its prompt prefix, its parameters) fails alone.
+- A step that runs out of memory drops the requests whose prompts it processed, or else those
+  in their first decode (the first step over a batch they grew), and runs again without them.
+  Engines leave the batch as it was when a step raises (``Engine.step``).
+- A step that fails otherwise while prompts are being processed runs again without them, then
+  each prompt alone: a request whose prompt fails alone fails, the others go on.
+- Any other failure, or one that loses the batch (``BatchLost``), fails the step (``StepFailed``):
+  the engine drops every request.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 
 from tgis_proto import shard_pb2 as pb
-from tgis_shard.engines.base import BatchState, Engine, GeneratedToken
+from tgis_shard.engines.base import BatchLost, Engine, ScheduledWork
+from tgis_shard.sampler import GeneratedToken
 
 log = logging.getLogger(__name__)
 
@@ -30,141 +34,113 @@ def is_out_of_memory(error: BaseException) -> bool:
     )
 
 
-def _kind(error: BaseException) -> int:
-    return pb.FAILURE_OUT_OF_MEMORY if is_out_of_memory(error) else pb.FAILURE_INTERNAL
-
-
 class StepFailed(Exception):
-    """The whole step failed; every batch it named was dropped."""
+    """The whole step failed; the shard holds no request any more."""
 
     def __init__(self, message: str, out_of_memory: bool):
         super().__init__(message)
         self.out_of_memory = out_of_memory
 
 
-class UnknownBatchError(Exception):
-    """The router named a batch the shard does not hold."""
-
-
-class BatchExistsError(Exception):
-    """The router prefilled a batch under an id the shard already holds."""
-
-
 @dataclass(frozen=True)
-class StepResult:
+class StepOutcome:
     tokens: list[GeneratedToken]
-    state: BatchState | None  # None: no request survived
     failures: list[pb.RequestFailure]
 
 
 def _failures(request_ids: Sequence[int], error: BaseException, what: str) -> list[pb.RequestFailure]:
+    kind = pb.FAILURE_OUT_OF_MEMORY if is_out_of_memory(error) else pb.FAILURE_INTERNAL
     message = f"{what} failed: {error}"
-    return [pb.RequestFailure(request_id=rid, kind=_kind(error), message=message) for rid in request_ids]
+    return [pb.RequestFailure(request_id=rid, kind=kind, message=message) for rid in request_ids]
 
 
-class Batches:
-    """The batch states by id, and the steps that change them; one step at a time (the caller locks)."""
+def scheduled_work(request: pb.StepRequest) -> list[ScheduledWork]:
+    return [ScheduledWork(s.request_id, s.num_tokens, tuple(s.new_block_ids)) for s in request.scheduled]
+
+
+class StepRunner:
+    """Runs the router's steps on one engine, one at a time (the caller locks)."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self._states: dict[int, BatchState] = {}
+        self._tokens_out: dict[int, int] = {}  # tokens each request got since it joined
 
     def __len__(self) -> int:
-        return len(self._states)
+        return len(self.engine.request_ids())
 
-    def prefill(self, batch: pb.Batch) -> StepResult:
-        if batch.id in self._states:
-            raise BatchExistsError(f"batch {batch.id} already exists")
-        try:
-            tokens, state = self.engine.prefill(batch)
-        except Exception as e:
-            log.exception("prefill of batch %d (%d requests) failed", batch.id, len(batch.requests))
-            if len(batch.requests) == 1 or is_out_of_memory(e):
-                return StepResult([], None, _failures([r.id for r in batch.requests], e, "prefill"))
-            return self._prefill_one_by_one(batch)
-        self._states[batch.id] = state
-        return StepResult(tokens, state, [])
-
-    def _prefill_one_by_one(self, batch: pb.Batch) -> StepResult:
-        tokens: list[GeneratedToken] = []
-        states: list[BatchState] = []
+    def step(self, request: pb.StepRequest) -> StepOutcome:
+        self.engine.leave(request.leaves)
+        for rid in request.leaves:
+            self._tokens_out.pop(rid, None)
         failures: list[pb.RequestFailure] = []
-        for request in batch.requests:
+        for joining in request.joins:
             try:
-                first, state = self.engine.prefill(pb.Batch(id=batch.id, requests=[request]))
+                self.engine.join(joining)
             except Exception as e:
-                log.warning("request %d fails its prefill alone: %s", request.id, e)
-                failures += _failures([request.id], e, "prefill")
+                log.warning("request %d cannot join the batch: %s", joining.id, e)
+                failures += _failures([joining.id], e, "prefill")
                 continue
-            tokens += first
-            states.append(state)
-        if not states:
-            return StepResult([], None, failures)
+            self._tokens_out[joining.id] = 0
+        failed = {f.request_id for f in failures}
+        work = [w for w in scheduled_work(request) if w.request_id not in failed]
+        unknown = [w.request_id for w in work if w.request_id not in self._tokens_out]
+        if unknown:
+            self._fail_step(ValueError(f"requests {unknown} are not in the batch"))
         try:
-            merged = self.engine.concatenate(states)
+            tokens = self.engine.step(work)
         except Exception as e:
-            for state in states:
-                state.release()
-            return StepResult([], None, _failures([r.id for r in batch.requests], e, "prefill"))
-        merged.batch_id = batch.id
-        self._states[batch.id] = merged
-        return StepResult(tokens, merged, failures)
+            log.exception("a step of %d requests failed", len(work))
+            tokens, isolated = self._isolate(work, e)
+            failures += isolated
+        for token in tokens:
+            self._tokens_out[token.request_id] = self._tokens_out.get(token.request_id, 0) + 1
+        return StepOutcome(tokens, failures)
 
-    def next_token(self, batch_id: int, merge_batch_ids: Sequence[int], drop_request_ids: Sequence[int]) -> StepResult:
-        """Merges, prunes and decodes; the result's state keeps ``batch_id``."""
-        batch_ids = [batch_id, *merge_batch_ids]
-        missing = [b for b in batch_ids if b not in self._states]
-        if missing:
-            raise UnknownBatchError(f"unknown batch ids {missing}")
-        states = [self._states.pop(b) for b in batch_ids]
-        drop = set(drop_request_ids)
-        try:
-            kept = [s.filter([r for r in s.request_ids if r not in drop]) for s in states]
-            running = kept[0].request_ids if kept[0] is not None else []
-            alive = [s for s in kept if s is not None]
-            if not alive:
-                return StepResult([], None, [])
-            state = self.engine.concatenate(alive)
-        except Exception as e:
-            # Concatenation hands blocks to the merged batch only once it succeeded: the parts
-            # still own theirs here.
-            for part in states:
-                part.release()
-            log.exception("merging into batch %d failed", batch_id)
-            raise StepFailed(f"next token step failed: {e}", is_out_of_memory(e)) from e
-        state.batch_id = batch_id
-        still_running = set(running)
-        joining = [rid for rid in state.request_ids if rid not in still_running]
-        try:
-            tokens = self.engine.decode(state)
-            failures: list[pb.RequestFailure] = []
-        except Exception as e:
-            if not (is_out_of_memory(e) and running and joining):
-                state.release()
-                log.exception("next token step of batch %d failed", batch_id)
-                raise StepFailed(f"next token step failed: {e}", is_out_of_memory(e)) from e
-            log.warning("batch %d ran out of memory with %d joining requests; they fail", batch_id, len(joining))
-            tokens, failures = self._decode_without(state, joining, e)
-        self._states[batch_id] = state
-        return StepResult(tokens, state, failures)
+    def reset(self) -> None:
+        self.engine.reset()
+        self._tokens_out.clear()
 
-    def _decode_without(
-        self, state: BatchState, joining: list[int], error: BaseException
+    def _isolate(
+        self, work: list[ScheduledWork], error: BaseException
     ) -> tuple[list[GeneratedToken], list[pb.RequestFailure]]:
-        joining_set = set(joining)
-        try:
-            state.filter([rid for rid in state.request_ids if rid not in joining_set])
-            tokens = self.engine.decode(state)
-        except Exception as e:
-            state.release()
-            raise StepFailed(f"next token step failed: {e}", is_out_of_memory(e)) from e
-        return tokens, _failures(joining, error, "joining the batch")
+        """Runs what can still run after a failed step; the requests to blame fail."""
+        if isinstance(error, BatchLost):
+            self._fail_step(error)
+        out_of_memory = is_out_of_memory(error)
+        received = {w.request_id: self._tokens_out.get(w.request_id, 0) for w in work}
+        # A prompt is to blame first; out of memory, also the first step over a grown batch.
+        suspects = [w for w in work if received[w.request_id] == 0]
+        if out_of_memory and not suspects:
+            suspects = [w for w in work if received[w.request_id] == 1]
+            if len(suspects) == len(work):
+                suspects = []  # the batch as a whole does not fit
+        if not suspects:
+            self._fail_step(error)
+        rest = [w for w in work if w not in suspects]
+        tokens: list[GeneratedToken] = []
+        failures: list[pb.RequestFailure] = []
+        if out_of_memory:
+            # Retrying them would only run out again.
+            self.engine.leave([w.request_id for w in suspects])
+            failures += _failures([w.request_id for w in suspects], error, "joining the batch")
+            suspects = []
+        if rest:
+            try:
+                tokens += self.engine.step(rest)
+            except Exception as e:
+                log.exception("the step failed again without %d joining requests", len(work) - len(rest))
+                self._fail_step(e)
+        for alone in suspects:
+            try:
+                tokens += self.engine.step([alone])
+            except Exception as e:
+                log.warning("request %d fails its prompt alone: %s", alone.request_id, e)
+                self.engine.leave([alone.request_id])
+                failures += _failures([alone.request_id], e, "prefill")
+        for failure in failures:
+            self._tokens_out.pop(failure.request_id, None)
+        return tokens, failures
 
-    def clear(self, batch_id: int | None) -> None:
-        """Drops one batch (if held), or all when ``batch_id`` is None."""
-        if batch_id is None:
-            dropped, self._states = list(self._states.values()), {}
-        else:
-            dropped = [self._states.pop(batch_id)] if batch_id in self._states else []
-        for state in dropped:
-            state.release()
+    def _fail_step(self, error: BaseException) -> NoReturn:
+        self.reset()
+        raise StepFailed(f"step failed: {error}", is_out_of_memory(error)) from error

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from tgis_proto import shard_pb2 as pb
 from tgis_proto.plugins import Registry
-from tgis_shard.logits import BatchTokenChooser, ChosenTokens, token_details, top_tokens
+from tgis_shard.logits import token_details, top_tokens
 from tgis_shard.memory import MemorySettings
 from tgis_shard.prefixes import PrefixesUnsupportedError, PrefixStore, PromptPrefix
+from tgis_shard.sampler import GeneratedToken
+
+# Ids of the requests of an engine's own start-up runs (measuring, compiling): above any id the
+# router gives out.
+SYNTHETIC_REQUEST_ID = 2**63
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,8 @@ class ShardContext:
     prefix_store_path: Path | None = None
     """Folder of prompt prefixes (PREFIX_STORE_PATH); None: requests naming one are refused."""
     prompt_cache_size_mb: int = 512
+    kv_cache_blocks: int | None = None
+    """Blocks of tgis_native's paged KV cache (KV_CACHE_MANAGER_NUM_GPU_BLOCKS); None: measured."""
 
     def prefix_store(self, width: int, encoder_decoder: bool = False) -> PrefixStore:
         """Prompt prefixes for a model whose embeddings are ``width`` wide."""
@@ -65,73 +73,60 @@ class ShardContext:
 
 
 @dataclass(frozen=True)
-class GeneratedToken:
-    """One new token of one request, with the details it asked for."""
+class ScheduledWork:
+    """One request's work in a step: its next ``tokens`` prompt tokens, or its last generated
+    token (``tokens`` = 1 once the prompt is done), with the KV-cache blocks it gets for them."""
 
     request_id: int
-    token_id: int
-    logprob: float = float("nan")
-    rank: int = 0
-    top_tokens: tuple[tuple[int, float], ...] = ()
-    input_tokens: tuple[pb.Token, ...] = ()
+    tokens: int
+    new_blocks: tuple[int, ...] = ()
 
 
 class UnsupportedModelError(Exception):
     """The model cannot be served by this engine."""
 
 
-class BatchState(ABC):
-    """The tensors of requests decoding together; owned by the shard, named by the router."""
-
-    batch_id: int
-    ids: list[int]  # the batch's request ids, in row order
-
-    @property
-    def request_ids(self) -> list[int]:
-        return list(self.ids)
-
-    def filter(self, keep_request_ids: Sequence[int]) -> BatchState | None:
-        """Keeps the listed requests (in this batch's order); None, released, when none remain."""
-        keep = set(keep_request_ids)
-        rows = [row for row, rid in enumerate(self.ids) if rid in keep]
-        if len(rows) == len(self.ids):
-            return self
-        if not rows:
-            self.release()
-            return None
-        self._keep_rows(rows)
-        return self
-
-    @abstractmethod
-    def _keep_rows(self, rows: list[int]) -> None:
-        """Drops every row but ``rows`` (a non-empty, proper subset, in batch order), in place."""
-
-    def release(self) -> None:
-        """Returns resources the batch holds beyond its tensors (KV cache blocks) when dropped."""
-        return None  # tensors alone need nothing: garbage collection frees them
+class BatchLost(Exception):
+    """A step failed where the batch cannot be restored: every request of it is lost."""
 
 
 class Engine(ABC):
-    """Runs prefill and decode steps for batches of one model."""
+    """Runs the steps of one persistent batch of requests on one model.
+
+    The router decides every step (``tgis_shard.steps`` applies it): requests ``join`` the batch,
+    ``step`` processes the scheduled tokens of some of them and returns a token for each whose
+    prompt is complete, requests ``leave``. Capabilities are declared on the class.
+    """
 
     ctx: ShardContext
+    chunked_prefill: ClassVar[bool] = False
+    """The engine takes a prompt over several steps; otherwise each prompt is scheduled whole."""
 
     @abstractmethod
     def info(self) -> pb.InfoResponse: ...
 
     @abstractmethod
-    def prefill(self, batch: pb.Batch) -> tuple[list[GeneratedToken], BatchState]:
-        """Runs the prompts of a new batch and returns each request's first token."""
+    def join(self, request: pb.Request) -> None:
+        """Takes a request into the batch. Raises, leaving the batch as it was, when the request
+        cannot run (its prompt prefix, its parameters)."""
 
     @abstractmethod
-    def concatenate(self, states: Sequence[BatchState]) -> BatchState:
-        """Merges batches into one; the first one's id is kept. The merged batch owns what the
-        parts held (cache blocks): afterwards only it is released."""
+    def leave(self, request_ids: Collection[int]) -> None:
+        """Drops requests from the batch; ids it does not hold are ignored."""
 
     @abstractmethod
-    def decode(self, state: BatchState) -> list[GeneratedToken]:
-        """Decodes one more token for every request of the batch, in place. When it raises, the
-        batch is as it was before the call, so the caller may drop rows and decode again."""
+    def request_ids(self) -> list[int]:
+        """The requests the batch holds."""
+
+    @abstractmethod
+    def step(self, work: Sequence[ScheduledWork]) -> list[GeneratedToken]:
+        """Processes the listed requests' tokens in one pass and returns a token for each whose
+        prompt is complete after it. When it raises, the batch is as it was before the call, so
+        the caller may drop requests and run the rest again."""
+
+    def reset(self) -> None:
+        """Drops every request."""
+        self.leave(self.request_ids())
 
     @abstractmethod
     def health_check(self) -> None:
@@ -161,81 +156,90 @@ class Engine(ABC):
         step and drops the batch: the memory of a decode step over a cache of that size."""
         self.run_synthetic([tokens] * rows, decode_steps=1, before_decode=start_counting)
 
+    def synthetic_blocks(self, lengths: Sequence[int]) -> list[tuple[int, ...]]:
+        """KV-cache blocks for sequences of these lengths in a start-up run, when the batch is empty
+        (paged engines); none by default."""
+        return [() for _ in lengths]
+
     def run_synthetic(
         self, prompt_lengths: Sequence[int], decode_steps: int, before_decode: Callable[[], None] | None = None
     ) -> None:
-        """Prefills a batch of placeholder prompts of these lengths, decodes it ``decode_steps``
-        times and drops it: the engine's own start-up work (measuring, compiling)."""
-        requests = [
-            pb.Request(id=i, input_ids=[0] * n, max_new_tokens=decode_steps + 1) for i, n in enumerate(prompt_lengths)
-        ]
-        _, state = self.prefill(pb.Batch(id=0, requests=requests))
-        if before_decode is not None:
-            before_decode()
-        for _ in range(decode_steps):
-            self.decode(state)
-        state.release()
+        """Runs a batch of placeholder prompts of these lengths, decodes it ``decode_steps`` times
+        and drops it: the engine's own start-up work (measuring, compiling) on an empty batch."""
+        ids = [SYNTHETIC_REQUEST_ID + i for i in range(len(prompt_lengths))]
+        blocks = self.synthetic_blocks([n + decode_steps for n in prompt_lengths])
+        try:
+            for rid, n in zip(ids, prompt_lengths, strict=True):
+                self.join(pb.Request(id=rid, input_ids=[0] * n, max_new_tokens=decode_steps + 1))
+            self.step([ScheduledWork(rid, n, b) for rid, n, b in zip(ids, prompt_lengths, blocks, strict=True)])
+            if before_decode is not None:
+                before_decode()
+            for _ in range(decode_steps):
+                self.step([ScheduledWork(rid, 1) for rid in ids])
+        finally:
+            self.leave(ids)
 
 
 def shard_info(
-    ctx: ShardContext, eos_token_ids: list[int], *, model_kind: int, vocab_size: int, batch_padding: bool, engine: str
+    engine: Engine,
+    eos_token_ids: list[int],
+    *,
+    model_kind: int,
+    vocab_size: int,
+    batch_padding: bool,
+    name: str,
+    kv_cache: pb.KVCacheLayout | None = None,
 ) -> pb.InfoResponse:
-    """What every engine tells the router about itself; the rest comes from the context."""
+    """What every engine tells the router about itself; the rest comes from the context and the
+    engine's declared capabilities."""
+    ctx = engine.ctx
     return pb.InfoResponse(
         model_kind=model_kind,
         eos_token_ids=eos_token_ids,
         vocab_size=vocab_size,
         batch_padding=batch_padding,
-        engine=engine,
+        engine=name,
         model_type=ctx.model_type,
         dtype=str(ctx.dtype).removeprefix("torch."),
         world_size=ctx.world_size,
         device=str(ctx.device),
+        kv_cache=kv_cache,
+        chunked_prefill=engine.chunked_prefill,
     )
 
 
-def generated_tokens(ids: Sequence[int], chosen: ChosenTokens, chooser: BatchTokenChooser) -> list[GeneratedToken]:
-    """Per-request results; each request gets only the details it asked for."""
-    token_ids = chosen.token_ids.tolist()
-    details = chosen.details
-    if details is None:
-        return [GeneratedToken(request_id=rid, token_id=token_ids[row]) for row, rid in enumerate(ids)]
-    logprobs, ranks = details.logprobs.tolist(), details.ranks.tolist()
-    top_ids = details.top_ids.tolist() if details.top_ids is not None else None
-    top_lps = details.top_logprobs.tolist() if details.top_logprobs is not None else None
-    results = []
-    for row, rid in enumerate(ids):
-        n = chooser.requests[row].details.top_n
-        top = top_tokens(top_ids[row], top_lps[row], n) if top_ids is not None and top_lps is not None else ()
-        results.append(GeneratedToken(rid, token_ids[row], logprobs[row], ranks[row], top))
-    return results
+def input_token_details(
+    input_ids: Sequence[int], top_n: int, logits: torch.Tensor, start: int, prefix_length: int = 0
+) -> tuple[pb.Token, ...]:
+    """Details of the input tokens that a stretch of a prompt's logits scores: ``logits`` [rows,
+    vocab] are the model's at positions ``start``.. of the sequence [prompt prefix, input].
 
-
-def input_token_details(request: pb.Request, logits: torch.Tensor, end: int) -> tuple[pb.Token, ...]:
-    """Details of a prompt's tokens from the prefill logits of its row (columns before ``end``).
-
-    Token i is scored by the logits at position i - 1, from the raw model scores (the processor
-    chain describes generation state that does not exist for the prompt). The first token has
-    no predecessor: NaN, no rank, no top tokens.
+    Input token j (at position prefix_length + j) is scored by the logits at the position before
+    it, from the raw model scores (the processor chain describes generation state that does not
+    exist for the prompt). The first input token has no predecessor: NaN, no rank, no top tokens.
+    A prompt processed in chunks gets each token's details from the chunk holding its scorer.
     """
-    ids = list(request.input_ids)
-    first = pb.Token(id=ids[0], logprob=float("nan"))
-    if len(ids) == 1:
-        return (first,)
-    logprobs = logits[end - len(ids) : end - 1].float().log_softmax(dim=-1)
-    following = torch.tensor(ids[1:], device=logits.device)
-    details = token_details(logprobs, following, request.details.top_n)
-    values, ranks = details.logprobs.tolist(), details.ranks.tolist()
-    top_ids = details.top_ids.tolist() if details.top_ids is not None else None
-    top_lps = details.top_logprobs.tolist() if details.top_logprobs is not None else None
-    tokens = [first]
-    for i, token_id in enumerate(ids[1:]):
-        top = top_tokens(top_ids[i], top_lps[i], request.details.top_n) if top_ids and top_lps else ()
+    end = start + logits.shape[0]
+    tokens = []
+    if start <= prefix_length < end:
+        tokens.append(pb.Token(id=input_ids[0], logprob=float("nan")))
+    first, last = max(1, start + 1 - prefix_length), min(len(input_ids) - 1, end - prefix_length)
+    if first > last:
+        return tuple(tokens)
+    rows = logits[prefix_length + first - 1 - start : prefix_length + last - start]
+    following = torch.tensor(list(input_ids[first : last + 1]), device=logits.device)
+    details = token_details(rows.float().log_softmax(dim=-1), following, top_n)
+    columns = [following.double(), details.logprobs.double(), details.ranks.double()]
+    if details.top_ids is not None and details.top_logprobs is not None:
+        columns += [details.top_ids.double(), details.top_logprobs.double()]
+    width = details.top_ids.shape[1] if details.top_ids is not None else 0
+    for row in torch.column_stack(columns).tolist():
+        top = top_tokens([int(i) for i in row[3 : 3 + width]], row[3 + width :], top_n) if width else ()
         tokens.append(
             pb.Token(
-                id=token_id,
-                logprob=values[i],
-                rank=ranks[i],
+                id=int(row[0]),
+                logprob=row[1],
+                rank=int(row[2]),
                 top_tokens=[pb.TopToken(id=t, logprob=lp) for t, lp in top],
             )
         )

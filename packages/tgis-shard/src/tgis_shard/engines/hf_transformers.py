@@ -1,8 +1,8 @@
 """The ``hf_transformers`` engine: any transformers causal LM, batched with left padding (seq2seq: see seq2seq.py).
 
-Batches follow continuous batching: a prefilled batch is concatenated into the running one
-(caches and masks left-padded to a common length) and finished requests are pruned, trimming
-columns that only padding still uses.
+Batches follow continuous batching (``engines.padded``): a prefilled batch is concatenated into
+the running one (caches and masks left-padded to a common length) and finished requests are
+pruned, trimming columns that only padding still uses.
 """
 
 from __future__ import annotations
@@ -25,31 +25,27 @@ from tgis_proto import shard_pb2 as pb
 from tgis_shard import memory
 from tgis_shard.engines import kv_cache
 from tgis_shard.engines.base import (
-    BatchState,
     Engine,
-    GeneratedToken,
     ShardContext,
     UnsupportedModelError,
-    generated_tokens,
     input_token_details,
     shard_info,
 )
+from tgis_shard.engines.padded import BatchState, PaddedEngine
 from tgis_shard.layers.embedding import EmbeddingOverrides
-from tgis_shard.logits import BatchTokenChooser
 from tgis_shard.prefixes import PromptPrefix
+from tgis_shard.sampler import Choice, GeneratedToken, Sampler
 
 
 @dataclass
 class CausalLMBatch(BatchState):
     """Requests decoding together. The cache covers every token except ``input_ids``."""
 
-    batch_id: int
     ids: list[int]
     input_ids: torch.Tensor  # [batch, 1]: the last chosen tokens, fed to the next step
     attention_mask: torch.Tensor  # [batch, cached positions], left-padded
     position_ids: torch.Tensor  # [batch, 1]: position of input_ids in each sequence
     cache: DynamicCache
-    chooser: BatchTokenChooser
 
     def _keep_rows(self, rows: list[int]) -> None:
         index = torch.tensor(rows, device=self.input_ids.device)
@@ -61,13 +57,13 @@ class CausalLMBatch(BatchState):
         self.input_ids = self.input_ids[index]
         self.attention_mask = mask[:, -keep_last:]
         self.position_ids = self.position_ids[index]
-        self.chooser = self.chooser.select(rows)
 
 
-class CausalLMEngine(Engine):
+class CausalLMEngine(PaddedEngine):
     def __init__(
         self, model: PreTrainedModel, ctx: ShardContext, eos_token_ids: list[int], engine: str = "hf_transformers"
     ):
+        super().__init__()
         self.model = model
         self.engine = engine
         self.ctx = ctx
@@ -81,18 +77,22 @@ class CausalLMEngine(Engine):
         self._cache_kwarg = "cache" if "cache" in accepted else "past_key_values"
         self._embeddings = model.get_input_embeddings()
         self.prefixes = ctx.prefix_store(self._embeddings.weight.shape[-1])
+        self.sampler = Sampler(ctx.max_batch_size, model.config.vocab_size, eos_token_ids, ctx.device)
 
     def prompt_prefix(self, prefix_id: str) -> PromptPrefix:
         return self.prefixes.get(prefix_id)
 
+    def history(self, request: pb.Request) -> Sequence[int]:
+        return request.input_ids
+
     def info(self) -> pb.InfoResponse:
         return shard_info(
-            self.ctx,
+            self,
             self.eos_token_ids,
             model_kind=pb.DECODER_ONLY,
             vocab_size=self.model.config.vocab_size,
             batch_padding=True,
-            engine=self.engine,
+            name=self.engine,
         )
 
     def _forward(
@@ -118,16 +118,16 @@ class CausalLMEngine(Engine):
         return out.logits
 
     @torch.inference_mode()
-    def prefill(self, batch: pb.Batch) -> tuple[list[GeneratedToken], CausalLMBatch]:
+    def prefill(self, requests: Sequence[pb.Request]) -> tuple[list[GeneratedToken], CausalLMBatch, Choice]:
         device = self.ctx.device
-        prefixes = [self.prompt_prefix(r.prefix_id).input if r.prefix_id else None for r in batch.requests]
+        prefixes = [self.prompt_prefix(r.prefix_id).input if r.prefix_id else None for r in requests]
         # A row is [padding, prompt prefix, input tokens]: the prefix is part of the sequence.
         prefix_lengths = [0 if p is None else len(p) for p in prefixes]
-        lengths = [len(r.input_ids) + n for r, n in zip(batch.requests, prefix_lengths, strict=True)]
+        lengths = [len(r.input_ids) + n for r, n in zip(requests, prefix_lengths, strict=True)]
         width = max(lengths)
         input_ids = torch.full((len(lengths), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(lengths), width), dtype=torch.long)
-        for row, (request, length) in enumerate(zip(batch.requests, lengths, strict=True)):
+        for row, (request, length) in enumerate(zip(requests, lengths, strict=True)):
             input_ids[row, width - len(request.input_ids) :] = torch.tensor(list(request.input_ids), dtype=torch.long)
             mask[row, width - length :] = 1
         input_ids, mask = input_ids.to(device), mask.to(device)
@@ -136,30 +136,33 @@ class CausalLMEngine(Engine):
         overrides = EmbeddingOverrides.at(prefixes, starts, device)
         inputs_embeds = None if overrides is None else overrides.apply(self._embeddings(input_ids))
         cache = DynamicCache(config=self.model.config)
-        want_inputs = any(r.details.input_tokens for r in batch.requests)
+        want_inputs = any(r.details.input_tokens for r in requests)
         logits = self._forward(input_ids, mask, position_ids, cache, not want_inputs, inputs_embeds)
-        chooser = BatchTokenChooser.from_requests(
-            batch.requests, self.eos_token_ids, self.model.config.vocab_size, device, prompt_in_history=True
-        )
-        chosen = chooser.choose(logits[:, -1, :])
+        ids = [r.id for r in requests]
+        choice = self.sampler.choose(logits[:, -1, :], ids)
         state = CausalLMBatch(
-            batch_id=batch.id,
-            ids=[r.id for r in batch.requests],
-            input_ids=chosen.token_ids.unsqueeze(1),
+            ids=ids,
+            input_ids=choice.token_ids.unsqueeze(1),
             attention_mask=mask,
             position_ids=position_ids[:, -1:] + 1,
             cache=cache,
-            chooser=chooser,
         )
-        tokens = generated_tokens(state.ids, chosen, chooser)
+        tokens = choice.generated_tokens()
         if want_inputs:
             tokens = [
-                replace(token, input_tokens=input_token_details(request, logits[row], width))
+                replace(
+                    token,
+                    input_tokens=input_token_details(
+                        request.input_ids, request.details.top_n, logits[row, width - length :], 0, prefix_length
+                    ),
+                )
                 if request.details.input_tokens
                 else token
-                for row, (token, request) in enumerate(zip(tokens, batch.requests, strict=True))
+                for row, (token, request, length, prefix_length) in enumerate(
+                    zip(tokens, requests, lengths, prefix_lengths, strict=True)
+                )
             ]
-        return tokens, state
+        return tokens, state, choice
 
     def concatenate(self, states: Sequence[BatchState]) -> CausalLMBatch:
         batches = [_causal(s) for s in states]
@@ -174,7 +177,6 @@ class CausalLMEngine(Engine):
         first.ids = [rid for b in batches for rid in b.ids]
         first.input_ids = torch.cat([b.input_ids for b in batches])
         first.position_ids = torch.cat([b.position_ids for b in batches])
-        first.chooser = BatchTokenChooser.concatenate([b.chooser for b in batches])
         return first
 
     @torch.inference_mode()
@@ -184,15 +186,17 @@ class CausalLMEngine(Engine):
         mask = torch.cat([batch.attention_mask, ones], dim=1)
         try:
             logits = self._forward(batch.input_ids, mask, batch.position_ids, batch.cache, last_only=True)
-            chosen = batch.chooser.choose(logits[:, -1, :])
+            choice = self.sampler.choose(logits[:, -1, :], batch.ids)
+            tokens = choice.generated_tokens()
         except Exception:
             # Layers that took this step's keys give them back: the batch is as it was.
             kv_cache.truncate(batch.cache, batch.attention_mask.shape[1])
             raise
+        choice.commit()
         batch.attention_mask = mask
-        batch.input_ids = chosen.token_ids.unsqueeze(1)
+        batch.input_ids = choice.token_ids.unsqueeze(1)
         batch.position_ids = batch.position_ids + 1
-        return generated_tokens(batch.ids, chosen, batch.chooser)
+        return tokens
 
     def memory_model(self) -> pb.MemoryModel | None:
         return padded_memory_model(self, self.model.config)

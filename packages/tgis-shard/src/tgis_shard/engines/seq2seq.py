@@ -29,34 +29,25 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from tgis_proto import shard_pb2 as pb
 from tgis_shard.engines import kv_cache
-from tgis_shard.engines.base import (
-    BatchState,
-    Engine,
-    GeneratedToken,
-    ShardContext,
-    UnsupportedModelError,
-    generated_tokens,
-    shard_info,
-)
+from tgis_shard.engines.base import ShardContext, UnsupportedModelError, shard_info
 from tgis_shard.engines.hf_transformers import padded_memory_model
+from tgis_shard.engines.padded import BatchState, PaddedEngine
 from tgis_shard.layers.distributed import agree_with_rank0
 from tgis_shard.layers.embedding import EmbeddingOverrides
-from tgis_shard.logits import BatchTokenChooser
 from tgis_shard.prefixes import PromptPrefix
+from tgis_shard.sampler import Choice, GeneratedToken, Sampler
 
 
 @dataclass
 class Seq2SeqLMBatch(BatchState):
     """Requests decoding together. The decoder cache covers every decoder token except ``decoder_input_ids``."""
 
-    batch_id: int
     ids: list[int]
     encoder_hidden: torch.Tensor  # [batch, encoder positions, hidden], right-padded
     encoder_mask: torch.Tensor  # [batch, encoder positions], right-padded
     decoder_input_ids: torch.Tensor  # [batch, 1]: the last chosen tokens, fed to the next step
     decoder_mask: torch.Tensor  # [batch, cached decoder positions], left-padded
     cache: EncoderDecoderCache
-    chooser: BatchTokenChooser
 
     def _keep_rows(self, rows: list[int]) -> None:
         index = torch.tensor(rows, device=self.decoder_input_ids.device)
@@ -73,7 +64,6 @@ class Seq2SeqLMBatch(BatchState):
         self.encoder_mask = encoder_mask[:, :keep_first]
         self.decoder_input_ids = self.decoder_input_ids[index]
         self.decoder_mask = decoder_mask[:, -keep_last:]
-        self.chooser = self.chooser.select(rows)
 
 
 class _RowPositions:
@@ -115,10 +105,11 @@ class _RowPositions:
         return output.reshape(*self._ids.shape, output.shape[-1])
 
 
-class Seq2SeqLMEngine(Engine):
+class Seq2SeqLMEngine(PaddedEngine):
     def __init__(
         self, model: PreTrainedModel, ctx: ShardContext, eos_token_ids: list[int], engine: str = "hf_transformers"
     ):
+        super().__init__()
         # ``model`` may also be a tensor-parallel model with the same interface (tgis_native's T5).
         self.model = model
         self.engine = engine
@@ -146,20 +137,24 @@ class Seq2SeqLMEngine(Engine):
         )
         self._embeddings = model.get_input_embeddings()
         self.prefixes = ctx.prefix_store(self._embeddings.weight.shape[-1], encoder_decoder=True)
+        self.sampler = Sampler(ctx.max_batch_size, self.vocab_size, eos_token_ids, ctx.device)
 
     def prompt_prefix(self, prefix_id: str) -> PromptPrefix:
         if not self._takes_embeds:
             return super().prompt_prefix(prefix_id)
         return self.prefixes.get(prefix_id)
 
+    def history(self, request: pb.Request) -> Sequence[int]:
+        return ()  # the repetition penalty covers decoder tokens only: the prompt is the encoder's input
+
     def info(self) -> pb.InfoResponse:
         return shard_info(
-            self.ctx,
+            self,
             self.eos_token_ids,
             model_kind=pb.ENCODER_DECODER,
             vocab_size=self.vocab_size,
             batch_padding=True,
-            engine=self.engine,
+            name=self.engine,
         )
 
     def _decoder_step(
@@ -225,10 +220,9 @@ class Seq2SeqLMEngine(Engine):
         return {"decoder_inputs_embeds": overrides.apply(self._embeddings(ids))}, mask
 
     @torch.inference_mode()
-    def prefill(self, batch: pb.Batch) -> tuple[list[GeneratedToken], Seq2SeqLMBatch]:
-        device = self.ctx.device
-        prefixes = [self.prompt_prefix(r.prefix_id) if r.prefix_id else None for r in batch.requests]
-        encoder_input, encoder_mask = self._encoder_input(batch.requests, [p and p.input for p in prefixes])
+    def prefill(self, requests: Sequence[pb.Request]) -> tuple[list[GeneratedToken], Seq2SeqLMBatch, Choice]:
+        prefixes = [self.prompt_prefix(r.prefix_id) if r.prefix_id else None for r in requests]
+        encoder_input, encoder_mask = self._encoder_input(requests, [p and p.input for p in prefixes])
         encoder_hidden = self.model.get_encoder()(**encoder_input, attention_mask=encoder_mask).last_hidden_state
         decoder_input, decoder_mask = self._first_decoder_input([p and p.decoder for p in prefixes])
         # The cross-attention cache gets no config: the decoder's sliding-window layer types (T5Gemma)
@@ -240,27 +234,26 @@ class Seq2SeqLMEngine(Engine):
             forced = torch.full_like(logits, -math.inf)
             forced[:, self.forced_bos_token_id] = 0.0
             logits = forced
-        # The repetition penalty covers decoder tokens only: the prompt is the encoder's input.
-        chooser = BatchTokenChooser.from_requests(
-            batch.requests, self.eos_token_ids, self.vocab_size, device, prompt_in_history=False
-        )
-        chosen = chooser.choose(logits)
-        agree_with_rank0(chosen.token_ids)  # tensor-parallel T5 (tgis_native)
+        ids = [r.id for r in requests]
+        choice = self.sampler.choose(logits, ids)
+        agree_with_rank0(choice.token_ids)  # tensor-parallel T5 (tgis_native)
         state = Seq2SeqLMBatch(
-            batch_id=batch.id,
-            ids=[r.id for r in batch.requests],
+            ids=ids,
             encoder_hidden=encoder_hidden,
             encoder_mask=encoder_mask,
-            decoder_input_ids=chosen.token_ids.unsqueeze(1),
+            decoder_input_ids=choice.token_ids.unsqueeze(1),
             decoder_mask=decoder_mask,
             cache=cache,
-            chooser=chooser,
         )
-        tokens = generated_tokens(state.ids, chosen, chooser)
-        return [
-            replace(token, input_tokens=_unscored_input_tokens(request)) if request.details.input_tokens else token
-            for token, request in zip(tokens, batch.requests, strict=True)
-        ], state
+        tokens = choice.generated_tokens()
+        return (
+            [
+                replace(token, input_tokens=_unscored_input_tokens(request)) if request.details.input_tokens else token
+                for token, request in zip(tokens, requests, strict=True)
+            ],
+            state,
+            choice,
+        )
 
     def concatenate(self, states: Sequence[BatchState]) -> Seq2SeqLMBatch:
         batches = [_seq2seq(s) for s in states]
@@ -282,7 +275,6 @@ class Seq2SeqLMEngine(Engine):
         )
         first.ids = [rid for b in batches for rid in b.ids]
         first.decoder_input_ids = torch.cat([b.decoder_input_ids for b in batches])
-        first.chooser = BatchTokenChooser.concatenate([b.chooser for b in batches])
         return first
 
     @torch.inference_mode()
@@ -295,15 +287,17 @@ class Seq2SeqLMEngine(Engine):
             logits = self._decoder_step(
                 batch.encoder_hidden, batch.encoder_mask, decoder_input, decoder_mask, batch.cache
             )
-            chosen = batch.chooser.choose(logits)
-            agree_with_rank0(chosen.token_ids)
+            choice = self.sampler.choose(logits, batch.ids)
+            agree_with_rank0(choice.token_ids)
+            tokens = choice.generated_tokens()
         except Exception:
             # Layers that took this step's keys give them back: the batch is as it was.
             kv_cache.truncate(batch.cache.self_attention_cache, batch.decoder_mask.shape[1])
             raise
+        choice.commit()
         batch.decoder_mask = decoder_mask
-        batch.decoder_input_ids = chosen.token_ids.unsqueeze(1)
-        return generated_tokens(batch.ids, chosen, batch.chooser)
+        batch.decoder_input_ids = choice.token_ids.unsqueeze(1)
+        return tokens
 
     def memory_model(self) -> pb.MemoryModel | None:
         return padded_memory_model(self, self.model.config)

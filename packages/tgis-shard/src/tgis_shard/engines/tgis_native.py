@@ -1,9 +1,11 @@
 """The ``tgis_native`` engine (alias ``hf_custom_tp``): model-family plugins, tensor parallel over
-1..N ranks, padding-free (ragged) batches over a preallocated, block-paged KV cache.
+1..N ranks, one persistent padding-free (ragged) batch over a preallocated, block-paged KV cache.
 
-Requests join and leave a running batch by block tables: concatenating batches merges lists,
-pruning frees blocks; the cache itself is never reallocated or copied.
-Encoder-decoder families (T5) are the exception: they run on the padded ``Seq2SeqLMEngine``.
+The router owns the cache's blocks (``tgis_router.kv_blocks``): a step tells each request the
+blocks it gets, and requests join and leave the batch without the cache ever being copied. One
+step runs prompt chunks and decodes together in one forward pass; a request samples once its
+prompt is complete. Encoder-decoder families (T5) are the exception: they run on the padded
+``Seq2SeqLMEngine``.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field, replace
 from itertools import accumulate
 from pathlib import Path
 from typing import Protocol
@@ -24,12 +26,10 @@ from tgis_proto import shard_pb2 as pb
 from tgis_proto.plugins import resolve
 from tgis_shard import memory
 from tgis_shard.engines.base import (
-    BatchState,
     Engine,
-    GeneratedToken,
+    ScheduledWork,
     ShardContext,
     UnsupportedModelError,
-    generated_tokens,
     input_token_details,
     shard_info,
 )
@@ -38,16 +38,9 @@ from tgis_shard.engines.seq2seq import Seq2SeqLMEngine
 from tgis_shard.layers.distributed import TensorParallel, agree_with_rank0, init_tensor_parallel
 from tgis_shard.layers.embedding import EmbeddingOverrides
 from tgis_shard.layers.flex_paged import QUERY_TILE
-from tgis_shard.layers.paged_attention import (
-    BLOCK_SIZES,
-    AttentionMetadata,
-    BlockAllocator,
-    PagedKVCache,
-    blocks_for,
-    choose_backend,
-)
-from tgis_shard.logits import BatchTokenChooser
+from tgis_shard.layers.paged_attention import BLOCK_SIZES, AttentionMetadata, PagedKVCache, blocks_for, choose_backend
 from tgis_shard.prefixes import PrefixesUnsupportedError, PromptPrefix
+from tgis_shard.sampler import GeneratedToken, Sampler
 from tgis_shard.weights import Weights
 
 log = logging.getLogger(__name__)
@@ -68,6 +61,9 @@ WARM_UP_PROMPT_LENGTHS = (
 WARM_UP_DECODE_STEPS = 2
 # Share of the memory left after loading the weights that the KV cache may take on a GPU.
 GPU_CACHE_FRACTION = 0.85
+# The cache's block 0 is the engine's own: block tables are padded with it, and health checks
+# write there. The router hands out blocks 1..num_blocks.
+SCRATCH_BLOCK = 0
 
 
 class NativeCausalLM(Protocol):
@@ -91,36 +87,58 @@ class NativeCausalLM(Protocol):
         ...
 
 
-@dataclass
-class NativeBatch(BatchState):
-    """Requests decoding together: per row, its cache blocks and how many tokens they hold."""
+@dataclass(eq=False)
+class _Sequence:
+    """A request in the batch: its prompt, how much of it the cache holds, its blocks."""
 
-    batch_id: int
-    ids: list[int]
-    block_tables: list[list[int]]
-    context_lens: list[int]  # tokens in the cache, not counting next_ids
-    next_ids: torch.Tensor  # [batch]: the last chosen tokens, fed to the next step
-    chooser: BatchTokenChooser
-    allocator: BlockAllocator
+    request: pb.Request
+    prompt: list[int]  # a placeholder id per prompt-prefix position, then the input ids
+    prefix: torch.Tensor | None  # the prompt prefix's embeddings
+    blocks: list[int] = field(default_factory=list)
+    computed: int = 0  # tokens in the cache; past the prompt, every generated token but the last
+    input_details: list[pb.Token] = field(default_factory=list)
 
-    def _keep_rows(self, rows: list[int]) -> None:
-        kept = set(rows)
-        for row, blocks in enumerate(self.block_tables):
-            if row not in kept:
-                self.allocator.free(blocks)
-        self.ids = [self.ids[r] for r in rows]
-        self.block_tables = [self.block_tables[r] for r in rows]
-        self.context_lens = [self.context_lens[r] for r in rows]
-        self.next_ids = self.next_ids[torch.tensor(rows, device=self.next_ids.device)]
-        self.chooser = self.chooser.select(rows)
+    @property
+    def prefix_length(self) -> int:
+        return 0 if self.prefix is None else len(self.prefix)
 
-    def release(self) -> None:
-        for blocks in self.block_tables:
-            self.allocator.free(blocks)
-        self.block_tables = [[] for _ in self.ids]
+    @property
+    def decoding(self) -> bool:
+        return self.computed >= len(self.prompt)
+
+    @property
+    def wants_input_details(self) -> bool:
+        return self.request.details.input_tokens and not self.request.resumed_tokens
+
+
+@dataclass(frozen=True)
+class _Row:
+    """A request's rows in a step's ragged layout."""
+
+    seq: _Sequence
+    work: ScheduledWork
+    start: int  # first token row
+    blocks: list[int]  # its block table including this step's blocks
+
+    @property
+    def end(self) -> int:
+        return self.start + self.work.tokens
+
+    @property
+    def prompt_chunk(self) -> list[int]:
+        """The prompt tokens the step processes for it (none for a decode)."""
+        seq = self.seq
+        return [] if seq.decoding else seq.prompt[seq.computed : seq.computed + self.work.tokens]
+
+    @property
+    def samples(self) -> bool:
+        """Its prompt is complete after this step: the last row's logits choose its next token."""
+        return self.seq.computed + self.work.tokens >= len(self.seq.prompt)
 
 
 class NativeEngine(Engine):
+    chunked_prefill = True
+
     def __init__(
         self,
         model: NativeCausalLM,
@@ -136,10 +154,16 @@ class NativeEngine(Engine):
         self.config = config
         self.cache = cache
         self.block_size = cache.block_size
-        self.allocator = BlockAllocator(cache.num_blocks)
+        self.num_blocks = cache.num_blocks - 1  # the router's; SCRATCH_BLOCK is not
         self.eos_token_ids = eos_token_ids
         self._takes_prefixes = "embedding_overrides" in inspect.signature(model.forward).parameters
         self.prefixes = ctx.prefix_store(model.hidden_size if self._takes_prefixes else 0)
+        capacity = max(ctx.max_batch_size, *(len(lengths) for lengths in WARM_UP_PROMPT_LENGTHS))
+        self.sampler = Sampler(capacity, config.vocab_size, eos_token_ids, ctx.device)
+        # Per sampler slot, the last token chosen: the input of the request's next decode, kept on
+        # the device so that a step never waits for the previous one's tokens to reach the host.
+        self._next_ids = torch.zeros(capacity, dtype=torch.long, device=ctx.device)
+        self._seqs: dict[int, _Sequence] = {}
 
     def prompt_prefix(self, prefix_id: str) -> PromptPrefix:
         if not self._takes_prefixes:
@@ -150,104 +174,139 @@ class NativeEngine(Engine):
 
     def info(self) -> pb.InfoResponse:
         return shard_info(
-            self.ctx,
+            self,
             self.eos_token_ids,
             model_kind=pb.DECODER_ONLY,
             vocab_size=self.config.vocab_size,
             batch_padding=False,
-            engine="tgis_native",
+            name="tgis_native",
+            kv_cache=pb.KVCacheLayout(num_blocks=self.num_blocks, block_size=self.block_size),
         )
 
-    def _allocate(self, counts: Sequence[int]) -> list[list[int]]:
-        tables: list[list[int]] = []
-        try:
-            for count in counts:
-                tables.append(self.allocator.allocate(count))
-        except Exception:
-            for blocks in tables:
-                self.allocator.free(blocks)
-            raise
-        return tables
+    def join(self, request: pb.Request) -> None:
+        if request.id in self._seqs:
+            raise ValueError(f"request {request.id} is in the batch already")
+        prefix = self.prompt_prefix(request.prefix_id).input if request.prefix_id else None
+        # Prefix positions hold placeholder ids whose embeddings the prefix's replace.
+        prompt = [0] * (0 if prefix is None else len(prefix)) + list(request.input_ids)
+        self.sampler.add(request, request.input_ids)
+        self._seqs[request.id] = _Sequence(request, prompt, prefix)
+
+    def leave(self, request_ids: Collection[int]) -> None:
+        for rid in request_ids:
+            if self._seqs.pop(rid, None) is not None:
+                self.sampler.remove(rid)
+
+    def request_ids(self) -> list[int]:
+        return list(self._seqs)
+
+    def synthetic_blocks(self, lengths: Sequence[int]) -> list[tuple[int, ...]]:
+        counts = [blocks_for(n, self.block_size) for n in lengths]
+        if sum(counts) > self.num_blocks:
+            raise ValueError(f"a start-up batch of {sum(counts)} blocks does not fit in {self.num_blocks}")
+        firsts = accumulate(counts, initial=SCRATCH_BLOCK + 1)
+        return [tuple(range(first, first + n)) for first, n in zip(firsts, counts, strict=False)]
+
+    def _layout(self, work: Sequence[ScheduledWork]) -> list[_Row]:
+        """The step's rows: decodes first, then prompt chunks; checked against each request's state."""
+        rows: list[_Row] = []
+        for decoding in (True, False):
+            for item in work:
+                seq = self._seqs.get(item.request_id)
+                if seq is None:
+                    raise ValueError(f"request {item.request_id} is not in the batch")
+                if seq.decoding != decoding:
+                    continue
+                if decoding and item.tokens != 1:
+                    raise ValueError(f"request {item.request_id} decodes one token per step, not {item.tokens}")
+                if not decoding and not 0 < item.tokens <= len(seq.prompt) - seq.computed:
+                    raise ValueError(
+                        f"request {item.request_id} has {len(seq.prompt) - seq.computed} prompt tokens left, "
+                        f"{item.tokens} scheduled"
+                    )
+                start = rows[-1].end if rows else 0
+                rows.append(_Row(seq, item, start, seq.blocks + list(item.new_blocks)))
+        return rows
+
+    def _input_ids(self, rows: list[_Row]) -> torch.Tensor:
+        """Decodes read their last token on the device; prompt chunks come from the host."""
+        device = self.ctx.device
+        parts = []
+        decodes = [r.seq.request.id for r in rows if r.seq.decoding]
+        if decodes:
+            parts.append(self._next_ids[self.sampler.slots(decodes)])
+        chunk = [t for r in rows for t in r.prompt_chunk]
+        if chunk:
+            parts.append(torch.tensor(chunk, dtype=torch.long, device=device))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _embedding_overrides(self, rows: list[_Row]) -> EmbeddingOverrides | None:
+        """The prompt-prefix embeddings of the prefix positions this step's chunks cover."""
+        device = self.ctx.device
+        token_rows, values = [], []
+        for row in rows:
+            seq = row.seq
+            covered = min(seq.prefix_length, seq.computed + row.work.tokens) - seq.computed
+            if seq.prefix is not None and not seq.decoding and covered > 0:
+                token_rows.append(torch.arange(row.start, row.start + covered, device=device))
+                values.append(seq.prefix[seq.computed : seq.computed + covered])
+        if not token_rows:
+            return None
+        return EmbeddingOverrides(torch.cat(token_rows), torch.cat(values))
 
     @torch.inference_mode()
-    def prefill(self, batch: pb.Batch) -> tuple[list[GeneratedToken], NativeBatch]:
+    def step(self, work: Sequence[ScheduledWork]) -> list[GeneratedToken]:
+        if not work:
+            return []
         device = self.ctx.device
-        requests = list(batch.requests)
-        prefixes = [self.prompt_prefix(r.prefix_id).input if r.prefix_id else None for r in requests]
-        # A sequence is [prompt prefix, input tokens]; prefix positions hold placeholder ids whose
-        # embeddings the prefix's replace.
-        prefix_lengths = [0 if p is None else len(p) for p in prefixes]
-        lengths = [p + len(r.input_ids) for p, r in zip(prefix_lengths, requests, strict=True)]
-        tables = self._allocate([blocks_for(n, self.block_size) for n in lengths])
-        try:
-            input_ids = torch.tensor(
-                [i for p, r in zip(prefix_lengths, requests, strict=True) for i in [0] * p + list(r.input_ids)],
-                dtype=torch.long,
-                device=device,
-            )
-            positions = torch.cat([torch.arange(n, device=device) for n in lengths])
-            meta = AttentionMetadata.build(lengths, lengths, tables, self.block_size, device)
-            ends = list(accumulate(lengths))
-            want_inputs = any(r.details.input_tokens for r in requests)
-            last_rows = torch.tensor([e - 1 for e in ends], device=device)
-            overrides = EmbeddingOverrides.at(prefixes, [e - n for e, n in zip(ends, lengths, strict=True)], device)
-            # Without prefixes the keyword stays out: families that take no overrides serve the rest.
-            extra = {} if overrides is None else {"embedding_overrides": overrides}
-            logits = self.model(input_ids, positions, self.cache, meta, None if want_inputs else last_rows, **extra)
-            chooser = BatchTokenChooser.from_requests(
-                requests, self.eos_token_ids, self.config.vocab_size, device, prompt_in_history=True
-            )
-            chosen = chooser.choose(logits[last_rows] if want_inputs else logits)
-            next_ids = agree_with_rank0(chosen.token_ids)
-        except Exception:
-            for blocks in tables:
-                self.allocator.free(blocks)
-            raise
-        state = NativeBatch(batch.id, [r.id for r in requests], tables, lengths, next_ids, chooser, self.allocator)
-        tokens = generated_tokens(state.ids, chosen, chooser)
-        if want_inputs:
-            tokens = [
-                replace(token, input_tokens=input_token_details(request, logits, ends[row]))
-                if request.details.input_tokens
-                else token
-                for row, (token, request) in enumerate(zip(tokens, requests, strict=True))
-            ]
-        return tokens, state
-
-    def concatenate(self, states: Sequence[BatchState]) -> NativeBatch:
-        batches = [_native(s) for s in states]
-        if len(batches) == 1:
-            return batches[0]
-        merged = NativeBatch(
-            batches[0].batch_id,
-            [rid for b in batches for rid in b.ids],
-            [t for b in batches for t in b.block_tables],
-            [n for b in batches for n in b.context_lens],
-            torch.cat([b.next_ids for b in batches]),
-            BatchTokenChooser.concatenate([b.chooser for b in batches]),
-            self.allocator,
+        rows = self._layout(work)
+        meta = AttentionMetadata.build(
+            [r.work.tokens for r in rows],
+            [r.seq.computed + r.work.tokens for r in rows],
+            [r.blocks for r in rows],
+            self.block_size,
+            device,
         )
-        # The blocks change hands only now that nothing can fail: each is freed once, by its owner.
-        for part in batches:
-            part.ids, part.block_tables, part.context_lens = [], [], []
-        return merged
-
-    @torch.inference_mode()
-    def decode(self, state: BatchState) -> list[GeneratedToken]:
-        batch = _native(state)
-        device = self.ctx.device
-        # Each row's next token goes into the cache at position context_len.
-        for row, length in enumerate(batch.context_lens):
-            if length + 1 > len(batch.block_tables[row]) * self.block_size:
-                batch.block_tables[row].extend(self.allocator.allocate(1))
-        context = [n + 1 for n in batch.context_lens]
-        meta = AttentionMetadata.build([1] * len(context), context, batch.block_tables, self.block_size, device)
-        positions = torch.tensor(batch.context_lens, dtype=torch.long, device=device)
-        logits = self.model(batch.next_ids, positions, self.cache, meta, None)
-        chosen = batch.chooser.choose(logits)
-        batch.next_ids = agree_with_rank0(chosen.token_ids)
-        batch.context_lens = context
-        return generated_tokens(batch.ids, chosen, batch.chooser)
+        sampling = [r for r in rows if r.samples]
+        detailed = [r for r in rows if r.seq.wants_input_details and not r.seq.decoding]
+        last_rows = torch.tensor([r.end - 1 for r in sampling], dtype=torch.long, device=device)
+        overrides = self._embedding_overrides(rows)
+        # Without prefixes the keyword stays out: families that take no overrides serve the rest.
+        extra = {} if overrides is None else {"embedding_overrides": overrides}
+        all_rows = bool(detailed)  # input-token details need the logits of every prompt position
+        logits = self.model(
+            self._input_ids(rows), meta.positions, self.cache, meta, None if all_rows else last_rows, **extra
+        )
+        tokens: list[GeneratedToken] = []
+        choice = None
+        if sampling:
+            choice = self.sampler.choose(
+                logits[last_rows] if all_rows else logits, [r.seq.request.id for r in sampling]
+            )
+            agree_with_rank0(choice.token_ids)
+            tokens = choice.generated_tokens()
+        details = {
+            r.seq.request.id: input_token_details(
+                r.seq.request.input_ids,
+                r.seq.request.details.top_n,
+                logits[r.start : r.end],
+                r.seq.computed,
+                r.seq.prefix_length,
+            )
+            for r in detailed
+        }
+        # Nothing below can fail: the batch changes only now.
+        if choice is not None:
+            choice.commit()
+            self._next_ids[choice.slots] = choice.token_ids
+        for row in rows:
+            row.seq.blocks = row.blocks
+            row.seq.computed += row.work.tokens
+            row.seq.input_details.extend(details.get(row.seq.request.id, ()))
+        return [
+            replace(token, input_tokens=tuple(seq.input_details)) if seq.wants_input_details else token
+            for token, seq in ((t, self._seqs[t.request_id]) for t in tokens)
+        ]
 
     def memory_model(self) -> pb.MemoryModel | None:
         """The preallocated cache is the limit, counted in whole blocks; prefill activations live
@@ -259,7 +318,7 @@ class NativeEngine(Engine):
             self.model.num_layers, self.model.num_kv_heads, self.model.head_dim, self.ctx.dtype
         )
         model = pb.MemoryModel(
-            limit_bytes=self.cache.num_blocks * self.block_size * per_token,
+            limit_bytes=self.num_blocks * self.block_size * per_token,
             bytes_per_token=per_token,
             block_size=self.block_size,
         )
@@ -286,26 +345,19 @@ class NativeEngine(Engine):
 
     @torch.inference_mode()
     def health_check(self) -> None:
-        tables = self._allocate([1])
-        try:
-            device = self.ctx.device
-            meta = AttentionMetadata.build([1], [1], tables, self.block_size, device)
-            ids = torch.zeros(1, dtype=torch.long, device=device)
-            logits = self.model(ids, torch.zeros(1, dtype=torch.long, device=device), self.cache, meta, None)
-            if not torch.isfinite(logits).all():
-                raise RuntimeError("health check forward pass produced non-finite logits")
-        finally:
-            self.allocator.free(tables[0])
-
-
-def _native(state: BatchState) -> NativeBatch:
-    if not isinstance(state, NativeBatch):
-        raise TypeError(f"tgis_native cannot use a {type(state).__name__}")
-    return state
+        device = self.ctx.device
+        meta = AttentionMetadata.build([1], [1], [[SCRATCH_BLOCK]], self.block_size, device)
+        ids = torch.zeros(1, dtype=torch.long, device=device)
+        logits = self.model(ids, torch.zeros(1, dtype=torch.long, device=device), self.cache, meta, None)
+        if not torch.isfinite(logits).all():
+            raise RuntimeError("health check forward pass produced non-finite logits")
 
 
 def _cache_blocks(ctx: ShardContext, model: NativeCausalLM, block_size: int) -> int:
-    """GPU: what fits in the memory left after the weights; CPU: max batch × max length."""
+    """Blocks for requests: KV_CACHE_MANAGER_NUM_GPU_BLOCKS when set; else on a GPU what fits in
+    the memory left after the weights, on the CPU max batch × max length."""
+    if ctx.kv_cache_blocks:
+        return ctx.kv_cache_blocks
     if ctx.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(ctx.device)
         free -= ctx.memory_settings.reserved_bytes  # the prompt-prefix cache fills up later
@@ -353,7 +405,7 @@ def create_engine(ctx: ShardContext) -> Engine:
             f"{ctx.max_sequence_length}"
         )
     cache = PagedKVCache(
-        model.num_layers, blocks, block_size, model.num_kv_heads, model.head_dim, ctx.dtype, ctx.device, backend
+        model.num_layers, blocks + 1, block_size, model.num_kv_heads, model.head_dim, ctx.dtype, ctx.device, backend
     )
     log.info(
         "rank %d/%d: %s KV cache of %d blocks × %d tokens (%s attention)",

@@ -2,8 +2,8 @@
 
 The tgis_native engine flattens every token of every sequence of a step into one ``[T, ...]``
 tensor. Keys and values live in a cache preallocated as fixed-size blocks; each sequence owns a
-list of block ids (its block table), so requests join and leave by taking and returning blocks,
-never by reallocating or concatenating the cache.
+list of block ids (its block table, handed out by the router), so requests join and leave by
+taking and returning blocks, never by reallocating or concatenating the cache.
 
 A step goes: ``AttentionMetadata.build`` once, then per layer ``cache.store`` of the new keys and
 values, then ``paged_attention`` (which reads the new keys back from the cache). The cache is
@@ -42,60 +42,12 @@ FUSED_MAX_HEAD_DIM = 256
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-class CacheFullError(Exception):
-    """Not enough free KV-cache blocks for a request; the batcher should wait or preempt."""
-
-    def __init__(self, requested: int, free: int) -> None:
-        super().__init__(f"KV cache is full: asked for {requested} blocks, {free} free")
-        self.requested = requested
-        self.free = free
-
-
 Tokens = TypeVar("Tokens", int, torch.Tensor)
 
 
 def blocks_for(num_tokens: Tokens, block_size: int) -> Tokens:
     """Blocks a sequence of ``num_tokens`` tokens occupies (elementwise for an integer tensor)."""
     return -(-num_tokens // block_size)
-
-
-class BlockAllocator:
-    """Free list of the cache's block ids ``0..num_blocks-1``.
-
-    Last freed is first reused, so a new request lands on blocks still warm in GPU caches.
-    """
-
-    def __init__(self, num_blocks: int) -> None:
-        if num_blocks < 1:
-            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
-        self.num_blocks = num_blocks
-        # Popped from the end: block 0 goes out first.
-        self._free = list(range(num_blocks - 1, -1, -1))
-        self._in_use: set[int] = set()
-
-    @property
-    def free_blocks(self) -> int:
-        return len(self._free)
-
-    def allocate(self, n: int) -> list[int]:
-        """Takes ``n`` blocks, all or none."""
-        if n < 0:
-            raise ValueError(f"cannot allocate {n} blocks")
-        if n > len(self._free):
-            raise CacheFullError(n, len(self._free))
-        blocks = [self._free.pop() for _ in range(n)]
-        self._in_use.update(blocks)
-        return blocks
-
-    def free(self, blocks: Sequence[int]) -> None:
-        """Returns blocks; a block that is not in use is a bookkeeping bug, so it raises."""
-        if len(set(blocks)) != len(blocks):
-            raise ValueError(f"blocks freed twice in one call: {list(blocks)}")
-        stray = [block for block in blocks if block not in self._in_use]
-        if stray:
-            raise ValueError(f"blocks {stray} are not allocated")
-        self._in_use.difference_update(blocks)
-        self._free.extend(blocks)
 
 
 class PagedKVCache:

@@ -1,0 +1,376 @@
+"""Which requests run in the next step and how many tokens each: the router's half of the step
+pipeline (the shard's half is ``tgis_shard.steps``).
+
+A step lists, per request, the tokens to process: the next chunk of its prompt, or its last
+generated token. Requests join and leave the shard's persistent batch as diffs the step carries.
+Two policies, by what the engine reports (``InfoResponse``):
+
+- **Paged** engines (tgis_native): the router owns the KV-cache blocks. Each step decodes every
+  running request first, then continues the running prompts, then admits waiting requests in
+  arrival order while blocks, ``MAX_BATCH_SIZE`` and the step's token budget last; a prompt longer
+  than the budget is prefilled over several steps (chunked prefill). When a running request needs
+  a block and none is free, the most recently admitted request is preempted: its blocks come
+  back, it waits at the head of the queue, and it resumes by recomputing its prompt and the
+  tokens it had generated. The client never sees the difference.
+- **Padded** engines (hf_transformers, seq2seq): a request joins when dynamic batch sizing says
+  it fits (``tgis_router.admission``), its whole prompt in the step it joins; every running
+  request decodes each step; nothing is ever preempted.
+
+The scheduler is synchronous and owns no I/O: the batcher sends its steps and feeds back the
+shards' answers (``update``), so it can be driven with hand-made outputs.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tgis_proto import shard_pb2 as pb
+from tgis_router import metrics
+from tgis_router.active import ActiveRequest
+from tgis_router.admission import Admission, Candidate, Decision, Running, projected_peak
+from tgis_router.errors import GenerationFailedError, OutOfMemoryError, RouterError
+from tgis_router.kv_blocks import BlockPool, blocks_for
+from tgis_router.queue import RequestQueue
+from tgis_router.requests import StopReason
+
+log = logging.getLogger(__name__)
+
+NEVER_FITS = "the request does not fit in the memory available to batches"
+# Blocks a new request must leave free beside a running batch (vLLM's watermark): without them,
+# a batch admitted to the last block preempts at its very next decode.
+WATERMARK_FRACTION = 0.01
+
+
+@dataclass(eq=False)
+class ScheduledRequest:
+    """How far a request has come on the shards, from admission to its end."""
+
+    entry: ActiveRequest
+    admitted: int  # admission order: the latest admitted is preempted first
+    computed: int = 0  # tokens in the shards' KV cache
+    blocks: list[int] = field(default_factory=list)
+    output_ids: list[int] = field(default_factory=list)  # every token generated so far
+    resumed: int = 0  # output tokens recomputed as part of the prompt after a preemption
+    ended: bool = False  # its last token was EOS or its last allowed one
+
+    @property
+    def id(self) -> int:
+        return self.entry.id
+
+    @property
+    def prompt_length(self) -> int:
+        """Tokens the shard prefills: prompt prefix, input and (after a preemption) resumed output."""
+        request = self.entry.request
+        return request.prefix_length + len(request.input_ids) + self.resumed
+
+    @property
+    def prompt_left(self) -> int:
+        return max(0, self.prompt_length - self.computed)
+
+    def shard_request(self) -> pb.Request:
+        """What the shard needs to take the request in; a resumed request recomputes its output."""
+        request = self.entry.to_shard_request()
+        if self.resumed:
+            request.input_ids.extend(self.output_ids[: self.resumed])
+            request.resumed_tokens = self.resumed
+            request.details.input_tokens = False  # sent with its first token already
+        return request
+
+
+@dataclass(frozen=True)
+class Work:
+    """One request's share of a step."""
+
+    request: ScheduledRequest
+    tokens: int
+    new_blocks: list[int]
+
+
+@dataclass(frozen=True)
+class Step:
+    """What the shards do next: drop ``leaves``, take in ``joins``, run ``work``."""
+
+    leaves: list[int]
+    joins: list[ScheduledRequest]
+    work: list[Work]
+
+    @property
+    def method(self) -> str:
+        """TGIS's metric label: a step that processes prompt tokens is a prefill."""
+        return "prefill" if any(w.request.computed < w.request.prompt_length for w in self.work) else "next_token"
+
+    def to_proto(self) -> pb.StepRequest:
+        return pb.StepRequest(
+            leaves=self.leaves,
+            joins=[r.shard_request() for r in self.joins],
+            scheduled=[
+                pb.ScheduledTokens(request_id=w.request.id, num_tokens=w.tokens, new_block_ids=w.new_blocks)
+                for w in self.work
+            ],
+        )
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """A step's answer, applied: tokens to hand out and requests the shards dropped."""
+
+    tokens: list[tuple[ActiveRequest, pb.Generation]]
+    failed: list[tuple[ActiveRequest, RouterError]]
+
+
+class Scheduler:
+    """What both policies share: the running requests, their leaving, the shards' answers."""
+
+    def __init__(self, queue: RequestQueue, max_batch_size: int):
+        self._queue = queue
+        self._max_batch_size = max_batch_size
+        self.running: list[ScheduledRequest] = []  # in admission order
+        self._admissions = itertools.count()
+
+    def has_work(self) -> bool:
+        return bool(self.running) or len(self._queue) > 0
+
+    def schedule(self) -> Step | None:
+        """The next step; None when there is nothing to do."""
+        leaves = self._release_ended()
+        joins: list[ScheduledRequest] = []
+        work = self._plan(leaves, joins)
+        if not work and not leaves:
+            return None
+        metrics.batch_current_size.set(len(self.running))
+        return Step(leaves, joins, work)
+
+    def _plan(self, leaves: list[int], joins: list[ScheduledRequest]) -> list[Work]:
+        """The step's work; new requests go to ``joins``, preempted ones to ``leaves``."""
+        raise NotImplementedError
+
+    def _release_ended(self) -> list[int]:
+        """Running requests that finished (by a token, or by the client, a time limit or a stop
+        sequence seen while their last step ran) leave the batch."""
+        ended = [r for r in self.running if r.ended or r.entry.finished]
+        if not ended:
+            return []
+        self.running = [r for r in self.running if not (r.ended or r.entry.finished)]
+        for request in ended:
+            self._release(request)
+        return [r.id for r in ended]
+
+    def _release(self, request: ScheduledRequest) -> None:
+        """Gives back what the request holds on the shards (nothing, for padded engines)."""
+
+    def _admit(self, entry: ActiveRequest, joins: list[ScheduledRequest]) -> ScheduledRequest:
+        request = ScheduledRequest(entry, next(self._admissions))
+        entry.started()
+        self.running.append(request)
+        joins.append(request)
+        return request
+
+    def update(self, step: Step, response: pb.StepResponse) -> StepOutcome:
+        """Applies the shards' answer to ``step``."""
+        for work in step.work:
+            work.request.computed += work.tokens
+        by_id = {w.request.id: w.request for w in step.work}
+        failed: list[tuple[ActiveRequest, RouterError]] = []
+        if response.failures:
+            gone = {f.request_id for f in response.failures}
+            for request in [r for r in self.running if r.id in gone]:
+                self._release(request)
+            self.running = [r for r in self.running if r.id not in gone]
+            for failure in response.failures:
+                request = by_id.get(failure.request_id)
+                if request is not None:
+                    kind = OutOfMemoryError if failure.kind == pb.FAILURE_OUT_OF_MEMORY else GenerationFailedError
+                    failed.append((request.entry, kind(failure.message)))
+        tokens: list[tuple[ActiveRequest, pb.Generation]] = []
+        for generation in response.generations:
+            request = by_id.get(generation.request_id)
+            if request is None:
+                log.error("shard returned a token for request %d, which the step did not run", generation.request_id)
+                continue
+            request.output_ids.append(generation.token.id)
+            if request.entry.ends_with(generation.token.id, len(request.output_ids)):
+                request.ended = True
+            tokens.append((request.entry, generation))
+        return StepOutcome(tokens, failed)
+
+    def abandon(self) -> list[ActiveRequest]:
+        """Forgets every running request (after a failed step, the shards hold none) and returns them."""
+        abandoned, self.running = self.running, []
+        for request in abandoned:
+            self._release(request)
+        metrics.batch_current_size.set(0)
+        return [r.entry for r in abandoned]
+
+
+class PagedScheduler(Scheduler):
+    """Block-paged KV cache owned here; chunked prefill; preemption when the cache is full."""
+
+    def __init__(self, queue: RequestQueue, max_batch_size: int, blocks: BlockPool, step_tokens: int):
+        super().__init__(queue, max_batch_size)
+        self.blocks = blocks
+        # Every running request must be able to decode in one step, and a prompt must move on.
+        self.step_tokens = max(step_tokens, max_batch_size + 1)
+        self._watermark = int(blocks.num_blocks * WATERMARK_FRACTION)
+        self._preempted: dict[int, ScheduledRequest] = {}  # requeued requests, by id
+
+    def _release(self, request: ScheduledRequest) -> None:
+        self.blocks.give_back(request.blocks)
+        request.blocks = []
+
+    def _blocks_needed(self, request: ScheduledRequest, tokens: int) -> int:
+        return max(0, blocks_for(request.computed + tokens, self.blocks.block_size) - len(request.blocks))
+
+    def _plan(self, leaves: list[int], joins: list[ScheduledRequest]) -> list[Work]:
+        budget = self.step_tokens
+        work: dict[int, Work] = {}
+        preempted: set[int] = set()
+        # Decodes first (each needs at most one block), then prompts in admission order.
+        for decoding in (True, False):
+            for request in list(self.running):
+                if request.id in preempted or (request.prompt_left == 0) != decoding:
+                    continue
+                tokens = 1 if decoding else min(request.prompt_left, budget)
+                if tokens <= 0:
+                    continue
+                if not decoding:
+                    # A chunk shrinks to the blocks there are before anything is preempted for it.
+                    room = (self.blocks.free + len(request.blocks)) * self.blocks.block_size - request.computed
+                    tokens = min(tokens, room) if room > 0 else tokens
+                while self._blocks_needed(request, tokens) > self.blocks.free:
+                    victim = self.running[-1]
+                    budget += self._preempt(victim, work, leaves)
+                    preempted.add(victim.id)
+                    if victim is request:
+                        break
+                if request.id in preempted:
+                    continue
+                new_blocks = self.blocks.take(self._blocks_needed(request, tokens))
+                request.blocks.extend(new_blocks)
+                work[request.id] = Work(request, tokens, new_blocks)
+                budget -= tokens
+        # After a preemption the cache is full: admitting now would only preempt again.
+        if not preempted:
+            self._admit_waiting(budget, joins, work)
+        return list(work.values())
+
+    def _admit_waiting(self, budget: int, joins: list[ScheduledRequest], work: dict[int, Work]) -> None:
+        self._preempted = {rid: r for rid, r in self._preempted.items() if not r.entry.finished}
+        for entry in self._queue.live():
+            if budget <= 0 or len(self.running) >= self._max_batch_size:
+                break
+            resumed = self._preempted.get(entry.id)
+            prompt = resumed.prompt_length if resumed else entry.request.prefix_length + len(entry.request.input_ids)
+            tokens = min(prompt, budget)
+            if not self.running:
+                # Alone in the batch, a prompt starts with what the cache holds.
+                tokens = min(tokens, self.blocks.free * self.blocks.block_size)
+            needed = blocks_for(tokens, self.blocks.block_size)
+            reserve = self._watermark if self.running else 0
+            if needed + reserve > self.blocks.free:
+                break  # first come, first served: later arrivals wait behind it
+            self._queue.remove([entry])
+            if resumed is not None:
+                del self._preempted[entry.id]
+                # Back in its admission place: the oldest requests are the last to be preempted again.
+                bisect.insort(self.running, resumed, key=lambda r: r.admitted)
+                joins.append(resumed)
+                request = resumed
+            else:
+                request = self._admit(entry, joins)
+            request.blocks = self.blocks.take(needed)
+            work[request.id] = Work(request, tokens, list(request.blocks))
+            budget -= tokens
+
+    def _preempt(self, request: ScheduledRequest, work: dict[int, Work], leaves: list[int]) -> int:
+        """Takes the request off the shards and requeues it at the head; returns the budget its
+        work in this step had taken."""
+        log.info("KV cache full: request %d is preempted after %d tokens", request.id, len(request.output_ids))
+        metrics.request_preemptions.inc()
+        self.running.remove(request)
+        undone = work.pop(request.id, None)
+        if undone is not None:
+            request.blocks = request.blocks[: len(request.blocks) - len(undone.new_blocks)]
+            self.blocks.give_back(undone.new_blocks)
+        self._release(request)
+        leaves.append(request.id)  # it joined the shards in an earlier step
+        request.computed = 0
+        request.resumed = len(request.output_ids)
+        self._preempted[request.id] = request
+        self._queue.put_front(request.entry)
+        return undone.tokens if undone is not None else 0
+
+
+class PaddedScheduler(Scheduler):
+    """Dynamic batch sizing by the memory model; whole prompts; every running request decodes."""
+
+    def __init__(self, queue: RequestQueue, admission: Admission):
+        super().__init__(queue, admission.config.max_batch_size)
+        self.admission = admission
+        self._waited_steps = 0  # steps since waiting requests were last considered in vain
+
+    def _plan(self, leaves: list[int], joins: list[ScheduledRequest]) -> list[Work]:
+        work = [Work(r, 1, []) for r in self.running]
+        for entry in self._admitted():
+            request = self._admit(entry, joins)
+            work.append(Work(request, request.prompt_length, []))
+        return work
+
+    def _admitted(self) -> list[ActiveRequest]:
+        """The waiting requests that join now, taken off the queue."""
+        waiting = self._queue.live()
+        if not waiting:
+            return []
+        states = [Running(r.entry.length, r.entry.remaining) for r in self.running]
+        try:
+            decision = self.admission.select(states, _candidates(waiting), self._waited_steps)
+        except Exception:
+            log.exception("admission failed; judging the %d waiting requests one by one", len(waiting))
+            waiting = self._judgeable(states, waiting)
+            decision = self.admission.select(states, _candidates(waiting), self._waited_steps)
+        _count(decision)
+        if not decision.admit:
+            self._waited_steps += 1
+            if not self.running and waiting:
+                # Nothing runs, so nothing will free memory: the head can never fit.
+                head = waiting[0]
+                self._queue.remove([head])
+                head.finish(StopReason.ERROR, OutOfMemoryError(NEVER_FITS))
+            return []
+        self._waited_steps = 0
+        admitted = [waiting[i] for i in decision.admit]
+        self._queue.remove(admitted)
+        joining = [Running(e.length, e.request.max_new_tokens) for e in admitted]
+        metrics.batch_weight.set(projected_peak(self.admission.model, [*states, *joining]))
+        return admitted
+
+    def _judgeable(self, states: list[Running], waiting: list[ActiveRequest]) -> list[ActiveRequest]:
+        """The waiting requests admission can judge alone; the others fail and leave the queue."""
+        judgeable = []
+        for entry in waiting:
+            try:
+                self.admission.select(states, _candidates([entry]), self._waited_steps)
+                judgeable.append(entry)
+            except Exception as e:
+                self._queue.remove([entry])
+                entry.finish(StopReason.ERROR, GenerationFailedError(f"internal error in admission: {e!r}"))
+        return judgeable
+
+
+def _candidates(entries: Sequence[ActiveRequest]) -> list[Candidate]:
+    return [Candidate(e.length, e.request.max_new_tokens, e.arrival) for e in entries]
+
+
+def _count(decision: Decision) -> None:
+    if decision.weight_limited:
+        metrics.prefill_weight_limit_exceeded.inc()
+    if decision.padding_limited:
+        metrics.prefill_padding_limit_exceeded.inc()
+    if decision.prefill_limited:
+        metrics.prefill_tokens_limit_exceeded.inc()
+    if decision.waiting:
+        metrics.add_on_waits.inc()
+    metrics.queue_jumps.inc(decision.queue_jumps)

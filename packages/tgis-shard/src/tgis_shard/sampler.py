@@ -1,0 +1,289 @@
+"""Choosing each request's next token from the model's logits, for a persistent batch.
+
+Every request of the batch has a slot: its decoding parameters and state (tokens generated,
+tokens seen for the repetition penalty) live in per-slot device tensors, written once when it
+joins. A step gathers the slots of the rows it samples. What the chain must run (any sampling,
+the largest top_k, any penalty, any details) is decided from the parameters on the host, so a
+step never waits for the device to find out, and it copies its results to the host once.
+
+Sampling draws one uniform number per row from a counter-based generator: splitmix64 of the
+request's seed at its generated-token count. The same seed and output position give the same
+draw inside any batch, on any rank, after a rerun of a failed step and after a preemption
+(which recomputes the prompt and resumes at the same count), with no generator state to keep.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tgis_proto import shard_pb2 as pb
+from tgis_shard.logits import (
+    TokenDetails,
+    length_penalty,
+    mask_eos,
+    repetition_penalty,
+    temperature,
+    token_details,
+    top_k,
+    top_p,
+    top_tokens,
+    typical_p,
+)
+
+_U64 = 1 << 64
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+
+
+def _signed(value: int) -> int:
+    """A 64-bit unsigned constant as the int64 with the same bits."""
+    return value - _U64 if value >= 1 << 63 else value
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch shifts arithmetically)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def uniform(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """The ``counters``-th draw (0-based) of splitmix64 seeded with ``seeds``, as float64 in (0, 1].
+
+    int64 arithmetic wraps on overflow, which is the unsigned arithmetic splitmix64 is written in.
+    """
+    z = seeds + (counters + 1) * _signed(_GOLDEN)
+    z = (z ^ _shift_right(z, 30)) * _signed(_MIX1)
+    z = (z ^ _shift_right(z, 27)) * _signed(_MIX2)
+    z = z ^ _shift_right(z, 31)
+    return (_shift_right(z, 11).double() + 1.0) * 2.0**-53
+
+
+@dataclass(frozen=True)
+class GeneratedToken:
+    """One new token of one request, with the details it asked for."""
+
+    request_id: int
+    token_id: int
+    logprob: float = float("nan")
+    rank: int = 0
+    top_tokens: tuple[tuple[int, float], ...] = ()
+    input_tokens: tuple[pb.Token, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Params:
+    """A request's decoding parameters after TGIS's defaults, as the host sees them."""
+
+    sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    typical_p: float
+    repetition_penalty: float
+    length_penalty: bool
+    length_start: int
+    length_decay: float
+    min_new_tokens: int
+    seed: int
+    logprobs: bool
+    ranks: bool
+    top_n: int
+
+    @classmethod
+    def of(cls, request: pb.Request) -> _Params:
+        c, d = request.chooser, request.details
+        sample = c.sample  # greedy requests ignore the sampling warpers: they are set to "off"
+        return cls(
+            sample=sample,
+            temperature=c.temperature if sample and c.temperature > 0 else 1.0,
+            top_k=c.top_k if sample else 0,
+            top_p=c.top_p if sample and 0 < c.top_p < 1 else 1.0,
+            typical_p=c.typical_p if sample and 0 < c.typical_p < 1 else 1.0,
+            repetition_penalty=c.repetition_penalty if c.repetition_penalty > 0 else 1.0,
+            length_penalty=c.length_penalty,
+            length_start=c.length_penalty_start,
+            length_decay=c.length_penalty_decay or 1.0,
+            min_new_tokens=c.min_new_tokens,
+            seed=_signed(c.seed % _U64),
+            logprobs=d.logprobs,
+            ranks=d.ranks,
+            top_n=d.top_n,
+        )
+
+    @property
+    def wants_details(self) -> bool:
+        return self.logprobs or self.ranks or self.top_n > 0
+
+
+class Choice:
+    """The tokens a step chose: applied to the requests' state only by ``commit``, so a step that
+    fails after choosing leaves the batch as it was."""
+
+    def __init__(self, sampler: Sampler, request_ids: list[int], slots: torch.Tensor, token_ids: torch.Tensor):
+        self._sampler = sampler
+        self.request_ids = request_ids
+        self.slots = slots  # [rows]: each row's slot in the sampler
+        self.token_ids = token_ids  # [rows] int64, on the device
+        self.details: TokenDetails | None = None
+        self.top_n: list[int] = []
+
+    def commit(self) -> None:
+        self._sampler._advance(self.request_ids, self.slots, self.token_ids)
+
+    def generated_tokens(self) -> list[GeneratedToken]:
+        """Per request, its token and the details it asked for; one copy from the device."""
+        details = self.details
+        if details is None:
+            return [GeneratedToken(rid, t) for rid, t in zip(self.request_ids, self.token_ids.tolist(), strict=True)]
+        columns = [self.token_ids.double(), details.logprobs.double(), details.ranks.double()]
+        if details.top_ids is not None and details.top_logprobs is not None:
+            columns += [details.top_ids.double(), details.top_logprobs.double()]
+        rows = torch.column_stack(columns).tolist()
+        width = details.top_ids.shape[1] if details.top_ids is not None else 0
+        tokens = []
+        for rid, n, row in zip(self.request_ids, self.top_n, rows, strict=True):
+            top = top_tokens([int(i) for i in row[3 : 3 + width]], row[3 + width :], n) if width else ()
+            tokens.append(GeneratedToken(rid, int(row[0]), row[1], int(row[2]), top))
+        return tokens
+
+
+class Sampler:
+    """Per-slot decoding parameters and state of up to ``capacity`` requests, keyed by request id."""
+
+    def __init__(self, capacity: int, vocab_size: int, eos_token_ids: Sequence[int], device: torch.device):
+        self.capacity = capacity
+        self.vocab_size = vocab_size
+        self.device = device
+        self.eos_token_ids = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
+        self._slots: dict[int, int] = {}
+        self._free = list(range(capacity - 1, -1, -1))
+        self._params: list[_Params | None] = [None] * capacity
+        self._generated_host = [0] * capacity
+
+        def zeros(dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(capacity, dtype=dtype, device=device)
+
+        self._sample = zeros(torch.bool)
+        self._temperature = zeros(torch.float32)
+        self._top_k = zeros(torch.long)
+        self._top_p = zeros(torch.float32)
+        self._typical_p = zeros(torch.float32)
+        self._repetition = zeros(torch.float32)
+        self._length_enabled = zeros(torch.bool)
+        self._length_start = zeros(torch.long)
+        self._length_decay = zeros(torch.float32)
+        self._min_new_tokens = zeros(torch.long)
+        self._seed = zeros(torch.long)
+        self._generated = zeros(torch.long)
+        self._seen: torch.Tensor | None = None  # [capacity, vocab] bool, once a request needs it
+
+    def __contains__(self, request_id: int) -> bool:
+        return request_id in self._slots
+
+    def slots(self, request_ids: Sequence[int]) -> torch.Tensor:
+        """The requests' slots, for per-slot tensors the engine keeps beside the sampler's."""
+        return torch.tensor([self._slots[rid] for rid in request_ids], dtype=torch.long, device=self.device)
+
+    def add(self, request: pb.Request, history: Sequence[int]) -> None:
+        """Takes a request in; ``history``: tokens its repetition penalty covers from the start.
+        A resumed request has generated ``resumed_tokens`` already."""
+        if request.id in self._slots:
+            raise ValueError(f"request {request.id} is in the batch already")
+        if not self._free:
+            raise ValueError(f"the batch holds {self.capacity} requests already")
+        params = _Params.of(request)
+        slot = self._free[-1]
+        values = {
+            self._sample: params.sample,
+            self._temperature: params.temperature,
+            self._top_k: params.top_k,
+            self._top_p: params.top_p,
+            self._typical_p: params.typical_p,
+            self._repetition: params.repetition_penalty,
+            self._length_enabled: params.length_penalty,
+            self._length_start: params.length_start,
+            self._length_decay: params.length_decay,
+            self._min_new_tokens: params.min_new_tokens,
+            self._seed: params.seed,
+            self._generated: request.resumed_tokens,
+        }
+        for tensor, value in values.items():
+            tensor[slot] = value
+        if params.repetition_penalty != 1.0:
+            if self._seen is None:
+                self._seen = torch.zeros((self.capacity, self.vocab_size), dtype=torch.bool, device=self.device)
+            self._seen[slot] = False
+            ids = [i for i in history if 0 <= i < self.vocab_size]
+            if ids:
+                self._seen[slot, torch.tensor(ids, dtype=torch.long, device=self.device)] = True
+        self._free.pop()
+        self._slots[request.id] = slot
+        self._params[slot] = params
+        self._generated_host[slot] = request.resumed_tokens
+
+    def remove(self, request_id: int) -> None:
+        slot = self._slots.pop(request_id, None)
+        if slot is not None:
+            self._params[slot] = None
+            self._free.append(slot)
+
+    def choose(self, logits: torch.Tensor, request_ids: Sequence[int]) -> Choice:
+        """One token per row of ``logits`` [rows, vocab]: row i is request ``request_ids[i]``."""
+        slot_list = [self._slots[rid] for rid in request_ids]
+        params = [p for p in (self._params[s] for s in slot_list) if p is not None]
+        generated = [self._generated_host[s] for s in slot_list]
+        slots = torch.tensor(slot_list, dtype=torch.long, device=self.device)
+        scores = logits.float().clone()
+        if any(g < p.min_new_tokens for p, g in zip(params, generated, strict=True)):
+            scores = mask_eos(scores, self.eos_token_ids, self._generated[slots] < self._min_new_tokens[slots])
+        if any(p.length_penalty for p in params):
+            scores = length_penalty(
+                scores,
+                self.eos_token_ids,
+                self._generated[slots],
+                self._length_start[slots],
+                self._length_decay[slots],
+                self._length_enabled[slots],
+            )
+        if self._seen is not None and any(p.repetition_penalty != 1.0 for p in params):
+            scores = repetition_penalty(scores, self._seen[slots], self._repetition[slots])
+        sampling = any(p.sample for p in params)
+        if sampling:
+            scores = self._warp(scores, slots, params)
+        token_ids = scores.argmax(dim=-1)
+        if sampling:
+            token_ids = torch.where(self._sample[slots], self._draw(scores, slots), token_ids)
+        choice = Choice(self, list(request_ids), slots, token_ids)
+        if any(p.wants_details for p in params):
+            choice.details = token_details(scores.log_softmax(dim=-1), token_ids, max(p.top_n for p in params))
+            choice.top_n = [p.top_n for p in params]
+        return choice
+
+    def _warp(self, scores: torch.Tensor, slots: torch.Tensor, params: list[_Params]) -> torch.Tensor:
+        if any(p.temperature != 1.0 for p in params):
+            scores = temperature(scores, self._temperature[slots])
+        largest = max(p.top_k for p in params)
+        if largest:
+            scores = top_k(scores, self._top_k[slots], largest)
+        if any(p.top_p < 1.0 for p in params):
+            scores = top_p(scores, self._top_p[slots])
+        if any(p.typical_p < 1.0 for p in params):
+            scores = typical_p(scores, self._typical_p[slots])
+        return scores
+
+    def _draw(self, scores: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Inverse-CDF sampling: one uniform draw per row, one batched lookup."""
+        cdf = scores.softmax(dim=-1).cumsum(dim=-1)
+        draws = uniform(self._seed[slots], self._generated[slots]).to(cdf.dtype)
+        sampled = torch.searchsorted(cdf, (draws * cdf[:, -1]).unsqueeze(1)).squeeze(1)
+        return sampled.clamp(max=scores.shape[-1] - 1)
+
+    def _advance(self, request_ids: list[int], slots: torch.Tensor, token_ids: torch.Tensor) -> None:
+        self._generated[slots] += 1
+        if self._seen is not None:
+            self._seen[slots, token_ids] = True
+        for rid in request_ids:
+            self._generated_host[self._slots[rid]] += 1
