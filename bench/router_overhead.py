@@ -60,7 +60,7 @@ async def _per_token_us(pool: TokenizerPool, ids: list[int], batch: int, steps: 
     for step_tokens in tokens:
         started = time.perf_counter()
         for entry, token in zip(entries, step_tokens, strict=True):
-            entry.add_token(token)
+            entry.add_token(token.id, token if details else None)
         elapsed += time.perf_counter() - started
         for entry in entries:  # what the clients' response coroutines take off the queue
             while not entry.events.empty():

@@ -108,7 +108,7 @@ class StepDriver:
         self.computed.pop(rid, None)
 
     def step(self) -> list[GeneratedToken]:
-        scheduled = []
+        ids, tokens_per_request, block_counts, blocks = [], [], [], []
         for rid, length in self.prompt_length.items():
             left = length - self.computed[rid]
             tokens = (min(left, self.chunk) if self.chunk else left) if left > 0 else 1
@@ -117,9 +117,19 @@ class StepDriver:
                 needed = -(-(self.computed[rid] + tokens) // self.block_size) - len(self.blocks[rid])
                 new_blocks = [self.free_blocks.pop() for _ in range(needed)]
                 self.blocks[rid] += new_blocks
-            scheduled.append(pb.ScheduledTokens(request_id=rid, num_tokens=tokens, new_block_ids=new_blocks))
+            ids.append(rid)
+            tokens_per_request.append(tokens)
+            block_counts.append(len(new_blocks))
+            blocks += new_blocks
             self.computed[rid] += tokens
-        request = pb.StepRequest(leaves=self._leaves, joins=self._joins, scheduled=scheduled)
+        request = pb.StepRequest(
+            leaves=self._leaves,
+            joins=self._joins,
+            request_ids=ids,
+            num_tokens=tokens_per_request,
+            new_block_counts=block_counts,
+            new_block_ids=blocks,
+        )
         self._joins, self._leaves = [], []
         outcome = self.runner.step(request)
         for failure in outcome.failures:

@@ -128,40 +128,44 @@ class FakeShards:
                 if r.id not in self.prefilled:
                     self.prefilled.append(r.id)
                 self.requests[r.id] = Held(len(r.input_ids), r.resumed_tokens, input_ids=tuple(r.input_ids))
-        scheduled = [s.request_id for s in request.scheduled if s.request_id not in failed]
+        scheduled = [rid for rid in request.request_ids if rid not in failed]
         failed |= set(self.on_step(scheduled) or ()) if self.on_step else set()
-        generations = []
-        for work in request.scheduled:
-            if work.request_id in failed:
+        done: list[int] = []
+        tokens: list[int] = []
+        blocks = iter(request.new_block_ids)
+        for rid, num_tokens, block_count in zip(
+            request.request_ids, request.num_tokens, request.new_block_counts, strict=True
+        ):
+            new_blocks = [next(blocks) for _ in range(block_count)]
+            if rid in failed:
                 continue
-            held = self.requests.get(work.request_id)
+            held = self.requests.get(rid)
             if held is None:
-                raise ProtocolError(f"request {work.request_id} scheduled but not in the batch")
-            self._check(work, held)
-            held.computed += work.num_tokens
+                raise ProtocolError(f"request {rid} scheduled but not in the batch")
+            self._check(rid, num_tokens, new_blocks, held)
+            held.computed += num_tokens
             if held.computed >= held.prompt_length:
-                rid = work.request_id
                 self.generated[rid] = self.generated.get(rid, 0) + 1
-                generations.append(pb.Generation(request_id=rid, token=pb.Token(id=self.tokens(rid, held.position))))
+                done.append(rid)
+                tokens.append(self.tokens(rid, held.position))
                 held.position += 1
         for rid in failed:
             self._drop(rid)
-        return pb.StepResponse(generations=generations, failures=self._failures(sorted(failed)))
+        return pb.StepResponse(request_ids=done, token_ids=tokens, failures=self._failures(sorted(failed)))
 
-    def _check(self, work: pb.ScheduledTokens, held: Held) -> None:
-        rid, tokens = work.request_id, work.num_tokens
+    def _check(self, rid: int, tokens: int, new_blocks: list[int], held: Held) -> None:
         left = held.prompt_length - held.computed
         if (left > 0 and not 0 < tokens <= left) or (left <= 0 and tokens != 1):
             raise ProtocolError(f"request {rid}: {tokens} tokens scheduled with {left} prompt tokens left")
         if self.kv_cache is None:
-            if work.new_block_ids:
+            if new_blocks:
                 raise ProtocolError(f"request {rid} got blocks from a padded engine's router")
             return
-        for block in work.new_block_ids:
+        for block in new_blocks:
             if not 1 <= block <= self.kv_cache.num_blocks or block in self._block_owner:
                 raise ProtocolError(f"request {rid} got block {block}, held by {self._block_owner.get(block)}")
             self._block_owner[block] = rid
-        held.blocks += work.new_block_ids
+        held.blocks += new_blocks
         if len(held.blocks) * self.kv_cache.block_size < held.computed + tokens:
             raise ProtocolError(f"request {rid}: {len(held.blocks)} blocks for {held.computed + tokens} tokens")
 

@@ -293,7 +293,7 @@ def test_one_requests_token_handling_failure_fails_only_that_request(tokenizer, 
         entries = [h.submit(max_new_tokens=4) for _ in range(3)]
         broken = entries[1]
 
-        def add_token(token):
+        def add_token(token_id, details=None):
             raise UnicodeError("detokenizer bug")
 
         monkeypatch.setattr(broken, "add_token", add_token)
@@ -502,12 +502,12 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_running_request_keeps_de
         chunks = [
             step
             for step in h.shards.steps
-            for work in step.scheduled
-            if work.request_id == long.id and work.num_tokens > 1
+            for rid, tokens in zip(step.request_ids, step.num_tokens, strict=True)
+            if rid == long.id and tokens > 1
         ]
         assert len(chunks) == 6  # 40 prompt tokens, 7 a step beside one decode: 5 × 7 + 5
         for step in chunks:
-            assert sum(w.num_tokens for w in step.scheduled) <= 8
-            assert running.id in {w.request_id for w in step.scheduled}  # the decode never waits
+            assert sum(step.num_tokens) <= 8
+            assert running.id in step.request_ids  # the decode never waits
 
     run_with_batcher(tokenizer, scenario, shards=shards, max_batch_size=4, step_tokens=8)

@@ -46,13 +46,13 @@ def paged(tokenizer, num_blocks: int, max_batch_size: int = 8, step_tokens: int 
 
 def answer(step: Step, token: int = 9, failed: tuple[int, ...] = ()) -> pb.StepResponse:
     """The shard's answer: a token for each request whose prompt is complete after the step."""
-    generations = [
-        pb.Generation(request_id=w.request.id, token=pb.Token(id=token))
+    done = [
+        w.request.id
         for w in step.work
         if w.request.computed + w.tokens >= w.request.prompt_length and w.request.id not in failed
     ]
     failures = [pb.RequestFailure(request_id=rid, message="bad") for rid in failed]
-    return pb.StepResponse(generations=generations, failures=failures)
+    return pb.StepResponse(request_ids=done, token_ids=[token] * len(done), failures=failures)
 
 
 def run_step(scheduler: Scheduler, **answer_options) -> Step:
@@ -217,8 +217,8 @@ def test_random_load_keeps_the_block_accounting_exact(tokenizer):
         failed = tuple(w.request.id for w in step.work if rng.random() < 0.02)
         token = EOS_ID if rng.random() < 0.05 else 9
         outcome = scheduler.update(step, answer(step, token=token, failed=failed))
-        for entry, generation in outcome.tokens:
-            entry.add_token(generation.token)
+        for new in outcome.tokens:
+            new.entry.add_token(new.token_id)
         for entry, error in outcome.failed:
             entry.finish(StopReason.ERROR, error)
         check_blocks(scheduler)
@@ -234,7 +234,7 @@ def test_padded_engines_decode_every_running_request_and_take_prompts_whole(toke
     first = requests.add(30)
     step = run_step(scheduler)
     assert work_of(step) == {first.id: 30}
-    assert all(w.new_blocks == [] for w in step.work)
+    assert all(w.new_blocks == () for w in step.work)
     second = requests.add(50)
     step = scheduler.schedule()
     assert work_of(step) == {first.id: 1, second.id: 50}

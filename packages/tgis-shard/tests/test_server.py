@@ -27,9 +27,13 @@ def servicer(tmp_path_factory):
 
 def _step(servicer: ShardServicer, joining: list[int] = (), decoding: list[int] = ()) -> pb.StepResponse:
     joins = [pb.Request(id=r, input_ids=[5, 6, 7], max_new_tokens=4) for r in joining]
-    scheduled = [pb.ScheduledTokens(request_id=r, num_tokens=3) for r in joining]
-    scheduled += [pb.ScheduledTokens(request_id=r, num_tokens=1) for r in decoding]
-    return servicer.Step(pb.StepRequest(joins=joins, scheduled=scheduled), AbortingContext())
+    request = pb.StepRequest(
+        joins=joins,
+        request_ids=[*joining, *decoding],
+        num_tokens=[3] * len(joining) + [1] * len(decoding),
+        new_block_counts=[0] * (len(joining) + len(decoding)),
+    )
+    return servicer.Step(request, AbortingContext())
 
 
 def _health_in_thread(servicer: ShardServicer, forward: bool) -> threading.Thread:
@@ -64,7 +68,7 @@ def test_step_failures_reach_the_router_as_per_request_failures_or_status_codes(
     engine = servicer.engine
     engine.bad_requests = {12}
     response = _step(servicer, joining=[11, 12])
-    assert [g.request_id for g in response.generations] == [11]
+    assert list(response.request_ids) == [11]
     assert [(f.request_id, f.kind) for f in response.failures] == [(12, pb.FAILURE_INTERNAL)]
     engine.bad_requests = set()
     response = _step(servicer, joining=[11])
@@ -89,5 +93,5 @@ def test_reset_drops_every_request(servicer):
     _step(servicer, joining=[21, 22])
     servicer.Reset(pb.ResetRequest(), AbortingContext())
     assert len(servicer.steps) == 0
-    assert [g.request_id for g in _step(servicer, joining=[21]).generations] == [21]
+    assert list(_step(servicer, joining=[21]).request_ids) == [21]
     servicer.Reset(pb.ResetRequest(), AbortingContext())

@@ -100,18 +100,21 @@ class ActiveRequest:
             self._prefill_at = time.monotonic()
             metrics.request_queue_duration.observe(self._prefill_at - self.arrival)
 
-    def _detail(self, token: pb.Token) -> TokenDetail:
+    def _detail(self, token_id: int, details: pb.Token | None) -> TokenDetail:
+        text = self._tokenizer.id_to_token(token_id)
+        if details is None:
+            return TokenDetail(text)
         return TokenDetail(
-            text=self._tokenizer.id_to_token(token.id),
-            logprob=token.logprob,
-            rank=token.rank,
-            top_tokens=tuple((self._tokenizer.id_to_token(t.id), t.logprob) for t in token.top_tokens),
+            text=text,
+            logprob=details.logprob,
+            rank=details.rank,
+            top_tokens=tuple((self._tokenizer.id_to_token(t.id), t.logprob) for t in details.top_tokens),
         )
 
     def add_input_tokens(self, details: Sequence[pb.Token]) -> None:
         """Emits the input tokens; details (logprobs) are present when the shard computed them."""
         tokens = tuple(
-            self._detail(details[i]) if i < len(details) else TokenDetail(self._tokenizer.id_to_token(token_id))
+            self._detail(token_id, details[i] if i < len(details) else None)
             for i, token_id in enumerate(self.request.input_ids)
         )
         self.events.put_nowait(InputTokens(tokens))
@@ -120,8 +123,9 @@ class ActiveRequest:
         """Whether the ``generated``-th token ends the request by EOS or length: known from the id alone."""
         return token_stop_reason(self.request, token_id, generated, self._eos_token_ids) is not None
 
-    def add_token(self, token: pb.Token) -> bool:
-        """Records one generated token; True when the request is now finished."""
+    def add_token(self, token_id: int, details: pb.Token | None = None) -> bool:
+        """Records one generated token (with its details, when the shard computed them); True
+        when the request is now finished."""
         if self.finished:
             return True
         now = time.monotonic()
@@ -131,11 +135,11 @@ class ActiveRequest:
             metrics.request_inter_token_latency.observe(now - self._last_token_at)
         self._last_token_at = now
         self.generated += 1
-        delta = self._detokenizer.add(token.id)
+        delta = self._detokenizer.add(token_id)
         if self._deadline is not None and now >= self._deadline:
             reason: StopReason | None = StopReason.TIME_LIMIT
         else:
-            reason = token_stop_reason(self.request, token.id, self.generated, self._eos_token_ids)
+            reason = token_stop_reason(self.request, token_id, self.generated, self._eos_token_ids)
         stop_sequence = ""
         if reason is None:
             step = self._stop_sequences.add(delta, active=self.generated >= self.request.params.min_new_tokens)
@@ -145,7 +149,7 @@ class ActiveRequest:
         else:
             text = self._stop_sequences.flush() + delta
         finish = Finish(reason, stop_sequence) if reason is not None else None
-        self.events.put_nowait(NewToken(text, self.generated, self._detail(token), finish))
+        self.events.put_nowait(NewToken(text, self.generated, self._detail(token_id, details), finish))
         if finish is not None:
             self._finished(finish)
         return self.finished

@@ -100,11 +100,12 @@ class Batcher:
 
     def _hand_out(self, outcome: StepOutcome) -> None:
         """Gives each request its token: text, stopping, events."""
-        for entry, generation in outcome.tokens:
+        for token in outcome.tokens:
+            entry, details = token.entry, token.details
             try:
-                if generation.input_tokens or (entry.generated == 0 and entry.request.params.response.input_tokens):
-                    entry.add_input_tokens(generation.input_tokens)
-                entry.add_token(generation.token)
+                if entry.generated == 0 and entry.request.params.response.input_tokens:
+                    entry.add_input_tokens(details.input_tokens if details is not None else ())
+                entry.add_token(token.token_id, details.token if details is not None else None)
             except Exception as e:
                 # One request's text handling must not cost the others their tokens.
                 log.exception("handling a token of request %d failed", entry.id)

@@ -33,7 +33,11 @@ class BlockPool:
         self._free = list(range(num_blocks, 0, -1))  # popped from the end: block 1 goes out first
         self._in_use: set[int] = set()
         metrics.kv_cache_blocks.set(num_blocks)
-        metrics.kv_cache_blocks_used.set(0)
+        self.observe()
+
+    def observe(self) -> None:
+        """Publishes the blocks in use (once a step, not at every change)."""
+        metrics.kv_cache_blocks_used.set(len(self._in_use))
 
     @property
     def free(self) -> int:
@@ -43,13 +47,12 @@ class BlockPool:
     def used(self) -> int:
         return len(self._in_use)
 
-    def take(self, n: int) -> list[int]:
+    def take(self, n: int) -> tuple[int, ...]:
         """``n`` blocks; the caller checked ``free`` first."""
         if not 0 <= n <= len(self._free):
             raise BlockAccountingError(f"asked for {n} blocks with {len(self._free)} free")
-        blocks = [self._free.pop() for _ in range(n)]
+        blocks = tuple(self._free.pop() for _ in range(n))
         self._in_use.update(blocks)
-        metrics.kv_cache_blocks_used.set(len(self._in_use))
         return blocks
 
     def give_back(self, blocks: Iterable[int]) -> None:
@@ -59,4 +62,3 @@ class BlockPool:
             raise BlockAccountingError(f"blocks {sorted(stray) or blocks} freed but not in use")
         self._in_use.difference_update(blocks)
         self._free.extend(reversed(blocks))
-        metrics.kv_cache_blocks_used.set(len(self._in_use))

@@ -45,31 +45,37 @@ NEVER_FITS = "the request does not fit in the memory available to batches"
 WATERMARK_FRACTION = 0.01
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class ScheduledRequest:
     """How far a request has come on the shards, from admission to its end."""
 
     entry: ActiveRequest
     admitted: int  # admission order: the latest admitted is preempted first
+    # Tokens the shard prefills: prompt prefix, input and (after a preemption) the resumed output.
+    prompt_length: int
     computed: int = 0  # tokens in the shards' KV cache
     blocks: list[int] = field(default_factory=list)
     output_ids: list[int] = field(default_factory=list)  # every token generated so far
     resumed: int = 0  # output tokens recomputed as part of the prompt after a preemption
     ended: bool = False  # its last token was EOS or its last allowed one
 
+    @classmethod
+    def admit(cls, entry: ActiveRequest, admitted: int) -> ScheduledRequest:
+        return cls(entry, admitted, entry.request.prefix_length + len(entry.request.input_ids))
+
     @property
     def id(self) -> int:
         return self.entry.id
 
     @property
-    def prompt_length(self) -> int:
-        """Tokens the shard prefills: prompt prefix, input and (after a preemption) resumed output."""
-        request = self.entry.request
-        return request.prefix_length + len(request.input_ids) + self.resumed
-
-    @property
     def prompt_left(self) -> int:
         return max(0, self.prompt_length - self.computed)
+
+    def resume_later(self) -> None:
+        """Forgets what the shards computed: the prompt to recompute now ends with every output token."""
+        self.computed = 0
+        self.prompt_length += len(self.output_ids) - self.resumed
+        self.resumed = len(self.output_ids)
 
     def shard_request(self) -> pb.Request:
         """What the shard needs to take the request in; a resumed request recomputes its output."""
@@ -81,13 +87,13 @@ class ScheduledRequest:
         return request
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Work:
     """One request's share of a step."""
 
     request: ScheduledRequest
     tokens: int
-    new_blocks: list[int]
+    new_blocks: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -107,18 +113,27 @@ class Step:
         return pb.StepRequest(
             leaves=self.leaves,
             joins=[r.shard_request() for r in self.joins],
-            scheduled=[
-                pb.ScheduledTokens(request_id=w.request.id, num_tokens=w.tokens, new_block_ids=w.new_blocks)
-                for w in self.work
-            ],
+            request_ids=[w.request.id for w in self.work],
+            num_tokens=[w.tokens for w in self.work],
+            new_block_counts=[len(w.new_blocks) for w in self.work],
+            new_block_ids=[b for w in self.work for b in w.new_blocks],
         )
+
+
+@dataclass(slots=True)
+class NewToken:
+    """A request's token from a step, with the details the shard computed for it (if asked)."""
+
+    entry: ActiveRequest
+    token_id: int
+    details: pb.Generation | None
 
 
 @dataclass(frozen=True)
 class StepOutcome:
     """A step's answer, applied: tokens to hand out and requests the shards dropped."""
 
-    tokens: list[tuple[ActiveRequest, pb.Generation]]
+    tokens: list[NewToken]
     failed: list[tuple[ActiveRequest, RouterError]]
 
 
@@ -141,8 +156,12 @@ class Scheduler:
         work = self._plan(leaves, joins)
         if not work and not leaves:
             return None
-        metrics.batch_current_size.set(len(self.running))
+        self._observe()
         return Step(leaves, joins, work)
+
+    def _observe(self) -> None:
+        """Publishes the batch's gauges, once a step."""
+        metrics.batch_current_size.set(len(self.running))
 
     def _plan(self, leaves: list[int], joins: list[ScheduledRequest]) -> list[Work]:
         """The step's work; new requests go to ``joins``, preempted ones to ``leaves``."""
@@ -163,7 +182,7 @@ class Scheduler:
         """Gives back what the request holds on the shards (nothing, for padded engines)."""
 
     def _admit(self, entry: ActiveRequest, joins: list[ScheduledRequest]) -> ScheduledRequest:
-        request = ScheduledRequest(entry, next(self._admissions))
+        request = ScheduledRequest.admit(entry, next(self._admissions))
         entry.started()
         self.running.append(request)
         joins.append(request)
@@ -185,16 +204,17 @@ class Scheduler:
                 if request is not None:
                     kind = OutOfMemoryError if failure.kind == pb.FAILURE_OUT_OF_MEMORY else GenerationFailedError
                     failed.append((request.entry, kind(failure.message)))
-        tokens: list[tuple[ActiveRequest, pb.Generation]] = []
-        for generation in response.generations:
-            request = by_id.get(generation.request_id)
+        details = {g.request_id: g for g in response.details}
+        tokens: list[NewToken] = []
+        for request_id, token_id in zip(response.request_ids, response.token_ids, strict=True):
+            request = by_id.get(request_id)
             if request is None:
-                log.error("shard returned a token for request %d, which the step did not run", generation.request_id)
+                log.error("shard returned a token for request %d, which the step did not run", request_id)
                 continue
-            request.output_ids.append(generation.token.id)
-            if request.entry.ends_with(generation.token.id, len(request.output_ids)):
+            request.output_ids.append(token_id)
+            if request.entry.ends_with(token_id, len(request.output_ids)):
                 request.ended = True
-            tokens.append((request.entry, generation))
+            tokens.append(NewToken(request.entry, token_id, details.get(request_id)))
         return StepOutcome(tokens, failed)
 
     def abandon(self) -> list[ActiveRequest]:
@@ -221,6 +241,10 @@ class PagedScheduler(Scheduler):
         self.blocks.give_back(request.blocks)
         request.blocks = []
 
+    def _observe(self) -> None:
+        super()._observe()
+        self.blocks.observe()
+
     def _blocks_needed(self, request: ScheduledRequest, tokens: int) -> int:
         return max(0, blocks_for(request.computed + tokens, self.blocks.block_size) - len(request.blocks))
 
@@ -228,34 +252,51 @@ class PagedScheduler(Scheduler):
         budget = self.step_tokens
         work: dict[int, Work] = {}
         preempted: set[int] = set()
+        block_size = self.blocks.block_size
+        decoding = [r for r in self.running if r.computed >= r.prompt_length]
+        prompting = [r for r in self.running if r.computed < r.prompt_length]
         # Decodes first (each needs at most one block), then prompts in admission order.
-        for decoding in (True, False):
-            for request in list(self.running):
-                if request.id in preempted or (request.prompt_left == 0) != decoding:
+        for request in decoding:
+            if request.id in preempted:
+                continue
+            new_blocks: tuple[int, ...] = ()
+            if request.computed >= len(request.blocks) * block_size:  # its next token starts a block
+                if not self._room_for(request, 1, work, leaves, preempted):
                     continue
-                tokens = 1 if decoding else min(request.prompt_left, budget)
-                if tokens <= 0:
-                    continue
-                if not decoding:
-                    # A chunk shrinks to the blocks there are before anything is preempted for it.
-                    room = (self.blocks.free + len(request.blocks)) * self.blocks.block_size - request.computed
-                    tokens = min(tokens, room) if room > 0 else tokens
-                while self._blocks_needed(request, tokens) > self.blocks.free:
-                    victim = self.running[-1]
-                    budget += self._preempt(victim, work, leaves)
-                    preempted.add(victim.id)
-                    if victim is request:
-                        break
-                if request.id in preempted:
-                    continue
-                new_blocks = self.blocks.take(self._blocks_needed(request, tokens))
+                new_blocks = self.blocks.take(1)
                 request.blocks.extend(new_blocks)
-                work[request.id] = Work(request, tokens, new_blocks)
-                budget -= tokens
+            work[request.entry.id] = Work(request, 1, new_blocks)
+            budget -= 1
+        for request in prompting:
+            if request.id in preempted or budget <= 0:
+                continue
+            tokens = min(request.prompt_length - request.computed, budget)
+            # A chunk shrinks to the blocks there are before anything is preempted for it.
+            room = (self.blocks.free + len(request.blocks)) * block_size - request.computed
+            tokens = min(tokens, room) if room > 0 else tokens
+            if not self._room_for(request, tokens, work, leaves, preempted):
+                continue
+            new_blocks = self.blocks.take(self._blocks_needed(request, tokens))
+            request.blocks.extend(new_blocks)
+            work[request.id] = Work(request, tokens, new_blocks)
+            budget -= tokens
         # After a preemption the cache is full: admitting now would only preempt again.
         if not preempted:
             self._admit_waiting(budget, joins, work)
         return list(work.values())
+
+    def _room_for(
+        self, request: ScheduledRequest, tokens: int, work: dict[int, Work], leaves: list[int], preempted: set[int]
+    ) -> bool:
+        """Preempts the latest admitted requests until ``tokens`` more fit for ``request``; False
+        when it was preempted itself."""
+        while self._blocks_needed(request, tokens) > self.blocks.free:
+            victim = self.running[-1]
+            self._preempt(victim, work, leaves)
+            preempted.add(victim.id)
+            if victim is request:
+                return False
+        return True
 
     def _admit_waiting(self, budget: int, joins: list[ScheduledRequest], work: dict[int, Work]) -> None:
         self._preempted = {rid: r for rid, r in self._preempted.items() if not r.entry.finished}
@@ -281,27 +322,27 @@ class PagedScheduler(Scheduler):
                 request = resumed
             else:
                 request = self._admit(entry, joins)
-            request.blocks = self.blocks.take(needed)
-            work[request.id] = Work(request, tokens, list(request.blocks))
+            new_blocks = self.blocks.take(needed)
+            request.blocks = list(new_blocks)
+            work[request.id] = Work(request, tokens, new_blocks)
             budget -= tokens
 
-    def _preempt(self, request: ScheduledRequest, work: dict[int, Work], leaves: list[int]) -> int:
-        """Takes the request off the shards and requeues it at the head; returns the budget its
-        work in this step had taken."""
+    def _preempt(self, request: ScheduledRequest, work: dict[int, Work], leaves: list[int]) -> None:
+        """Takes the request off the shards and requeues it at the head of the queue."""
         log.info("KV cache full: request %d is preempted after %d tokens", request.id, len(request.output_ids))
         metrics.request_preemptions.inc()
         self.running.remove(request)
+        # Its work in this step, if it got some already, is undone: the budget it took stays
+        # spent, which only makes the step a little smaller.
         undone = work.pop(request.id, None)
         if undone is not None:
-            request.blocks = request.blocks[: len(request.blocks) - len(undone.new_blocks)]
+            del request.blocks[len(request.blocks) - len(undone.new_blocks) :]
             self.blocks.give_back(undone.new_blocks)
         self._release(request)
         leaves.append(request.id)  # it joined the shards in an earlier step
-        request.computed = 0
-        request.resumed = len(request.output_ids)
+        request.resume_later()
         self._preempted[request.id] = request
         self._queue.put_front(request.entry)
-        return undone.tokens if undone is not None else 0
 
 
 class PaddedScheduler(Scheduler):
@@ -313,10 +354,10 @@ class PaddedScheduler(Scheduler):
         self._waited_steps = 0  # steps since waiting requests were last considered in vain
 
     def _plan(self, leaves: list[int], joins: list[ScheduledRequest]) -> list[Work]:
-        work = [Work(r, 1, []) for r in self.running]
+        work = [Work(r, 1, ()) for r in self.running]
         for entry in self._admitted():
             request = self._admit(entry, joins)
-            work.append(Work(request, request.prompt_length, []))
+            work.append(Work(request, request.prompt_length, ()))
         return work
 
     def _admitted(self) -> list[ActiveRequest]:

@@ -6,7 +6,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterable
+from collections.abc import Sequence
 from concurrent import futures
 from pathlib import Path
 
@@ -22,20 +22,27 @@ from tgis_shard.steps import StepFailed, StepRunner
 log = logging.getLogger(__name__)
 
 
-def _to_proto(tokens: Iterable[GeneratedToken]) -> list[pb.Generation]:
-    return [
-        pb.Generation(
-            request_id=t.request_id,
-            token=pb.Token(
-                id=t.token_id,
-                logprob=t.logprob,
-                rank=t.rank,
-                top_tokens=[pb.TopToken(id=i, logprob=lp) for i, lp in t.top_tokens],
-            ),
-            input_tokens=t.input_tokens,
-        )
-        for t in tokens
-    ]
+def _step_response(tokens: Sequence[GeneratedToken], failures: Sequence[pb.RequestFailure]) -> pb.StepResponse:
+    """Token ids as packed arrays; details only for the tokens that carry some."""
+    return pb.StepResponse(
+        request_ids=[t.request_id for t in tokens],
+        token_ids=[t.token_id for t in tokens],
+        details=[
+            pb.Generation(
+                request_id=t.request_id,
+                token=pb.Token(
+                    id=t.token_id,
+                    logprob=t.logprob,
+                    rank=t.rank,
+                    top_tokens=[pb.TopToken(id=i, logprob=lp) for i, lp in t.top_tokens],
+                ),
+                input_tokens=t.input_tokens,
+            )
+            for t in tokens
+            if t.rank or t.input_tokens  # a rank is 1 or more wherever details were computed
+        ],
+        failures=failures,
+    )
 
 
 class ShardServicer(pb_grpc.ShardServiceServicer):
@@ -73,7 +80,7 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
             except StepFailed as e:
                 code = grpc.StatusCode.RESOURCE_EXHAUSTED if e.out_of_memory else grpc.StatusCode.INTERNAL
                 context.abort(code, str(e))
-            return pb.StepResponse(generations=_to_proto(outcome.tokens), failures=outcome.failures)
+            return _step_response(outcome.tokens, outcome.failures)
 
     def PrefixLookup(self, request: pb.PrefixLookupRequest, context: grpc.ServicerContext) -> pb.PrefixLookupResponse:
         # Not under the batch lock: loading a file must not wait for (or hold up) a step.

@@ -55,7 +55,13 @@ def _failures(request_ids: Sequence[int], error: BaseException, what: str) -> li
 
 
 def scheduled_work(request: pb.StepRequest) -> list[ScheduledWork]:
-    return [ScheduledWork(s.request_id, s.num_tokens, tuple(s.new_block_ids)) for s in request.scheduled]
+    """The step's work, from the request's parallel arrays."""
+    blocks = list(request.new_block_ids)
+    work, start = [], 0
+    for rid, tokens, count in zip(request.request_ids, request.num_tokens, request.new_block_counts, strict=True):
+        work.append(ScheduledWork(rid, tokens, tuple(blocks[start : start + count])))
+        start += count
+    return work
 
 
 class StepRunner:
