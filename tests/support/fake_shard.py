@@ -89,8 +89,10 @@ class FakeShards:
     violations: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._lock = asyncio.Lock()  # a shard runs one batch operation at a time
+        self._lock = asyncio.Lock()  # a shard runs one batch operation at a time, in call order
         self._block_owner: dict[int, int] = {}
+        self._dropped: set[int] = set()  # failed requests, until the router lets them leave
+        self._failed = False  # a step failed: the shard holds nothing until the router resets it
 
     @staticmethod
     def _failures(failed: Sequence[int] | None) -> list[pb.RequestFailure]:
@@ -105,10 +107,18 @@ class FakeShards:
         await asyncio.sleep(self.step_delay)
         if self.record_steps:
             self.steps.append(request)
+        if self._failed:
+            # As a real shard that dropped every request: the steps sent before the router knew
+            # name requests it no longer holds, and fail too.
+            raise rpc_error(grpc.StatusCode.INTERNAL, "step failed: requests are not in the batch")
         try:
             return self._step(request)
         except ProtocolError as e:
             self.violations.append(str(e))
+            raise
+        except grpc.aio.AioRpcError:
+            self._failed = True
+            self._forget_all()
             raise
 
     def _drop(self, rid: int) -> None:
@@ -119,8 +129,9 @@ class FakeShards:
     def _step(self, request: pb.StepRequest) -> pb.StepResponse:
         for rid in request.leaves:
             self._drop(rid)
+            self._dropped.discard(rid)
         joining = [r.id for r in request.joins]
-        failed = set(self.on_join(joining) or ()) if self.on_join else set()
+        failed = set(self.on_join(joining) or ()) if self.on_join and joining else set()
         for r in request.joins:
             if r.id in self.requests:
                 raise ProtocolError(f"request {r.id} joined twice")
@@ -129,7 +140,7 @@ class FakeShards:
                     self.prefilled.append(r.id)
                 self.requests[r.id] = Held(len(r.input_ids), r.resumed_tokens, input_ids=tuple(r.input_ids))
         scheduled = [rid for rid in request.request_ids if rid not in failed]
-        failed |= set(self.on_step(scheduled) or ()) if self.on_step else set()
+        failed |= set(self.on_step(scheduled) or ()) if self.on_step and scheduled else set()
         done: list[int] = []
         tokens: list[int] = []
         blocks = iter(request.new_block_ids)
@@ -137,7 +148,7 @@ class FakeShards:
             request.request_ids, request.num_tokens, request.new_block_counts, strict=True
         ):
             new_blocks = [next(blocks) for _ in range(block_count)]
-            if rid in failed:
+            if rid in failed or rid in self._dropped:
                 continue
             held = self.requests.get(rid)
             if held is None:
@@ -151,6 +162,7 @@ class FakeShards:
                 held.position += 1
         for rid in failed:
             self._drop(rid)
+        self._dropped |= failed
         return pb.StepResponse(request_ids=done, token_ids=tokens, failures=self._failures(sorted(failed)))
 
     def _check(self, rid: int, tokens: int, new_blocks: list[int], held: Held) -> None:
@@ -172,8 +184,13 @@ class FakeShards:
     async def reset(self) -> None:
         async with self._lock:
             self.resets += 1
-            self.requests.clear()
-            self._block_owner.clear()
+            self._forget_all()
+            self._failed = False
+
+    def _forget_all(self) -> None:
+        self.requests.clear()
+        self._block_owner.clear()
+        self._dropped.clear()
 
     async def health(self, forward: bool, timeout: float | None = None) -> None:
         self.health_calls.append(forward)

@@ -46,11 +46,7 @@ def paged(tokenizer, num_blocks: int, max_batch_size: int = 8, step_tokens: int 
 
 def answer(step: Step, token: int = 9, failed: tuple[int, ...] = ()) -> pb.StepResponse:
     """The shard's answer: a token for each request whose prompt is complete after the step."""
-    done = [
-        w.request.id
-        for w in step.work
-        if w.request.computed + w.tokens >= w.request.prompt_length and w.request.id not in failed
-    ]
+    done = [w.request.id for w in step.work if w.samples and w.request.id not in failed]
     failures = [pb.RequestFailure(request_id=rid, message="bad") for rid in failed]
     return pb.StepResponse(request_ids=done, token_ids=[token] * len(done), failures=failures)
 
@@ -136,7 +132,7 @@ def test_the_latest_admitted_request_is_preempted_first_and_resumes_first_with_i
         step = scheduler.schedule()
         scheduler.update(step, answer(step, token=token))
         for w in step.work:
-            if w.request.computed >= w.request.prompt_length:
+            if w.samples:
                 outputs[w.request.id].append(token)
         if step.leaves:
             preempted_step = step
@@ -238,3 +234,35 @@ def test_padded_engines_decode_every_running_request_and_take_prompts_whole(toke
     second = requests.add(50)
     step = scheduler.schedule()
     assert work_of(step) == {first.id: 1, second.id: 50}
+
+
+def test_steps_planned_ahead_of_their_answers_schedule_no_token_past_the_last(tokenizer):
+    scheduler, requests = paged(tokenizer, num_blocks=64)
+    short, long = requests.add(4, max_new_tokens=3), requests.add(4, max_new_tokens=10)
+    ahead = [scheduler.schedule(), scheduler.schedule()]  # the second before the first is answered
+    assert work_of(ahead[1]) == {short.id: 1, long.id: 1}
+    scheduler.update(ahead[0], answer(ahead[0]))
+    ahead.append(scheduler.schedule())  # the short request's third token
+    step = scheduler.schedule()  # all three are in steps sent: it leaves, with no more work
+    assert step.leaves == [short.id]
+    assert work_of(step) == {long.id: 1}
+    tokens = [t for s in ahead[1:] for t in scheduler.update(s, answer(s)).tokens if t.entry is short]
+    assert len(tokens) == 2  # with the first: exactly its three
+    check_blocks(scheduler)
+
+
+def test_a_request_preempted_with_a_token_on_the_way_resumes_with_that_token(tokenizer):
+    scheduler, requests = paged(tokenizer, num_blocks=8)
+    first, _, latest = requests.add(8, max_new_tokens=40), requests.add(8), requests.add(8)
+    prompts = scheduler.schedule()
+    decodes = scheduler.schedule()  # before the prompts' tokens are known: the latest is preempted
+    assert decodes.leaves == [latest.id]
+    scheduler.update(prompts, answer(prompts, token=21))  # ... and its first token arrives now
+    scheduler.update(decodes, answer(decodes, token=22))
+    first.cancel()
+    step = scheduler.schedule()
+    assert [r.id for r in step.joins] == [latest.id]
+    resumed = step.to_proto().joins[0]
+    assert list(resumed.input_ids) == [*latest.request.input_ids, 21]
+    assert resumed.resumed_tokens == 1
+    check_blocks(scheduler)

@@ -1,5 +1,6 @@
-"""ShardClient: batch operations reach every rank one at a time, in the order asked; pings and
-lookups do not wait for them."""
+"""ShardClient: steps go out at once, numbered for the ranks to run in order; a reset or a
+forward check waits for everything before it and holds back what comes after; pings and
+lookups wait for nothing."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from tgis_router.shard_client import ShardClient
 
 
 class RecordingStub:
-    """A rank that logs when each call starts and ends; ``slow`` calls take a while."""
+    """A rank that logs when each call starts and ends; calls take their ``delays``."""
 
     def __init__(self, rank: int, log: list[tuple[int, str, str]], delays: dict[str, float]):
         self._rank, self._log, self._delays = rank, log, delays
@@ -22,7 +23,7 @@ class RecordingStub:
         return response
 
     def Step(self, request, **_: object):
-        name = "Step" if request.leaves else "Step2"
+        name = f"Step{request.sequence}"
         return self._call(name, pb.StepResponse(failures=[pb.RequestFailure(request_id=r) for r in request.leaves]))
 
     def Reset(self, request, **_: object):
@@ -32,32 +33,31 @@ class RecordingStub:
         return self._call("Forward" if request.forward else "Ping", pb.HealthResponse())
 
 
-def test_batch_operations_run_one_at_a_time_in_order_on_every_rank_and_pings_do_not_wait():
+def test_steps_go_out_at_once_numbered_and_barriers_wait_for_everything_before_them():
     log: list[tuple[int, str, str]] = []
 
     async def main() -> None:
         client = ShardClient([])
-        client._stubs = [RecordingStub(r, log, {"Step": 0.02, "Step2": 0.01}) for r in range(2)]
-        step = client.step(pb.StepRequest(leaves=[1]))  # sent at once: nothing is in flight
-        assert (0, "start", "Step") not in log  # ... but it starts when the loop runs
+        delays = {"Step0": 0.02, "Step1": 0.01, "Forward": 0.005, "Reset": 0.005}
+        client._stubs = [RecordingStub(r, log, delays) for r in range(2)]
+        first = client.step(pb.StepRequest(leaves=[1]))
         second = client.step(pb.StepRequest())
-        forward = asyncio.ensure_future(client.health(forward=True))
-        reset = asyncio.ensure_future(client.reset())
+        forward = client.health(forward=True)
+        reset = client.reset()
+        third = client.step(pb.StepRequest())
         await asyncio.sleep(0.005)
-        await client.health(forward=False)  # a ping answers while the step runs
-        assert [f.request_id for f in (await step).failures] == [1]  # rank 0's answer
-        assert list((await second).failures) == []
-        await forward
-        await reset
+        await client.health(forward=False)  # a ping answers while the steps run
+        assert [f.request_id for f in (await first).failures] == [1]  # rank 0's answer
+        await asyncio.gather(second, forward, reset, third)
 
     asyncio.run(main())
     for rank in range(2):
-        events = [(kind, name) for r, kind, name in log if r == rank and name != "Ping"]
-        names = [name for kind, name in events if kind == "start"]
-        assert names == ["Step", "Step2", "Forward", "Reset"]
-        # Each one ends before the next starts.
-        assert events == [(kind, name) for name in names for kind in ("start", "end")]
-    # ... and on every rank: the next one starts after the slowest rank answered.
-    assert log.index((0, "start", "Step2")) > log.index((1, "end", "Step"))
-    ping_start = log.index((0, "start", "Ping"))
-    assert ping_start < log.index((0, "end", "Step"))
+        started = [name for r, kind, name in log if r == rank and kind == "start" and name != "Ping"]
+        assert started == ["Step0", "Step1", "Forward", "Reset", "Step2"]
+    # The second step went out before the first was answered: the shards order them by number.
+    assert log.index((0, "start", "Step1")) < log.index((0, "end", "Step0"))
+    # A barrier starts once every rank answered what came before it, and holds back what follows.
+    assert log.index((0, "start", "Forward")) > log.index((1, "end", "Step0"))
+    assert log.index((0, "start", "Reset")) > log.index((1, "end", "Forward"))
+    assert log.index((0, "start", "Step2")) > log.index((1, "end", "Reset"))
+    assert log.index((0, "start", "Ping")) < log.index((0, "end", "Step0"))

@@ -26,8 +26,10 @@ def servicer(tmp_path_factory):
 
 
 def _step(servicer: ShardServicer, joining: list[int] = (), decoding: list[int] = ()) -> pb.StepResponse:
+    sequence = servicer.steps_sent = getattr(servicer, "steps_sent", -1) + 1
     joins = [pb.Request(id=r, input_ids=[5, 6, 7], max_new_tokens=4) for r in joining]
     request = pb.StepRequest(
+        sequence=sequence,
         joins=joins,
         request_ids=[*joining, *decoding],
         num_tokens=[3] * len(joining) + [1] * len(decoding),

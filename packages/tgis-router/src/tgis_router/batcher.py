@@ -1,9 +1,10 @@
 """Continuous batching as one step pipeline: the scheduler plans a step, the batcher sends it to
-the shards and, while they compute it, hands out the previous step's tokens (detokenization,
-stopping, streaming). A finish by EOS or length is known from the token id before the next step
-is planned; a stop sequence, a time limit or a cancellation is seen while handing out, so it
-takes effect one step later and the token the step in flight made for that request is discarded,
-never sent.
+the shards, and the shards always have the next step at hand: ``PIPELINE_DEPTH`` steps are on
+the shards at a time, and the router handles one step's answer (its tokens: detokenization,
+stopping, streaming) while the shards compute the next. The step planned after an answer is
+handled sees what that answer ended: a finish by EOS, a stop sequence, a time limit or a
+cancellation takes effect one step later, and the token the step in between made for that
+request is discarded, never sent; a finish by length is known ahead and costs nothing.
 
 Every accepted request ends with exactly one answer: its last token, or one error. A failure
 fails the requests it concerns and no more: one request's bad data fails that request (the
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Sequence
 
 import grpc
@@ -34,6 +36,9 @@ log = logging.getLogger(__name__)
 
 LOOP_FAILURE_PAUSE_S = 0.05
 IDLE_PAUSE_S = 0.001
+# Steps on the shards at a time: the one running and the next, so the shards never wait for the
+# router while it handles an answer (the router's work per step must fit in a step's time).
+PIPELINE_DEPTH = 2
 
 
 class Batcher:
@@ -42,47 +47,46 @@ class Batcher:
         self._queue = queue
         self.scheduler = scheduler
         self._health = health
-        self._in_flight: asyncio.Future[pb.StepResponse] | None = None
+        self._in_flight: deque[tuple[Step, asyncio.Future[pb.StepResponse]]] = deque()
 
     async def run(self) -> None:
         """Runs until cancelled; a failure ends the requests it concerns, never the loop."""
-        handed_out: StepOutcome | None = None  # the last step's tokens, handed out during the next
         while True:
             try:
-                step = self.scheduler.schedule()
-                if step is None:
-                    if handed_out is not None:
-                        handed_out, outcome = None, handed_out
-                        self._hand_out(outcome)
-                    elif self.scheduler.has_work():
-                        await asyncio.sleep(IDLE_PAUSE_S)  # waiting requests the scheduler cannot take yet
-                    else:
-                        await self._queue.wait()
-                    continue
-                self._in_flight = self._send(step)
-                if handed_out is not None:
-                    await asyncio.sleep(0)  # the step's calls go out before the tokens are handed out
-                    handed_out, outcome = None, handed_out
-                    self._hand_out(outcome)
-                try:
-                    response = await self._in_flight
-                except grpc.aio.AioRpcError as e:
-                    self._health.step_failed()
-                    await self._abandon_running(shard_error(e, "generation"))
-                    continue
-                finally:
-                    self._in_flight = None
-                self._health.step_succeeded()
-                handed_out = self.scheduler.update(step, response)
-                for entry, error in handed_out.failed:
-                    _fail([entry], error)
+                await self._turn()
             except Exception as e:
                 # Each step handles its own failures; this is a bug in the loop's bookkeeping.
                 log.exception("batching step failed")
-                handed_out = None
                 await self._abandon_running(GenerationFailedError(f"internal error in the batching loop: {e!r}"))
                 # A failure that recurs must not spin the event loop: RPCs and probes go on.
                 await asyncio.sleep(LOOP_FAILURE_PAUSE_S)
+
+    async def _turn(self) -> None:
+        """Fills the pipeline, then handles the oldest step's answer."""
+        while len(self._in_flight) < PIPELINE_DEPTH:
+            step = self.scheduler.schedule()
+            if step is None:
+                break
+            self._in_flight.append((step, self._send(step)))
+        if not self._in_flight:
+            if self.scheduler.has_work():
+                await asyncio.sleep(IDLE_PAUSE_S)  # waiting requests the scheduler cannot take yet
+            else:
+                await self._queue.wait()
+            return
+        step, call = self._in_flight[0]
+        try:
+            response = await call
+        except grpc.aio.AioRpcError as e:
+            self._health.step_failed()
+            await self._abandon_running(shard_error(e, "generation"))
+            return
+        self._in_flight.popleft()
+        self._health.step_succeeded()
+        outcome = self.scheduler.update(step, response)
+        for entry, error in outcome.failed:
+            _fail([entry], error)
+        self._hand_out(outcome)
 
     def _send(self, step: Step) -> asyncio.Future[pb.StepResponse]:
         call = self._shards.step(step.to_proto())
@@ -112,12 +116,12 @@ class Batcher:
                 _fail([entry], GenerationFailedError(f"internal error handling a token: {e!r}"))
 
     async def _abandon_running(self, error: RouterError) -> None:
-        """Fails every running request and resets the shards, which then hold none."""
-        if self._in_flight is not None:
-            # The reset goes after it on the shards anyway; its outcome no longer matters.
-            await asyncio.gather(self._in_flight, return_exceptions=True)
-            self._in_flight = None
-        _fail(self.scheduler.abandon(), error)
+        """Fails every request on the shards and resets them, which then hold none."""
+        steps, self._in_flight = list(self._in_flight), deque()
+        # The reset goes after them on the shards anyway; their outcomes no longer matter.
+        await asyncio.gather(*(call for _, call in steps), return_exceptions=True)
+        in_steps = [w.request.entry for step, _ in steps for w in step.work]
+        _fail(list({id(e): e for e in [*self.scheduler.abandon(), *in_steps]}.values()), error)
         try:
             await self._shards.reset()
         except grpc.aio.AioRpcError as e:

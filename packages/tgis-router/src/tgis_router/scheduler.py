@@ -16,6 +16,12 @@ Two policies, by what the engine reports (``InfoResponse``):
   it fits (``tgis_router.admission``), its whole prompt in the step it joins; every running
   request decodes each step; nothing is ever preempted.
 
+A step is planned before the outputs of the steps still on the shards are known, so that the
+shards always have the next step at hand (``tgis_router.batcher``): what a request will have
+computed and how many tokens it will have generated count from the steps sent, not the steps
+answered. A request whose tokens are all scheduled leaves with the next step; one that ends by
+EOS does when the token is known, and the token the shards made for it meanwhile is discarded.
+
 The scheduler is synchronous and owns no I/O: the batcher sends its steps and feeds back the
 shards' answers (``update``), so it can be driven with hand-made outputs.
 """
@@ -47,17 +53,19 @@ WATERMARK_FRACTION = 0.01
 
 @dataclass(eq=False, slots=True)
 class ScheduledRequest:
-    """How far a request has come on the shards, from admission to its end."""
+    """How far a request has come on the shards, from admission to its end, counting the steps
+    sent (not only the steps answered)."""
 
     entry: ActiveRequest
     admitted: int  # admission order: the latest admitted is preempted first
     # Tokens the shard prefills: prompt prefix, input and (after a preemption) the resumed output.
     prompt_length: int
-    computed: int = 0  # tokens in the shards' KV cache
+    computed: int = 0  # tokens in the shards' KV cache once the steps sent have run
     blocks: list[int] = field(default_factory=list)
     output_ids: list[int] = field(default_factory=list)  # every token generated so far
+    pending: int = 0  # tokens the steps sent will still bring
     resumed: int = 0  # output tokens recomputed as part of the prompt after a preemption
-    ended: bool = False  # its last token was EOS or its last allowed one
+    ended: bool = False  # a token it got was EOS
 
     @classmethod
     def admit(cls, entry: ActiveRequest, admitted: int) -> ScheduledRequest:
@@ -68,12 +76,18 @@ class ScheduledRequest:
         return self.entry.id
 
     @property
-    def prompt_left(self) -> int:
-        return max(0, self.prompt_length - self.computed)
+    def fully_scheduled(self) -> bool:
+        """Every token it may generate is in a step sent."""
+        return len(self.output_ids) + self.pending >= self.entry.request.max_new_tokens
 
-    def resume_later(self) -> None:
-        """Forgets what the shards computed: the prompt to recompute now ends with every output token."""
-        self.computed = 0
+    @property
+    def leaving(self) -> bool:
+        return self.ended or self.entry.finished or self.fully_scheduled
+
+    def resume(self) -> None:
+        """Before it rejoins after a preemption: its prompt now ends with every token it generated."""
+        if self.pending:
+            raise RuntimeError(f"request {self.id} rejoins with {self.pending} tokens still on the way")
         self.prompt_length += len(self.output_ids) - self.resumed
         self.resumed = len(self.output_ids)
 
@@ -94,6 +108,8 @@ class Work:
     request: ScheduledRequest
     tokens: int
     new_blocks: tuple[int, ...]
+    prompt: bool  # prompt tokens (else its last generated token)
+    samples: bool  # the step brings it a token: its prompt is complete after it
 
 
 @dataclass(frozen=True)
@@ -107,7 +123,7 @@ class Step:
     @property
     def method(self) -> str:
         """TGIS's metric label: a step that processes prompt tokens is a prefill."""
-        return "prefill" if any(w.request.computed < w.request.prompt_length for w in self.work) else "next_token"
+        return "prefill" if any(w.prompt for w in self.work) else "next_token"
 
     def to_proto(self) -> pb.StepRequest:
         return pb.StepRequest(
@@ -145,19 +161,29 @@ class Scheduler:
         self._max_batch_size = max_batch_size
         self.running: list[ScheduledRequest] = []  # in admission order
         self._admissions = itertools.count()
+        self._dropped: list[int] = []  # requests the shards dropped on a failure; acknowledged next step
 
     def has_work(self) -> bool:
         return bool(self.running) or len(self._queue) > 0
 
     def schedule(self) -> Step | None:
         """The next step; None when there is nothing to do."""
-        leaves = self._release_ended()
+        leaves, self._dropped = self._dropped, []
+        leaves += self._release_leaving()
         joins: list[ScheduledRequest] = []
         work = self._plan(leaves, joins)
         if not work and not leaves:
             return None
+        for item in work:
+            item.request.computed += item.tokens
+            if item.samples:
+                item.request.pending += 1
         self._observe()
         return Step(leaves, joins, work)
+
+    def _work(self, request: ScheduledRequest, tokens: int, new_blocks: tuple[int, ...] = ()) -> Work:
+        prompt = request.computed < request.prompt_length
+        return Work(request, tokens, new_blocks, prompt, request.computed + tokens >= request.prompt_length)
 
     def _observe(self) -> None:
         """Publishes the batch's gauges, once a step."""
@@ -167,16 +193,16 @@ class Scheduler:
         """The step's work; new requests go to ``joins``, preempted ones to ``leaves``."""
         raise NotImplementedError
 
-    def _release_ended(self) -> list[int]:
-        """Running requests that finished (by a token, or by the client, a time limit or a stop
-        sequence seen while their last step ran) leave the batch."""
-        ended = [r for r in self.running if r.ended or r.entry.finished]
-        if not ended:
+    def _release_leaving(self) -> list[int]:
+        """Running requests that leave the batch: every token scheduled, an EOS seen, or finished
+        by the client, a time limit or a stop sequence seen while the last steps ran."""
+        leaving = [r for r in self.running if r.leaving]
+        if not leaving:
             return []
-        self.running = [r for r in self.running if not (r.ended or r.entry.finished)]
-        for request in ended:
+        self.running = [r for r in self.running if not r.leaving]
+        for request in leaving:
             self._release(request)
-        return [r.id for r in ended]
+        return [r.id for r in leaving]
 
     def _release(self, request: ScheduledRequest) -> None:
         """Gives back what the request holds on the shards (nothing, for padded engines)."""
@@ -190,8 +216,6 @@ class Scheduler:
 
     def update(self, step: Step, response: pb.StepResponse) -> StepOutcome:
         """Applies the shards' answer to ``step``."""
-        for work in step.work:
-            work.request.computed += work.tokens
         by_id = {w.request.id: w.request for w in step.work}
         failed: list[tuple[ActiveRequest, RouterError]] = []
         if response.failures:
@@ -200,17 +224,20 @@ class Scheduler:
                 self._release(request)
             self.running = [r for r in self.running if r.id not in gone]
             for failure in response.failures:
+                self._dropped.append(failure.request_id)
                 request = by_id.get(failure.request_id)
                 if request is not None:
+                    request.pending = 0
                     kind = OutOfMemoryError if failure.kind == pb.FAILURE_OUT_OF_MEMORY else GenerationFailedError
                     failed.append((request.entry, kind(failure.message)))
-        details = {g.request_id: g for g in response.details}
+        details = {g.request_id: g for g in response.details} if response.details else {}
         tokens: list[NewToken] = []
         for request_id, token_id in zip(response.request_ids, response.token_ids, strict=True):
             request = by_id.get(request_id)
             if request is None:
                 log.error("shard returned a token for request %d, which the step did not run", request_id)
                 continue
+            request.pending -= 1
             request.output_ids.append(token_id)
             if request.entry.ends_with(token_id, len(request.output_ids)):
                 request.ended = True
@@ -222,6 +249,8 @@ class Scheduler:
         abandoned, self.running = self.running, []
         for request in abandoned:
             self._release(request)
+            request.pending = 0
+        self._dropped = []
         metrics.batch_current_size.set(0)
         return [r.entry for r in abandoned]
 
@@ -265,7 +294,7 @@ class PagedScheduler(Scheduler):
                     continue
                 new_blocks = self.blocks.take(1)
                 request.blocks.extend(new_blocks)
-            work[request.entry.id] = Work(request, 1, new_blocks)
+            work[request.entry.id] = self._work(request, 1, new_blocks)
             budget -= 1
         for request in prompting:
             if request.id in preempted or budget <= 0:
@@ -278,7 +307,7 @@ class PagedScheduler(Scheduler):
                 continue
             new_blocks = self.blocks.take(self._blocks_needed(request, tokens))
             request.blocks.extend(new_blocks)
-            work[request.id] = Work(request, tokens, new_blocks)
+            work[request.id] = self._work(request, tokens, new_blocks)
             budget -= tokens
         # After a preemption the cache is full: admitting now would only preempt again.
         if not preempted:
@@ -304,7 +333,11 @@ class PagedScheduler(Scheduler):
             if budget <= 0 or len(self.running) >= self._max_batch_size:
                 break
             resumed = self._preempted.get(entry.id)
-            prompt = resumed.prompt_length if resumed else entry.request.prefix_length + len(entry.request.input_ids)
+            if resumed is not None and resumed.pending:
+                break  # its last tokens are still on the way: it resumes once they are here
+            prompt = entry.request.prefix_length + len(entry.request.input_ids)
+            if resumed is not None:
+                prompt += len(resumed.output_ids)
             tokens = min(prompt, budget)
             if not self.running:
                 # Alone in the batch, a prompt starts with what the cache holds.
@@ -316,6 +349,7 @@ class PagedScheduler(Scheduler):
             self._queue.remove([entry])
             if resumed is not None:
                 del self._preempted[entry.id]
+                resumed.resume()
                 # Back in its admission place: the oldest requests are the last to be preempted again.
                 bisect.insort(self.running, resumed, key=lambda r: r.admitted)
                 joins.append(resumed)
@@ -324,7 +358,7 @@ class PagedScheduler(Scheduler):
                 request = self._admit(entry, joins)
             new_blocks = self.blocks.take(needed)
             request.blocks = list(new_blocks)
-            work[request.id] = Work(request, tokens, new_blocks)
+            work[request.id] = self._work(request, tokens, new_blocks)
             budget -= tokens
 
     def _preempt(self, request: ScheduledRequest, work: dict[int, Work], leaves: list[int]) -> None:
@@ -340,7 +374,7 @@ class PagedScheduler(Scheduler):
             self.blocks.give_back(undone.new_blocks)
         self._release(request)
         leaves.append(request.id)  # it joined the shards in an earlier step
-        request.resume_later()
+        request.computed = 0
         self._preempted[request.id] = request
         self._queue.put_front(request.entry)
 
@@ -354,10 +388,10 @@ class PaddedScheduler(Scheduler):
         self._waited_steps = 0  # steps since waiting requests were last considered in vain
 
     def _plan(self, leaves: list[int], joins: list[ScheduledRequest]) -> list[Work]:
-        work = [Work(r, 1, ()) for r in self.running]
+        work = [self._work(r, 1) for r in self.running]
         for entry in self._admitted():
             request = self._admit(entry, joins)
-            work.append(Work(request, request.prompt_length, ()))
+            work.append(self._work(request, request.prompt_length))
         return work
 
     def _admitted(self) -> list[ActiveRequest]:

@@ -1,15 +1,18 @@
 """Async client of every shard rank; each operation goes to all ranks, rank 0 answers.
 
-Operations that run under a shard's batch lock (a step, a reset, a forward-pass health check)
-go out one at a time, in the order they were asked for: each rank serves its calls from a
-thread pool, so two calls in flight together could run in different orders on different ranks,
-and the collectives inside the model would pair up wrongly. The others (info, a health ping,
-prefix lookups) go out at once.
+Every rank must run the operations that use the model (a step, a reset, a forward-pass health
+check) in the same order, or the collectives inside the model would pair up wrongly; each rank
+serves its calls from a thread pool, so the order cannot be left to arrival. Steps carry a
+sequence number that the ranks run them by, so the next step goes out while the last one runs
+and a shard never waits for the router. A reset or a forward check is a barrier: it goes out
+once every operation before it was answered, and the operations after it wait for it. The rest
+(info, a health ping, prefix lookups) go out at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -27,8 +30,8 @@ async def _rank0(results: Awaitable[list[T]]) -> T:
     return (await results)[0]
 
 
-async def _after(previous: asyncio.Future, start: Callable[[], Awaitable[T]]) -> T:
-    await asyncio.gather(previous, return_exceptions=True)  # its outcome is its caller's
+async def _after(previous: Sequence[asyncio.Future], start: Callable[[], Awaitable[T]]) -> T:
+    await asyncio.gather(*previous, return_exceptions=True)  # their outcomes are their callers'
     return await start()
 
 
@@ -36,41 +39,48 @@ class ShardClient:
     def __init__(self, uds_paths: Sequence[str]):
         self._channels = [grpc.aio.insecure_channel(f"unix://{p}", options=_CHANNEL_OPTIONS) for p in uds_paths]
         self._stubs = [pb_grpc.ShardServiceStub(c) for c in self._channels]
-        self._last_batch_op: asyncio.Future | None = None
+        self._pending: list[asyncio.Future] = []  # model operations not answered yet
+        self._barrier: asyncio.Future | None = None  # the last reset or forward check
+        self._steps = itertools.count()
 
     def _all(self, call: Callable[[pb_grpc.ShardServiceStub], Awaitable[T]]) -> Awaitable[T]:
         # Ranks run in lock step (collectives inside the model), so every rank gets every op.
         # The calls are made here, not when awaited.
         return _rank0(asyncio.gather(*(call(stub) for stub in self._stubs)))
 
-    def _in_order(self, call: Callable[[pb_grpc.ShardServiceStub], Awaitable[T]]) -> asyncio.Future[T]:
-        """A batch operation: sent now when none is in flight (so a caller can do other work
-        while the shards compute), else right after the last one asked for."""
-        previous = self._last_batch_op
-        if previous is None or previous.done():
-            op = asyncio.ensure_future(self._all(call))
+    def _send(self, call: Callable[[pb_grpc.ShardServiceStub], Awaitable[T]], barrier: bool) -> asyncio.Future[T]:
+        """A model operation: now, or once the operations it must follow were answered (all of
+        them for a barrier; the last barrier for a step)."""
+        self._pending = [op for op in self._pending if not op.done()]
+        after = list(self._pending) if barrier else [b for b in (self._barrier,) if b is not None and not b.done()]
+        if after:
+            op = asyncio.ensure_future(_after(after, lambda: self._all(call)))
         else:
-            op = asyncio.ensure_future(_after(previous, lambda: self._all(call)))
-        self._last_batch_op = op
+            op = asyncio.ensure_future(self._all(call))
+        self._pending.append(op)
+        if barrier:
+            self._barrier = op
         return op
 
     async def info(self, timeout: float | None = None) -> pb.InfoResponse:
         return await self._all(lambda s: s.Info(pb.InfoRequest(), timeout=timeout, wait_for_ready=True))
 
-    async def health(self, forward: bool, timeout: float | None = None) -> None:
-        """A ping; with ``forward``, a real one-token forward pass after the running step."""
+    def health(self, forward: bool, timeout: float | None = None) -> asyncio.Future[pb.HealthResponse]:
+        """A ping; with ``forward``, a real one-token forward pass after the steps sent before it.
+        Ordered when called, like every model operation, not when awaited."""
         request = pb.HealthRequest(forward=forward)
         if forward:
-            await self._in_order(lambda s: s.Health(request, timeout=timeout))
-        else:
-            await self._all(lambda s: s.Health(request, timeout=timeout))
+            return self._send(lambda s: s.Health(request, timeout=timeout), barrier=True)
+        return asyncio.ensure_future(self._all(lambda s: s.Health(request, timeout=timeout)))
 
-    def step(self, request: pb.StepRequest) -> Awaitable[pb.StepResponse]:
-        return self._in_order(lambda s: s.Step(request))
+    def step(self, request: pb.StepRequest) -> asyncio.Future[pb.StepResponse]:
+        """Numbers the step and sends it at once: the ranks run steps in their numbers' order."""
+        request.sequence = next(self._steps)
+        return self._send(lambda s: s.Step(request), barrier=False)
 
-    async def reset(self) -> None:
-        """Drops every request the shards hold."""
-        await self._in_order(lambda s: s.Reset(pb.ResetRequest()))
+    def reset(self) -> asyncio.Future[pb.ResetResponse]:
+        """Drops every request the shards hold, once the steps sent before it have run."""
+        return self._send(lambda s: s.Reset(pb.ResetRequest()), barrier=True)
 
     async def prefix_lookup(self, prefix_id: str) -> int:
         """Length of a prompt prefix; every rank loads it, so a later prefill finds it cached."""

@@ -6,8 +6,9 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent import futures
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -20,6 +21,14 @@ from tgis_shard.sampler import GeneratedToken
 from tgis_shard.steps import StepFailed, StepRunner
 
 log = logging.getLogger(__name__)
+
+# How long a step that arrived early waits for the steps numbered before it; one that never comes
+# (a call lost with its connection) must not hold the shard forever.
+STEP_ORDER_TIMEOUT_S = 60.0
+
+
+class StepOutOfOrderError(Exception):
+    """A step's predecessors never came, or it came after its turn."""
 
 
 def _step_response(tokens: Sequence[GeneratedToken], failures: Sequence[pb.RequestFailure]) -> pb.StepResponse:
@@ -45,12 +54,39 @@ def _step_response(tokens: Sequence[GeneratedToken], failures: Sequence[pb.Reque
     )
 
 
+class StepOrder:
+    """Steps in the order of their sequence numbers: one that arrives early (the router sends the
+    next step while the last one runs) waits for its turn. Every rank runs the same order."""
+
+    def __init__(self, timeout_s: float = STEP_ORDER_TIMEOUT_S):
+        self._next = 0
+        self._timeout_s = timeout_s
+        self._turn = threading.Condition()
+
+    @contextmanager
+    def turn(self, sequence: int) -> Iterator[None]:
+        """Runs the body when every step numbered below ``sequence`` has run."""
+        with self._turn:
+            arrived = self._turn.wait_for(lambda: self._next >= sequence, self._timeout_s)
+        try:
+            if not arrived:
+                raise StepOutOfOrderError(f"step {sequence} waited {self._timeout_s:.0f} s for step {self._next}")
+            if self._next > sequence:
+                raise StepOutOfOrderError(f"step {sequence} arrived after step {self._next - 1} ran")
+            yield
+        finally:
+            with self._turn:
+                self._next = max(self._next, sequence + 1)
+                self._turn.notify_all()
+
+
 class ShardServicer(pb_grpc.ShardServiceServicer):
     """Runs one batch operation at a time: batch state is not shared between concurrent steps."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
         self.steps = StepRunner(engine)
+        self._order = StepOrder()
         self._lock = threading.Lock()
         self._info = engine.info()
         engine.warm_up()
@@ -74,13 +110,15 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
         return pb.HealthResponse()
 
     def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepResponse:
-        with self._lock:
-            try:
+        try:
+            with self._order.turn(request.sequence), self._lock:
                 outcome = self.steps.step(request)
-            except StepFailed as e:
-                code = grpc.StatusCode.RESOURCE_EXHAUSTED if e.out_of_memory else grpc.StatusCode.INTERNAL
-                context.abort(code, str(e))
-            return _step_response(outcome.tokens, outcome.failures)
+        except StepOutOfOrderError as e:
+            context.abort(grpc.StatusCode.INTERNAL, str(e))
+        except StepFailed as e:
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED if e.out_of_memory else grpc.StatusCode.INTERNAL
+            context.abort(code, str(e))
+        return _step_response(outcome.tokens, outcome.failures)
 
     def PrefixLookup(self, request: pb.PrefixLookupRequest, context: grpc.ServicerContext) -> pb.PrefixLookupResponse:
         # Not under the batch lock: loading a file must not wait for (or hold up) a step.

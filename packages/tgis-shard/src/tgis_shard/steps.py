@@ -70,6 +70,9 @@ class StepRunner:
     def __init__(self, engine: Engine):
         self.engine = engine
         self._tokens_out: dict[int, int] = {}  # tokens each request got since it joined
+        # Requests a failure dropped: steps the router sent before it knew still name them, and
+        # their work is skipped until the router lets them leave.
+        self._dropped: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.engine.request_ids())
@@ -78,6 +81,7 @@ class StepRunner:
         self.engine.leave(request.leaves)
         for rid in request.leaves:
             self._tokens_out.pop(rid, None)
+            self._dropped.discard(rid)
         failures: list[pb.RequestFailure] = []
         for joining in request.joins:
             try:
@@ -88,7 +92,7 @@ class StepRunner:
                 continue
             self._tokens_out[joining.id] = 0
         failed = {f.request_id for f in failures}
-        work = [w for w in scheduled_work(request) if w.request_id not in failed]
+        work = [w for w in scheduled_work(request) if w.request_id not in failed and w.request_id not in self._dropped]
         unknown = [w.request_id for w in work if w.request_id not in self._tokens_out]
         if unknown:
             self._fail_step(ValueError(f"requests {unknown} are not in the batch"))
@@ -100,11 +104,13 @@ class StepRunner:
             failures += isolated
         for token in tokens:
             self._tokens_out[token.request_id] = self._tokens_out.get(token.request_id, 0) + 1
+        self._dropped.update(f.request_id for f in failures)
         return StepOutcome(tokens, failures)
 
     def reset(self) -> None:
         self.engine.reset()
         self._tokens_out.clear()
+        self._dropped.clear()
 
     def _isolate(
         self, work: list[ScheduledWork], error: BaseException
