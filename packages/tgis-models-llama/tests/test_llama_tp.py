@@ -74,15 +74,18 @@ def test_prompt_prefixes_on_two_ranks_equal_transformers(tmp_path):
 
 
 class _PluginWithoutOverrides(torch.nn.Module):
-    """A third-party family written before prompt prefixes: its forward takes no overrides."""
+    """A third-party family that does not declare SupportsPromptPrefixes."""
 
     def __init__(self, inner: torch.nn.Module):
         super().__init__()
         self.inner = inner
         self.num_layers, self.num_kv_heads, self.head_dim = inner.num_layers, inner.num_kv_heads, inner.head_dim
 
-    def forward(self, input_ids, positions, cache, meta, logit_rows):
-        return self.inner(input_ids, positions, cache, meta, logit_rows)
+    def forward(self, input_ids, positions, cache, meta):
+        return self.inner(input_ids, positions, cache, meta)
+
+    def compute_logits(self, hidden):
+        return self.inner.compute_logits(hidden)
 
 
 def test_a_family_without_embedding_overrides_refuses_prefixes_and_still_serves(model_dir, prompt_ids, expected):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BloomConfig
 
+from tgis_shard.families import SupportsPromptPrefixes
 from tgis_shard.layers.alibi import alibi_slopes
 from tgis_shard.layers.attention_heads import AttentionHeads
 from tgis_shard.layers.distributed import TensorParallel
@@ -86,8 +87,8 @@ class BloomBlock(nn.Module):
         return (normed if self.residual_after_norm else hidden) + self.mlp(normed)
 
 
-class BloomForCausalLM(nn.Module):
-    """What the tgis_native engine drives: ``forward`` runs one ragged step."""
+class BloomForCausalLM(nn.Module, SupportsPromptPrefixes):
+    """What the tgis_native engine drives (``tgis_shard.families.NativeCausalLM``)."""
 
     def __init__(self, config: BloomConfig, weights: Weights, tp: TensorParallel):
         super().__init__()
@@ -115,15 +116,15 @@ class BloomForCausalLM(nn.Module):
         positions: torch.Tensor,
         cache: PagedKVCache,
         meta: AttentionMetadata,
-        logit_rows: torch.Tensor | None,
         embedding_overrides: EmbeddingOverrides | None = None,
     ) -> torch.Tensor:
-        """[tokens] ids → logits of ``logit_rows`` (all tokens if None); ALiBi takes positions from ``meta``."""
+        """[tokens] ids → the last layer's [tokens, hidden]; ALiBi takes positions from ``meta``."""
         hidden = self.word_embeddings_layernorm(embed(self.word_embeddings, input_ids, embedding_overrides))
         for layer in self.h:
             hidden = layer(hidden, cache, meta)
-        if logit_rows is not None:
-            hidden = hidden[logit_rows]
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.ln_f(hidden))
 
 

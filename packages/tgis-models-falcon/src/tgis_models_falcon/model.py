@@ -23,6 +23,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
+from tgis_shard.families import SupportsPromptPrefixes
 from tgis_shard.layers.alibi import alibi_slopes
 from tgis_shard.layers.attention_heads import AttentionHeads, Rotary
 from tgis_shard.layers.distributed import TensorParallel
@@ -176,8 +177,8 @@ class FalconDecoderLayer(nn.Module):
         return hidden + self.mlp.dense_4h_to_h.add_bias(self.self_attention.dense.add_bias(reduced))
 
 
-class FalconForCausalLM(nn.Module):
-    """What the tgis_native engine drives: ``forward`` runs one ragged step."""
+class FalconForCausalLM(nn.Module, SupportsPromptPrefixes):
+    """What the tgis_native engine drives (``tgis_shard.families.NativeCausalLM``)."""
 
     def __init__(self, config: PretrainedConfig, weights: Weights, tp: TensorParallel):
         super().__init__()
@@ -202,16 +203,16 @@ class FalconForCausalLM(nn.Module):
         positions: torch.Tensor,
         cache: PagedKVCache,
         meta: AttentionMetadata,
-        logit_rows: torch.Tensor | None,
         embedding_overrides: EmbeddingOverrides | None = None,
     ) -> torch.Tensor:
-        """[tokens] ids at [tokens] positions → logits of ``logit_rows`` (all tokens if None)."""
+        """[tokens] ids at [tokens] positions → the last layer's [tokens, hidden]."""
         hidden = embed(self.word_embeddings, input_ids, embedding_overrides)
         rotary = None if self.rotary is None else self.rotary.cos_sin(positions, hidden.dtype)
         for layer in self.h:
             hidden = layer(hidden, rotary, cache, meta)
-        if logit_rows is not None:
-            hidden = hidden[logit_rows]
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.ln_f(hidden))
 
 

@@ -9,6 +9,7 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.activations import ACT2FN
 
+from tgis_shard.families import SupportsPromptPrefixes
 from tgis_shard.layers.attention_heads import AttentionHeads
 from tgis_shard.layers.distributed import TensorParallel
 from tgis_shard.layers.embedding import EmbeddingOverrides, ParallelLMHead, VocabParallelEmbedding, embed
@@ -78,8 +79,8 @@ class LlamaDecoderLayer(nn.Module):
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
-class LlamaForCausalLM(nn.Module):
-    """What the tgis_native engine drives: ``forward`` runs one ragged step."""
+class LlamaForCausalLM(nn.Module, SupportsPromptPrefixes):
+    """What the tgis_native engine drives (``tgis_shard.families.NativeCausalLM``)."""
 
     def __init__(self, config: LlamaConfig, weights: Weights, tp: TensorParallel):
         super().__init__()
@@ -100,16 +101,16 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         cache: PagedKVCache,
         meta: AttentionMetadata,
-        logit_rows: torch.Tensor | None,
         embedding_overrides: EmbeddingOverrides | None = None,
     ) -> torch.Tensor:
-        """[tokens] ids at [tokens] positions → logits of ``logit_rows`` (all tokens if None)."""
+        """[tokens] ids at [tokens] positions → the last layer's [tokens, hidden]."""
         hidden = embed(self.embed_tokens, input_ids, embedding_overrides)
         cos, sin = self.rotary.cos_sin(positions, hidden.dtype)
         for layer in self.layers:
             hidden = layer(hidden, cos, sin, cache, meta)
-        if logit_rows is not None:
-            hidden = hidden[logit_rows]
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden))
 
 

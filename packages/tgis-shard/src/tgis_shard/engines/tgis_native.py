@@ -10,14 +10,12 @@ prompt is complete. Encoder-decoder families (T5) are the exception: they run on
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import accumulate
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from transformers import AutoConfig, PretrainedConfig
@@ -35,6 +33,7 @@ from tgis_shard.engines.base import (
 )
 from tgis_shard.engines.hf_transformers import eos_token_ids
 from tgis_shard.engines.seq2seq import Seq2SeqLMEngine
+from tgis_shard.families import NativeCausalLM, supports_prompt_prefixes
 from tgis_shard.layers.distributed import TensorParallel, agree_with_rank0, init_tensor_parallel
 from tgis_shard.layers.embedding import EmbeddingOverrides
 from tgis_shard.layers.flex_paged import QUERY_TILE
@@ -64,27 +63,6 @@ GPU_CACHE_FRACTION = 0.85
 # The cache's block 0 is the engine's own: block tables are padded with it, and health checks
 # write there. The router hands out blocks 1..num_blocks.
 SCRATCH_BLOCK = 0
-
-
-class NativeCausalLM(Protocol):
-    """What a model family's ``build(config, weights, tp)`` returns."""
-
-    num_layers: int
-    num_kv_heads: int  # on this rank
-    head_dim: int
-
-    def __call__(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        cache: PagedKVCache,
-        meta: AttentionMetadata,
-        logit_rows: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Logits of ``logit_rows`` (all tokens if None). A family that serves prompt prefixes
-        also takes ``embedding_overrides`` (tgis_shard.layers.embedding) and says its embeddings'
-        width as ``hidden_size``; others refuse prefixes."""
-        ...
 
 
 @dataclass(eq=False)
@@ -156,7 +134,7 @@ class NativeEngine(Engine):
         self.block_size = cache.block_size
         self.num_blocks = cache.num_blocks - 1  # the router's; SCRATCH_BLOCK is not
         self.eos_token_ids = eos_token_ids
-        self._takes_prefixes = "embedding_overrides" in inspect.signature(model.forward).parameters
+        self._takes_prefixes = supports_prompt_prefixes(model)
         self.prefixes = ctx.prefix_store(model.hidden_size if self._takes_prefixes else 0)
         capacity = max(ctx.max_batch_size, *(len(lengths) for lengths in WARM_UP_PROMPT_LENGTHS))
         self.sampler = Sampler(capacity, config.vocab_size, eos_token_ids, ctx.device)
@@ -168,7 +146,8 @@ class NativeEngine(Engine):
     def prompt_prefix(self, prefix_id: str) -> PromptPrefix:
         if not self._takes_prefixes:
             raise PrefixesUnsupportedError(
-                f"the {self.config.model_type} model plugin does not support prompt prefixes (no embedding_overrides)"
+                f"the {self.config.model_type} model plugin does not support prompt prefixes "
+                "(it does not declare SupportsPromptPrefixes)"
             )
         return self.prefixes.get(prefix_id)
 
@@ -273,16 +252,15 @@ class NativeEngine(Engine):
         overrides = self._embedding_overrides(rows)
         # Without prefixes the keyword stays out: families that take no overrides serve the rest.
         extra = {} if overrides is None else {"embedding_overrides": overrides}
-        all_rows = bool(detailed)  # input-token details need the logits of every prompt position
-        logits = self.model(
-            self._input_ids(rows), meta.positions, self.cache, meta, None if all_rows else last_rows, **extra
-        )
+        hidden = self.model(self._input_ids(rows), meta.positions, self.cache, meta, **extra)
         tokens: list[GeneratedToken] = []
         choice = None
+        if detailed or sampling:
+            # Input-token details need the logits of every prompt position; sampling the last ones.
+            logits = self.model.compute_logits(hidden if detailed else hidden[last_rows])
         if sampling:
-            choice = self.sampler.choose(
-                logits[last_rows] if all_rows else logits, [r.seq.request.id for r in sampling]
-            )
+            sampled = logits[last_rows] if detailed else logits
+            choice = self.sampler.choose(sampled, [r.seq.request.id for r in sampling])
             agree_with_rank0(choice.token_ids)
             tokens = choice.generated_tokens()
         details = {
@@ -348,8 +326,8 @@ class NativeEngine(Engine):
         device = self.ctx.device
         meta = AttentionMetadata.build([1], [1], [[SCRATCH_BLOCK]], self.block_size, device)
         ids = torch.zeros(1, dtype=torch.long, device=device)
-        logits = self.model(ids, torch.zeros(1, dtype=torch.long, device=device), self.cache, meta, None)
-        if not torch.isfinite(logits).all():
+        hidden = self.model(ids, torch.zeros(1, dtype=torch.long, device=device), self.cache, meta)
+        if not torch.isfinite(self.model.compute_logits(hidden)).all():
             raise RuntimeError("health check forward pass produced non-finite logits")
 
 

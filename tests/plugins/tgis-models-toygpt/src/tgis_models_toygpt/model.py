@@ -68,12 +68,13 @@ class GPT2(nn.Module):
         self.num_kv_heads = self.blocks[0].heads
         self.head_dim = self.blocks[0].head_dim
 
-    def forward(self, input_ids, positions, cache, meta, logit_rows):
+    def forward(self, input_ids, positions, cache, meta):
         hidden = self.wte(input_ids) + self.wpe[positions]
         for block in self.blocks:
             hidden = block(hidden, cache, meta)
-        if logit_rows is not None:
-            hidden = hidden[logit_rows]
+        return hidden
+
+    def compute_logits(self, hidden):
         return self.lm_head(self.ln_f(hidden))
 
 
