@@ -183,8 +183,11 @@ class Sampler:
     def __contains__(self, request_id: int) -> bool:
         return request_id in self._slots
 
+    def slot_of(self, request_id: int) -> int:
+        """The request's slot, for per-slot state the engine keeps beside the sampler's."""
+        return self._slots[request_id]
+
     def slots(self, request_ids: Sequence[int]) -> torch.Tensor:
-        """The requests' slots, for per-slot tensors the engine keeps beside the sampler's."""
         return torch.tensor([self._slots[rid] for rid in request_ids], dtype=torch.long, device=self.device)
 
     def add(self, request: pb.Request, history: Sequence[int]) -> None:
@@ -230,12 +233,15 @@ class Sampler:
             self._params[slot] = None
             self._free.append(slot)
 
-    def choose(self, logits: torch.Tensor, request_ids: Sequence[int]) -> Choice:
-        """One token per row of ``logits`` [rows, vocab]: row i is request ``request_ids[i]``."""
+    def choose(self, logits: torch.Tensor, request_ids: Sequence[int], slots: torch.Tensor | None = None) -> Choice:
+        """One token per row of ``logits`` [rows, vocab]: row i is request ``request_ids[i]``.
+        ``slots``: their slots on the device already, prepared before the forward pass (a copy
+        made after it would wait for the whole pass)."""
         slot_list = [self._slots[rid] for rid in request_ids]
         params = [p for p in (self._params[s] for s in slot_list) if p is not None]
         generated = [self._generated_host[s] for s in slot_list]
-        slots = torch.tensor(slot_list, dtype=torch.long, device=self.device)
+        if slots is None:
+            slots = torch.tensor(slot_list, dtype=torch.long, device=self.device)
         scores = logits.float().clone()
         if any(g < p.min_new_tokens for p, g in zip(params, generated, strict=True)):
             scores = mask_eos(scores, self.eos_token_ids, self._generated[slots] < self._min_new_tokens[slots])

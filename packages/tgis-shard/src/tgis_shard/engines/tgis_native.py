@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from itertools import accumulate
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
@@ -31,13 +32,21 @@ from tgis_shard.engines.base import (
     input_token_details,
     shard_info,
 )
+from tgis_shard.engines.decode_inputs import DecodeInputs
 from tgis_shard.engines.hf_transformers import eos_token_ids
 from tgis_shard.engines.seq2seq import Seq2SeqLMEngine
 from tgis_shard.families import NativeCausalLM, supports_prompt_prefixes
 from tgis_shard.layers.distributed import TensorParallel, agree_with_rank0, init_tensor_parallel
 from tgis_shard.layers.embedding import EmbeddingOverrides
 from tgis_shard.layers.flex_paged import QUERY_TILE
-from tgis_shard.layers.paged_attention import BLOCK_SIZES, AttentionMetadata, PagedKVCache, blocks_for, choose_backend
+from tgis_shard.layers.paged_attention import (
+    BLOCK_SIZES,
+    AttentionMetadata,
+    PagedKVCache,
+    blocks_for,
+    choose_backend,
+    prepare_attention,
+)
 from tgis_shard.prefixes import PrefixesUnsupportedError, PromptPrefix
 from tgis_shard.sampler import GeneratedToken, Sampler
 from tgis_shard.weights import Weights
@@ -97,6 +106,7 @@ class _Row:
     work: ScheduledWork
     start: int  # first token row
     blocks: list[int]  # its block table including this step's blocks
+    slot: int  # its sampler slot, which indexes the engine's per-request buffers too
 
     @property
     def end(self) -> int:
@@ -141,6 +151,8 @@ class NativeEngine(Engine):
         # Per sampler slot, the last token chosen: the input of the request's next decode, kept on
         # the device so that a step never waits for the previous one's tokens to reach the host.
         self._next_ids = torch.zeros(capacity, dtype=torch.long, device=ctx.device)
+        max_blocks = blocks_for(ctx.max_sequence_length, self.block_size) + 1
+        self._decode = DecodeInputs(capacity, max_blocks, self.block_size, ctx.device)
         self._seqs: dict[int, _Sequence] = {}
 
     def prompt_prefix(self, prefix_id: str) -> PromptPrefix:
@@ -204,7 +216,8 @@ class NativeEngine(Engine):
                         f"{item.tokens} scheduled"
                     )
                 start = rows[-1].end if rows else 0
-                rows.append(_Row(seq, item, start, seq.blocks + list(item.new_blocks)))
+                blocks = seq.blocks + list(item.new_blocks)
+                rows.append(_Row(seq, item, start, blocks, self.sampler.slot_of(item.request_id)))
         return rows
 
     def _input_ids(self, rows: list[_Row]) -> torch.Tensor:
@@ -233,34 +246,53 @@ class NativeEngine(Engine):
             return None
         return EmbeddingOverrides(torch.cat(token_rows), torch.cat(values))
 
-    @torch.inference_mode()
-    def step(self, work: Sequence[ScheduledWork]) -> list[GeneratedToken]:
-        if not work:
-            return []
-        device = self.ctx.device
-        rows = self._layout(work)
+    def _decode_inputs(self, rows: list[_Row]) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """A step of decodes only: the persistent buffers, filled in place."""
+        slots = np.fromiter((r.slot for r in rows), dtype=np.int64, count=len(rows))
+        for row in rows:
+            if row.work.new_blocks:  # its token starts a block: the table grows first
+                self._decode.commit(row.slot, len(row.seq.blocks), row.work.new_blocks, row.seq.computed)
+        meta, sampler_slots = self._decode.prepare(slots, self._next_ids)
+        return self._decode.input_ids[: len(rows)], meta, sampler_slots
+
+    def _mixed_inputs(self, rows: list[_Row]) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """A step with prompt chunks: its metadata built for it."""
         meta = AttentionMetadata.build(
             [r.work.tokens for r in rows],
             [r.seq.computed + r.work.tokens for r in rows],
             [r.blocks for r in rows],
             self.block_size,
-            device,
+            self.ctx.device,
         )
+        sampler_slots = self.sampler.slots([r.seq.request.id for r in rows if r.samples])
+        return self._input_ids(rows), meta, sampler_slots
+
+    @torch.inference_mode()
+    def step(self, work: Sequence[ScheduledWork]) -> list[GeneratedToken]:
+        if not work:
+            return []
+        rows = self._layout(work)
+        decode_only = all(r.seq.decoding for r in rows)
+        input_ids, meta, sampler_slots = self._decode_inputs(rows) if decode_only else self._mixed_inputs(rows)
+        # Everything the attention backend derives per step is built before the forward pass.
+        prepare_attention(self.cache, meta)
         sampling = [r for r in rows if r.samples]
         detailed = [r for r in rows if r.seq.wants_input_details and not r.seq.decoding]
-        last_rows = torch.tensor([r.end - 1 for r in sampling], dtype=torch.long, device=device)
         overrides = self._embedding_overrides(rows)
         # Without prefixes the keyword stays out: families that take no overrides serve the rest.
         extra = {} if overrides is None else {"embedding_overrides": overrides}
-        hidden = self.model(self._input_ids(rows), meta.positions, self.cache, meta, **extra)
+        last_rows = None
+        if not decode_only:
+            last_rows = torch.tensor([r.end - 1 for r in sampling], dtype=torch.long, device=self.ctx.device)
+        hidden = self.model(input_ids, meta.positions, self.cache, meta, **extra)
         tokens: list[GeneratedToken] = []
         choice = None
         if detailed or sampling:
-            # Input-token details need the logits of every prompt position; sampling the last ones.
-            logits = self.model.compute_logits(hidden if detailed else hidden[last_rows])
+            # Every row of a decode step samples; input-token details need every prompt position.
+            logits = self.model.compute_logits(hidden if last_rows is None or detailed else hidden[last_rows])
         if sampling:
             sampled = logits[last_rows] if detailed else logits
-            choice = self.sampler.choose(sampled, [r.seq.request.id for r in sampling])
+            choice = self.sampler.choose(sampled, [r.seq.request.id for r in sampling], sampler_slots)
             agree_with_rank0(choice.token_ids)
             tokens = choice.generated_tokens()
         details = {
@@ -278,9 +310,11 @@ class NativeEngine(Engine):
             choice.commit()
             self._next_ids[choice.slots] = choice.token_ids
         for row in rows:
-            row.seq.blocks = row.blocks
-            row.seq.computed += row.work.tokens
-            row.seq.input_details.extend(details.get(row.seq.request.id, ()))
+            seq = row.seq
+            self._decode.commit(row.slot, len(seq.blocks), row.work.new_blocks, seq.computed + row.work.tokens)
+            seq.blocks = row.blocks
+            seq.computed += row.work.tokens
+            seq.input_details.extend(details.get(seq.request.id, ()))
         return [
             replace(token, input_tokens=tuple(seq.input_details)) if seq.wants_input_details else token
             for token, seq in ((t, self._seqs[t.request_id]) for t in tokens)

@@ -91,10 +91,7 @@ def flex_paged_attention(
     """Same contract as ``paged_attention``; compiled on CUDA, eager (and slow) elsewhere."""
     num_blocks, block_size, kv_heads, head_dim = key_cache.shape
     heads = query.shape[1]
-    layout = meta.derived(("flex-layout", num_blocks, block_size), lambda: _layout(meta, num_blocks, block_size))
-    block_mask = meta.derived(
-        ("flex-mask", num_blocks, block_size, sliding_window), lambda: _block_mask(meta, layout, sliding_window)
-    )
+    layout, block_mask = prepare_flex_attention(meta, num_blocks, block_size, sliding_window)
     score_mod = None
     if alibi_slopes is not None:
         slopes = alibi_slopes.to(torch.float32)
@@ -116,6 +113,17 @@ def flex_paged_attention(
         kernel_options=KERNEL_OPTIONS,
     )
     return meta.unpad_rows(out.transpose(1, 2))
+
+
+def prepare_flex_attention(
+    meta: AttentionMetadata, num_blocks: int, block_size: int, sliding_window: int | None = None
+) -> tuple[FlexLayout, BlockMask]:
+    """The step's layout and block mask, built on first use and kept in ``meta`` for every layer."""
+    layout = meta.derived(("flex-layout", num_blocks, block_size), lambda: _layout(meta, num_blocks, block_size))
+    block_mask = meta.derived(
+        ("flex-mask", num_blocks, block_size, sliding_window), lambda: _block_mask(meta, layout, sliding_window)
+    )
+    return layout, block_mask
 
 
 def _layout(meta: AttentionMetadata, num_blocks: int, block_size: int) -> FlexLayout:

@@ -233,6 +233,16 @@ def choose_backend(device: torch.device | str, dtype: torch.dtype, head_dim: int
     return "torch"
 
 
+def prepare_attention(cache: PagedKVCache, meta: AttentionMetadata) -> None:
+    """Builds what the cache's backend derives once per step (FlexAttention's block mask), before
+    the forward pass rather than in its first layer. Layers with a sliding window derive their
+    own variant on first use."""
+    if cache.backend == "flex":
+        from tgis_shard.layers.flex_paged import prepare_flex_attention
+
+        prepare_flex_attention(meta, cache.num_blocks, cache.block_size)
+
+
 def paged_attention(
     query: torch.Tensor,
     cache: PagedKVCache,

@@ -1,0 +1,86 @@
+"""The inputs of a decode step in persistent device buffers, updated in place.
+
+A decode step reads, per row, the request's last token, its position, the cache slot its key
+goes to, its block table and its context length. Here they live in tensors allocated once for
+``capacity`` rows, at fixed addresses a captured CUDA graph can replay over; each step fills
+them from host arrays with a few copies (from pinned memory, without waiting, on a GPU) and the
+step's attention metadata views their first rows.
+
+The host keeps, per sampler slot, the request's block table and the tokens its cache holds, as
+numpy arrays the engine updates when a step commits; a step's rows are gathered from them in
+vectorised operations, not a Python loop per row. The staging buffers are reused by the next
+step: the engine waits for each step's tokens before it prepares another, so the copies are done.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tgis_shard.layers.paged_attention import AttentionMetadata
+
+
+class DecodeInputs:
+    def __init__(self, capacity: int, max_blocks: int, block_size: int, device: torch.device):
+        self.capacity = capacity
+        self.block_size = block_size
+        self.tables = np.zeros((capacity, max_blocks), dtype=np.int32)  # per slot, on the host
+        self.lengths = np.zeros(capacity, dtype=np.int64)  # tokens in the cache per slot
+        pinned = device.type == "cuda"
+        # Host staging: positions, cache slots, sampler slots (int64); context lengths, their
+        # running sum (int32, as the kernels take them); block tables.
+        self._host_long = torch.zeros((3, capacity), dtype=torch.int64, pin_memory=pinned)
+        self._host_int = torch.zeros((2, capacity + 1), dtype=torch.int32, pin_memory=pinned)
+        self._host_tables = torch.zeros((capacity, max_blocks), dtype=torch.int32, pin_memory=pinned)
+        self._long = torch.zeros((3, capacity), dtype=torch.int64, device=device)
+        self._int = torch.zeros((2, capacity + 1), dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros((capacity, max_blocks), dtype=torch.int32, device=device)
+        self.input_ids = torch.zeros(capacity, dtype=torch.int64, device=device)
+        # One query token per row: these never change.
+        self._cu_seqlens_q = torch.arange(capacity + 1, dtype=torch.int32, device=device)
+        self._query_rows = torch.arange(capacity, dtype=torch.int64, device=device)
+
+    def commit(self, slot: int, first_new_block: int, new_blocks: tuple[int, ...], length: int) -> None:
+        """A request's step is done: its table grew by ``new_blocks`` from index ``first_new_block``
+        and its cache holds ``length`` tokens."""
+        if new_blocks:
+            self.tables[slot, first_new_block : first_new_block + len(new_blocks)] = new_blocks
+        self.lengths[slot] = length
+
+    def prepare(self, slots: np.ndarray, next_ids: torch.Tensor) -> tuple[AttentionMetadata, torch.Tensor]:
+        """Fills the buffers for a decode step of the requests in these sampler ``slots``, each
+        feeding its token from ``next_ids`` (per slot, on the device); returns the step's
+        metadata and the rows' sampler slots on the device."""
+        rows = len(slots)
+        positions = self.lengths[slots]  # the new token goes after the cached ones
+        context = positions + 1
+        width = int((context.max() + self.block_size - 1) // self.block_size)
+        tables = self.tables[slots, :width]
+        cache_slots = tables[np.arange(rows), positions // self.block_size] * self.block_size
+        cache_slots += positions % self.block_size
+        long = self._host_long.numpy()
+        long[0, :rows] = positions
+        long[1, :rows] = cache_slots
+        long[2, :rows] = slots
+        ints = self._host_int.numpy()
+        ints[0, :rows] = context
+        ints[1, 0] = 0
+        np.cumsum(context, out=ints[1, 1 : rows + 1])
+        self._host_tables.numpy()[:rows, :width] = tables
+        self._long[:, :rows].copy_(self._host_long[:, :rows], non_blocking=True)
+        self._int[:, : rows + 1].copy_(self._host_int[:, : rows + 1], non_blocking=True)
+        self.block_tables[:rows, :width].copy_(self._host_tables[:rows, :width], non_blocking=True)
+        device_slots = self._long[2, :rows]
+        torch.index_select(next_ids, 0, device_slots, out=self.input_ids[:rows])
+        meta = AttentionMetadata(
+            cu_seqlens_q=self._cu_seqlens_q[: rows + 1],
+            context_lens=self._int[0, :rows],
+            block_tables=self.block_tables[:rows, :width],
+            slots=self._long[1, :rows],
+            max_q=1,
+            max_context=int(context.max()),
+            positions=self._long[0, :rows],
+            query_rows=self._query_rows[:rows],
+            cu_seqlens_k=self._int[1, : rows + 1],
+        )
+        return meta, device_slots
