@@ -187,8 +187,6 @@ class Sampler:
         """The request's slot, for per-slot state the engine keeps beside the sampler's."""
         return self._slots[request_id]
 
-    def slots(self, request_ids: Sequence[int]) -> torch.Tensor:
-        return torch.tensor([self._slots[rid] for rid in request_ids], dtype=torch.long, device=self.device)
 
     def add(self, request: pb.Request, history: Sequence[int]) -> None:
         """Takes a request in; ``history``: tokens its repetition penalty covers from the start.

@@ -105,7 +105,6 @@ class _Row:
     seq: _Sequence
     work: ScheduledWork
     start: int  # first token row
-    blocks: list[int]  # its block table including this step's blocks
     slot: int  # its sampler slot, which indexes the engine's per-request buffers too
 
     @property
@@ -216,17 +215,16 @@ class NativeEngine(Engine):
                         f"{item.tokens} scheduled"
                     )
                 start = rows[-1].end if rows else 0
-                blocks = seq.blocks + list(item.new_blocks)
-                rows.append(_Row(seq, item, start, blocks, self.sampler.slot_of(item.request_id)))
+                rows.append(_Row(seq, item, start, self.sampler.slot_of(item.request_id)))
         return rows
 
     def _input_ids(self, rows: list[_Row]) -> torch.Tensor:
         """Decodes read their last token on the device; prompt chunks come from the host."""
         device = self.ctx.device
         parts = []
-        decodes = [r.seq.request.id for r in rows if r.seq.decoding]
+        decodes = [r.slot for r in rows if r.seq.decoding]
         if decodes:
-            parts.append(self._next_ids[self.sampler.slots(decodes)])
+            parts.append(self._next_ids[torch.tensor(decodes, dtype=torch.long, device=device)])
         chunk = [t for r in rows for t in r.prompt_chunk]
         if chunk:
             parts.append(torch.tensor(chunk, dtype=torch.long, device=device))
@@ -257,14 +255,15 @@ class NativeEngine(Engine):
 
     def _mixed_inputs(self, rows: list[_Row]) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
         """A step with prompt chunks: its metadata built for it."""
+        device = self.ctx.device
         meta = AttentionMetadata.build(
             [r.work.tokens for r in rows],
             [r.seq.computed + r.work.tokens for r in rows],
-            [r.blocks for r in rows],
+            [r.seq.blocks + list(r.work.new_blocks) for r in rows],
             self.block_size,
-            self.ctx.device,
+            device,
         )
-        sampler_slots = self.sampler.slots([r.seq.request.id for r in rows if r.samples])
+        sampler_slots = torch.tensor([r.slot for r in rows if r.samples], dtype=torch.long, device=device)
         return self._input_ids(rows), meta, sampler_slots
 
     @torch.inference_mode()
@@ -312,7 +311,7 @@ class NativeEngine(Engine):
         for row in rows:
             seq = row.seq
             self._decode.commit(row.slot, len(seq.blocks), row.work.new_blocks, seq.computed + row.work.tokens)
-            seq.blocks = row.blocks
+            seq.blocks.extend(row.work.new_blocks)
             seq.computed += row.work.tokens
             seq.input_details.extend(details.get(seq.request.id, ()))
         return [
