@@ -30,62 +30,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.random_model import SHAPES, build_random_model
 from tgis_proto import shard_pb2 as pb
 from tgis_proto.plugins import resolve
 from tgis_router.admission import Admission, AdmissionConfig, Candidate, Running, memory_model, projected_peak
 from tgis_shard.engines.base import ShardContext
 from tgis_shard.memory import configure_cuda_allocator
 from tgis_shard.registry import shard_registry
-
-SHAPES = {
-    # Llama-3-8B: hidden 4096, 32 layers, 32 heads, 8 KV heads, MLP 14336, vocab 128256.
-    "8b": {
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "vocab_size": 128256,
-    },
-    # A ~1B LLaMA (TinyLlama-like): quick GPU runs with a squeezed limit.
-    "1b": {
-        "hidden_size": 2048,
-        "intermediate_size": 5632,
-        "num_hidden_layers": 22,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 4,
-        "vocab_size": 32000,
-    },
-    "tiny": {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 512,
-    },
-}
-
-
-def build_random_model(dest: Path, shape: dict, max_sequence_length: int, device: torch.device) -> Path:
-    """Random bf16 (CPU: fp32) LLaMA weights of a real shape, saved as safetensors with a tokenizer."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from tests.support.tiny_models import train_tiny_tokenizer
-
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config = LlamaConfig(**shape, max_position_embeddings=max_sequence_length, pad_token_id=0, eos_token_id=1)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.02)
-    model.save_pretrained(dest)
-    train_tiny_tokenizer().save_pretrained(dest)
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return dest
 
 
 @dataclass

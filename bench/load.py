@@ -64,13 +64,17 @@ def prompt(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words))
 
 
-def one_request(stub: fmaas_grpc.GenerationServiceStub, text: str, max_new_tokens: int) -> Sample:
+def one_request(
+    stub: fmaas_grpc.GenerationServiceStub, text: str, max_new_tokens: int, prompt_tokens: int = 0
+) -> Sample:
+    """``prompt_tokens``: the prompt is cut to its last this many tokens (a text at least as long)."""
     request = fmaas.SingleGenerationRequest(
         request=fmaas.GenerationRequest(text=text),
         params=fmaas.Parameters(
             stopping=fmaas.StoppingCriteria(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens),
             # One message per token, even where a token adds no text yet: every gap is measured.
             response=fmaas.ResponseOptions(generated_tokens=True),
+            truncate_input_tokens=prompt_tokens,
         ),
     )
     started = time.perf_counter()
@@ -99,7 +103,15 @@ def percentiles(values: list[float]) -> str:
     return f"p50 {q[49] * 1000:.1f} ms  p90 {q[89] * 1000:.1f} ms  p99 {q[98] * 1000:.1f} ms"
 
 
-def run(address: str, concurrency: int, requests: int, prompt_words: int, max_new_tokens: int, seed: int) -> dict:
+def run(
+    address: str,
+    concurrency: int,
+    requests: int,
+    prompt_words: int,
+    max_new_tokens: int,
+    seed: int,
+    prompt_tokens: int = 0,
+) -> dict:
     rng = random.Random(seed)
     texts = [prompt(rng, prompt_words) for _ in range(requests)]
     local = threading.local()
@@ -107,7 +119,7 @@ def run(address: str, concurrency: int, requests: int, prompt_words: int, max_ne
     def call(text: str) -> Sample:
         if not hasattr(local, "stub"):
             local.stub = fmaas_grpc.GenerationServiceStub(grpc.insecure_channel(address))
-        return one_request(local.stub, text, max_new_tokens)
+        return one_request(local.stub, text, max_new_tokens, prompt_tokens)
 
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:

@@ -46,3 +46,17 @@ def test_router_alone_bench_streams_through_the_real_router() -> None:
     assert [row[0].strip() for row in rows] == ["0 ms", "2 ms"]
     assert all(float(row[1].replace(",", "")) > 0 for row in rows)  # tokens per second
     assert all(int(row[2]) > 0 for row in rows)  # calls completed
+
+
+def test_serving_bench_measures_the_server_beside_its_baselines() -> None:
+    out = _bench(
+        "serving.py", "--shape", "tiny", "--concurrency", "1", "2", "--prompt-tokens", "16", "--new-tokens", "8"
+    )
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("|")][2:]
+    assert [int(row[0]) for row in rows] == [1, 2]
+    for row in rows:
+        served, roofline, generate = (float(row[i].replace(",", "")) for i in (1, 4, 6))
+        assert served > 0
+        assert roofline > 0
+        assert generate > 0
+    assert "in-process eager decode step at 1 stream" in out

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from tgis_proto import shard_pb2 as pb
@@ -122,16 +123,24 @@ class Choice:
     """The tokens a step chose: applied to the requests' state only by ``commit``, so a step that
     fails after choosing leaves the batch as it was."""
 
-    def __init__(self, sampler: Sampler, request_ids: list[int], slots: torch.Tensor, token_ids: torch.Tensor):
+    def __init__(
+        self,
+        sampler: Sampler,
+        request_ids: list[int],
+        host_slots: np.ndarray,
+        slots: torch.Tensor,
+        token_ids: torch.Tensor,
+    ):
         self._sampler = sampler
         self.request_ids = request_ids
-        self.slots = slots  # [rows]: each row's slot in the sampler
+        self._host_slots = host_slots
+        self.slots = slots  # [rows]: each row's slot in the sampler, on the device
         self.token_ids = token_ids  # [rows] int64, on the device
         self.details: TokenDetails | None = None
         self.top_n: list[int] = []
 
     def commit(self) -> None:
-        self._sampler._advance(self.request_ids, self.slots, self.token_ids)
+        self._sampler._advance(self._host_slots, self.slots, self.token_ids)
 
     def generated_tokens(self) -> list[GeneratedToken]:
         """Per request, its token and the details it asked for; one copy from the device."""
@@ -160,8 +169,23 @@ class Sampler:
         self.eos_token_ids = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
         self._slots: dict[int, int] = {}
         self._free = list(range(capacity - 1, -1, -1))
-        self._params: list[_Params | None] = [None] * capacity
-        self._generated_host = [0] * capacity
+        # What a step's flags are decided from, per slot, on the host: numpy reads a step's rows at once.
+        self._host = {
+            name: np.zeros(capacity, dtype=dtype)
+            for name, dtype in (
+                ("sample", bool),
+                ("temperature", bool),
+                ("top_k", np.int64),
+                ("top_p", bool),
+                ("typical_p", bool),
+                ("repetition", bool),
+                ("length_penalty", bool),
+                ("min_new_tokens", np.int64),
+                ("generated", np.int64),
+                ("details", bool),
+                ("top_n", np.int64),
+            )
+        }
 
         def zeros(dtype: torch.dtype) -> torch.Tensor:
             return torch.zeros(capacity, dtype=dtype, device=device)
@@ -186,7 +210,6 @@ class Sampler:
     def slot_of(self, request_id: int) -> int:
         """The request's slot, for per-slot state the engine keeps beside the sampler's."""
         return self._slots[request_id]
-
 
     def add(self, request: pb.Request, history: Sequence[int]) -> None:
         """Takes a request in; ``history``: tokens its repetition penalty covers from the start.
@@ -220,30 +243,48 @@ class Sampler:
             ids = [i for i in history if 0 <= i < self.vocab_size]
             if ids:
                 self._seen[slot, torch.tensor(ids, dtype=torch.long, device=self.device)] = True
+        host = {
+            "sample": params.sample,
+            "temperature": params.temperature != 1.0,
+            "top_k": params.top_k,
+            "top_p": params.top_p < 1.0,
+            "typical_p": params.typical_p < 1.0,
+            "repetition": params.repetition_penalty != 1.0,
+            "length_penalty": params.length_penalty,
+            "min_new_tokens": params.min_new_tokens,
+            "generated": request.resumed_tokens,
+            "details": params.wants_details,
+            "top_n": params.top_n,
+        }
+        for name, value in host.items():
+            self._host[name][slot] = value
         self._free.pop()
         self._slots[request.id] = slot
-        self._params[slot] = params
-        self._generated_host[slot] = request.resumed_tokens
 
     def remove(self, request_id: int) -> None:
         slot = self._slots.pop(request_id, None)
         if slot is not None:
-            self._params[slot] = None
             self._free.append(slot)
 
-    def choose(self, logits: torch.Tensor, request_ids: Sequence[int], slots: torch.Tensor | None = None) -> Choice:
+    def choose(
+        self,
+        logits: torch.Tensor,
+        request_ids: Sequence[int],
+        slots: torch.Tensor | None = None,
+        host_slots: np.ndarray | None = None,
+    ) -> Choice:
         """One token per row of ``logits`` [rows, vocab]: row i is request ``request_ids[i]``.
-        ``slots``: their slots on the device already, prepared before the forward pass (a copy
-        made after it would wait for the whole pass)."""
-        slot_list = [self._slots[rid] for rid in request_ids]
-        params = [p for p in (self._params[s] for s in slot_list) if p is not None]
-        generated = [self._generated_host[s] for s in slot_list]
+        ``slots`` / ``host_slots``: their slots on the device and the host, when the caller has them
+        (on the device, prepared before the forward pass: a copy made after it waits for the pass)."""
+        if host_slots is None:
+            host_slots = np.fromiter((self._slots[r] for r in request_ids), dtype=np.int64, count=len(request_ids))
         if slots is None:
-            slots = torch.tensor(slot_list, dtype=torch.long, device=self.device)
+            slots = torch.from_numpy(host_slots).to(self.device)
+        host = {name: values[host_slots] for name, values in self._host.items()}
         scores = logits.float().clone()
-        if any(g < p.min_new_tokens for p, g in zip(params, generated, strict=True)):
+        if (host["generated"] < host["min_new_tokens"]).any():
             scores = mask_eos(scores, self.eos_token_ids, self._generated[slots] < self._min_new_tokens[slots])
-        if any(p.length_penalty for p in params):
+        if host["length_penalty"].any():
             scores = length_penalty(
                 scores,
                 self.eos_token_ids,
@@ -252,29 +293,29 @@ class Sampler:
                 self._length_decay[slots],
                 self._length_enabled[slots],
             )
-        if self._seen is not None and any(p.repetition_penalty != 1.0 for p in params):
+        if self._seen is not None and host["repetition"].any():
             scores = repetition_penalty(scores, self._seen[slots], self._repetition[slots])
-        sampling = any(p.sample for p in params)
+        sampling = bool(host["sample"].any())
         if sampling:
-            scores = self._warp(scores, slots, params)
+            scores = self._warp(scores, slots, host)
         token_ids = scores.argmax(dim=-1)
         if sampling:
             token_ids = torch.where(self._sample[slots], self._draw(scores, slots), token_ids)
-        choice = Choice(self, list(request_ids), slots, token_ids)
-        if any(p.wants_details for p in params):
-            choice.details = token_details(scores.log_softmax(dim=-1), token_ids, max(p.top_n for p in params))
-            choice.top_n = [p.top_n for p in params]
+        choice = Choice(self, list(request_ids), host_slots, slots, token_ids)
+        if host["details"].any():
+            choice.details = token_details(scores.log_softmax(dim=-1), token_ids, int(host["top_n"].max()))
+            choice.top_n = host["top_n"].tolist()
         return choice
 
-    def _warp(self, scores: torch.Tensor, slots: torch.Tensor, params: list[_Params]) -> torch.Tensor:
-        if any(p.temperature != 1.0 for p in params):
+    def _warp(self, scores: torch.Tensor, slots: torch.Tensor, host: dict[str, np.ndarray]) -> torch.Tensor:
+        if host["temperature"].any():
             scores = temperature(scores, self._temperature[slots])
-        largest = max(p.top_k for p in params)
+        largest = int(host["top_k"].max())
         if largest:
             scores = top_k(scores, self._top_k[slots], largest)
-        if any(p.top_p < 1.0 for p in params):
+        if host["top_p"].any():
             scores = top_p(scores, self._top_p[slots])
-        if any(p.typical_p < 1.0 for p in params):
+        if host["typical_p"].any():
             scores = typical_p(scores, self._typical_p[slots])
         return scores
 
@@ -285,9 +326,8 @@ class Sampler:
         sampled = torch.searchsorted(cdf, (draws * cdf[:, -1]).unsqueeze(1)).squeeze(1)
         return sampled.clamp(max=scores.shape[-1] - 1)
 
-    def _advance(self, request_ids: list[int], slots: torch.Tensor, token_ids: torch.Tensor) -> None:
+    def _advance(self, host_slots: np.ndarray, slots: torch.Tensor, token_ids: torch.Tensor) -> None:
         self._generated[slots] += 1
         if self._seen is not None:
             self._seen[slots, token_ids] = True
-        for rid in request_ids:
-            self._generated_host[self._slots[rid]] += 1
+        self._host["generated"][host_slots] += 1

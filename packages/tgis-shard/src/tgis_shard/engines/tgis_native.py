@@ -99,6 +99,16 @@ class _Sequence:
 
 
 @dataclass(frozen=True)
+class StepInputs:
+    """What a step's forward pass and sampling read, ready before the pass."""
+
+    input_ids: torch.Tensor
+    meta: AttentionMetadata
+    sampler_slots: torch.Tensor  # of the rows that sample, on the device
+    host_slots: np.ndarray  # the same, on the host
+
+
+@dataclass(frozen=True)
 class _Row:
     """A request's rows in a step's ragged layout."""
 
@@ -244,16 +254,16 @@ class NativeEngine(Engine):
             return None
         return EmbeddingOverrides(torch.cat(token_rows), torch.cat(values))
 
-    def _decode_inputs(self, rows: list[_Row]) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
+    def _decode_inputs(self, rows: list[_Row]) -> StepInputs:
         """A step of decodes only: the persistent buffers, filled in place."""
         slots = np.fromiter((r.slot for r in rows), dtype=np.int64, count=len(rows))
         for row in rows:
             if row.work.new_blocks:  # its token starts a block: the table grows first
                 self._decode.commit(row.slot, len(row.seq.blocks), row.work.new_blocks, row.seq.computed)
         meta, sampler_slots = self._decode.prepare(slots, self._next_ids)
-        return self._decode.input_ids[: len(rows)], meta, sampler_slots
+        return StepInputs(self._decode.input_ids[: len(rows)], meta, sampler_slots, slots)
 
-    def _mixed_inputs(self, rows: list[_Row]) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
+    def _mixed_inputs(self, rows: list[_Row]) -> StepInputs:
         """A step with prompt chunks: its metadata built for it."""
         device = self.ctx.device
         meta = AttentionMetadata.build(
@@ -263,8 +273,8 @@ class NativeEngine(Engine):
             self.block_size,
             device,
         )
-        sampler_slots = torch.tensor([r.slot for r in rows if r.samples], dtype=torch.long, device=device)
-        return self._input_ids(rows), meta, sampler_slots
+        slots = np.fromiter((r.slot for r in rows if r.samples), dtype=np.int64)
+        return StepInputs(self._input_ids(rows), meta, torch.from_numpy(slots).to(device), slots)
 
     @torch.inference_mode()
     def step(self, work: Sequence[ScheduledWork]) -> list[GeneratedToken]:
@@ -272,7 +282,8 @@ class NativeEngine(Engine):
             return []
         rows = self._layout(work)
         decode_only = all(r.seq.decoding for r in rows)
-        input_ids, meta, sampler_slots = self._decode_inputs(rows) if decode_only else self._mixed_inputs(rows)
+        inputs = self._decode_inputs(rows) if decode_only else self._mixed_inputs(rows)
+        meta = inputs.meta
         # Everything the attention backend derives per step is built before the forward pass.
         prepare_attention(self.cache, meta)
         sampling = [r for r in rows if r.samples]
@@ -283,7 +294,7 @@ class NativeEngine(Engine):
         last_rows = None
         if not decode_only:
             last_rows = torch.tensor([r.end - 1 for r in sampling], dtype=torch.long, device=self.ctx.device)
-        hidden = self.model(input_ids, meta.positions, self.cache, meta, **extra)
+        hidden = self.model(inputs.input_ids, meta.positions, self.cache, meta, **extra)
         tokens: list[GeneratedToken] = []
         choice = None
         if detailed or sampling:
@@ -291,7 +302,8 @@ class NativeEngine(Engine):
             logits = self.model.compute_logits(hidden if last_rows is None or detailed else hidden[last_rows])
         if sampling:
             sampled = logits[last_rows] if detailed else logits
-            choice = self.sampler.choose(sampled, [r.seq.request.id for r in sampling], sampler_slots)
+            sampled_ids = [r.seq.request.id for r in sampling]
+            choice = self.sampler.choose(sampled, sampled_ids, inputs.sampler_slots, inputs.host_slots)
             agree_with_rank0(choice.token_ids)
             tokens = choice.generated_tokens()
         details = {

@@ -1,0 +1,239 @@
+"""The server as users meet it: a random-weight LLaMA of a real shape served by the real launcher
+(tgis_native), closed-loop streaming clients at several concurrencies, fixed prompt and output
+lengths (EOS masked). In the same run, beside it: the device's copy bandwidth (the roofline a
+decode step can reach), the engine's own eager decode step in process (what the server adds on
+top of it), and plain transformers generate(). Prints the table; with ``--record`` appends it,
+dated, with the command and the machine, to a results file (bench/RESULTS.md).
+
+    python3 bench/serving.py --shape 8b --concurrency 1 8 32 128 --record bench/RESULTS.md   # one GPU
+    python3 bench/serving.py --shape tiny --concurrency 1 2 --prompt-tokens 16 --new-tokens 8   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.load import run as run_load  # noqa: E402
+from bench.random_model import SHAPES, build_random_model  # noqa: E402
+from tests.support.engines import StepDriver, request  # noqa: E402
+from tests.support.server import launcher  # noqa: E402
+from tgis_proto.plugins import resolve  # noqa: E402
+from tgis_shard.engines.base import ShardContext  # noqa: E402
+from tgis_shard.registry import shard_registry  # noqa: E402
+
+EAGER_DECODE_STEPS = 20
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """What a decode step must read: the weights (the embedding table is gathered, not read whole)
+    and every token's keys and values."""
+
+    weight_bytes: int
+    kv_bytes_per_token: int
+
+    def roofline(self, bandwidth: float, streams: int, context: float) -> float:
+        """Tokens per second at ``streams`` decoding together over ``context``-token caches."""
+        step_bytes = self.weight_bytes + streams * context * self.kv_bytes_per_token
+        return streams * bandwidth / step_bytes
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second a device-to-device copy moves (read plus write)."""
+    size = 2**30 if device.type == "cuda" else 2**26
+    source = torch.empty(size, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    for _ in range(3):
+        target.copy_(source)
+    _sync(device)
+    started, repeats = time.perf_counter(), 20
+    for _ in range(repeats):
+        target.copy_(source)
+    _sync(device)
+    return 2 * size * repeats / (time.perf_counter() - started)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def generate_baseline(model_dir: Path, device: torch.device, dtype, concurrency: list[int], prompt: int, new: int):
+    """Plain transformers generate() at each concurrency (a batch of that many), and the model's cost."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    config = model.config
+    element = torch.empty((), dtype=dtype).element_size()
+    embedding = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings().weight is embedding
+    weight_bytes = sum(p.numel() for p in model.parameters()) * element
+    if not tied:
+        weight_bytes -= embedding.numel() * element
+    head_dim = config.hidden_size // config.num_attention_heads
+    cost = ModelCost(weight_bytes, 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * element)
+    rates = {}
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for streams in concurrency:
+            ids = torch.randint(4, config.vocab_size, (streams, prompt), generator=generator).to(device)
+            options = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "pad_token_id": 0}
+            model.generate(ids, **{**options, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
+            _sync(device)
+            started = time.perf_counter()
+            model.generate(ids, **options)
+            _sync(device)
+            rates[streams] = streams * new / (time.perf_counter() - started)
+    del model
+    _free(device)
+    return rates, cost
+
+
+def eager_decode_step(
+    model_dir: Path, device: torch.device, dtype, prompt: int, new: int, max_sequence_length: int
+) -> float:
+    """Seconds per decode step of one request on the engine in process: no router, no gRPC."""
+    steps = max(1, min(EAGER_DECODE_STEPS, new - 2))
+    registry = shard_registry(None)
+    ctx = ShardContext(
+        model_dir=model_dir,
+        model_type="llama",
+        dtype=dtype,
+        device=device,
+        rank=0,
+        world_size=1,
+        max_sequence_length=max_sequence_length,
+        registry=registry,
+        max_batch_size=1,
+        estimate_memory="off",
+    )
+    engine = resolve(registry.engine("tgis_native").target)(ctx)
+    engine.warm_up()
+    driver = StepDriver(engine)
+    driver.join(request(1, [5] * prompt, steps + 2))
+    driver.run(2)  # the prompt, then a first decode
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        started = time.perf_counter()
+        driver.step()  # returns once the token is on the host
+        times.append(time.perf_counter() - started)
+    del driver, engine
+    _free(device)
+    return statistics.median(times)
+
+
+def _quantile(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def serve(model_dir: Path, args: argparse.Namespace, dtype_name: str) -> dict[int, dict]:
+    """Each concurrency through the launcher: closed-loop streaming clients, ``rounds`` requests each."""
+    max_sequence_length = args.prompt_tokens + args.new_tokens + 8
+    options = [
+        *("--deployment-framework", "tgis_native", "--dtype-str", dtype_name),
+        *("--max-batch-size", str(max(args.concurrency)), "--max-sequence-length", str(max_sequence_length)),
+        *("--max-new-tokens", str(args.new_tokens), "--max-concurrent-requests", str(4 * max(args.concurrency))),
+    ]
+    results = {}
+    # Twice as many words as tokens: every prompt is cut to exactly its last prompt_tokens tokens.
+    words = 2 * args.prompt_tokens
+    with launcher(model_dir, *options, env={"SHARD_TORCH_THREADS": str(args.shard_threads)}) as server:
+        address = f"localhost:{server.grpc_port}"
+        run_load(address, 1, 1, words, args.new_tokens, seed=0, prompt_tokens=args.prompt_tokens)  # warm-up
+        for streams in args.concurrency:
+            result = run_load(
+                address,
+                streams,
+                streams * args.rounds,
+                words,
+                args.new_tokens,
+                seed=streams,
+                prompt_tokens=args.prompt_tokens,
+            )
+            if result["errors"]:
+                raise RuntimeError(f"{len(result['errors'])} requests failed: {result['errors'][:3]}")
+            results[streams] = result
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=SHAPES, default="tiny")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=2, help="requests each client sends, one after the other")
+    parser.add_argument("--shard-threads", type=int, default=4, help="torch threads of the shard process")
+    parser.add_argument("--record", type=Path, help="append the table, dated, to this file (bench/RESULTS.md)")
+    args = parser.parse_args()
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype_name = str(dtype).removeprefix("torch.")
+    machine = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'x86-64'})"
+    )
+    max_sequence_length = args.prompt_tokens + args.new_tokens + 8
+    with tempfile.TemporaryDirectory() as folder:
+        model_dir = build_random_model(Path(folder) / args.shape, SHAPES[args.shape], max_sequence_length, device)
+        bandwidth = copy_bandwidth(device)
+        generate_rates, cost = generate_baseline(
+            model_dir, device, dtype, args.concurrency, args.prompt_tokens, args.new_tokens
+        )
+        eager = eager_decode_step(model_dir, device, dtype, args.prompt_tokens, args.new_tokens, max_sequence_length)
+        served = serve(model_dir, args, dtype_name)
+    context = args.prompt_tokens + args.new_tokens / 2
+    lines = [
+        f"{args.shape} shape, {dtype_name}, {args.prompt_tokens} prompt + {args.new_tokens} new tokens, "
+        f"{args.rounds} requests per client; {machine}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
+        f"a decode step reads {cost.weight_bytes / 1e9:.2f} GB of weights",
+        f"in-process eager decode step at 1 stream: {eager * 1000:.2f} ms",
+        "",
+        "| concurrency | tok/s | TTFT p50 / p99 | ITL p50 / p99 | roofline tok/s | of roofline "
+        "| generate() tok/s | × generate() |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for streams, result in served.items():
+        roofline = cost.roofline(bandwidth, streams, context)
+        ttft, itl = result["ttft"], result["itl"]
+        lines.append(
+            f"| {streams} | {result['tokens_per_s']:,.0f} "
+            f"| {_quantile(ttft, 50) * 1000:.0f} / {_quantile(ttft, 99) * 1000:.0f} ms "
+            f"| {_quantile(itl, 50) * 1000:.1f} / {_quantile(itl, 99) * 1000:.1f} ms "
+            f"| {roofline:,.0f} | {result['tokens_per_s'] / roofline:.2f} "
+            f"| {generate_rates[streams]:,.0f} | {result['tokens_per_s'] / generate_rates[streams]:.2f} |"
+        )
+    if 1 in served:
+        ratio = _quantile(served[1]["itl"], 50) / eager
+        lines += ["", f"ITL p50 at 1 stream through the server / eager step in process: {ratio:.2f}"]
+    table = "\n".join(lines)
+    print(table)
+    if args.record:
+        command = "python3 bench/serving.py " + " ".join(sys.argv[1:])
+        entry = f"\n## {datetime.date.today()} — serving bench ({machine})\n\n```shell\n{command}\n```\n\n{table}\n"
+        with args.record.open("a") as results:
+            results.write(entry)
+
+
+if __name__ == "__main__":
+    main()
