@@ -27,6 +27,7 @@ from tests.support.fake_shard import FakeShards  # noqa: E402
 from tests.support.router_in_process import RouterInProcess  # noqa: E402
 from tgis_proto import generation_pb2 as fmaas  # noqa: E402
 from tgis_proto import generation_pb2_grpc as fmaas_grpc  # noqa: E402
+from tgis_proto import shard_pb2 as pb  # noqa: E402
 
 PROMPT = "The lighthouse keeper climbed the spiral stairs every evening at dusk."
 MAX_BATCH_SIZE = 256
@@ -35,8 +36,8 @@ MAX_BATCH_SIZE = 256
 class TimedShards(FakeShards):
     """Records how long the shard waits between the end of one step and the start of the next."""
 
-    def __init__(self, step_delay: float):
-        super().__init__(step_delay=step_delay, record_steps=False)
+    def __init__(self, step_delay: float, kv_cache: pb.KVCacheLayout | None):
+        super().__init__(step_delay=step_delay, kv_cache=kv_cache, record_steps=False, check_protocol=False)
         self.idle_gaps: list[float] = []
         self._last_end: float | None = None
         self.step_count = 0
@@ -80,8 +81,12 @@ async def _clients(address: str, streams: int, seconds: float, max_new_tokens: i
     return {"tokens": tokens, "calls": calls, "seconds": elapsed}
 
 
-async def _serve(tokenizer_file: Path, step_ms: float, streams: int, seconds: float, max_new_tokens: int) -> dict:
-    shards = TimedShards(step_delay=step_ms / 1000)
+async def _serve(
+    tokenizer_file: Path, step_ms: float, streams: int, seconds: float, max_new_tokens: int, padded: bool
+) -> dict:
+    # A paged engine's shard (tgis_native, the fast path) with room for every stream, or a padded one's.
+    kv_cache = None if padded else pb.KVCacheLayout(num_blocks=streams * 64, block_size=16)
+    shards = TimedShards(step_ms / 1000, kv_cache)
     router = RouterInProcess(
         tokenizer_file,
         shards,
@@ -122,6 +127,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--step-ms", type=float, nargs="+", default=[0.0, 5.0], help="fake shard step times")
+    parser.add_argument("--padded", action="store_true", help="a padded engine's scheduler (dynamic batch sizing)")
     parser.add_argument("--client", metavar="ADDRESS", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
@@ -131,11 +137,15 @@ def main() -> None:
     from tgis_shard.model_files import default_cache_dir, resolve_model_dir
 
     tokenizer_file = Path(resolve_model_dir(DEFAULT_MODEL, None, default_cache_dir())) / "tokenizer.json"
-    print(f"{args.streams} streaming clients, {args.max_new_tokens} tokens each, {args.seconds:.0f} s per row")
+    scheduler = "padded (dynamic batch sizing)" if args.padded else "paged (router-owned KV blocks)"
+    print(
+        f"{args.streams} streaming clients, {args.max_new_tokens} tokens each, {args.seconds:.0f} s per row, "
+        f"{scheduler} scheduler"
+    )
     print("| shard step | tokens/s | calls | steps | steps/s | shard idle between steps p50 / p90 |")
     print("|---|---|---|---|---|---|")
     for step_ms in args.step_ms:
-        r = asyncio.run(_serve(tokenizer_file, step_ms, args.streams, args.seconds, args.max_new_tokens))
+        r = asyncio.run(_serve(tokenizer_file, step_ms, args.streams, args.seconds, args.max_new_tokens, args.padded))
         print(
             f"| {step_ms:g} ms | {r['tokens'] / r['seconds']:,.0f} | {r['calls']} | {r['steps']} | "
             f"{r['steps'] / r['seconds']:,.0f} | {r['idle_p50_ms']:.2f} / {r['idle_p90_ms']:.2f} ms |"

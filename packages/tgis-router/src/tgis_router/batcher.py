@@ -97,9 +97,10 @@ class Batcher:
     async def _timed(self, method: str, size: int, call: Awaitable[pb.StepResponse]) -> pb.StepResponse:
         started = time.monotonic()
         response = await call
-        metrics.batch_inference_duration.labels(method=method).observe(time.monotonic() - started)
-        metrics.batch_inference_batch_size.labels(method=method).observe(size)
-        metrics.batch_inference_count.labels(method=method).inc()
+        series = metrics.STEP_SERIES[method]
+        series.duration.observe(time.monotonic() - started)
+        series.batch_size.observe(size)
+        series.count.inc()
         return response
 
     def _hand_out(self, outcome: StepOutcome) -> None:

@@ -55,3 +55,15 @@ kv_cache_blocks_used = Gauge("tgi_kv_cache_blocks_used", "Blocks of the paged KV
 request_preemptions = Counter(
     "tgi_request_preemptions", "Requests preempted when the KV cache ran full (recomputed later)"
 )
+
+
+class StepSeries:
+    """The per-step series of one kind of step (TGIS's ``method`` label), looked up once."""
+
+    def __init__(self, method: str):
+        self.duration = batch_inference_duration.labels(method=method)
+        self.batch_size = batch_inference_batch_size.labels(method=method)
+        self.count = batch_inference_count.labels(method=method)
+
+
+STEP_SERIES = {method: StepSeries(method) for method in ("prefill", "next_token")}
