@@ -255,6 +255,11 @@ def test_model_info(server):
     assert info.max_new_tokens == 64
 
 
+def test_without_deployment_framework_a_cpu_runs_hf_transformers_and_the_launcher_says_why(server):
+    assert "engine hf_transformers: no GPU (tgis_native with the llama plugin is for GPUs)" in server.log()
+    assert "1 shard(s) ready: hf_transformers" in server.log()
+
+
 def test_health_and_metrics_over_http(server):
     for _ in range(2):  # a forward pass before any generation was seen, then a ping
         with urllib.request.urlopen(f"http://localhost:{server.http_port}/health", timeout=60) as response:

@@ -13,7 +13,7 @@ def test_defaults_match_tgis():
     assert config.max_new_tokens == 1024
     assert config.grpc_port == 8033
     assert config.port == 3000
-    assert config.deployment_framework == "hf_transformers"
+    assert config.deployment_framework is None  # the launcher chooses (test_engine_choice)
     assert config.default_include_stop_seqs is True
 
 

@@ -89,7 +89,7 @@ class LauncherConfig:
 
     model_name: str = DEFAULT_MODEL
     revision: str | None = None
-    deployment_framework: str = "hf_transformers"
+    deployment_framework: str | None = None  # unset: tgis_router.launcher.choose_engine decides
     dtype_str: str | None = None
     num_gpus: int | None = None
     num_shard: int | None = None
@@ -127,7 +127,12 @@ class LauncherConfig:
 OPTIONS: tuple[Option, ...] = (
     Option("model_name", str, "local model folder or hub id already in the HF cache"),
     Option("revision", str, "hub revision of MODEL_NAME"),
-    Option("deployment_framework", str, "engine: hf_transformers, tgis_native (hf_custom_tp), ..."),
+    Option(
+        "deployment_framework",
+        str,
+        "engine: hf_transformers, tgis_native (hf_custom_tp), ...; unset: tgis_native on a GPU where an "
+        "installed plugin serves the model, else hf_transformers",
+    ),
     Option("dtype_str", _dtype, "float32, float16 or bfloat16 (CPU default float32)"),
     Option("num_gpus", _positive_int, "number of shards (one per GPU)"),
     Option("num_shard", _positive_int, "same as NUM_GPUS"),

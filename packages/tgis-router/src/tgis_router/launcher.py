@@ -41,13 +41,39 @@ def _server_command() -> list[str]:
 
 
 def _model_args(config: LauncherConfig) -> list[str]:
-    args = [config.model_name, "--deployment-framework", config.deployment_framework]
+    args = [config.model_name]
+    if config.deployment_framework:
+        args += ["--deployment-framework", config.deployment_framework]
     if config.revision:
         args += ["--revision", config.revision]
     return args
 
 
+# Without DEPLOYMENT_FRAMEWORK: the fast engine where a family plugin serves the model and a GPU
+# (or tensor parallelism) is there to run it; the engine that runs any transformers model elsewhere.
+FAST_ENGINE = "tgis_native"
+PORTABLE_ENGINE = "hf_transformers"
+
+
+def choose_engine(
+    requested: str | None, registry: Registry, model_type: str, cuda_devices: int, shards: int
+) -> tuple[str, str]:
+    """The engine to run, and why, in a line for the log; an explicit DEPLOYMENT_FRAMEWORK wins."""
+    if requested:
+        return requested, f"DEPLOYMENT_FRAMEWORK={requested}"
+    family = registry.model_families.get(model_type)
+    served = family is not None and FAST_ENGINE in family.engines
+    if served and (cuda_devices or shards > 1):
+        where = f"{cuda_devices} GPU(s)" if cuda_devices else f"tensor parallelism over {shards} shards"
+        return FAST_ENGINE, f"{FAST_ENGINE}: {where}, and the {family.plugin} plugin serves model_type {model_type!r}"
+    if served:
+        return PORTABLE_ENGINE, f"{PORTABLE_ENGINE}: no GPU ({FAST_ENGINE} with the {family.plugin} plugin is for GPUs)"
+    return PORTABLE_ENGINE, f"{PORTABLE_ENGINE}: no installed {FAST_ENGINE} plugin serves model_type {model_type!r}"
+
+
 def _check_plugins(config: LauncherConfig, registry: Registry) -> None:
+    if not config.deployment_framework:
+        return  # chosen once the model is known
     try:
         engine = registry.engine(config.deployment_framework)
     except PluginError as e:
@@ -133,7 +159,7 @@ async def _start_shards(
             "serve",
             model_dir,
             "--deployment-framework",
-            config.deployment_framework,
+            str(config.deployment_framework),
             "--uds-path",
             f"{config.shard_uds_path}-{rank}",
             "--max-sequence-length",
@@ -198,8 +224,18 @@ async def _launch(config: LauncherConfig) -> int:
     registry = load_registry(allow_list=config.tgis_plugins)
     _check_plugins(config, registry)
     description = await _prepare(config)
+    engine, why = choose_engine(
+        config.deployment_framework,
+        registry,
+        description["model_type"],
+        description["cuda_devices"],
+        num_shards(config),
+    )
+    log.info("engine %s", why)
+    config = replace(config, deployment_framework=engine)
+    _check_plugins(config, registry)
     try:
-        registry.check_servable(config.deployment_framework, description["model_type"])
+        registry.check_servable(engine, description["model_type"])
     except PluginError as e:
         raise LaunchError(str(e)) from None
     max_sequence_length = config.max_sequence_length or description["max_sequence_length"]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from tgis_proto.logs import configure_logging_from_env
@@ -139,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging_from_env()
     try:
         if args.command == "prepare":
-            print(_prepare(args).to_json())
+            import torch
+
+            # The launcher (which has no torch) chooses the engine knowing whether there is a GPU.
+            print(json.dumps({**asdict(_prepare(args)), "cuda_devices": torch.cuda.device_count()}))
         elif args.command == "serve":
             _serve(args)
         elif args.command == "plugins":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from tgis_shard import embedded
@@ -37,9 +37,6 @@ class ModelDescription:
     encoder_decoder: bool
     max_sequence_length: int
     tokenizer_file: str
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
 
 
 def default_cache_dir() -> Path:
