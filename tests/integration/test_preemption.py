@@ -67,12 +67,16 @@ def _stream(server, prompt: str, seed: int | None) -> tuple[str, list[str]]:
     return text, tokens
 
 
-def _preemptions(server) -> float:
+def _metric(server, name: str) -> float:
     with urllib.request.urlopen(f"http://localhost:{server.http_port}/metrics", timeout=10) as response:
         for line in response.read().decode().splitlines():
-            if line.startswith("tgi_request_preemptions_total "):
+            if line.startswith(f"{name} "):
                 return float(line.split()[1])
-    raise AssertionError("tgi_request_preemptions_total is not exported")
+    raise AssertionError(f"{name} is not exported")
+
+
+def _preemptions(server) -> float:
+    return _metric(server, "tgi_request_preemptions_total")
 
 
 def test_preempted_requests_resume_with_the_tokens_they_would_have_had(server, expected):
@@ -86,6 +90,8 @@ def test_preempted_requests_resume_with_the_tokens_they_would_have_had(server, e
         assert (text, tokens) == alone[job]
         if job[1] is None:
             assert text == expected[job[0]]
+    assert _metric(server, "tgi_kv_cache_blocks") == KV_BLOCKS
+    assert _metric(server, "tgi_kv_cache_blocks_used") == 0  # every block came back
 
 
 def test_prompts_longer_than_a_step_are_prefilled_in_chunks_and_equal_transformers(server, model_dir, expected):
