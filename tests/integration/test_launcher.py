@@ -60,7 +60,7 @@ def test_bad_option_value_is_one_clear_line():
 def test_unknown_engine_is_refused_before_any_shard_starts(model_dir, tmp_path):
     result = _run("--model-name", str(model_dir), "--deployment-framework", "warp_drive")
     assert result.returncode == 2
-    engines = "hf_optimum_bt, hf_transformers, tgis_native"
+    engines = "hf_optimum_bt, hf_optimum_ort, hf_transformers, tgis_native"
     assert f"unknown engine (DEPLOYMENT_FRAMEWORK) 'warp_drive'; installed engines: {engines}" in result.stderr
     assert "shard serving" not in result.stderr
 

@@ -40,7 +40,7 @@ def test_prepare_names_a_missing_model(capsys, tmp_path):
 
 def test_prepare_names_installed_engines_for_an_unknown_one(model_dir, capsys, tmp_path):
     assert main(["prepare", str(model_dir), "--deployment-framework", "nope", "--cache-dir", str(tmp_path)]) == 2
-    engines = "hf_optimum_bt, hf_transformers, tgis_native"
+    engines = "hf_optimum_bt, hf_optimum_ort, hf_transformers, tgis_native"
     assert f"unknown engine (DEPLOYMENT_FRAMEWORK) 'nope'; installed engines: {engines}" in capsys.readouterr().err
 
 

@@ -1,4 +1,5 @@
-"""``text-generation-server``: serve | prepare | plugins | download-weights | convert-to-safetensors."""
+"""``text-generation-server``: serve | prepare | plugins | download-weights | convert-to-safetensors |
+convert-to-onnx."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from tgis_proto.logs import configure_logging_from_env
 from tgis_proto.plugins import PluginError
 from tgis_shard import model_files
 from tgis_shard.embedded import DEFAULT_MODEL, EmbeddedModelError
+from tgis_shard.engines.base import UnsupportedModelError
 from tgis_shard.memory import ESTIMATE_MODES, configure_cuda_allocator
+from tgis_shard.onnx_export import ExportRefusedError
 from tgis_shard.registry import shard_registry
 
 log = logging.getLogger("tgis_shard")
@@ -67,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("model_name")
     convert.add_argument("--revision", default=None)
     convert.add_argument("--cache-dir", type=Path, default=model_files.default_cache_dir())
+
+    onnx = sub.add_parser("convert-to-onnx", help="export a causal LM to ONNX for DEPLOYMENT_FRAMEWORK=hf_optimum_ort")
+    onnx.add_argument("model_name")
+    onnx.add_argument("--revision", default=None)
+    onnx.add_argument("--cache-dir", type=Path, default=model_files.default_cache_dir())
     return parser
 
 
@@ -112,6 +120,7 @@ def _serve(args: argparse.Namespace) -> None:
         prefix_store_path=args.prefix_store_path,
         prompt_cache_size_mb=args.prompt_cache_size_mb,
         kv_cache_blocks=args.kv_cache_blocks,
+        cache_dir=args.cache_dir,
     )
     from tgis_proto.plugins import resolve
 
@@ -134,6 +143,22 @@ def _plugins() -> None:
         print(f"  {model_type} -> {entry.target} [{entry.plugin}] engines: {', '.join(entry.engines)}")
     if not registry.model_families:
         print("  none")
+
+
+# Failures the user can act on: one line, exit code 2.
+USER_ERRORS = (
+    model_files.ModelNotFoundError,
+    EmbeddedModelError,
+    PluginError,
+    FileNotFoundError,
+    ExportRefusedError,
+    UnsupportedModelError,
+)
+
+
+def _progress(message: str) -> None:
+    """Long work says where it is, on the terminal and in the logs alike."""
+    print(f"text-generation-server: {message}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,7 +184,19 @@ def main(argv: list[str] | None = None) -> int:
             model_dir = model_files.resolve_model_dir(args.model_name, args.revision, args.cache_dir)
             for path in convert_to_safetensors(model_dir):
                 print(path)
-    except (model_files.ModelNotFoundError, EmbeddedModelError, PluginError, FileNotFoundError) as e:
+        elif args.command == "convert-to-onnx":
+            from tgis_shard.onnx_export import export_causal_lm, export_dir
+
+            model_dir = model_files.resolve_model_dir(args.model_name, args.revision, args.cache_dir)
+            out = export_causal_lm(model_dir, export_dir(model_dir, args.cache_dir), progress=_progress)
+            print(out)
+    except (
+        model_files.ModelNotFoundError,
+        EmbeddedModelError,
+        PluginError,
+        FileNotFoundError,
+        ExportRefusedError,
+    ) as e:
         print(f"text-generation-server: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -20,6 +20,11 @@ def tgis_register_engines(register: EngineRegistrar) -> None:
         description="hf_transformers with fused SDPA attention required (what BetterTransformer became)",
     )
     register(
+        "hf_optimum_ort",
+        "tgis_shard.engines.onnx_runtime:create_engine",
+        description="a transformers causal LM exported to ONNX (convert-to-onnx), on ONNX Runtime",
+    )
+    register(
         "tgis_native",
         "tgis_shard.engines.tgis_native:create_engine",
         aliases=("hf_custom_tp",),

@@ -46,6 +46,8 @@ class ShardContext:
     prompt_cache_size_mb: int = 512
     kv_cache_blocks: int | None = None
     """Blocks of tgis_native's paged KV cache (KV_CACHE_MANAGER_NUM_GPU_BLOCKS); None: measured."""
+    cache_dir: Path | None = None
+    """Where converted files live (``text-generation-server --cache-dir``): ONNX exports among them."""
 
     def prefix_store(self, width: int, encoder_decoder: bool = False) -> PrefixStore:
         """Prompt prefixes for a model whose embeddings are ``width`` wide."""

@@ -75,8 +75,8 @@ class CausalLMEngine(PaddedEngine):
         self._takes_logits_to_keep = "logits_to_keep" in accepted
         # transformers renamed past_key_values to cache (5.2x); both spellings are in the field.
         self._cache_kwarg = "cache" if "cache" in accepted else "past_key_values"
-        self._embeddings = model.get_input_embeddings()
-        self.prefixes = ctx.prefix_store(self._embeddings.weight.shape[-1])
+        self._embeddings = model.get_input_embeddings()  # None where a graph embeds ids itself (ONNX)
+        self.prefixes = ctx.prefix_store(self._embeddings.weight.shape[-1] if self._embeddings is not None else 0)
         self.sampler = Sampler(ctx.max_batch_size, model.config.vocab_size, eos_token_ids, ctx.device)
 
     def prompt_prefix(self, prefix_id: str) -> PromptPrefix:

@@ -1,0 +1,143 @@
+"""hf_optimum_ort: tiny causal LMs exported with ``convert-to-onnx`` and run on ONNX Runtime give
+transformers' greedy tokens, and hf_transformers' logprobs and details within float32 noise,
+while requests join and leave."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.support.engines import (
+    NEW_TOKENS,
+    StepDriver,
+    check_one_batch_equals_reference,
+    cpu_context,
+    cpu_engine,
+    request,
+    start_then_join,
+)
+from tests.support.tiny_models import build_tiny_causal_lm, build_tiny_seq2seq_lm
+from tgis_proto.plugins import resolve
+from tgis_shard.cli import main as server_cli
+from tgis_shard.engines.base import UnsupportedModelError
+from tgis_shard.onnx_export import OnnxExportMissingError, export_dir, find_export
+from tgis_shard.prefixes import PrefixesUnsupportedError
+
+pytest.importorskip("onnxruntime")
+
+# float32 on both sides; ONNX Runtime fuses and reorders the same arithmetic.
+LOGPROB_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2", "bloom"])
+def model_dir(request, tmp_path_factory):
+    return build_tiny_causal_lm(tmp_path_factory.mktemp(request.param), arch=request.param)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(model_dir, tmp_path_factory):
+    """The export, made once per model through the CLI, as a user makes it."""
+    cache = tmp_path_factory.mktemp("cache")
+    assert server_cli(["convert-to-onnx", str(model_dir), "--cache-dir", str(cache)]) == 0
+    return cache
+
+
+def ort_engine(model_dir, cache_dir):
+    ctx = cpu_context(model_dir, cache_dir=cache_dir)
+    return resolve(ctx.registry.engine("hf_optimum_ort").target)(ctx)
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir, cache_dir):
+    return ort_engine(model_dir, cache_dir)
+
+
+def test_the_export_lands_in_the_cache_with_what_the_engine_needs(model_dir, cache_dir, capfd):
+    folder = export_dir(model_dir, cache_dir)
+    assert {p.name for p in folder.iterdir()} >= {"model.onnx", "tgis_onnx.json"}
+
+
+def test_a_batch_equals_transformers(engine, prompt_ids, expected):
+    assert engine.info().engine == "hf_optimum_ort"
+    check_one_batch_equals_reference(engine, prompt_ids, expected)
+
+
+def test_joining_and_leaving_change_no_output_and_logprobs_equal_hf_transformers(
+    engine, model_dir, prompt_ids, expected
+):
+    details = {"logprobs": True, "ranks": True, "top_n": 3}
+    runs = {}
+    for name, e in (("ort", engine), ("hf", cpu_engine(model_dir))):
+        driver = start_then_join(e, prompt_ids, **details)
+        driver.run(2)
+        driver.leave(2)
+        driver.run(NEW_TOKENS)
+        driver.leave(0, 1)
+        driver.step()
+        runs[name] = driver
+    ort, hf = runs["ort"], runs["hf"]
+    for i in (0, 1):
+        assert ort.outputs[i][: len(expected[i])] == expected[i]
+    assert ort.outputs == hf.outputs
+    for rid, token in hf.first.items():
+        mine = ort.first[rid]
+        assert mine.logprob == pytest.approx(token.logprob, abs=LOGPROB_TOLERANCE)
+        assert (mine.rank, [t for t, _ in mine.top_tokens]) == (token.rank, [t for t, _ in token.top_tokens])
+
+
+def test_input_token_details_equal_hf_transformers(engine, model_dir, prompt_ids):
+    asked = request(0, prompt_ids[2], 2, logprobs=True, ranks=True, input_tokens=True)
+    firsts = []
+    for e in (engine, cpu_engine(model_dir)):
+        driver = StepDriver(e)
+        driver.join(asked)
+        (token,) = driver.step()
+        driver.leave(0)
+        driver.step()
+        firsts.append(token)
+    ort, hf = firsts
+    assert [t.id for t in ort.input_tokens] == [t.id for t in hf.input_tokens] == prompt_ids[2]
+    assert [t.rank for t in ort.input_tokens] == [t.rank for t in hf.input_tokens]
+    values = [t.logprob for t in ort.input_tokens[1:]]
+    assert values == pytest.approx([t.logprob for t in hf.input_tokens[1:]], abs=LOGPROB_TOLERANCE)
+
+
+def test_prompt_prefixes_are_refused_with_the_reason_and_health_checks_run(engine):
+    with pytest.raises(PrefixesUnsupportedError, match="hf_optimum_ort engine does not support prompt prefixes"):
+        engine.prompt_prefix("tuned")
+    engine.health_check()
+
+
+def test_a_model_without_an_export_names_the_command_that_makes_one(model_dir, tmp_path):
+    with pytest.raises(UnsupportedModelError, match=r"text-generation-server convert-to-onnx .*"):
+        ort_engine(model_dir, tmp_path)
+
+
+def test_encoder_decoders_and_half_precision_are_refused(tmp_path, capsys):
+    seq2seq = build_tiny_seq2seq_lm(tmp_path / "t5", arch="t5")
+    assert server_cli(["convert-to-onnx", str(seq2seq), "--cache-dir", str(tmp_path)]) == 2
+    assert "hf_optimum_ort exports decoder-only models" in capsys.readouterr().err
+    causal = build_tiny_causal_lm(tmp_path / "llama", arch="llama")
+    ctx = cpu_context(causal, dtype=torch.bfloat16)
+    with pytest.raises(UnsupportedModelError, match="float32"):
+        resolve(ctx.registry.engine("hf_optimum_ort").target)(ctx)
+
+
+def test_an_export_of_another_version_is_made_again(model_dir, cache_dir, tmp_path):
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "model.onnx").write_bytes(b"")
+    (stale / "tgis_onnx.json").write_text('{"num_layers": 2}')  # written before versions existed
+    with pytest.raises(OnnxExportMissingError, match="of this version of tgis"):
+        _find_in(stale)
+    folder, spec = find_export(model_dir, cache_dir)
+    assert folder == export_dir(model_dir, cache_dir)
+    assert spec.num_layers > 0
+
+
+def _find_in(folder):
+    """find_export over a model folder whose own onnx/ is ``folder``."""
+    model = folder.parent / "model"
+    model.mkdir(exist_ok=True)
+    (model / "onnx").symlink_to(folder)
+    return find_export(model, None)
