@@ -1,6 +1,6 @@
-"""hf_optimum_ort: tiny causal LMs exported with ``convert-to-onnx`` and run on ONNX Runtime give
-transformers' greedy tokens, and hf_transformers' logprobs and details within float32 noise,
-while requests join and leave."""
+"""hf_optimum_ort: tiny causal LMs and encoder-decoders exported with ``convert-to-onnx`` and run on
+ONNX Runtime give transformers' greedy tokens, and hf_transformers' logprobs and details within
+float32 noise, while requests join and leave."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from tests.support.tiny_models import build_tiny_causal_lm, build_tiny_seq2seq_l
 from tgis_proto.plugins import resolve
 from tgis_shard.cli import main as server_cli
 from tgis_shard.engines.base import UnsupportedModelError
+from tgis_shard.engines.seq2seq import Seq2SeqLMEngine
 from tgis_shard.onnx_export import OnnxExportMissingError, export_dir, find_export
 from tgis_shard.prefixes import PrefixesUnsupportedError
 
@@ -29,9 +30,22 @@ pytest.importorskip("onnxruntime")
 LOGPROB_TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2", "bloom"])
+# Causal: rotary (llama), learned absolute (gpt2) and ALiBi (bloom) positions. Encoder-decoders:
+# T5 and the gated T5 v1.1 layout of flan-t5 / mT0 (untied LM head).
+MODELS = {
+    "llama": lambda dest: build_tiny_causal_lm(dest, arch="llama"),
+    "gpt2": lambda dest: build_tiny_causal_lm(dest, arch="gpt2"),
+    "bloom": lambda dest: build_tiny_causal_lm(dest, arch="bloom"),
+    "t5": lambda dest: build_tiny_seq2seq_lm(dest, arch="t5"),
+    "t5-gated": lambda dest: build_tiny_seq2seq_lm(
+        dest, arch="t5", feed_forward_proj="gated-gelu", tie_word_embeddings=False
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
 def model_dir(request, tmp_path_factory):
-    return build_tiny_causal_lm(tmp_path_factory.mktemp(request.param), arch=request.param)
+    return MODELS[request.param](tmp_path_factory.mktemp(request.param))
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +66,12 @@ def engine(model_dir, cache_dir):
     return ort_engine(model_dir, cache_dir)
 
 
-def test_the_export_lands_in_the_cache_with_what_the_engine_needs(model_dir, cache_dir, capfd):
-    folder = export_dir(model_dir, cache_dir)
-    assert {p.name for p in folder.iterdir()} >= {"model.onnx", "tgis_onnx.json"}
+def test_the_export_lands_in_the_cache_with_what_the_engine_needs(engine, model_dir, cache_dir):
+    folder, spec = find_export(model_dir, cache_dir)
+    assert folder == export_dir(model_dir, cache_dir)
+    graphs = {"encoder.onnx", "decoder_init.onnx", "decoder.onnx"} if spec.kind == "seq2seq" else {"model.onnx"}
+    assert {p.name for p in folder.iterdir()} == {*graphs, "tgis_onnx.json"}
+    assert isinstance(engine, Seq2SeqLMEngine) == (spec.kind == "seq2seq")
 
 
 def test_a_batch_equals_transformers(engine, prompt_ids, expected):
@@ -98,8 +115,9 @@ def test_input_token_details_equal_hf_transformers(engine, model_dir, prompt_ids
     ort, hf = firsts
     assert [t.id for t in ort.input_tokens] == [t.id for t in hf.input_tokens] == prompt_ids[2]
     assert [t.rank for t in ort.input_tokens] == [t.rank for t in hf.input_tokens]
+    # An encoder-decoder's prompt feeds the encoder, which scores nothing: NaN on both sides.
     values = [t.logprob for t in ort.input_tokens[1:]]
-    assert values == pytest.approx([t.logprob for t in hf.input_tokens[1:]], abs=LOGPROB_TOLERANCE)
+    assert values == pytest.approx([t.logprob for t in hf.input_tokens[1:]], abs=LOGPROB_TOLERANCE, nan_ok=True)
 
 
 def test_prompt_prefixes_are_refused_with_the_reason_and_health_checks_run(engine):
@@ -113,10 +131,13 @@ def test_a_model_without_an_export_names_the_command_that_makes_one(model_dir, t
         ort_engine(model_dir, tmp_path)
 
 
-def test_encoder_decoders_and_half_precision_are_refused(tmp_path, capsys):
-    seq2seq = build_tiny_seq2seq_lm(tmp_path / "t5", arch="t5")
-    assert server_cli(["convert-to-onnx", str(seq2seq), "--cache-dir", str(tmp_path)]) == 2
-    assert "hf_optimum_ort exports decoder-only models" in capsys.readouterr().err
+def test_learned_decoder_positions_and_half_precision_are_refused(tmp_path, capsys):
+    bart = build_tiny_seq2seq_lm(tmp_path / "bart", arch="bart")
+    assert server_cli(["convert-to-onnx", str(bart), "--cache-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "hf_optimum_ort cannot give each row of a batch its own decoder positions" in err
+    assert "DEPLOYMENT_FRAMEWORK=hf_transformers" in err
+    assert not (export_dir(bart, tmp_path) / "tgis_onnx.json").exists()
     causal = build_tiny_causal_lm(tmp_path / "llama", arch="llama")
     ctx = cpu_context(causal, dtype=torch.bfloat16)
     with pytest.raises(UnsupportedModelError, match="float32"):

@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--revision", default=None)
     convert.add_argument("--cache-dir", type=Path, default=model_files.default_cache_dir())
 
-    onnx = sub.add_parser("convert-to-onnx", help="export a causal LM to ONNX for DEPLOYMENT_FRAMEWORK=hf_optimum_ort")
+    onnx = sub.add_parser("convert-to-onnx", help="export an LM to ONNX for DEPLOYMENT_FRAMEWORK=hf_optimum_ort")
     onnx.add_argument("model_name")
     onnx.add_argument("--revision", default=None)
     onnx.add_argument("--cache-dir", type=Path, default=model_files.default_cache_dir())
@@ -185,18 +185,12 @@ def main(argv: list[str] | None = None) -> int:
             for path in convert_to_safetensors(model_dir):
                 print(path)
         elif args.command == "convert-to-onnx":
-            from tgis_shard.onnx_export import export_causal_lm, export_dir
+            from tgis_shard.onnx_export import export, export_dir
 
             model_dir = model_files.resolve_model_dir(args.model_name, args.revision, args.cache_dir)
-            out = export_causal_lm(model_dir, export_dir(model_dir, args.cache_dir), progress=_progress)
+            out = export(model_dir, export_dir(model_dir, args.cache_dir), progress=_progress)
             print(out)
-    except (
-        model_files.ModelNotFoundError,
-        EmbeddedModelError,
-        PluginError,
-        FileNotFoundError,
-        ExportRefusedError,
-    ) as e:
+    except USER_ERRORS as e:
         print(f"text-generation-server: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -129,14 +129,15 @@ class Seq2SeqLMEngine(PaddedEngine):
         self._takes_decoder_position_ids = "decoder_position_ids" in accepted
         self._row_positions: _RowPositions | None = None
         if not self._takes_decoder_position_ids:
-            self._row_positions = _absolute_positions(model)
+            self._row_positions = _absolute_positions(model, engine)
         # Prompt prefixes go in front of the encoder's input and of the decoder start token.
         self._takes_embeds = (
             "inputs_embeds" in inspect.signature(model.get_encoder().forward).parameters
             and "decoder_inputs_embeds" in accepted
         )
-        self._embeddings = model.get_input_embeddings()
-        self.prefixes = ctx.prefix_store(self._embeddings.weight.shape[-1], encoder_decoder=True)
+        self._embeddings = model.get_input_embeddings()  # None where a graph embeds ids itself (ONNX)
+        hidden = self._embeddings.weight.shape[-1] if self._embeddings is not None else 0
+        self.prefixes = ctx.prefix_store(hidden, encoder_decoder=True)
         self.sampler = Sampler(ctx.max_batch_size, self.vocab_size, eos_token_ids, ctx.device)
 
     def prompt_prefix(self, prefix_id: str) -> PromptPrefix:
@@ -340,7 +341,7 @@ def _decoder_start_token_id(model: PreTrainedModel) -> int:
     raise UnsupportedModelError("the model config names neither a decoder_start_token_id nor a bos_token_id")
 
 
-def _absolute_positions(model: PreTrainedModel) -> _RowPositions | None:
+def _absolute_positions(model: PreTrainedModel, engine: str) -> _RowPositions | None:
     """Hooks for decoders with absolute positions; None for T5-style relative position buckets.
 
     Anything else would silently give rows that joined a running batch wrong positions, so it is
@@ -353,5 +354,5 @@ def _absolute_positions(model: PreTrainedModel) -> _RowPositions | None:
     if module is None and getattr(config, "relative_attention_num_buckets", None) is not None:
         return None
     raise UnsupportedModelError(
-        f"{type(model).__name__}: hf_transformers cannot give each row of a batch its own decoder positions"
+        f"{type(model).__name__}: {engine} cannot give each row of a batch its own decoder positions"
     )
