@@ -7,17 +7,23 @@
 #   pip wheel --no-deps -w .whl packages/tgis-proto packages/tgis-shard packages/tgis-router packages/tgis-models-*
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 -d .whl protobuf==7.36.2 grpcio-health-checking grpcio-reflection
-# Then on the device: bash bench/gpu_checks.sh   (results land in $OUT)
+# Then on the device: bash bench/gpu_checks.sh [tests|serving]   (both by default; results land in
+# $OUT). Each stage fits one call's 10 minutes on its own.
 set -uo pipefail
+stage=${1:-all}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 PATH="/tmp/site/bin:$PATH"
 out=${OUT:-/tmp/gpu-checks}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
-python3 -m pytest -q -p no:cacheprovider -rs \
+python3 -c 'import torch, transformers, grpc, google.protobuf as p; print(torch.__version__, transformers.__version__, grpc.__version__, p.__version__)' \
+  | tee -a "$out/gpu.txt"
+if [[ $stage != serving ]]; then
+  python3 -m pytest -q -p no:cacheprovider -rs \
   packages/tgis-shard/tests/test_steps.py packages/tgis-shard/tests/test_paged_attention.py \
   packages/tgis-shard/tests/test_memory_gpu.py 2>&1 | tail -40 | tee "$out/gpu-tests.log"
-python3 bench/compile_warm_up.py 2>&1 | tail -5 | tee "$out/compile-warm-up.log"
-python3 bench/serving.py --shape 8b --concurrency 1 8 32 128 --record "$out/serving.md" 2>&1 | tail -20 \
+  python3 bench/compile_warm_up.py 2>&1 | tail -5 | tee "$out/compile-warm-up.log"
+fi
+[[ $stage == tests ]] || python3 bench/serving.py --shape 8b --concurrency 1 8 32 128 --record "$out/serving.md" 2>&1 | tail -20 \
   | tee "$out/serving.log"
