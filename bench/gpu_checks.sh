@@ -6,7 +6,7 @@
 # .git/info/exclude, carried with `carry: [".whl"]`):
 #   pip wheel --no-deps -w .whl packages/tgis-proto packages/tgis-shard packages/tgis-router packages/tgis-models-*
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_17_x86_64 -d .whl protobuf==7.36.2 grpcio-health-checking grpcio-reflection
+#     --platform manylinux_2_17_x86_64 -d .whl protobuf==7.36.2 grpcio==1.85.3 grpcio-health-checking grpcio-reflection
 # Then on the device: bash bench/gpu_checks.sh [tests|serving]   (both by default; results land in
 # $OUT). Each stage fits one call's 10 minutes on its own.
 set -uo pipefail

@@ -33,10 +33,15 @@ class TokenizerPool:
     async def encode(self, texts: list[str], keep_last: int = 0) -> list[Tokenized]:
         """Adds special tokens; ``keep_last`` > 0 truncates each input to its last n tokens."""
         loop = asyncio.get_running_loop()
-        encodings = await loop.run_in_executor(
-            self._pool, lambda: self.tokenizer.encode_batch(texts, add_special_tokens=True)
-        )
+        encodings = await loop.run_in_executor(self._pool, self._encode, texts)
         return [_keep_last(e, keep_last) for e in encodings]
+
+    def _encode(self, texts: list[str]) -> list[Encoding]:
+        # encode_batch hands even one text to the library's own thread pool: on a few busy cores
+        # waking those threads costs far more than encoding a prompt in this one.
+        if len(texts) == 1:
+            return [self.tokenizer.encode(texts[0], add_special_tokens=True)]
+        return self.tokenizer.encode_batch(texts, add_special_tokens=True)
 
     def id_to_token(self, token_id: int) -> str:
         """The raw vocabulary token ("Ġvery", "▁The"), as TokenInfo.text shows it."""
