@@ -7,6 +7,13 @@
 #   pip wheel --no-deps -w .whl packages/tgis-proto packages/tgis-shard packages/tgis-router packages/tgis-models-*
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 -d .whl protobuf==7.36.2 grpcio==1.85.3 grpcio-health-checking grpcio-reflection
+# and FlashInfer with what it needs beyond the device image (../shared/notes/gpu-kernels.md):
+#   pip download ... --platform manylinux_2_28_x86_64 -d .whl flashinfer-python==0.6.12 apache-tvm-ffi==0.1.15.post2 \
+#     cuda-tile==1.7.0 einops==0.8.2 nvidia-cudnn-frontend==1.32.0 nvidia-cutlass-dsl==4.8.1 \
+#     nvidia-cutlass-dsl-libs-base==4.8.1 nvidia-ml-py==13.615.71 tabulate==0.10.0
+# FlashInfer JIT-compiles its kernels into .fi-cache/ (FLASHINFER_WORKSPACE_BASE); the compiled
+# ones come back as $OUT/fi-cache.tgz: unpacked here and carried (`carry: [".whl", ".fi-cache"]`),
+# the next call skips the compilation.
 # Then on the device: bash bench/gpu_checks.sh [tests|serving]   (both by default; results land in
 # $OUT). Each stage fits one call's 10 minutes on its own.
 set -uo pipefail
@@ -14,16 +21,18 @@ stage=${1:-all}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 PATH="/tmp/site/bin:$PATH"
+export FLASHINFER_WORKSPACE_BASE="$PWD/.fi-cache"
 out=${OUT:-/tmp/gpu-checks}
-mkdir -p "$out"
+mkdir -p "$out" "$FLASHINFER_WORKSPACE_BASE"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
 python3 -c 'import torch, transformers, grpc, google.protobuf as p; print(torch.__version__, transformers.__version__, grpc.__version__, p.__version__)' \
   | tee -a "$out/gpu.txt"
 if [[ $stage != serving ]]; then
   python3 -m pytest -q -p no:cacheprovider -rs \
   packages/tgis-shard/tests/test_steps.py packages/tgis-shard/tests/test_paged_attention.py \
-  packages/tgis-shard/tests/test_memory_gpu.py 2>&1 | tail -40 | tee "$out/gpu-tests.log"
+  packages/tgis-shard/tests/test_memory_gpu.py packages/tgis-shard/tests/test_cuda_graphs.py 2>&1 | tail -40 | tee "$out/gpu-tests.log"
   python3 bench/compile_warm_up.py 2>&1 | tail -5 | tee "$out/compile-warm-up.log"
 fi
 [[ $stage == tests ]] || python3 bench/serving.py --shape 8b --concurrency 1 8 32 128 --record "$out/serving.md" 2>&1 | tail -20 \
   | tee "$out/serving.log"
+tar -czf "$out/fi-cache.tgz" -C "$FLASHINFER_WORKSPACE_BASE" . 2>/dev/null && ls -la "$out/fi-cache.tgz"

@@ -1,7 +1,7 @@
 """The server as users meet it: a random-weight LLaMA of a real shape served by the real launcher
 (tgis_native), closed-loop streaming clients at several concurrencies, fixed prompt and output
 lengths (EOS masked). In the same run, beside it: the device's copy bandwidth (the roofline a
-decode step can reach), the engine's own eager decode step in process (what the server adds on
+decode step can reach), the engine's own decode step in process (what the server adds on
 top of it), and plain transformers generate(). Prints the table; with ``--record`` appends it,
 dated, with the command and the machine, to a results file (bench/RESULTS.md).
 
@@ -35,7 +35,7 @@ from tgis_proto.plugins import resolve  # noqa: E402
 from tgis_shard.engines.base import ShardContext  # noqa: E402
 from tgis_shard.registry import shard_registry  # noqa: E402
 
-EAGER_DECODE_STEPS = 20
+IN_PROCESS_DECODE_STEPS = 20
 
 
 @dataclass(frozen=True)
@@ -109,11 +109,11 @@ def generate_baseline(model_dir: Path, device: torch.device, dtype, concurrency:
     return rates, cost
 
 
-def eager_decode_step(
-    model_dir: Path, device: torch.device, dtype, prompt: int, new: int, max_sequence_length: int
+def in_process_decode_step(
+    model_dir: Path, device: torch.device, dtype, prompt: int, new: int, max_sequence_length: int, cuda_graphs: bool
 ) -> float:
     """Seconds per decode step of one request on the engine in process: no router, no gRPC."""
-    steps = max(1, min(EAGER_DECODE_STEPS, new - 2))
+    steps = max(1, min(IN_PROCESS_DECODE_STEPS, new - 2))
     registry = shard_registry(None)
     ctx = ShardContext(
         model_dir=model_dir,
@@ -126,6 +126,7 @@ def eager_decode_step(
         registry=registry,
         max_batch_size=1,
         estimate_memory="off",
+        cuda_graphs=cuda_graphs,
     )
     engine = resolve(registry.engine("tgis_native").target)(ctx)
     engine.warm_up()
@@ -154,6 +155,7 @@ def serve(model_dir: Path, args: argparse.Namespace, dtype_name: str) -> dict[in
         *("--deployment-framework", "tgis_native", "--dtype-str", dtype_name),
         *("--max-batch-size", str(max(args.concurrency)), "--max-sequence-length", str(max_sequence_length)),
         *("--max-new-tokens", str(args.new_tokens), "--max-concurrent-requests", str(4 * max(args.concurrency))),
+        *("--cuda-graphs", str(args.cuda_graphs).lower()),
     ]
     results = {}
     # Twice as many words as tokens: every prompt is cut to exactly its last prompt_tokens tokens.
@@ -185,6 +187,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2, help="requests each client sends, one after the other")
     parser.add_argument("--shard-threads", type=int, default=4, help="torch threads of the shard process")
+    parser.add_argument(
+        "--cuda-graphs", action=argparse.BooleanOptionalAction, default=True, help="decode steps from CUDA graphs"
+    )
     parser.add_argument("--record", type=Path, help="append the table, dated, to this file (bench/RESULTS.md)")
     args = parser.parse_args()
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
@@ -194,20 +199,24 @@ def main() -> None:
         torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'x86-64'})"
     )
     max_sequence_length = args.prompt_tokens + args.new_tokens + 8
+    graphs = "on" if args.cuda_graphs and device.type == "cuda" else "off"
     with tempfile.TemporaryDirectory() as folder:
         model_dir = build_random_model(Path(folder) / args.shape, SHAPES[args.shape], max_sequence_length, device)
         bandwidth = copy_bandwidth(device)
         generate_rates, cost = generate_baseline(
             model_dir, device, dtype, args.concurrency, args.prompt_tokens, args.new_tokens
         )
-        eager = eager_decode_step(model_dir, device, dtype, args.prompt_tokens, args.new_tokens, max_sequence_length)
+        in_process = in_process_decode_step(
+            model_dir, device, dtype, args.prompt_tokens, args.new_tokens, max_sequence_length, args.cuda_graphs
+        )
         served = serve(model_dir, args, dtype_name)
     context = args.prompt_tokens + args.new_tokens / 2
     lines = [
         f"{args.shape} shape, {dtype_name}, {args.prompt_tokens} prompt + {args.new_tokens} new tokens, "
-        f"{args.rounds} requests per client; {machine}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
+        f"{args.rounds} requests per client; CUDA graphs {graphs}; {machine}; "
+        f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
         f"a decode step reads {cost.weight_bytes / 1e9:.2f} GB of weights",
-        f"in-process eager decode step at 1 stream: {eager * 1000:.2f} ms",
+        f"in-process decode step at 1 stream: {in_process * 1000:.2f} ms",
         "",
         "| concurrency | tok/s | TTFT p50 / p99 | ITL p50 / p99 | roofline tok/s | of roofline "
         "| generate() tok/s | × generate() |",
@@ -224,8 +233,8 @@ def main() -> None:
             f"| {generate_rates[streams]:,.0f} | {result['tokens_per_s'] / generate_rates[streams]:.2f} |"
         )
     if 1 in served:
-        ratio = _quantile(served[1]["itl"], 50) / eager
-        lines += ["", f"ITL p50 at 1 stream through the server / eager step in process: {ratio:.2f}"]
+        ratio = _quantile(served[1]["itl"], 50) / in_process
+        lines += ["", f"ITL p50 at 1 stream through the server / the same step in process: {ratio:.2f}"]
     table = "\n".join(lines)
     print(table)
     if args.record:

@@ -159,6 +159,7 @@ def native_engine(
     device: torch.device | None = None,
     attention_backend: str | None = None,
     prefix_store_path: Path | None = None,
+    cuda_graphs: bool = True,
 ) -> Engine:
     """The tgis_native engine as one rank of ``world_size`` (process group on ``port``)."""
     from tgis_shard.engines.tgis_native import create_engine as create_native_engine
@@ -177,6 +178,7 @@ def native_engine(
         master_port=port,
         attention_backend=attention_backend,
         prefix_store_path=prefix_store_path,
+        cuda_graphs=cuda_graphs,
     )
     return create_native_engine(ctx)
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from tgis_shard.engines.decode_inputs import DecodeInputs
-from tgis_shard.layers.paged_attention import AttentionMetadata, blocks_for
+from tgis_shard.layers.paged_attention import AttentionMetadata, PagedKVCache, blocks_for, paged_attention
 
 BLOCK = 4
 FIELDS = ("cu_seqlens_q", "context_lens", "block_tables", "slots", "positions", "query_rows", "cu_seqlens_k")
@@ -17,7 +18,7 @@ FIELDS = ("cu_seqlens_q", "context_lens", "block_tables", "slots", "positions", 
 def test_decode_buffers_equal_metadata_built_for_the_step_and_feed_each_rows_last_token():
     rng = random.Random(5)
     capacity, max_blocks = 8, 10
-    inputs = DecodeInputs(capacity, max_blocks, BLOCK, torch.device("cpu"))
+    inputs = DecodeInputs(capacity, max_blocks, BLOCK, torch.device("cpu"), scratch_block=0)
     next_ids = torch.arange(100, 100 + capacity)
     free = list(range(1, 60))
     rng.shuffle(free)
@@ -54,3 +55,31 @@ def test_decode_buffers_equal_metadata_built_for_the_step_and_feed_each_rows_las
         for slot in slots:
             lengths[slot] += 1
             inputs.commit(slot, len(tables[slot]), (), lengths[slot])
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
+@pytest.mark.parametrize("backend", ["torch", "flex"])
+def test_a_step_padded_to_a_graph_size_attends_as_the_step_alone_and_pads_into_the_scratch_block(backend):
+    capacity, max_blocks, kv_heads, heads, head_dim = 8, 6, 2, 4, 8
+    inputs = DecodeInputs(capacity, max_blocks, BLOCK, torch.device("cpu"), scratch_block=0)
+    cache = PagedKVCache(1, 20, BLOCK, kv_heads, head_dim, torch.float32, "cpu", backend)
+    generator = torch.Generator().manual_seed(1)
+    cache.keys[0].copy_(torch.randn(cache.keys[0].shape, generator=generator))
+    cache.values[0].copy_(torch.randn(cache.values[0].shape, generator=generator))
+    for slot, (blocks, length) in enumerate([((3, 4), 5), ((7,), 2), ((9, 10, 11), 11)]):
+        inputs.commit(slot, 0, blocks, length)
+    slots = np.array([2, 0, 1])
+    query = torch.randn(5, heads, head_dim, generator=generator)
+    alone, _ = inputs.prepare(slots, torch.zeros(capacity, dtype=torch.long))
+    expected = paged_attention(query[:3], cache, 0, alone, scale=0.5)
+    padded, sampler_slots = inputs.prepare(slots, torch.zeros(capacity, dtype=torch.long), padded_to=5)
+    assert padded.block_tables.shape == (5, max_blocks)
+    assert sampler_slots.tolist() == [2, 0, 1]
+    assert padded.context_lens[3:].tolist() == [1, 1]
+    assert padded.positions[3:].tolist() == [0, 0]
+    assert padded.slots[3:].tolist() == [0, 0]
+    assert not padded.block_tables[3:].any()
+    assert padded.cu_seqlens_k.tolist() == [0, 12, 18, 21, 22, 23]
+    out = paged_attention(query, cache, 0, padded, scale=0.5)
+    torch.testing.assert_close(out[:3], expected)
+    assert torch.isfinite(out).all()  # padding rows too: nothing NaN reaches a shared buffer

@@ -7,11 +7,13 @@ import math
 import random
 from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
 import torch
 
 from tgis_shard.layers import flex_paged
 from tgis_shard.layers import paged_attention as paged_attention_module
+from tgis_shard.layers.flashinfer_paged import flashinfer_available, pages_of
 from tgis_shard.layers.paged_attention import (
     BLOCK_SIZES,
     AttentionMetadata,
@@ -21,6 +23,7 @@ from tgis_shard.layers.paged_attention import (
     blocks_for,
     choose_backend,
     paged_attention,
+    plan_attention,
 )
 
 HEAD_DIM = 16
@@ -83,17 +86,21 @@ class Engine:
         device: str = "cpu",
         backend: str | None = None,
         seed: int = 0,
+        head_dim: int = HEAD_DIM,
+        scale: float | None = None,
     ) -> None:
-        self.heads, self.kv_heads, self.block_size = heads, kv_heads, block_size
+        self.heads, self.kv_heads, self.block_size, self.head_dim = heads, kv_heads, block_size, head_dim
         self.dtype, self.device, self.backend = dtype, device, backend
         self.sliding_window = sliding_window
         self.generator = torch.Generator().manual_seed(seed)
         # A free list in random order, so block tables are scattered, not 0, 1, 2...
         self.free_blocks = list(range(num_blocks))
         random.Random(seed).shuffle(self.free_blocks)
-        self.cache = PagedKVCache(NUM_LAYERS, num_blocks, block_size, kv_heads, HEAD_DIM, dtype, device)
+        self.cache = PagedKVCache(
+            NUM_LAYERS, num_blocks, block_size, kv_heads, head_dim, dtype, device, backend or "torch", num_heads=heads
+        )
         self.alibi_slopes = torch.tensor([2 ** (-(i + 1) / 2) for i in range(heads)]) if alibi else None
-        self.scale = HEAD_DIM**-0.5
+        self.scale = head_dim**-0.5 if scale is None else scale
         self.seqs: dict[str, RunningSequence] = {}
 
     def _random(self, *shape: int) -> torch.Tensor:
@@ -103,7 +110,7 @@ class Engine:
     def step(self, new_tokens: dict[str, int], atol: float = 1e-5) -> AttentionMetadata:
         for name, n in new_tokens.items():
             if name not in self.seqs:
-                empty = torch.empty(0, self.kv_heads, HEAD_DIM, dtype=self.dtype)
+                empty = torch.empty(0, self.kv_heads, self.head_dim, dtype=self.dtype)
                 self.seqs[name] = RunningSequence([empty] * NUM_LAYERS, [empty] * NUM_LAYERS)
             seq = self.seqs[name]
             missing = blocks_for(len(seq) + n, self.block_size) - len(seq.blocks)
@@ -117,12 +124,13 @@ class Engine:
             self.block_size,
             self.device,
         )
+        plan_attention(self.cache, meta)
         total = sum(query_lens)
         slopes = None if self.alibi_slopes is None else self.alibi_slopes.to(self.device)
         for layer in range(NUM_LAYERS):
-            query = self._random(total, self.heads, HEAD_DIM)
-            keys = self._random(total, self.kv_heads, HEAD_DIM)
-            values = self._random(total, self.kv_heads, HEAD_DIM)
+            query = self._random(total, self.heads, self.head_dim)
+            keys = self._random(total, self.kv_heads, self.head_dim)
+            values = self._random(total, self.kv_heads, self.head_dim)
             self.cache.store(layer, keys.to(self.device), values.to(self.device), meta.slots)
             out = paged_attention(
                 query.to(self.device),
@@ -287,16 +295,25 @@ def test_metadata_rejects_inconsistent_steps(
 
 
 @pytest.mark.parametrize(
-    ("flash_attn", "triton", "expected"),
-    [(True, True, "flash"), (False, True, "flex"), (False, False, "torch")],
-    ids=["flash-attn", "triton", "neither"],
+    ("flash_attn", "flashinfer", "triton", "expected"),
+    [
+        (True, True, True, "flash"),
+        (False, True, True, "flashinfer"),
+        (False, False, True, "flex"),
+        (False, False, False, "torch"),
+    ],
+    ids=["flash-attn", "flashinfer", "triton", "none"],
 )
 def test_backend_is_the_fastest_installed_on_cuda_and_torch_elsewhere(
-    monkeypatch: pytest.MonkeyPatch, flash_attn: bool, triton: bool, expected: str
+    monkeypatch: pytest.MonkeyPatch, flash_attn: bool, flashinfer: bool, triton: bool, expected: str
 ) -> None:
     monkeypatch.setattr(paged_attention_module, "_flash_attn", lambda: object() if flash_attn else None)
+    monkeypatch.setattr(paged_attention_module, "_flashinfer_serves", lambda head_dim: flashinfer)
     monkeypatch.setattr(paged_attention_module, "_flex_available", lambda: triton)
     assert choose_backend("cuda", torch.bfloat16, 128) == expected
+    # FlashInfer brings its own ALiBi slopes, which a rank's slice of heads would get wrong.
+    with_alibi = expected if expected != "flashinfer" else "flex"
+    assert choose_backend("cuda", torch.bfloat16, 128, alibi=True) == with_alibi
     assert choose_backend("cpu", torch.bfloat16, 128) == "torch"
     # Head sizes the fused kernels don't take; flash-attn only runs half precision.
     assert choose_backend("cuda", torch.bfloat16, 20) == "torch"
@@ -332,6 +349,41 @@ def test_compiled_flex_backend_on_cuda_matches_reference(
         sliding_window=sliding_window,
     )
     # Prefills longer than a block and a query tile, a prefill joining decodes, then decodes.
+    engine.step({"a": 300, "b": 1, "c": 700}, atol=2e-2)
+    engine.step({"a": 1, "b": 1, "c": 1, "d": 40}, atol=2e-2)
+    engine.finish("b")
+    for _ in range(3):
+        engine.step({"a": 1, "c": 1, "d": 1}, atol=2e-2)
+
+
+def test_flashinfer_pages_list_each_sequences_blocks_its_context_covers() -> None:
+    meta = AttentionMetadata.build([3, 1, 1], [3, 17, 16], [[7], [2, 9, 4], [5, 6]], block_size=8, device="cpu")
+    assert meta.host is not None
+    indptr, indices, last_page_len = pages_of(meta.host, block_size=8)
+    assert indptr.tolist() == [0, 1, 4, 6]
+    assert indices.tolist() == [7, 2, 9, 4, 5, 6]
+    assert last_page_len.tolist() == [3, 1, 8]
+    assert indptr.dtype == indices.dtype == last_page_len.dtype == np.int32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not flashinfer_available(), reason="needs CUDA and flashinfer")
+@pytest.mark.parametrize(("heads", "kv_heads"), [(8, 2), (4, 4), (8, 1)], ids=["gqa", "mha", "mqa"])
+@pytest.mark.parametrize("scale", [None, 0.05], ids=["default-scale", "own-scale"])
+def test_flashinfer_backend_on_cuda_matches_reference(heads: int, kv_heads: int, scale: float | None) -> None:
+    # bfloat16 at head size 128 only: each dtype and head size is a kernel FlashInfer compiles
+    # (a minute or more each); the served models' shape is this one.
+    engine = Engine(
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=128,
+        block_size=BLOCK_SIZES["flashinfer"],
+        num_blocks=160,
+        dtype=torch.bfloat16,
+        device="cuda",
+        backend="flashinfer",
+        scale=scale,
+    )
+    # Prefills over many pages, a prefill joining decodes (the prefill kernel), then decodes alone.
     engine.step({"a": 300, "b": 1, "c": 700}, atol=2e-2)
     engine.step({"a": 1, "b": 1, "c": 1, "d": 40}, atol=2e-2)
     engine.finish("b")

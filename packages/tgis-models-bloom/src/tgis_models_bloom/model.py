@@ -107,8 +107,10 @@ class BloomForCausalLM(nn.Module, SupportsPromptPrefixes):
         heads = self.h[0].self_attention.heads
         self.num_layers = config.n_layer
         self.hidden_size = config.hidden_size  # the width of prompt-prefix embeddings
+        self.num_heads = heads.num_heads
         self.num_kv_heads = heads.num_kv_heads
         self.head_dim = heads.head_dim
+        self.uses_alibi = True
 
     def forward(
         self,

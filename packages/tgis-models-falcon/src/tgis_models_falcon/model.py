@@ -193,8 +193,10 @@ class FalconForCausalLM(nn.Module, SupportsPromptPrefixes):
         )
         self.num_layers = layout.num_layers
         self.hidden_size = layout.num_heads * layout.head_dim  # the width of prompt-prefix embeddings
+        self.num_heads = self.h[0].self_attention.heads.num_heads
         self.num_kv_heads = self.h[0].self_attention.heads.num_kv_heads
         self.head_dim = layout.head_dim
+        self.uses_alibi = layout.alibi
         self.rotary = None if layout.alibi else RotaryEmbedding(config, layout.head_dim, weights.device)
 
     def forward(

@@ -91,8 +91,10 @@ class LlamaForCausalLM(nn.Module, SupportsPromptPrefixes):
         heads = self.layers[0].self_attn.heads
         self.num_layers = config.num_hidden_layers
         self.hidden_size = config.hidden_size  # the width of prompt-prefix embeddings
+        self.num_heads = heads.num_heads
         self.num_kv_heads = heads.num_kv_heads
         self.head_dim = heads.head_dim
+        self.uses_alibi = False
         self.rotary = RotaryEmbedding(config, self.head_dim, weights.device)
 
     def forward(

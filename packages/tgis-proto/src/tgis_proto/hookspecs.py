@@ -41,9 +41,10 @@ def tgis_register_models(register: ModelFamilyRegistrar) -> None:
     ``aliases`` are further ``model_type`` values served by the same code (for example
     ``RefinedWeb`` for ``falcon``). The target is the family's entry point for the listed
     engines. For ``tgis_native`` it is ``build(config, weights, tp)`` returning this rank's model,
-    which meets ``tgis_shard.families.NativeCausalLM``: ``num_layers``, ``num_kv_heads`` and
-    ``head_dim`` (this rank's); ``forward(input_ids, positions, cache, meta)`` running one ragged
-    step through every layer and returning the last hidden states; ``compute_logits(hidden)``
+    which meets ``tgis_shard.families.NativeCausalLM``: ``num_layers``, ``num_heads``,
+    ``num_kv_heads`` and ``head_dim`` (this rank's), ``uses_alibi``; ``forward(input_ids,
+    positions, cache, meta)`` running one ragged step through every layer and returning the last
+    hidden states; ``compute_logits(hidden)``
     (final norm and LM head) for the rows the engine chooses. A family that serves prompt prefixes
     mixes in ``tgis_shard.families.SupportsPromptPrefixes``: its ``forward`` also takes
     ``embedding_overrides`` (``tgis_shard.layers.embedding.embed`` applies them after the word

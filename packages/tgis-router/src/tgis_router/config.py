@@ -115,6 +115,7 @@ class LauncherConfig:
     prefix_store_path: str | None = None
     prompt_cache_size_mb: int = 512
     pt2_compile: bool = False
+    cuda_graphs: bool = True
     estimate_memory: str = "auto"
     tgis_plugins: str | None = None
     json_output: bool = False
@@ -168,6 +169,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("prefix_store_path", str, "folder of prompt prefixes (PEFT prompt tuning)"),
     Option("prompt_cache_size_mb", _positive_int, "memory for cached prompt prefixes"),
     Option("pt2_compile", _bool, "compile the model with torch.compile"),
+    Option("cuda_graphs", _bool, "replay decode steps from CUDA graphs (tgis_native on one GPU)"),
     Option("estimate_memory", str, "auto, manual or off"),
     Option("tgis_plugins", str, "comma-separated allow-list of installed plugins to load"),
     Option("json_output", _bool, "log as JSON lines"),

@@ -178,6 +178,8 @@ async def _start_shards(
         if config.kv_cache_manager_num_gpu_blocks:
             args += ["--kv-cache-blocks", str(config.kv_cache_manager_num_gpu_blocks)]
         args += ["--prompt-cache-size-mb", str(config.prompt_cache_size_mb)]
+        if not config.cuda_graphs:
+            args.append("--no-cuda-graphs")
         env = _child_env(
             config,
             RANK=str(rank),

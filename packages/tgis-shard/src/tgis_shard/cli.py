@@ -58,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--kv-cache-blocks", type=int, default=None, help="blocks of tgis_native's paged KV cache (default: measured)"
     )
+    serve.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        help="run tgis_native's decode steps eagerly instead of replaying CUDA graphs",
+    )
 
     sub.add_parser("plugins", help="list installed plugins, engines and model families")
 
@@ -120,6 +126,7 @@ def _serve(args: argparse.Namespace) -> None:
         prefix_store_path=args.prefix_store_path,
         prompt_cache_size_mb=args.prompt_cache_size_mb,
         kv_cache_blocks=args.kv_cache_blocks,
+        cuda_graphs=args.cuda_graphs,
         cache_dir=args.cache_dir,
     )
     from tgis_proto.plugins import resolve

@@ -20,8 +20,10 @@ class NativeCausalLM(Protocol):
     """A decoder-only family's model on one rank."""
 
     num_layers: int
+    num_heads: int  # query heads, on this rank
     num_kv_heads: int  # on this rank
     head_dim: int
+    uses_alibi: bool  # attention adds ALiBi biases: backends that cannot are not chosen
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache, meta: AttentionMetadata

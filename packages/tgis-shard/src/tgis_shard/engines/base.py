@@ -48,6 +48,8 @@ class ShardContext:
     """Blocks of tgis_native's paged KV cache (KV_CACHE_MANAGER_NUM_GPU_BLOCKS); None: measured."""
     cache_dir: Path | None = None
     """Where converted files live (``text-generation-server --cache-dir``): ONNX exports among them."""
+    cuda_graphs: bool = True
+    """tgis_native on one GPU replays decode steps from CUDA graphs (CUDA_GRAPHS)."""
 
     def prefix_store(self, width: int, encoder_decoder: bool = False) -> PrefixStore:
         """Prompt prefixes for a model whose embeddings are ``width`` wide."""

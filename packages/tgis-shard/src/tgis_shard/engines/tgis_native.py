@@ -32,6 +32,7 @@ from tgis_shard.engines.base import (
     input_token_details,
     shard_info,
 )
+from tgis_shard.engines.cuda_graphs import DecodeGraphs, graph_buckets
 from tgis_shard.engines.decode_inputs import DecodeInputs
 from tgis_shard.engines.hf_transformers import eos_token_ids
 from tgis_shard.engines.seq2seq import Seq2SeqLMEngine
@@ -45,6 +46,7 @@ from tgis_shard.layers.paged_attention import (
     PagedKVCache,
     blocks_for,
     choose_backend,
+    plan_attention,
     prepare_attention,
 )
 from tgis_shard.prefixes import PrefixesUnsupportedError, PromptPrefix
@@ -161,7 +163,9 @@ class NativeEngine(Engine):
         # the device so that a step never waits for the previous one's tokens to reach the host.
         self._next_ids = torch.zeros(capacity, dtype=torch.long, device=ctx.device)
         max_blocks = blocks_for(ctx.max_sequence_length, self.block_size) + 1
-        self._decode = DecodeInputs(capacity, max_blocks, self.block_size, ctx.device)
+        self._decode = DecodeInputs(capacity, max_blocks, self.block_size, ctx.device, SCRATCH_BLOCK)
+        self._graphs: DecodeGraphs | None = None  # captured by warm_up on one GPU
+        self._graph_metas: dict[int, AttentionMetadata] = {}
         self._seqs: dict[int, _Sequence] = {}
 
     def prompt_prefix(self, prefix_id: str) -> PromptPrefix:
@@ -254,14 +258,69 @@ class NativeEngine(Engine):
             return None
         return EmbeddingOverrides(torch.cat(token_rows), torch.cat(values))
 
-    def _decode_inputs(self, rows: list[_Row]) -> StepInputs:
-        """A step of decodes only: the persistent buffers, filled in place."""
+    def _decode_inputs(self, rows: list[_Row], padded_to: int | None = None) -> StepInputs:
+        """A step of decodes only: the persistent buffers, filled in place (padded for a graph)."""
         slots = np.fromiter((r.slot for r in rows), dtype=np.int64, count=len(rows))
         for row in rows:
             if row.work.new_blocks:  # its token starts a block: the table grows first
                 self._decode.commit(row.slot, len(row.seq.blocks), row.work.new_blocks, row.seq.computed)
-        meta, sampler_slots = self._decode.prepare(slots, self._next_ids)
-        return StepInputs(self._decode.input_ids[: len(rows)], meta, sampler_slots, slots)
+        meta, sampler_slots = self._decode.prepare(slots, self._next_ids, padded_to)
+        return StepInputs(self._decode.input_ids[: meta.num_seqs], meta, sampler_slots, slots)
+
+    def _eager_forward(
+        self, rows: list[_Row], sampling: list[_Row], detailed: list[_Row]
+    ) -> tuple[StepInputs, torch.Tensor | None, torch.Tensor | None]:
+        """Runs the step op by op. Returns its inputs, the logits of every row where input-token
+        details need them (else of the sampling rows), and the sampling rows' logits."""
+        decode_only = all(r.seq.decoding for r in rows)
+        inputs = self._decode_inputs(rows) if decode_only else self._mixed_inputs(rows)
+        meta = inputs.meta
+        # Everything the attention backend derives per step is built before the forward pass.
+        plan_attention(self.cache, meta)
+        prepare_attention(self.cache, meta)
+        overrides = self._embedding_overrides(rows)
+        # Without prefixes the keyword stays out: families that take no overrides serve the rest.
+        extra = {} if overrides is None else {"embedding_overrides": overrides}
+        hidden = self.model(inputs.input_ids, meta.positions, self.cache, meta, **extra)
+        if decode_only:  # every row samples
+            logits = self.model.compute_logits(hidden)
+            return inputs, logits, logits
+        last_rows = torch.tensor([r.end - 1 for r in sampling], dtype=torch.long, device=self.ctx.device)
+        if detailed:  # input-token details need every prompt position
+            logits = self.model.compute_logits(hidden)
+            return inputs, logits, logits[last_rows] if sampling else None
+        if not sampling:
+            return inputs, None, None
+        logits = self.model.compute_logits(hidden[last_rows])
+        return inputs, logits, logits
+
+    def _graph_bucket(self, rows: list[_Row]) -> int | None:
+        """The captured batch size a decode-only step replays; None: the step runs eagerly."""
+        if self._graphs is None or not all(r.seq.decoding for r in rows):
+            return None
+        return self._graphs.bucket_for(len(rows))
+
+    def _graph_step(self, rows: int) -> torch.Tensor:
+        """What a decode graph holds: a step of ``rows`` rows over the persistent buffers, from
+        the attention backend's preparation to the logits. Its metadata was built before."""
+        meta = replace(self._graph_metas[rows])  # derived tensors are made inside the graph
+        prepare_attention(self.cache, meta)
+        hidden = self.model(self._decode.input_ids[:rows], meta.positions, self.cache, meta)
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture_graphs(self) -> None:
+        """Captures a decode graph per batch-size bucket up to MAX_BATCH_SIZE (after warm_up)."""
+        buckets = graph_buckets(self.ctx.max_batch_size)
+        self._graphs = DecodeGraphs.capture(self._graph_step, buckets, self.ctx.device, self._prepare_graph)
+
+    def _prepare_graph(self, rows: int) -> None:
+        """Before the graph of ``rows`` rows is captured: its metadata over the persistent buffers
+        (padding rows only: what the buffers hold does not matter, their addresses do) and its
+        attention plan."""
+        meta, _ = self._decode.prepare(np.empty(0, dtype=np.int64), self._next_ids, padded_to=rows)
+        self._graph_metas[rows] = meta
+        plan_attention(self.cache, meta, graph_rows=rows)
 
     def _mixed_inputs(self, rows: list[_Row]) -> StepInputs:
         """A step with prompt chunks: its metadata built for it."""
@@ -281,27 +340,18 @@ class NativeEngine(Engine):
         if not work:
             return []
         rows = self._layout(work)
-        decode_only = all(r.seq.decoding for r in rows)
-        inputs = self._decode_inputs(rows) if decode_only else self._mixed_inputs(rows)
-        meta = inputs.meta
-        # Everything the attention backend derives per step is built before the forward pass.
-        prepare_attention(self.cache, meta)
         sampling = [r for r in rows if r.samples]
         detailed = [r for r in rows if r.seq.wants_input_details and not r.seq.decoding]
-        overrides = self._embedding_overrides(rows)
-        # Without prefixes the keyword stays out: families that take no overrides serve the rest.
-        extra = {} if overrides is None else {"embedding_overrides": overrides}
-        last_rows = None
-        if not decode_only:
-            last_rows = torch.tensor([r.end - 1 for r in sampling], dtype=torch.long, device=self.ctx.device)
-        hidden = self.model(inputs.input_ids, meta.positions, self.cache, meta, **extra)
+        bucket = self._graph_bucket(rows)
+        if bucket is not None:
+            inputs = self._decode_inputs(rows, padded_to=bucket)
+            plan_attention(self.cache, inputs.meta, graph_rows=bucket)
+            logits = sampled = self._graphs.replay(bucket)[: len(rows)]  # type: ignore[union-attr]
+        else:
+            inputs, logits, sampled = self._eager_forward(rows, sampling, detailed)
         tokens: list[GeneratedToken] = []
         choice = None
-        if detailed or sampling:
-            # Every row of a decode step samples; input-token details need every prompt position.
-            logits = self.model.compute_logits(hidden if last_rows is None or detailed else hidden[last_rows])
-        if sampling:
-            sampled = logits[last_rows] if detailed else logits
+        if sampled is not None:
             sampled_ids = [r.seq.request.id for r in sampling]
             choice = self.sampler.choose(sampled, sampled_ids, inputs.sampler_slots, inputs.host_slots)
             agree_with_rank0(choice.token_ids)
@@ -357,20 +407,25 @@ class NativeEngine(Engine):
         return model
 
     def warm_up(self) -> None:
-        """Compiled attention (FlexAttention) builds a graph per new kind of shape. Steps of each
-        kind here turn the sizes dynamic, so requests rarely wait for a compilation later."""
-        if self.cache.backend != "flex":
-            return
-        longest = self.ctx.max_sequence_length - WARM_UP_DECODE_STEPS - 1
-        for lengths in WARM_UP_PROMPT_LENGTHS:
-            self.run_synthetic([min(n, longest) for n in lengths], WARM_UP_DECODE_STEPS)
-        log.info("rank %d: attention compiled for %d kinds of step", self.tp.rank, len(WARM_UP_PROMPT_LENGTHS))
+        """Compiled attention builds kernels on first use: FlashInfer one per kind of step (its
+        JIT), FlexAttention a graph per new kind of shape. Steps of each kind here build them and
+        turn the sizes dynamic, so requests rarely wait for a compilation later. Then, on one GPU,
+        the decode steps are captured as CUDA graphs."""
+        if self.cache.backend in ("flex", "flashinfer"):
+            longest = self.ctx.max_sequence_length - WARM_UP_DECODE_STEPS - 1
+            for lengths in WARM_UP_PROMPT_LENGTHS:
+                self.run_synthetic([min(n, longest) for n in lengths], WARM_UP_DECODE_STEPS)
+            log.info("rank %d: attention compiled for %d kinds of step", self.tp.rank, len(WARM_UP_PROMPT_LENGTHS))
+        # Tensor parallel steps stay eager: their all-reduces are not captured yet.
+        if self.ctx.cuda_graphs and self.ctx.device.type == "cuda" and self.tp.world_size == 1:
+            self.capture_graphs()
 
     @torch.inference_mode()
     def health_check(self) -> None:
         device = self.ctx.device
         meta = AttentionMetadata.build([1], [1], [[SCRATCH_BLOCK]], self.block_size, device)
         ids = torch.zeros(1, dtype=torch.long, device=device)
+        plan_attention(self.cache, meta)
         hidden = self.model(ids, torch.zeros(1, dtype=torch.long, device=device), self.cache, meta)
         if not torch.isfinite(self.model.compute_logits(hidden)).all():
             raise RuntimeError("health check forward pass produced non-finite logits")
@@ -419,7 +474,7 @@ def create_engine(ctx: ShardContext) -> Engine:
         model = build(config, weights, tp)
     if getattr(config, "is_encoder_decoder", False):
         return Seq2SeqLMEngine(model, ctx, eos_token_ids(ctx.model_dir, config), engine="tgis_native")
-    backend = ctx.attention_backend or choose_backend(ctx.device, ctx.dtype, model.head_dim)
+    backend = ctx.attention_backend or choose_backend(ctx.device, ctx.dtype, model.head_dim, model.uses_alibi)
     block_size = BLOCK_SIZES[backend]
     blocks = _cache_blocks(ctx, model, block_size)
     if blocks < blocks_for(ctx.max_sequence_length, block_size):
@@ -428,7 +483,15 @@ def create_engine(ctx: ShardContext) -> Engine:
             f"{ctx.max_sequence_length}"
         )
     cache = PagedKVCache(
-        model.num_layers, blocks + 1, block_size, model.num_kv_heads, model.head_dim, ctx.dtype, ctx.device, backend
+        model.num_layers,
+        blocks + 1,
+        block_size,
+        model.num_kv_heads,
+        model.head_dim,
+        ctx.dtype,
+        ctx.device,
+        backend,
+        num_heads=model.num_heads,
     )
     log.info(
         "rank %d/%d: %s KV cache of %d blocks × %d tokens (%s attention)",

@@ -14,6 +14,8 @@ created for one backend, which fixes its block size; all backends give the same 
   kernel, added in 2.6).
 - ``"flex"``: FlexAttention's compiled kernel reading the cache in place through a block mask
   (``flex_paged``): the fused path on any CUDA GPU without flash-attn.
+- ``"flashinfer"``: FlashInfer's paged kernels (``flashinfer_paged``), where installed: the GPU
+  path for models without ALiBi; it plans each step on the host (``plan_attention``).
 - ``"torch"``: plain torch (CPU): gathers each sequence's blocks into a padded batch and runs
   ``scaled_dot_product_attention`` with an explicit mask.
 
@@ -28,15 +30,20 @@ import math
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from tgis_shard.layers.flashinfer_paged import FlashInferPlanner
 
 # Tokens per cache block each backend is run with. flash-attn pages KV only in multiples of 256
 # (csrc/flash_api.cpp); FlexAttention visits whole blocks, and 128 is its kernels' key tile; the
 # torch path gathers blocks, so small ones waste the least.
-BLOCK_SIZES = {"flash": 256, "flex": 128, "torch": 16}
+# FlashInfer pages at any size; 16 is what its decode kernels are tuned for.
+BLOCK_SIZES = {"flash": 256, "flashinfer": 16, "flex": 128, "torch": 16}
 # Both fused kernels stop at this head size and want multiples of 8.
 FUSED_MAX_HEAD_DIM = 256
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -69,7 +76,9 @@ class PagedKVCache:
         dtype: torch.dtype,
         device: torch.device | str,
         backend: str = "torch",
+        num_heads: int | None = None,
     ) -> None:
+        """``num_heads``: query heads per layer (on this rank), which the flashinfer backend plans with."""
         if backend not in BLOCK_SIZES:
             raise ValueError(f"unknown attention backend {backend!r}; one of {sorted(BLOCK_SIZES)}")
         if backend == "flash" and block_size % BLOCK_SIZES["flash"] != 0:
@@ -85,12 +94,35 @@ class PagedKVCache:
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.planner: FlashInferPlanner | None = None
+        if backend == "flashinfer":
+            if num_heads is None:
+                raise ValueError("the flashinfer backend needs the number of query heads")
+            from tgis_shard.layers.flashinfer_paged import FlashInferPlanner
+
+            self.planner = FlashInferPlanner(
+                num_heads, num_kv_heads, head_dim, block_size, num_blocks, dtype, self.device
+            )
 
     def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> None:
         """Writes this step's ``[T, kv_heads, head_dim]`` keys and values at ``slots`` ``[T]``."""
         flat = (-1, self.num_kv_heads, self.head_dim)
         self.keys[layer].view(flat).index_copy_(0, slots, keys)
         self.values[layer].view(flat).index_copy_(0, slots, values)
+
+
+@dataclass(frozen=True)
+class HostLayout:
+    """A step's layout as host arrays, for a backend that plans on the CPU (FlashInfer) without
+    waiting for the device. Valid until the next step is prepared (the arrays may be views of
+    reused staging buffers)."""
+
+    cu_seqlens_q: np.ndarray
+    """[B+1]: query tokens of sequence b are rows cu_seqlens_q[b]:cu_seqlens_q[b+1]."""
+    context_lens: np.ndarray
+    """[B]: tokens in the cache per sequence, this step's included."""
+    block_tables: np.ndarray
+    """[B, width]: each sequence's blocks, at least as many as its context needs."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +145,7 @@ class AttentionMetadata:
     """[T] int64: each token's row in the padded [B * max_q] query layout of the torch backend."""
     cu_seqlens_k: torch.Tensor
     """[B+1] int32: cumulative context_lens, as flash-attn's varlen kernel wants them."""
+    host: HostLayout | None = field(default=None, compare=False)
     _derived: dict[Hashable, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
@@ -188,6 +221,7 @@ class AttentionMetadata:
             positions=positions.to(device),
             query_rows=(seq_of_token * max_q + index_in_query).to(device),
             cu_seqlens_k=F.pad(ctx_lens.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32),
+            host=HostLayout(cu_q.numpy(), ctx_lens.numpy(), tables.numpy()),
         )
 
 
@@ -223,14 +257,30 @@ def _flex_available() -> bool:
     return True
 
 
-def choose_backend(device: torch.device | str, dtype: torch.dtype, head_dim: int) -> str:
-    """The fastest backend that runs here: flash-attn, else FlexAttention on CUDA, else torch."""
+def choose_backend(device: torch.device | str, dtype: torch.dtype, head_dim: int, alibi: bool = False) -> str:
+    """The fastest backend that runs here: flash-attn, else FlashInfer (without ALiBi), else
+    FlexAttention on CUDA, else torch."""
     fused = torch.device(device).type == "cuda" and head_dim % 8 == 0 and 16 <= head_dim <= FUSED_MAX_HEAD_DIM
     if fused and dtype in _HALF_DTYPES and _flash_attn() is not None:
         return "flash"
+    if fused and dtype in _HALF_DTYPES and not alibi and _flashinfer_serves(head_dim):
+        return "flashinfer"
     if fused and _flex_available():
         return "flex"
     return "torch"
+
+
+def _flashinfer_serves(head_dim: int) -> bool:
+    from tgis_shard.layers.flashinfer_paged import HEAD_DIMS, flashinfer_available
+
+    return head_dim in HEAD_DIMS and flashinfer_available()
+
+
+def plan_attention(cache: PagedKVCache, meta: AttentionMetadata, graph_rows: int | None = None) -> None:
+    """The host's share of a step's attention, outside any CUDA graph and before the forward pass
+    (or the replay of the decode graph of ``graph_rows`` rows): FlashInfer's plan."""
+    if cache.planner is not None:
+        cache.planner.plan(meta, graph_rows)
 
 
 def prepare_attention(cache: PagedKVCache, meta: AttentionMetadata) -> None:
@@ -265,6 +315,13 @@ def paged_attention(
     if heads % cache.num_kv_heads != 0:
         raise ValueError(f"{heads} query heads are not a multiple of {cache.num_kv_heads} kv heads")
     name = backend or cache.backend
+    if name == "flashinfer":
+        # Runs the plan made for this step, which lives with the cache (plan_attention).
+        if cache.planner is None:
+            raise ValueError("the flashinfer backend runs on a cache created for it")
+        if alibi_slopes is not None or sliding_window is not None:
+            raise ValueError("the flashinfer backend serves neither ALiBi nor sliding windows")
+        return cache.planner.attend(query, cache.keys[layer], cache.values[layer], scale)
     attend = _backends().get(name)
     if attend is None:
         raise ValueError(f"unknown attention backend {name!r}")

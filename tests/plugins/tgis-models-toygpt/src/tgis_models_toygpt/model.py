@@ -65,8 +65,9 @@ class GPT2(nn.Module):
         self.ln_f = LayerNorm.load(weights, f"{root}ln_f", config.layer_norm_epsilon)
         self.lm_head = ParallelLMHead.tied(self.wte, config.vocab_size)
         self.num_layers = config.n_layer
-        self.num_kv_heads = self.blocks[0].heads
+        self.num_heads = self.num_kv_heads = self.blocks[0].heads
         self.head_dim = self.blocks[0].head_dim
+        self.uses_alibi = False
 
     def forward(self, input_ids, positions, cache, meta):
         hidden = self.wte(input_ids) + self.wpe[positions]

@@ -1,0 +1,96 @@
+"""Decode steps replayed from CUDA graphs: one launch per step instead of one per kernel.
+
+Eagerly, a decode step of a 32-layer model issues over a thousand kernel launches, each with
+Python and dispatcher work in front of it; at small batches the GPU waits on that host work. A
+decode step is the same sequence of kernels every time for a given number of rows, over inputs
+that live in persistent buffers (``DecodeInputs``), so it is captured once per batch-size bucket
+and replayed: a step pads up to the smallest bucket that holds it.
+
+A graph holds the attention backend's per-step preparation (FlexAttention's block mask), every
+layer, the final norm and the LM head. Sampling stays outside, on the rows that are real:
+its work depends on each request's parameters. Prompt chunks and steps mixing them with
+decodes run eagerly (their shapes vary with every prompt).
+
+The graphs share one memory pool, captured largest first: their activations and logits reuse
+the same memory, which is safe because one step's logits are sampled before the next replay.
+They are captured after the KV cache is allocated, from the memory it leaves; the memory model
+measures what is free after the capture, so the graphs are counted in the prefill cap.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Eager runs of each bucket before its capture: compiled kernels are built and the allocator
+# warmed outside the graph, as capture allows neither.
+WARM_RUNS = 2
+
+
+def graph_buckets(max_rows: int) -> list[int]:
+    """Batch sizes to capture: 1, 2, 4, then every multiple of 8, and ``max_rows`` itself; a step
+    pads to at most 7 rows more than it has."""
+    return sorted({*(b for b in (1, 2, 4) if b < max_rows), *range(8, max_rows, 8), max_rows})
+
+
+class DecodeGraphs:
+    """One captured decode step per bucket; ``replay`` returns the bucket's logits buffer."""
+
+    def __init__(self, graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]]):
+        self._graphs = graphs
+        self.buckets = sorted(graphs)
+
+    @classmethod
+    def capture(
+        cls,
+        step: Callable[[int], torch.Tensor],
+        buckets: Sequence[int],
+        device: torch.device,
+        plan: Callable[[int], None] = lambda rows: None,
+    ) -> DecodeGraphs:
+        """``step(rows)`` runs a decode step of that many rows over the persistent buffers and
+        returns its logits ``[rows, vocab]``; ``plan(rows)`` does the host work a step of that
+        many rows needs first (outside the graph: the caller repeats it before every replay)."""
+        started = time.monotonic()
+        reserved = torch.cuda.memory_reserved(device)
+        graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        pool = None
+        for rows in sorted(buckets, reverse=True):
+            plan(rows)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(WARM_RUNS):
+                    step(rows)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = step(rows)
+            pool = graph.pool()
+            graphs[rows] = (graph, logits)
+        torch.cuda.synchronize(device)
+        log.info(
+            "captured %d decode graphs (batch sizes %d-%d) in %.1f s, holding %.0f MiB",
+            len(graphs),
+            min(graphs),
+            max(graphs),
+            time.monotonic() - started,
+            (torch.cuda.memory_reserved(device) - reserved) / 2**20,
+        )
+        return cls(graphs)
+
+    def bucket_for(self, rows: int) -> int | None:
+        """The smallest captured batch size holding ``rows``; None when none does."""
+        index = bisect.bisect_left(self.buckets, rows)
+        return self.buckets[index] if index < len(self.buckets) else None
+
+    def replay(self, bucket: int) -> torch.Tensor:
+        graph, logits = self._graphs[bucket]
+        graph.replay()
+        return logits

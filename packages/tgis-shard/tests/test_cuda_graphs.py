@@ -1,0 +1,93 @@
+"""tgis_native's decode steps replayed from CUDA graphs give the eager engine's tokens and
+logprobs, and transformers' greedy tokens, while requests join and leave (the batch moves
+between graph sizes, padded). Skips without CUDA; bench/gpu_checks.sh runs it on the device."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from tests.support.engines import native_engine, start_then_join
+from tests.support.ports import free_port
+from tests.support.tiny_models import build_tiny_causal_lm
+from tgis_shard.engines.cuda_graphs import graph_buckets
+from tgis_shard.layers.flashinfer_paged import flashinfer_available
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+# A padded graph batch multiplies other matrix shapes than the eager step, so sums may round
+# differently: far below this in float32, at bfloat16's resolution in bfloat16.
+LOGPROB_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2}
+NEEDS_FLASHINFER = pytest.mark.skipif(not flashinfer_available(), reason="needs flashinfer")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    # Heads of 128: what FlashInfer is compiled for in the attention tests too.
+    shape = {"hidden_size": 256, "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1}
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("llama-graphs"), arch="llama", seed=4, **shape)
+
+
+def test_buckets_hold_every_batch_size_with_at_most_seven_rows_of_padding():
+    assert graph_buckets(1) == [1]
+    assert graph_buckets(12) == [1, 2, 4, 8, 12]
+    buckets = graph_buckets(256)
+    assert buckets[:5] == [1, 2, 4, 8, 16]
+    assert buckets[-1] == 256
+    assert all(b - a <= 8 for a, b in itertools.pairwise(buckets))
+
+
+def _decode_tokens(model_dir, prompt_ids, backend: str, dtype: torch.dtype, graphs: bool):
+    """Every token of three rows (one row of padding in the 4-row graph), then two, then one;
+    the outputs; the graph sizes replayed."""
+    device = torch.device("cuda", 0)
+    engine = native_engine(
+        0, 1, free_port(), model_dir, dtype, device=device, attention_backend=backend, cuda_graphs=graphs
+    )
+    engine.warm_up()
+    replayed: list[int] = []
+    if graphs:
+        assert engine._graphs is not None
+        assert engine._graphs.buckets == [1, 2, 4, 8]
+        replay = engine._graphs.replay
+
+        def counted(bucket: int) -> torch.Tensor:
+            replayed.append(bucket)
+            return replay(bucket)
+
+        engine._graphs.replay = counted
+    else:
+        assert engine._graphs is None
+    driver = start_then_join(engine, prompt_ids, logprobs=True)
+    tokens = []
+    for leaving in (2, 0, None):
+        for _ in range(3):
+            tokens += [(t.request_id, t.token_id, t.logprob) for t in driver.step()]
+        if leaving is not None:
+            driver.leave(leaving)
+    return tokens, driver.outputs, replayed
+
+
+@pytest.mark.parametrize(
+    ("backend", "dtype"),
+    [
+        ("flex", torch.float32),
+        ("torch", torch.float32),
+        pytest.param("flashinfer", torch.bfloat16, marks=NEEDS_FLASHINFER),  # FlashInfer runs half precision
+    ],
+)
+def test_graph_replays_equal_eager_steps_and_transformers(model_dir, prompt_ids, expected, backend, dtype):
+    graph_tokens, outputs, replayed = _decode_tokens(model_dir, prompt_ids, backend, dtype, graphs=True)
+    eager_tokens, _, _ = _decode_tokens(model_dir, prompt_ids, backend, dtype, graphs=False)
+    assert set(replayed) == {1, 2, 4}
+    assert [t[:2] for t in graph_tokens] == [t[:2] for t in eager_tokens]
+    tolerance = LOGPROB_TOLERANCE[dtype]
+    assert [t[2] for t in graph_tokens] == pytest.approx([t[2] for t in eager_tokens], abs=tolerance)
+    if dtype != torch.float32:
+        return  # transformers' float32 tokens are compared where rounding cannot flip a near tie
+    for rid in (0, 1, 2):
+        overlap = min(len(outputs[rid]), len(expected[rid]))
+        assert overlap >= 4
+        assert outputs[rid][:overlap] == expected[rid][:overlap]
