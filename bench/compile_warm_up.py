@@ -44,8 +44,9 @@ def main() -> None:
     driver = StepDriver(engine)
     next_id = 0
     for _ in range(STEPS):
-        if not driver.prompt_length or rng.random() < 0.3:
-            for _ in range(rng.randint(1, 6 - len(driver.prompt_length))):
+        room = 6 - len(driver.prompt_length)
+        if room and (not driver.prompt_length or rng.random() < 0.3):
+            for _ in range(rng.randint(1, room)):
                 next_id += 1
                 driver.join(request(next_id, [rng.randrange(100) for _ in range(rng.randint(1, 240))], 16))
         driver.step()

@@ -160,6 +160,7 @@ def native_engine(
     attention_backend: str | None = None,
     prefix_store_path: Path | None = None,
     cuda_graphs: bool = True,
+    pt2_compile: bool = False,
 ) -> Engine:
     """The tgis_native engine as one rank of ``world_size`` (process group on ``port``)."""
     from tgis_shard.engines.tgis_native import create_engine as create_native_engine
@@ -179,6 +180,7 @@ def native_engine(
         attention_backend=attention_backend,
         prefix_store_path=prefix_store_path,
         cuda_graphs=cuda_graphs,
+        pt2_compile=pt2_compile,
     )
     return create_native_engine(ctx)
 

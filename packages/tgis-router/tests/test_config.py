@@ -3,7 +3,7 @@
 import pytest
 
 from tgis_router.config import ConfigError, num_shards, parse_config
-from tgis_router.launcher import _child_env, clamp_max_new_tokens, not_yet_supported
+from tgis_router.launcher import _child_env, clamp_max_new_tokens, shard_serve_args
 
 
 def test_defaults_match_tgis():
@@ -65,12 +65,15 @@ def test_shards_inherit_the_log_format_and_level(value, expected):
     assert env["LOG_LEVEL"] == config.log_level
 
 
-def test_accepted_but_unsupported_tgis_options_are_named_at_start():
-    assert not_yet_supported(parse_config([], environ={})) == []
-    config = parse_config([], environ={"PT2_COMPILE": "true", "PREFIX_STORE_PATH": "/prefixes"})
-    warnings = not_yet_supported(config)
-    # Prompt prefixes are served now; PT2_COMPILE is still only accepted.
-    assert [w.split()[0] for w in warnings] == ["PT2_COMPILE"]
+def test_engine_options_reach_every_shard_s_serve_command():
+    plain = shard_serve_args(parse_config([], environ={}), "/model", 256, rank=1)
+    assert "--pt2-compile" not in plain
+    assert "--no-cuda-graphs" not in plain
+    assert plain[plain.index("--uds-path") + 1].endswith("-1")
+    environ = {"PT2_COMPILE": "true", "CUDA_GRAPHS": "false", "KV_CACHE_MANAGER_NUM_GPU_BLOCKS": "64"}
+    args = shard_serve_args(parse_config([], environ=environ), "/model", 256, rank=0)
+    assert {"--pt2-compile", "--no-cuda-graphs"} <= set(args)
+    assert args[args.index("--kv-cache-blocks") + 1] == "64"
 
 
 def test_max_new_tokens_is_clamped_below_the_sequence_length_as_tgis_does():

@@ -71,3 +71,18 @@ def test_logs_are_json_lines_when_the_launcher_asks(capsys, monkeypatch):
     logging.getLogger("tgis_shard").info("rank %d ready", 1)
     (line,) = capsys.readouterr().err.splitlines()
     assert json.loads(line)["message"] == "rank 1 ready"
+
+
+@pytest.mark.parametrize(("engine", "compiles"), [("tgis_native", True), ("hf_transformers", False)])
+def test_serve_hands_pt2_compile_to_the_engine_and_says_when_it_runs_eagerly(
+    model_dir, monkeypatch, capsys, tmp_path, engine, compiles
+):
+    served = []
+    monkeypatch.setattr("tgis_shard.server.serve", lambda engine, uds_path: served.append(engine))
+    args = ["serve", str(model_dir), "--uds-path", str(tmp_path / "shard.sock"), "--deployment-framework", engine]
+    assert main([*args, "--pt2-compile", "--estimate-memory", "off", "--cache-dir", str(tmp_path)]) == 0
+    (shard,) = served
+    assert shard.ctx.pt2_compile
+    assert shard.pt2_compile is compiles
+    refusal = f"PT2_COMPILE: the {engine} engine does not compile its model; it runs eagerly"
+    assert (refusal in capsys.readouterr().err) is not compiles  # main() logs to stderr

@@ -168,7 +168,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("default_include_stop_seqs", _bool, "include the matched stop sequence in text by default"),
     Option("prefix_store_path", str, "folder of prompt prefixes (PEFT prompt tuning)"),
     Option("prompt_cache_size_mb", _positive_int, "memory for cached prompt prefixes"),
-    Option("pt2_compile", _bool, "compile the model with torch.compile"),
+    Option("pt2_compile", _bool, "run the model's forward pass through torch.compile (tgis_native)"),
     Option("cuda_graphs", _bool, "replay decode steps from CUDA graphs (tgis_native on one GPU)"),
     Option("estimate_memory", str, "auto, manual or off"),
     Option("tgis_plugins", str, "comma-separated allow-list of installed plugins to load"),

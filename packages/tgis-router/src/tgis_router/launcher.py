@@ -148,38 +148,46 @@ def _child_env(config: LauncherConfig, **extra: str) -> dict[str, str]:
     return env
 
 
+def shard_serve_args(config: LauncherConfig, model_dir: str, max_sequence_length: int, rank: int) -> list[str]:
+    """``text-generation-server serve`` arguments of one rank, from the launcher's options."""
+    args = [
+        "serve",
+        model_dir,
+        "--deployment-framework",
+        str(config.deployment_framework),
+        "--uds-path",
+        f"{config.shard_uds_path}-{rank}",
+        "--max-sequence-length",
+        str(max_sequence_length),
+        "--max-batch-size",
+        str(config.max_batch_size),
+        "--estimate-memory",
+        config.estimate_memory,
+        "--batch-safety-margin",
+        str(config.batch_safety_margin),
+        "--prompt-cache-size-mb",
+        str(config.prompt_cache_size_mb),
+    ]
+    if config.dtype_str:
+        args += ["--dtype-str", config.dtype_str]
+    if config.prefix_store_path:
+        args += ["--prefix-store-path", config.prefix_store_path]
+    if config.kv_cache_manager_num_gpu_blocks:
+        args += ["--kv-cache-blocks", str(config.kv_cache_manager_num_gpu_blocks)]
+    if not config.cuda_graphs:
+        args.append("--no-cuda-graphs")
+    if config.pt2_compile:
+        args.append("--pt2-compile")
+    return args
+
+
 async def _start_shards(
     config: LauncherConfig, model_dir: str, max_sequence_length: int
 ) -> list[asyncio.subprocess.Process]:
     world_size = num_shards(config)
     processes = []
     for rank in range(world_size):
-        args = [
-            *_server_command(),
-            "serve",
-            model_dir,
-            "--deployment-framework",
-            str(config.deployment_framework),
-            "--uds-path",
-            f"{config.shard_uds_path}-{rank}",
-            "--max-sequence-length",
-            str(max_sequence_length),
-            "--max-batch-size",
-            str(config.max_batch_size),
-            "--estimate-memory",
-            config.estimate_memory,
-            "--batch-safety-margin",
-            str(config.batch_safety_margin),
-        ]
-        if config.dtype_str:
-            args += ["--dtype-str", config.dtype_str]
-        if config.prefix_store_path:
-            args += ["--prefix-store-path", config.prefix_store_path]
-        if config.kv_cache_manager_num_gpu_blocks:
-            args += ["--kv-cache-blocks", str(config.kv_cache_manager_num_gpu_blocks)]
-        args += ["--prompt-cache-size-mb", str(config.prompt_cache_size_mb)]
-        if not config.cuda_graphs:
-            args.append("--no-cuda-graphs")
+        args = [*_server_command(), *shard_serve_args(config, model_dir, max_sequence_length, rank)]
         env = _child_env(
             config,
             RANK=str(rank),
@@ -287,14 +295,6 @@ async def _launch(config: LauncherConfig) -> int:
         await shards.close()
 
 
-def not_yet_supported(config: LauncherConfig) -> list[str]:
-    """TGIS options this build accepts, so existing deployments start, but does not act on yet."""
-    warnings = []
-    if config.pt2_compile:
-        warnings.append("PT2_COMPILE is not supported yet: models run eagerly (tgis_native still compiles attention)")
-    return warnings
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = parse_config(argv)
@@ -302,8 +302,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"text-generation-launcher: error: {e}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, config.json_output)
-    for warning in not_yet_supported(config):
-        log.warning(warning)
     try:
         return asyncio.run(_launch(config))
     except LaunchError as e:

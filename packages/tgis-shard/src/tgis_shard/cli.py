@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="run tgis_native's decode steps eagerly instead of replaying CUDA graphs",
     )
+    serve.add_argument(
+        "--pt2-compile", action="store_true", help="run the model's forward pass through torch.compile (tgis_native)"
+    )
 
     sub.add_parser("plugins", help="list installed plugins, engines and model families")
 
@@ -127,6 +130,7 @@ def _serve(args: argparse.Namespace) -> None:
         prompt_cache_size_mb=args.prompt_cache_size_mb,
         kv_cache_blocks=args.kv_cache_blocks,
         cuda_graphs=args.cuda_graphs,
+        pt2_compile=args.pt2_compile,
         cache_dir=args.cache_dir,
     )
     from tgis_proto.plugins import resolve
@@ -134,6 +138,8 @@ def _serve(args: argparse.Namespace) -> None:
     create_engine = resolve(registry.engine(args.deployment_framework).target)
     engine = create_engine(ctx)
     log.info("rank %d/%d: %s loaded on %s as %s", rank, world_size, model_dir, device, dtype_name)
+    if ctx.pt2_compile and not engine.pt2_compile:
+        log.warning("PT2_COMPILE: the %s engine does not compile its model; it runs eagerly", args.deployment_framework)
     serve(engine, args.uds_path)
 
 

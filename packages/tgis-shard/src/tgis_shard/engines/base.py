@@ -50,6 +50,8 @@ class ShardContext:
     """Where converted files live (``text-generation-server --cache-dir``): ONNX exports among them."""
     cuda_graphs: bool = True
     """tgis_native on one GPU replays decode steps from CUDA graphs (CUDA_GRAPHS)."""
+    pt2_compile: bool = False
+    """The model's forward pass runs through torch.compile (PT2_COMPILE), on engines that can."""
 
     def prefix_store(self, width: int, encoder_decoder: bool = False) -> PrefixStore:
         """Prompt prefixes for a model whose embeddings are ``width`` wide."""
@@ -105,6 +107,9 @@ class Engine(ABC):
     ctx: ShardContext
     chunked_prefill: ClassVar[bool] = False
     """The engine takes a prompt over several steps; otherwise each prompt is scheduled whole."""
+    pt2_compile: ClassVar[bool] = False
+    """The engine compiles its model with torch.compile when PT2_COMPILE asks; otherwise it runs
+    eagerly and the shard says so."""
 
     @abstractmethod
     def info(self) -> pb.InfoResponse: ...

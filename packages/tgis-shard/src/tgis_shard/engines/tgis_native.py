@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import accumulate
@@ -50,6 +51,7 @@ from tgis_shard.layers.paged_attention import (
     prepare_attention,
 )
 from tgis_shard.prefixes import PrefixesUnsupportedError, PromptPrefix
+from tgis_shard.pt2 import compile_dynamic
 from tgis_shard.sampler import GeneratedToken, Sampler
 from tgis_shard.weights import Weights
 
@@ -137,6 +139,7 @@ class _Row:
 
 class NativeEngine(Engine):
     chunked_prefill = True
+    pt2_compile = True
 
     def __init__(
         self,
@@ -163,7 +166,12 @@ class NativeEngine(Engine):
         # the device so that a step never waits for the previous one's tokens to reach the host.
         self._next_ids = torch.zeros(capacity, dtype=torch.long, device=ctx.device)
         max_blocks = blocks_for(ctx.max_sequence_length, self.block_size) + 1
-        self._decode = DecodeInputs(capacity, max_blocks, self.block_size, ctx.device, SCRATCH_BLOCK)
+        # Inference tensors, as the ones a step builds: compiled code guards on the difference.
+        with torch.inference_mode():
+            self._decode = DecodeInputs(capacity, max_blocks, self.block_size, ctx.device, SCRATCH_BLOCK)
+        # PT2_COMPILE: the forward pass and the LM head through torch.compile; warm_up compiles them.
+        self._forward = compile_dynamic(model.forward) if ctx.pt2_compile else model.forward
+        self._compute_logits = compile_dynamic(model.compute_logits) if ctx.pt2_compile else model.compute_logits
         self._graphs: DecodeGraphs | None = None  # captured by warm_up on one GPU
         self._graph_metas: dict[int, AttentionMetadata] = {}
         self._seqs: dict[int, _Sequence] = {}
@@ -281,17 +289,17 @@ class NativeEngine(Engine):
         overrides = self._embedding_overrides(rows)
         # Without prefixes the keyword stays out: families that take no overrides serve the rest.
         extra = {} if overrides is None else {"embedding_overrides": overrides}
-        hidden = self.model(inputs.input_ids, meta.positions, self.cache, meta, **extra)
+        hidden = self._forward(inputs.input_ids, meta.positions, self.cache, meta, **extra)
         if decode_only:  # every row samples
-            logits = self.model.compute_logits(hidden)
+            logits = self._compute_logits(hidden)
             return inputs, logits, logits
         last_rows = torch.tensor([r.end - 1 for r in sampling], dtype=torch.long, device=self.ctx.device)
         if detailed:  # input-token details need every prompt position
-            logits = self.model.compute_logits(hidden)
+            logits = self._compute_logits(hidden)
             return inputs, logits, logits[last_rows] if sampling else None
         if not sampling:
             return inputs, None, None
-        logits = self.model.compute_logits(hidden[last_rows])
+        logits = self._compute_logits(hidden[last_rows])
         return inputs, logits, logits
 
     def _graph_bucket(self, rows: list[_Row]) -> int | None:
@@ -305,8 +313,8 @@ class NativeEngine(Engine):
         the attention backend's preparation to the logits. Its metadata was built before."""
         meta = replace(self._graph_metas[rows])  # derived tensors are made inside the graph
         prepare_attention(self.cache, meta)
-        hidden = self.model(self._decode.input_ids[:rows], meta.positions, self.cache, meta)
-        return self.model.compute_logits(hidden)
+        hidden = self._forward(self._decode.input_ids[:rows], meta.positions, self.cache, meta)
+        return self._compute_logits(hidden)
 
     @torch.inference_mode()
     def capture_graphs(self) -> None:
@@ -407,15 +415,21 @@ class NativeEngine(Engine):
         return model
 
     def warm_up(self) -> None:
-        """Compiled attention builds kernels on first use: FlashInfer one per kind of step (its
-        JIT), FlexAttention a graph per new kind of shape. Steps of each kind here build them and
-        turn the sizes dynamic, so requests rarely wait for a compilation later. Then, on one GPU,
-        the decode steps are captured as CUDA graphs."""
-        if self.cache.backend in ("flex", "flashinfer"):
+        """Compiled code is built on first use: FlashInfer's kernels one per kind of step (its JIT),
+        FlexAttention a graph per new kind of shape, PT2_COMPILE the forward pass. Steps of each
+        kind here build them and turn the sizes dynamic, so requests rarely wait for a
+        compilation later. Then, on one GPU, the decode steps are captured as CUDA graphs."""
+        if self.cache.backend in ("flex", "flashinfer") or self.ctx.pt2_compile:
+            started = time.monotonic()
             longest = self.ctx.max_sequence_length - WARM_UP_DECODE_STEPS - 1
             for lengths in WARM_UP_PROMPT_LENGTHS:
                 self.run_synthetic([min(n, longest) for n in lengths], WARM_UP_DECODE_STEPS)
-            log.info("rank %d: attention compiled for %d kinds of step", self.tp.rank, len(WARM_UP_PROMPT_LENGTHS))
+            log.info(
+                "rank %d: %d kinds of step compiled in %.1f s",
+                self.tp.rank,
+                len(WARM_UP_PROMPT_LENGTHS),
+                time.monotonic() - started,
+            )
         # Tensor parallel steps stay eager: their all-reduces are not captured yet.
         if self.ctx.cuda_graphs and self.ctx.device.type == "cuda" and self.tp.world_size == 1:
             self.capture_graphs()
@@ -426,8 +440,8 @@ class NativeEngine(Engine):
         meta = AttentionMetadata.build([1], [1], [[SCRATCH_BLOCK]], self.block_size, device)
         ids = torch.zeros(1, dtype=torch.long, device=device)
         plan_attention(self.cache, meta)
-        hidden = self.model(ids, torch.zeros(1, dtype=torch.long, device=device), self.cache, meta)
-        if not torch.isfinite(self.model.compute_logits(hidden)).all():
+        hidden = self._forward(ids, torch.zeros(1, dtype=torch.long, device=device), self.cache, meta)
+        if not torch.isfinite(self._compute_logits(hidden)).all():
             raise RuntimeError("health check forward pass produced non-finite logits")
 
 

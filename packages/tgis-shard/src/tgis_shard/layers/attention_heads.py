@@ -50,6 +50,21 @@ class AttentionHeads:
         ``[tokens, heads × head_dim]``, ready for the row-parallel output projection."""
         if rotary is not None:
             q, k = RotaryEmbedding.apply(q, *rotary), RotaryEmbedding.apply(k, *rotary)
-        cache.store(self.layer, k, v, meta.slots)
-        out = paged_attention(q, cache, self.layer, meta, self.scale, alibi_slopes=alibi_slopes)
+        out = self._store_and_attend(q, k, v, cache, meta, alibi_slopes)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    # Outside torch.compile (PT2_COMPILE): the attention kernels are compiled or hand-written
+    # already, and the step's metadata (sizes, strides, block tables) would make compiled code
+    # guard on every new kind of step. The layers around it see only [tokens, ...] tensors.
+    @torch.compiler.disable
+    def _store_and_attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache: PagedKVCache,
+        meta: AttentionMetadata,
+        alibi_slopes: torch.Tensor | None,
+    ) -> torch.Tensor:
+        cache.store(self.layer, k, v, meta.slots)
+        return paged_attention(q, cache, self.layer, meta, self.scale, alibi_slopes=alibi_slopes)

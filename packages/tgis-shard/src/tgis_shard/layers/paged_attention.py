@@ -111,7 +111,7 @@ class PagedKVCache:
         self.values[layer].view(flat).index_copy_(0, slots, values)
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class HostLayout:
     """A step's layout as host arrays, for a backend that plans on the CPU (FlashInfer) without
     waiting for the device. Valid until the next step is prepared (the arrays may be views of
@@ -125,9 +125,12 @@ class HostLayout:
     """[B, width]: each sequence's blocks, at least as many as its context needs."""
 
 
-@dataclass(frozen=True)
+# Not frozen: torch.compile (PT2_COMPILE) wraps a frozen dataclass passed to compiled code field
+# by field, guarding on every tensor and array in it; a plain one it passes through untouched.
+@dataclass(eq=False)
 class AttentionMetadata:
-    """Where each sequence of a step sits in the ragged batch and in the cache; shared by all layers."""
+    """Where each sequence of a step sits in the ragged batch and in the cache; shared by all layers.
+    Treated as read-only once built."""
 
     cu_seqlens_q: torch.Tensor
     """[B+1] int32: query tokens of sequence b are rows cu_seqlens_q[b]:cu_seqlens_q[b+1]."""

@@ -1,0 +1,64 @@
+"""PT2_COMPILE on tgis_native: the compiled forward pass gives the eager engine's tokens and
+logprobs through a random serving mix (requests joining and leaving, prompt chunks beside
+decodes, one-row and many-row steps, contexts within one block and over several), and once the
+warm-up ran, that mix compiles nothing new."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from torch._dynamo.utils import counters
+
+from tests.support.engines import StepDriver, native_engine, request
+from tests.support.ports import free_port
+from tests.support.tiny_models import build_tiny_causal_lm
+from tgis_shard.engines.base import Engine
+
+STEPS = 60
+# The compiled pass fuses and reorders float32 arithmetic: sums round differently, far below this.
+LOGPROB_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("llama-pt2"), arch="llama", seed=6)
+
+
+def _compiled_graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def _serve_mix(engine: Engine, seed: int) -> list[tuple[int, int, float]]:
+    """Every token of a random mix of requests, as (request, token, logprob)."""
+    rng = random.Random(seed)
+    driver = StepDriver(engine, chunk=24)
+    left: dict[int, int] = {}  # tokens each running request still makes
+    tokens = []
+    for rid in range(STEPS):
+        if not left or (len(left) < 6 and rng.random() < 0.4):
+            length = rng.choice([1, rng.randint(2, 20), rng.randint(30, 90)])
+            left[rid] = rng.randint(1, 10)
+            prompt = [rng.randint(3, 120) for _ in range(length)]
+            driver.join(request(rid, prompt, left[rid], logprobs=True))
+        for token in driver.step():
+            tokens.append((token.request_id, token.token_id, token.logprob))
+            left[token.request_id] -= 1
+            if not left[token.request_id]:
+                del left[token.request_id]
+                driver.leave(token.request_id)
+    return tokens
+
+
+def test_compiled_forward_equals_eager_and_compiles_nothing_after_the_warm_up(model_dir):
+    compiled = native_engine(0, 1, free_port(), model_dir, pt2_compile=True)
+    before = _compiled_graphs()
+    compiled.warm_up()
+    after_warm_up = _compiled_graphs()
+    assert after_warm_up > before
+    tokens = _serve_mix(compiled, seed=3)
+    assert _compiled_graphs() == after_warm_up
+    expected = _serve_mix(native_engine(0, 1, free_port(), model_dir), seed=3)
+    assert len(tokens) > STEPS / 2
+    assert [t[:2] for t in tokens] == [t[:2] for t in expected]
+    assert [t[2] for t in tokens] == pytest.approx([t[2] for t in expected], abs=LOGPROB_TOLERANCE)
