@@ -14,7 +14,7 @@
 # FlashInfer JIT-compiles its kernels into .fi-cache/ (FLASHINFER_WORKSPACE_BASE); the compiled
 # ones come back as $OUT/fi-cache.tgz: unpacked here and carried (`carry: [".whl", ".fi-cache"]`),
 # the next call skips the compilation.
-# Then on the device: bash bench/gpu_checks.sh [tests|serving]   (both by default; results land in
+# Then on the device: bash bench/gpu_checks.sh [tests|serving [serving.py options]]   (both by default; results land in
 # $OUT). Each stage fits one call's 10 minutes on its own.
 set -uo pipefail
 stage=${1:-all}
@@ -33,6 +33,9 @@ if [[ $stage != serving ]]; then
   packages/tgis-shard/tests/test_memory_gpu.py packages/tgis-shard/tests/test_cuda_graphs.py 2>&1 | tail -40 | tee "$out/gpu-tests.log"
   python3 bench/compile_warm_up.py 2>&1 | tail -5 | tee "$out/compile-warm-up.log"
 fi
-[[ $stage == tests ]] || python3 bench/serving.py --shape 8b --concurrency 1 8 32 128 --record "$out/serving.md" 2>&1 | tail -20 \
-  | tee "$out/serving.log"
+# serving: the table; anything after the stage goes to serving.py instead (e.g. --pt2-compile).
+serving_args=("${@:2}")
+[[ ${#serving_args[@]} -gt 0 ]] || serving_args=(--concurrency 1 8 32 128)
+[[ $stage == tests ]] || python3 bench/serving.py --shape 8b "${serving_args[@]}" --record "$out/serving.md" 2>&1 \
+  | tail -20 | tee "$out/serving.log"
 tar -czf "$out/fi-cache.tgz" -C "$FLASHINFER_WORKSPACE_BASE" . 2>/dev/null && ls -la "$out/fi-cache.tgz"

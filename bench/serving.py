@@ -110,7 +110,7 @@ def generate_baseline(model_dir: Path, device: torch.device, dtype, concurrency:
 
 
 def in_process_decode_step(
-    model_dir: Path, device: torch.device, dtype, prompt: int, new: int, max_sequence_length: int, cuda_graphs: bool
+    model_dir: Path, device: torch.device, dtype, prompt: int, new: int, max_sequence_length: int, engine_options: dict
 ) -> float:
     """Seconds per decode step of one request on the engine in process: no router, no gRPC."""
     steps = max(1, min(IN_PROCESS_DECODE_STEPS, new - 2))
@@ -126,7 +126,7 @@ def in_process_decode_step(
         registry=registry,
         max_batch_size=1,
         estimate_memory="off",
-        cuda_graphs=cuda_graphs,
+        **engine_options,
     )
     engine = resolve(registry.engine("tgis_native").target)(ctx)
     engine.warm_up()
@@ -156,6 +156,7 @@ def serve(model_dir: Path, args: argparse.Namespace, dtype_name: str) -> dict[in
         *("--max-batch-size", str(max(args.concurrency)), "--max-sequence-length", str(max_sequence_length)),
         *("--max-new-tokens", str(args.new_tokens), "--max-concurrent-requests", str(4 * max(args.concurrency))),
         *("--cuda-graphs", str(args.cuda_graphs).lower()),
+        *("--pt2-compile", str(args.pt2_compile).lower()),
     ]
     results = {}
     # Twice as many words as tokens: every prompt is cut to exactly its last prompt_tokens tokens.
@@ -190,6 +191,7 @@ def main() -> None:
     parser.add_argument(
         "--cuda-graphs", action=argparse.BooleanOptionalAction, default=True, help="decode steps from CUDA graphs"
     )
+    parser.add_argument("--pt2-compile", action="store_true", help="the layers through torch.compile (PT2_COMPILE)")
     parser.add_argument("--record", type=Path, help="append the table, dated, to this file (bench/RESULTS.md)")
     args = parser.parse_args()
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
@@ -207,13 +209,19 @@ def main() -> None:
             model_dir, device, dtype, args.concurrency, args.prompt_tokens, args.new_tokens
         )
         in_process = in_process_decode_step(
-            model_dir, device, dtype, args.prompt_tokens, args.new_tokens, max_sequence_length, args.cuda_graphs
+            model_dir,
+            device,
+            dtype,
+            args.prompt_tokens,
+            args.new_tokens,
+            max_sequence_length,
+            {"cuda_graphs": args.cuda_graphs, "pt2_compile": args.pt2_compile},
         )
         served = serve(model_dir, args, dtype_name)
     context = args.prompt_tokens + args.new_tokens / 2
     lines = [
         f"{args.shape} shape, {dtype_name}, {args.prompt_tokens} prompt + {args.new_tokens} new tokens, "
-        f"{args.rounds} requests per client; CUDA graphs {graphs}; {machine}; "
+        f"{args.rounds} requests per client; CUDA graphs {graphs}; PT2_COMPILE {args.pt2_compile}; {machine}; "
         f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
         f"a decode step reads {cost.weight_bytes / 1e9:.2f} GB of weights",
         f"in-process decode step at 1 stream: {in_process * 1000:.2f} ms",
