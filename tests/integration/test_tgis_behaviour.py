@@ -374,20 +374,104 @@ def test_eight_cancelled_streams_free_their_slots_and_count_as_cancelled(server,
 
 def test_metric_counts(server):
     count = _metric(server, "tgi_request_count_total", 'kind="batch"')
+    singles = _metric(server, "tgi_request_count", 'kind="single"')
+    inputs = _metric(server, "tgi_request_input_count")
     success = _metric(server, "tgi_request_success_total", 'kind="batch",stop_reason="MAX_TOKENS"')
     failures = _metric(server, "tgi_request_failure_total", 'err="validation"')
     responses = _generate(server, PROMPTS, **_stopping(max_new_tokens=2))
     with pytest.raises(grpc.RpcError):
         _generate(server, PROMPTS[:1], **_stopping(max_new_tokens=MAX_NEW_TOKENS_LIMIT + 1))
-    assert _metric(server, "tgi_request_count_total", 'kind="batch"') == count + len(PROMPTS) + 1
+    # Per call, as TGIS counts them: a call of one input is "single"; inputs are counted apart.
+    assert _metric(server, "tgi_request_count_total", 'kind="batch"') == count + 1
+    assert _metric(server, "tgi_request_count", 'kind="single"') == singles + 1
+    assert _metric(server, "tgi_request_input_count_total") == inputs + len(PROMPTS) + 1
     finished = sum(r.stop_reason == fmaas.MAX_TOKENS for r in responses)
     assert _metric(server, "tgi_request_success_total", 'kind="batch",stop_reason="MAX_TOKENS"') == success + finished
     assert _metric(server, "tgi_request_failure_total", 'err="validation"') == failures + 1
     assert _metric(server, "tgi_queue_size") == 0
 
 
+# TGIS's router table (name: kind); counters are scraped as NAME and NAME_total.
+TGIS_SERIES = {
+    **dict.fromkeys(
+        [
+            "tgi_request_count",
+            "tgi_request_input_count",
+            "tgi_request_failure",
+            "tgi_request_success",
+            "tgi_batch_concatenation_count",
+            "tgi_batch_inference_count",
+            "tgi_batch_inference_success",
+            "tgi_batch_inference_failure",
+            "tgi_queue_jump",
+            "tgi_granular_batch_addition",
+            "tgi_prefill_weight_limit_exceeded",
+            "tgi_prefill_padding_limit_exceeded",
+            "tgi_prompt_load_failure",
+            "tgi_tokenize_request_count",
+            "tgi_tokenize_request_input_count",
+        ],
+        "counter",
+    ),
+    **dict.fromkeys(
+        [
+            "tgi_request_max_new_tokens",
+            "tgi_request_input_length",
+            "tgi_request_validation_duration",
+            "tgi_request_queue_duration",
+            "tgi_request_generated_tokens",
+            "tgi_request_total_tokens",
+            "tgi_request_duration",
+            "tgi_request_inference_duration",
+            "tgi_request_mean_time_per_token_duration",
+            "tgi_batch_inference_batch_size",
+            "tgi_batch_inference_duration",
+            "tgi_batch_inference_forward_duration",
+            "tgi_batch_inference_tokproc_duration",
+            "tgi_prompt_load_duration",
+            "tgi_tokenize_request_tokens",
+            "tgi_tokenize_request_duration",
+        ],
+        "histogram",
+    ),
+    **dict.fromkeys(("tgi_request_raw_input_length", "tgi_batch_next_tokens"), "summary"),
+    **dict.fromkeys(
+        ("tgi_batch_current_size", "tgi_batch_input_tokens", "tgi_batch_max_remaining_tokens", "tgi_queue_size"),
+        "gauge",
+    ),
+}
+
+
+def test_every_tgis_series_is_scraped_with_its_kind_and_labels(server):
+    _generate(server, PROMPTS, **_stopping(max_new_tokens=3))
+    tokenize = fmaas.BatchedTokenizeRequest(requests=[fmaas.TokenizeRequest(text=p) for p in PROMPTS])
+    tokens = sum(r.token_count for r in server.stub.Tokenize(tokenize).responses)
+    with urllib.request.urlopen(f"http://localhost:{server.http_port}/metrics", timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        body = response.read().decode()
+    kinds = dict(re.findall(r"^# TYPE (\S+) (\S+)$", body, re.MULTILINE))
+    samples = {m.group(1) for m in re.finditer(r"^([a-z_]+)[{ ]", body, re.MULTILINE)}
+    for name, kind in TGIS_SERIES.items():
+        # prometheus_client's text format names a counter's family NAME_total.
+        assert kinds.get(f"{name}_total" if kind == "counter" else name) == kind, name
+        if kind == "counter":  # a labelled one has samples once a label set occurred
+            assert {name, f"{name}_total"} & samples in (set(), {name, f"{name}_total"}), name
+        if kind in ("histogram", "summary"):
+            assert f"{name}_count" in samples, name
+        assert (f"{name}_bucket" in samples) is (kind == "histogram"), name
+        assert f"{name}_created" not in samples, name  # TGIS has no creation timestamps
+    for name in ("tgi_request_count", "tgi_request_input_count", "tgi_tokenize_request_count", "tgi_queue_jump"):
+        assert {name, f"{name}_total"} <= samples, name
+    # Labels as TGIS sets them, and values that follow the calls.
+    assert 'tgi_batch_inference_duration_bucket{le="+Inf",makeup="single_only",method="prefill"}' in body
+    assert _metric(server, "tgi_batch_inference_forward_duration_count", 'makeup="single_only",method="prefill"') > 0
+    assert _metric(server, "tgi_batch_inference_success", 'method="next_token"') > 0
+    assert _metric(server, "tgi_tokenize_request_tokens_sum") >= tokens
+    assert _metric(server, "tgi_request_max_new_tokens_count") >= len(PROMPTS)
+
+
 def test_client_deadline_cancels_the_request_on_the_server(server):
-    before = _metric(server, "tgi_request_success_total", 'kind="batch",stop_reason="CANCELLED"')
+    before = _metric(server, "tgi_request_success_total", 'kind="single",stop_reason="CANCELLED"')
     request = fmaas.BatchedGenerationRequest(
         requests=[fmaas.GenerationRequest(text=PROMPTS[1])],
         params=fmaas.Parameters(**_stopping(max_new_tokens=MAX_NEW_TOKENS_LIMIT)),
@@ -396,7 +480,7 @@ def test_client_deadline_cancels_the_request_on_the_server(server):
         server.stub.Generate(request, timeout=0.05)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     for _ in range(100):
-        if _metric(server, "tgi_request_success_total", 'kind="batch",stop_reason="CANCELLED"') > before:
+        if _metric(server, "tgi_request_success_total", 'kind="single",stop_reason="CANCELLED"') > before:
             break
         threading.Event().wait(0.05)
-    assert _metric(server, "tgi_request_success_total", 'kind="batch",stop_reason="CANCELLED"') == before + 1
+    assert _metric(server, "tgi_request_success_total", 'kind="single",stop_reason="CANCELLED"') == before + 1

@@ -176,6 +176,9 @@ class ActiveRequest:
         else:
             metrics.request_success.labels(stop_reason=finish.reason.name, kind=self.kind).inc()
         metrics.request_generated_tokens.observe(self.generated)
+        metrics.request_total_tokens.observe(len(self.request.input_ids) + self.generated)
         metrics.request_duration.observe(now - self.arrival)
         if self._prefill_at is not None:
             metrics.request_inference_duration.observe(now - self._prefill_at)
+            if self.generated:
+                metrics.request_mean_time_per_token_duration.observe((now - self._prefill_at) / self.generated)

@@ -39,6 +39,8 @@ IDLE_PAUSE_S = 0.001
 # Steps on the shards at a time: the one running and the next, so the shards never wait for the
 # router while it handles an answer (the router's work per step must fit in a step's time).
 PIPELINE_DEPTH = 2
+# tgi_batch_inference_failure's reason, by the shard call's status.
+_FAILURE_REASONS = {grpc.StatusCode.RESOURCE_EXHAUSTED: "oom", grpc.StatusCode.UNAVAILABLE: "connection"}
 
 
 class Batcher:
@@ -86,21 +88,34 @@ class Batcher:
         outcome = self.scheduler.update(step, response)
         for entry, error in outcome.failed:
             _fail([entry], error)
+        started = time.monotonic()
         self._hand_out(outcome)
+        if step.work:
+            metrics.STEP_SERIES[step.method].tokproc_duration.observe(time.monotonic() - started)
 
     def _send(self, step: Step) -> asyncio.Future[pb.StepResponse]:
         call = self._shards.step(step.to_proto())
         if step.work:  # a step that only lets requests leave runs no model
-            call = self._timed(step.method, len(step.work), call)
+            call = self._timed(step, call)
         return asyncio.ensure_future(call)
 
-    async def _timed(self, method: str, size: int, call: Awaitable[pb.StepResponse]) -> pb.StepResponse:
-        started = time.monotonic()
-        response = await call
-        series = metrics.STEP_SERIES[method]
-        series.duration.observe(time.monotonic() - started)
-        series.batch_size.observe(size)
+    async def _timed(self, step: Step, call: Awaitable[pb.StepResponse]) -> pb.StepResponse:
+        series = metrics.STEP_SERIES[step.method]
         series.count.inc()
+        series.batch_size.observe(len(step.work))
+        if step.method == "prefill":
+            metrics.batch_next_tokens.observe(sum(w.tokens for w in step.work if w.prompt))
+        if step.joins and len(step.joins) < len(step.work):  # new requests beside running ones
+            metrics.batch_concatenation_count.inc()
+        started = time.monotonic()
+        try:
+            response = await call
+        except grpc.aio.AioRpcError as e:
+            series.failed(_FAILURE_REASONS.get(e.code(), "error"))
+            raise
+        series.duration.observe(time.monotonic() - started)
+        series.forward_duration.observe(response.forward_seconds)
+        series.success.inc()
         return response
 
     def _hand_out(self, outcome: StepOutcome) -> None:

@@ -92,6 +92,8 @@ class GenerationService(fmaas_grpc.GenerationServiceServicer):
         generation_params = validate_params(params, self._limits)
         prefix_length = await self._prefixes.length(prefix_id) if prefix_id else 0
         tokenized = await self._tokenizer.encode(texts, keep_last=generation_params.truncate_input_tokens)
+        for t in tokenized:
+            metrics.request_raw_input_length.observe(t.raw_length)
         validated = [
             validate_input(index, text, t.ids, generation_params, self._limits, prefix_id or "", prefix_length)
             for index, (text, t) in enumerate(zip(texts, tokenized, strict=True))
@@ -109,8 +111,10 @@ class GenerationService(fmaas_grpc.GenerationServiceServicer):
             )
             for request in validated
         ]
+        metrics.request_validation_duration.observe(time.monotonic() - arrival)
         for entry in entries:
             metrics.request_input_length.observe(len(entry.request.input_ids))
+            metrics.request_max_new_tokens.observe(entry.request.max_new_tokens)
             self._queue.put(entry)
         return entries
 
@@ -122,15 +126,17 @@ class GenerationService(fmaas_grpc.GenerationServiceServicer):
         self, request: fmaas.BatchedGenerationRequest, context: grpc.aio.ServicerContext
     ) -> fmaas.BatchedGenerationResponse:
         n = len(request.requests)
-        metrics.request_count.labels(kind="batch").inc(n)
+        kind = "single" if n == 1 else "batch"  # TGIS's labels
+        metrics.request_count.labels(kind=kind).inc()
         if n == 0:
             return fmaas.BatchedGenerationResponse()
+        metrics.request_input_count.inc(n)
         entries: list[ActiveRequest] = []
         try:
             self._admit(n)
             try:
                 prefix_id = request.prefix_id if request.HasField("prefix_id") else None
-                entries = await self._submit([r.text for r in request.requests], prefix_id, request.params, "batch")
+                entries = await self._submit([r.text for r in request.requests], prefix_id, request.params, kind)
                 responses = await asyncio.gather(*(unary_response(e, self._separator) for e in entries))
                 return fmaas.BatchedGenerationResponse(responses=responses)
             finally:
@@ -144,6 +150,7 @@ class GenerationService(fmaas_grpc.GenerationServiceServicer):
         self, request: fmaas.SingleGenerationRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[fmaas.GenerationResponse]:
         metrics.request_count.labels(kind="stream").inc()
+        metrics.request_input_count.inc()
         entries: list[ActiveRequest] = []
         try:
             self._admit(1)
@@ -163,10 +170,14 @@ class GenerationService(fmaas_grpc.GenerationServiceServicer):
     async def Tokenize(
         self, request: fmaas.BatchedTokenizeRequest, context: grpc.aio.ServicerContext
     ) -> fmaas.BatchedTokenizeResponse:
+        started = time.monotonic()
         texts = [r.text for r in request.requests]
+        metrics.tokenize_request_count.inc()
+        metrics.tokenize_request_input_count.inc(len(texts))
         if not texts:
             return fmaas.BatchedTokenizeResponse()
         encoded = await self._tokenizer.encode(texts, keep_last=request.truncate_input_tokens)
+        metrics.tokenize_request_tokens.observe(sum(len(e.ids) for e in encoded))
         responses = []
         for e in encoded:
             response = fmaas.TokenizeResponse(token_count=len(e.ids))
@@ -175,6 +186,7 @@ class GenerationService(fmaas_grpc.GenerationServiceServicer):
             if request.return_offsets:
                 response.offsets.extend(fmaas.TokenizeResponse.Offset(start=s, end=end) for s, end in e.offsets)
             responses.append(response)
+        metrics.tokenize_request_duration.observe(time.monotonic() - started)
         return fmaas.BatchedTokenizeResponse(responses=responses)
 
     async def ModelInfo(

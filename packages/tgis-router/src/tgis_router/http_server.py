@@ -11,7 +11,7 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import make_wsgi_app
+from tgis_router.metrics import exposition
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +34,13 @@ def start_http_server(
 ) -> _ThreadingWSGIServer:
     """Serves in a daemon thread; ``health`` (None: healthy, else why not) runs on the router's
     event loop. /health answers 200 with an empty body, or 503 with a JSON error."""
-    metrics_app = make_wsgi_app()
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if path == "/metrics":
-            return metrics_app(environ, start_response)
+            body, content_type = exposition()
+            start_response("200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body)))])
+            return [body]
         if path == "/health":
             try:
                 reason = asyncio.run_coroutine_threadsafe(health(), loop).result(timeout=_HEALTH_TIMEOUT_S)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 
 import grpc
 
+from tgis_router import metrics
 from tgis_router.errors import ShardUnavailableError, ValidationError
 
 # The shard's answers that mean "this prefix cannot be used", as opposed to a shard failure.
@@ -19,10 +21,14 @@ class PrefixLengths:
         self._lookup = lookup
 
     async def length(self, prefix_id: str) -> int:
+        started = time.monotonic()
         try:
-            return await self._lookup(prefix_id)
+            length = await self._lookup(prefix_id)
         except grpc.aio.AioRpcError as e:
+            metrics.prompt_load_failure.inc()
             reason = e.details() or e.code().name
             if e.code() in _CLIENT_ERRORS:
                 raise ValidationError(f"can't retrieve prompt prefix with id '{prefix_id}': {reason}") from e
             raise ShardUnavailableError(f"prompt prefix lookup of '{prefix_id}' failed: {reason}") from e
+        metrics.prompt_load_duration.observe(time.monotonic() - started)
+        return length

@@ -188,6 +188,9 @@ class Scheduler:
     def _observe(self) -> None:
         """Publishes the batch's gauges, once a step."""
         metrics.batch_current_size.set(len(self.running))
+        metrics.batch_input_tokens.set(sum(r.prompt_length for r in self.running))
+        remaining = (r.entry.request.max_new_tokens - len(r.output_ids) - r.pending for r in self.running)
+        metrics.batch_max_remaining_tokens.set(max(remaining, default=0))
 
     def _plan(self, leaves: list[int], joins: list[ScheduledRequest]) -> list[Work]:
         """The step's work; new requests go to ``joins``, preempted ones to ``leaves``."""
@@ -251,7 +254,7 @@ class Scheduler:
             self._release(request)
             request.pending = 0
         self._dropped = []
-        metrics.batch_current_size.set(0)
+        self._observe()
         return [r.entry for r in abandoned]
 
 

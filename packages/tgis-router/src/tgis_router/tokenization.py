@@ -15,11 +15,12 @@ class Tokenized:
     ids: list[int]
     tokens: list[str]
     offsets: list[tuple[int, int]]
+    raw_length: int  # tokens before truncation
 
 
 def _keep_last(encoding: Encoding, n: int) -> Tokenized:
     start = max(0, len(encoding.ids) - n) if n else 0
-    return Tokenized(encoding.ids[start:], encoding.tokens[start:], encoding.offsets[start:])
+    return Tokenized(encoding.ids[start:], encoding.tokens[start:], encoding.offsets[start:], len(encoding.ids))
 
 
 class TokenizerPool:

@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 from contextlib import contextmanager
@@ -112,13 +113,17 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
     def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepResponse:
         try:
             with self._order.turn(request.sequence), self._lock:
+                started = time.monotonic()
                 outcome = self.steps.step(request)
+                forward_seconds = time.monotonic() - started
         except StepOutOfOrderError as e:
             context.abort(grpc.StatusCode.INTERNAL, str(e))
         except StepFailed as e:
             code = grpc.StatusCode.RESOURCE_EXHAUSTED if e.out_of_memory else grpc.StatusCode.INTERNAL
             context.abort(code, str(e))
-        return _step_response(outcome.tokens, outcome.failures)
+        response = _step_response(outcome.tokens, outcome.failures)
+        response.forward_seconds = forward_seconds
+        return response
 
     def PrefixLookup(self, request: pb.PrefixLookupRequest, context: grpc.ServicerContext) -> pb.PrefixLookupResponse:
         # Not under the batch lock: loading a file must not wait for (or hold up) a step.
