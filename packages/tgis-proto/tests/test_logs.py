@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tgis_proto.logs import JsonFormatter, configure_logging, configure_logging_from_env
+from tgis_proto.logs import JsonFormatter, configure_logging, configure_logging_from_env, parse_log_level
 
 
 def test_json_formatter_writes_one_object_per_record_with_the_exception() -> None:
@@ -48,3 +48,19 @@ def test_logging_from_env_reads_json_output_and_log_level(restored_logging, caps
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("{") == is_json
     assert "shard 1 slow" in line
+
+
+def test_log_level_directives_as_tgis_takes_them():
+    assert parse_log_level("warn") == ("WARNING", {})
+    assert parse_log_level("trace") == ("DEBUG", {})
+    assert parse_log_level("tgis_router=debug, error") == ("ERROR", {"tgis_router": "DEBUG"})
+    with pytest.raises(ValueError, match="unknown log level 'verbose'"):
+        parse_log_level("verbose")
+
+
+def test_a_module_directive_lowers_that_module_alone(restored_logging, capsys) -> None:
+    configure_logging("warn,tgis_router.batcher=debug", json_output=False)
+    logging.getLogger("tgis_router.batcher").debug("step %d planned", 3)
+    logging.getLogger("tgis_router.grpc_server").info("not shown at warn")
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.endswith("DEBUG tgis_router.batcher: step 3 planned")

@@ -1,8 +1,11 @@
 """Launcher options: flags over env vars over defaults, one clear line per bad value."""
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 
-from tgis_router.config import ConfigError, num_shards, parse_config
+from tgis_router.config import OPTIONS, ConfigError, LauncherConfig, ignored_options, num_shards, parse_config
 from tgis_router.launcher import _child_env, clamp_max_new_tokens, shard_serve_args
 
 
@@ -51,6 +54,9 @@ def test_bad_values_name_the_option(argv, environ, message):
         ({"CUDA_VISIBLE_DEVICES": "0,1,2"}, 3),
         ({"CUDA_VISIBLE_DEVICES": "0,1", "NUM_GPUS": "1"}, 1),
         ({"NUM_SHARD": "2"}, 2),
+        ({"NVIDIA_VISIBLE_DEVICES": "0,1"}, 2),
+        ({"NVIDIA_VISIBLE_DEVICES": "all"}, 1),
+        ({"NVIDIA_VISIBLE_DEVICES": "0,1", "CUDA_VISIBLE_DEVICES": "3"}, 1),
     ],
 )
 def test_shard_count_from_num_gpus_or_visible_devices(environ, expected):
@@ -80,3 +86,38 @@ def test_max_new_tokens_is_clamped_below_the_sequence_length_as_tgis_does():
     config = parse_config(["--max-new-tokens", "1024"], environ={})
     assert clamp_max_new_tokens(config, 256).max_new_tokens == 255
     assert clamp_max_new_tokens(config, 1025).max_new_tokens == 1024
+
+
+def test_tgis_flag_forms_bare_booleans_and_short_flags():
+    config = parse_config(["--json-output", "-p", "3001", "-g", "8034", "--output-special-tokens", "false"], environ={})
+    assert config.json_output is True
+    assert config.output_special_tokens is False
+    assert (config.port, config.grpc_port) == (3001, 8034)
+
+
+@pytest.mark.parametrize("level", ["info", "WARN", "trace", "warn,tgis_router=debug,tgis_shard.server=error"])
+def test_log_level_takes_tgis_forms(level):
+    assert parse_config([], environ={"LOG_LEVEL": level}).log_level == level
+
+
+def test_unknown_log_level_is_one_clear_line():
+    with pytest.raises(ConfigError, match=r"invalid value for LOG_LEVEL: unknown log level 'loud'"):
+        parse_config([], environ={"LOG_LEVEL": "info,tgis_router=loud"})
+
+
+def test_quantize_is_refused_and_tgis_weight_limits_are_ignored_with_a_warning():
+    with pytest.raises(ConfigError, match="QUANTIZE=gptq is not supported yet"):
+        parse_config([], environ={"QUANTIZE": "gptq"})
+    assert ignored_options(parse_config([], environ={})) == []
+    config = parse_config(["--max-batch-weight", "47185920"], environ={"MAX_PREFILL_WEIGHT": "100"})
+    assert [w.split()[0] for w in ignored_options(config)] == ["MAX_BATCH_WEIGHT", "MAX_PREFILL_WEIGHT"]
+
+
+def test_the_readme_table_lists_every_option_with_its_default():
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    defaults = {f.name: f.default for f in dataclasses.fields(LauncherConfig)}
+    for option in OPTIONS:
+        default = defaults[option.field]
+        shown = "unset" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+        row = next(line for line in readme.splitlines() if line.startswith(f"| `{option.env}` | `{option.flag}`"))
+        assert f"| {shown} |" in row, option.env

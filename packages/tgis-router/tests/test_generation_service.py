@@ -4,6 +4,8 @@ shapes, refusals, client cancellation and deadlines release what they held, fail
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -13,6 +15,7 @@ from prometheus_client import REGISTRY
 from tests.support.fake_shard import FakeShards, expected_text, rpc_error, save_word_tokenizer
 from tests.support.router_in_process import RouterInProcess
 from tgis_proto import generation_pb2 as fmaas
+from tgis_proto.logs import JsonFormatter
 
 MAX_CONCURRENT = 4
 
@@ -152,3 +155,31 @@ def test_a_shutting_down_service_refuses_new_calls_and_lets_running_ones_finish(
         assert await s.service.wait_idle(5)
 
     run_service(tokenizer_file, scenario, FakeShards(step_delay=0.002))
+
+
+def test_each_request_logs_one_line_with_tgis_wording_timings_and_correlation_id(tokenizer_file, caplog):
+    async def scenario(s: RouterInProcess) -> None:
+        metadata = (("x-correlation-id", "job-42"),)
+        await s.stub.Generate(_batch(["w1 w2", "w3"], _params()), metadata=metadata)
+        _ = [m async for m in s.stub.GenerateStream(_stream_request("w1", _params(max_new_tokens=2)))]
+
+    with caplog.at_level(logging.INFO, logger="tgis_router.active"):
+        run_service(tokenizer_file, scenario)
+    lines = [r for r in caplog.records if r.name == "tgis_router.active"]
+    assert [r.getMessage().split(" generated")[0] for r in lines] == [
+        "Sub-request 1 from batch of 2",
+        "Sub-request 2 from batch of 2",
+        "Streaming response",
+    ]
+    first = lines[0]
+    assert first.getMessage().startswith("Sub-request 1 from batch of 2 generated 4 tokens before MAX_TOKENS, output ")
+    assert "correlation_id=job-42" in first.getMessage()
+    assert first.fields["correlation_id"] == "job-42"
+    assert lines[2].fields["correlation_id"] == "<none>"
+    assert first.fields["input_toks"] == 2
+    timings = ("validation_time", "queue_time", "inference_time", "total_time")
+    assert all(0 <= first.fields[t] <= first.fields["total_time"] for t in timings)
+    # JSON_OUTPUT: the fields are keys of the line's object.
+    entry = json.loads(JsonFormatter().format(first))
+    assert entry["correlation_id"] == "job-42"
+    assert entry["message"] == first.getMessage()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 
 from tgis_proto import shard_pb2 as pb
 from tgis_router import metrics
@@ -14,6 +16,24 @@ from tgis_router.events import Event, Finish, InputTokens, NewToken, TokenDetail
 from tgis_router.requests import StopReason, ValidatedRequest
 from tgis_router.stopping import StopSequenceFilter, token_stop_reason
 from tgis_router.tokenization import TokenizerPool
+
+log = logging.getLogger(__name__)
+# Characters of the output a request's log line quotes, and its level by how it ended, as TGIS's.
+LOGGED_OUTPUT_CHARS = 32
+_LOG_LEVELS = {
+    StopReason.ERROR: logging.ERROR,
+    StopReason.CANCELLED: logging.WARNING,
+    StopReason.TOKEN_LIMIT: logging.WARNING,
+}
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """Where a request came from, for its log line: TGIS's wording of the call ("Request",
+    "Sub-request 2 from batch of 3", "Streaming response") and the client's x-correlation-id."""
+
+    label: str = "Request"
+    correlation_id: str = "<none>"
 
 
 class ActiveRequest:
@@ -27,6 +47,7 @@ class ActiveRequest:
         kind: str,
         arrival: float,
         continues_prompt: bool,
+        call: CallContext = CallContext(),
     ):
         """``arrival``: time.monotonic() when the call arrived; time limits count from it.
         ``continues_prompt``: the output continues the input text (decoder-only models), so it is
@@ -36,7 +57,11 @@ class ActiveRequest:
         self.kind = kind
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.arrival = arrival
+        self.queued_at = time.monotonic()  # validation ends as the request is made
+        self.call = call
         self.generated = 0
+        self._output_head = ""  # the output's first characters and its length, for the log line
+        self._output_bytes = 0
         self.finished = False
         self._tokenizer = tokenizer
         self._eos_token_ids = eos_token_ids
@@ -149,6 +174,7 @@ class ActiveRequest:
         else:
             text = self._stop_sequences.flush() + delta
         finish = Finish(reason, stop_sequence) if reason is not None else None
+        self._note_output(text)
         self.events.put_nowait(NewToken(text, self.generated, self._detail(token_id, details), finish))
         if finish is not None:
             self._finished(finish)
@@ -158,6 +184,7 @@ class ActiveRequest:
         """Ends the request without a token (error, time limit, shutdown)."""
         if not self.finished:
             finish = Finish(reason, error=error, text=self._stop_sequences.flush())
+            self._note_output(finish.text)
             self.events.put_nowait(finish)
             self._finished(finish)
 
@@ -182,3 +209,39 @@ class ActiveRequest:
             metrics.request_inference_duration.observe(now - self._prefill_at)
             if self.generated:
                 metrics.request_mean_time_per_token_duration.observe((now - self._prefill_at) / self.generated)
+        self._log_finish(finish, now)
+
+    def _note_output(self, text: str) -> None:
+        if len(self._output_head) <= LOGGED_OUTPUT_CHARS:
+            self._output_head += text[: LOGGED_OUTPUT_CHARS + 1 - len(self._output_head)]
+        self._output_bytes += len(text.encode())
+
+    def _log_finish(self, finish: Finish, now: float) -> None:
+        """One line per request, with TGIS's wording, timings and fields (structured in JSON logs)."""
+        started = self._prefill_at if self._prefill_at is not None else now
+        fields = {
+            "validation_time": self.queued_at - self.arrival,
+            "queue_time": started - self.queued_at,
+            "inference_time": now - started,
+            "time_per_token": (now - started) / self.generated if self.generated else 0.0,
+            "total_time": now - self.arrival,
+            "input_toks": len(self.request.input_ids),
+            "request_id": self.id,
+            "correlation_id": self.call.correlation_id,
+        }
+        output = self._output_head
+        if len(output) > LOGGED_OUTPUT_CHARS:
+            output = output[:LOGGED_OUTPUT_CHARS] + "..."
+        level = _LOG_LEVELS.get(finish.reason, logging.INFO)
+        timings = " ".join(f"{k}={v:.6f}s" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+        log.log(
+            level,
+            "%s generated %d tokens before %s, output %d bytes: %r (%s)",
+            self.call.label,
+            self.generated,
+            finish.reason.name,
+            self._output_bytes,
+            output,
+            timings,
+            extra={"fields": fields},
+        )

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tgis_proto.logs import FALSE_WORDS, TRUE_WORDS
+from tgis_proto.logs import FALSE_WORDS, TRUE_WORDS, parse_log_level
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DTYPES = ("float32", "float16", "bfloat16")
@@ -62,10 +62,8 @@ def _dtype(value: str) -> str:
 
 
 def _log_level(value: str) -> str:
-    level = value.upper()
-    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise ValueError(f"unknown log level {value!r}")
-    return level
+    parse_log_level(value)  # checked here, applied by each process's configure_logging
+    return value
 
 
 @dataclass(frozen=True)
@@ -119,10 +117,14 @@ class LauncherConfig:
     estimate_memory: str = "auto"
     tgis_plugins: str | None = None
     json_output: bool = False
-    log_level: str = "INFO"
+    log_level: str = "info"
     tokenizer_workers: int = 2
     shard_torch_threads: int | None = None
     cuda_visible_devices: str | None = None
+    nvidia_visible_devices: str | None = None
+    quantize: str | None = None
+    max_batch_weight: int | None = None
+    max_prefill_weight: int | None = None
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -173,11 +175,23 @@ OPTIONS: tuple[Option, ...] = (
     Option("estimate_memory", str, "auto, manual or off"),
     Option("tgis_plugins", str, "comma-separated allow-list of installed plugins to load"),
     Option("json_output", _bool, "log as JSON lines"),
-    Option("log_level", _log_level, "DEBUG, INFO, WARNING, ERROR"),
+    Option("log_level", _log_level, "trace, debug, info, warn, error; per module: warn,tgis_router=debug"),
     Option("tokenizer_workers", _positive_int, "threads tokenizing requests off the event loop"),
     Option("shard_torch_threads", _positive_int, "torch threads per shard process (default: torch's)"),
     Option("cuda_visible_devices", str, "GPUs the shards may use"),
+    Option(
+        "nvidia_visible_devices", str, "GPUs the container runtime exposes (counted when CUDA_VISIBLE_DEVICES is unset)"
+    ),
+    Option("quantize", str, "TGIS's weight quantization (gptq, bitsandbytes, ...): refused, not supported yet"),
+    Option(
+        "max_batch_weight", _positive_int, "TGIS's batch weight limit: ignored, memory is measured (ESTIMATE_MEMORY)"
+    ),
+    Option("max_prefill_weight", _positive_int, "TGIS's prefill weight limit: ignored, memory is measured"),
 )
+# TGIS's short forms.
+SHORT_FLAGS = {"port": "-p", "grpc_port": "-g"}
+# Options every process on this host reads itself; "" leaves them unset, as in TGIS.
+_EMPTY_IS_A_VALUE = ("cuda_visible_devices", "nvidia_visible_devices")
 
 
 def _arg_parser() -> argparse.ArgumentParser:
@@ -187,7 +201,10 @@ def _arg_parser() -> argparse.ArgumentParser:
         "equivalent: --max-batch-size is MAX_BATCH_SIZE; a flag wins over its env var.",
     )
     for option in OPTIONS:
-        parser.add_argument(option.flag, dest=option.field, default=None, help=f"{option.help} [{option.env}]")
+        flags = [option.flag, *([SHORT_FLAGS[option.field]] if option.field in SHORT_FLAGS else [])]
+        # A boolean flag alone means true (--json-output), as TGIS's launcher takes it.
+        bare = {"nargs": "?", "const": "true"} if option.parse is _bool else {}
+        parser.add_argument(*flags, dest=option.field, default=None, help=f"{option.help} [{option.env}]", **bare)
     return parser
 
 
@@ -201,7 +218,7 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         source = option.flag
         if raw is None and option.env in environ:
             raw, source = environ[option.env], option.env
-        if raw is None or (raw == "" and option.field != "cuda_visible_devices"):
+        if raw is None or (raw == "" and option.field not in _EMPTY_IS_A_VALUE):
             continue
         try:
             values[option.field] = option.parse(raw)
@@ -212,7 +229,21 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
     return config
 
 
+def ignored_options(config: LauncherConfig) -> list[str]:
+    """TGIS options accepted so that deployments start, which do nothing here: one warning each."""
+    return [
+        f"{name} is ignored: batches are sized from measured memory (ESTIMATE_MEMORY, BATCH_SAFETY_MARGIN)"
+        for name, value in (
+            ("MAX_BATCH_WEIGHT", config.max_batch_weight),
+            ("MAX_PREFILL_WEIGHT", config.max_prefill_weight),
+        )
+        if value is not None
+    ]
+
+
 def _check(config: LauncherConfig) -> None:
+    if config.quantize:
+        raise ConfigError(f"QUANTIZE={config.quantize} is not supported yet: serve the model's unquantized weights")
     if config.num_gpus and config.num_shard and config.num_gpus != config.num_shard:
         raise ConfigError(f"NUM_GPUS ({config.num_gpus}) and NUM_SHARD ({config.num_shard}) disagree")
     if bool(config.tls_cert_path) != bool(config.tls_key_path):
@@ -228,8 +259,12 @@ def _check(config: LauncherConfig) -> None:
 
 
 def num_shards(config: LauncherConfig) -> int:
-    """NUM_GPUS/NUM_SHARD, else the devices in CUDA_VISIBLE_DEVICES (empty means 1), else 1."""
+    """NUM_GPUS/NUM_SHARD, else the devices in CUDA_VISIBLE_DEVICES, else in NVIDIA_VISIBLE_DEVICES
+    (whose "all", "none" and "void" name no count), else 1, as TGIS counts them."""
     if config.num_gpus or config.num_shard:
         return config.num_gpus or config.num_shard or 1
-    devices = [d for d in (config.cuda_visible_devices or "").split(",") if d.strip()]
+    visible = config.cuda_visible_devices
+    if visible is None and config.nvidia_visible_devices not in (None, "all", "none", "void"):
+        visible = config.nvidia_visible_devices
+    devices = [d for d in (visible or "").split(",") if d.strip()]
     return max(1, len(devices))

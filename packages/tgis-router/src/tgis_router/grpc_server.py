@@ -14,7 +14,7 @@ import grpc
 from tgis_proto import generation_pb2 as fmaas
 from tgis_proto import generation_pb2_grpc as fmaas_grpc
 from tgis_router import metrics
-from tgis_router.active import ActiveRequest
+from tgis_router.active import ActiveRequest, CallContext
 from tgis_router.errors import OverloadedError, RouterError, ShuttingDownError, ValidationError
 from tgis_router.prefixes import PrefixLengths
 from tgis_router.queue import RequestQueue
@@ -85,10 +85,16 @@ class GenerationService(fmaas_grpc.GenerationServiceServicer):
         metrics.requests_in_flight.set(self._in_flight)
 
     async def _submit(
-        self, texts: list[str], prefix_id: str | None, params: fmaas.Parameters, kind: str
+        self,
+        texts: list[str],
+        prefix_id: str | None,
+        params: fmaas.Parameters,
+        kind: str,
+        context: grpc.aio.ServicerContext,
     ) -> list[ActiveRequest]:
         """Validates the call as a whole, then queues every input; nothing is queued on error."""
         arrival = time.monotonic()
+        correlation_id = _correlation_id(context)
         generation_params = validate_params(params, self._limits)
         prefix_length = await self._prefixes.length(prefix_id) if prefix_id else 0
         tokenized = await self._tokenizer.encode(texts, keep_last=generation_params.truncate_input_tokens)
@@ -108,8 +114,9 @@ class GenerationService(fmaas_grpc.GenerationServiceServicer):
                 kind,
                 arrival,
                 continues_prompt=not self._model.encoder_decoder,
+                call=CallContext(_call_label(kind, index, len(validated)), correlation_id),
             )
-            for request in validated
+            for index, request in enumerate(validated)
         ]
         metrics.request_validation_duration.observe(time.monotonic() - arrival)
         for entry in entries:
@@ -136,7 +143,8 @@ class GenerationService(fmaas_grpc.GenerationServiceServicer):
             self._admit(n)
             try:
                 prefix_id = request.prefix_id if request.HasField("prefix_id") else None
-                entries = await self._submit([r.text for r in request.requests], prefix_id, request.params, kind)
+                texts = [r.text for r in request.requests]
+                entries = await self._submit(texts, prefix_id, request.params, kind, context)
                 responses = await asyncio.gather(*(unary_response(e, self._separator) for e in entries))
                 return fmaas.BatchedGenerationResponse(responses=responses)
             finally:
@@ -158,7 +166,7 @@ class GenerationService(fmaas_grpc.GenerationServiceServicer):
                 if not request.HasField("request"):
                     raise ValidationError("missing request")
                 prefix_id = request.prefix_id if request.HasField("prefix_id") else None
-                entries = await self._submit([request.request.text], prefix_id, request.params, "stream")
+                entries = await self._submit([request.request.text], prefix_id, request.params, "stream", context)
                 async for message in stream_responses(entries[0]):
                     yield message
             finally:
@@ -202,6 +210,21 @@ class GenerationService(fmaas_grpc.GenerationServiceServicer):
             max_sequence_length=self._model.max_sequence_length,
             max_new_tokens=self._model.max_new_tokens,
         )
+
+
+def _call_label(kind: str, index: int, inputs: int) -> str:
+    """How TGIS's request log line names an input of a call."""
+    if kind == "stream":
+        return "Streaming response"
+    return "Request" if inputs == 1 else f"Sub-request {index + 1} from batch of {inputs}"
+
+
+def _correlation_id(context: grpc.aio.ServicerContext) -> str:
+    """The client's x-correlation-id metadata, which TGIS logs with each request."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-correlation-id":
+            return value if isinstance(value, str) else value.decode(errors="replace")
+    return "<none>"
 
 
 def _cancel_unfinished(entries: Collection[ActiveRequest]) -> None:

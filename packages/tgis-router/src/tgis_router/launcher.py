@@ -20,7 +20,7 @@ from tgis_proto import shard_pb2 as shard_pb
 from tgis_proto.logs import configure_logging
 from tgis_proto.plugins import PluginError, Registry, load_registry
 from tgis_router.admission import Admission, memory_model
-from tgis_router.config import ConfigError, LauncherConfig, num_shards, parse_config
+from tgis_router.config import ConfigError, LauncherConfig, ignored_options, num_shards, parse_config
 from tgis_router.kv_blocks import blocks_for
 from tgis_router.router import ModelSetup, admission_config, run_router
 from tgis_router.shard_client import ShardClient
@@ -302,6 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"text-generation-launcher: error: {e}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, config.json_output)
+    for warning in ignored_options(config):
+        log.warning(warning)
     try:
         return asyncio.run(_launch(config))
     except LaunchError as e:
