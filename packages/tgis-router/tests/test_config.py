@@ -1,11 +1,10 @@
 """Launcher options: flags over env vars over defaults, one clear line per bad value."""
 
-import dataclasses
 from pathlib import Path
 
 import pytest
 
-from tgis_router.config import OPTIONS, ConfigError, LauncherConfig, ignored_options, num_shards, parse_config
+from tgis_router.config import ConfigError, ignored_options, num_shards, options_markdown, parse_config
 from tgis_router.launcher import _child_env, clamp_max_new_tokens, shard_serve_args
 
 
@@ -115,9 +114,24 @@ def test_quantize_is_refused_and_tgis_weight_limits_are_ignored_with_a_warning()
 
 def test_the_readme_table_lists_every_option_with_its_default():
     readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
-    defaults = {f.name: f.default for f in dataclasses.fields(LauncherConfig)}
-    for option in OPTIONS:
-        default = defaults[option.field]
-        shown = "unset" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
-        row = next(line for line in readme.splitlines() if line.startswith(f"| `{option.env}` | `{option.flag}`"))
-        assert f"| {shown} |" in row, option.env
+    assert options_markdown() in readme  # regenerate it with tgis_router.config.options_markdown()
+
+
+def test_dtype_is_tgis_s_other_name_for_dtype_str_and_both_must_agree():
+    assert parse_config([], environ={"DTYPE": "float16"}).dtype_str == "float16"
+    assert parse_config([], environ={"DTYPE": "float16", "DTYPE_STR": "float16"}).dtype_str == "float16"
+    with pytest.raises(ConfigError, match=r"DTYPE \(float16\) and DTYPE_STR \(bfloat16\) disagree"):
+        parse_config([], environ={"DTYPE": "float16", "DTYPE_STR": "bfloat16"})
+
+
+def test_shards_get_tgis_s_environment_unless_the_operator_set_it(monkeypatch):
+    monkeypatch.setenv("TORCH_NCCL_AVOID_RECORD_STREAMS", "0")
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "")
+    env = _child_env(parse_config([], environ={"CUDA_PROCESS_MEMORY_FRACTION": "0.5"}))
+    assert env["NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    assert env["SAFETENSORS_FAST_GPU"] == "1"
+    assert env["TORCH_NCCL_AVOID_RECORD_STREAMS"] == "0"  # the operator's value wins
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in env  # empty means unset, as in TGIS
+    assert env["CUDA_PROCESS_MEMORY_FRACTION"] == "0.5"
+    with pytest.raises(ConfigError, match="CUDA_PROCESS_MEMORY_FRACTION"):
+        parse_config([], environ={"CUDA_PROCESS_MEMORY_FRACTION": "1.5"})

@@ -161,3 +161,15 @@ def test_unseeded_sampling_inputs_get_distinct_random_seeds_below_2_32():
 def test_a_given_seed_applies_to_every_input():
     p = validate_params(params(method=fmaas.SAMPLE, sampling=fmaas.SamplingParameters(seed=42)), LIMITS)
     assert {validate_input(0, "x", [1], p, LIMITS).seed for _ in range(3)} == {42}
+
+
+def test_a_prompt_prefix_longer_than_max_prompt_prefix_length_is_refused():
+    limits = Limits(
+        max_new_tokens=100, max_sequence_length=64, default_include_stop_seqs=True, max_prompt_prefix_length=8
+    )
+    p = validate_params(params(), limits)
+    assert validate_input(0, "a", [1, 2], p, limits, "short", prefix_length=8).prefix_length == 8
+    with pytest.raises(
+        ValidationError, match=r"prompt prefix 'long' is 9 tokens long, more than MAX_PROMPT_PREFIX_LENGTH \(8\)"
+    ):
+        validate_input(0, "a", [1, 2], p, limits, "long", prefix_length=9)

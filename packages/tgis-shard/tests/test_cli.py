@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from tests.support.tiny_models import build_tiny_causal_lm
-from tgis_shard.cli import main
+from tgis_shard import model_files
+from tgis_shard.cli import default_dtype, main
 
 # main() configures the root logger for its process; these tests share one.
 pytestmark = pytest.mark.usefixtures("restored_logging")
@@ -86,3 +87,23 @@ def test_serve_hands_pt2_compile_to_the_engine_and_says_when_it_runs_eagerly(
     assert shard.pt2_compile is compiles
     refusal = f"PT2_COMPILE: the {engine} engine does not compile its model; it runs eagerly"
     assert (refusal in capsys.readouterr().err) is not compiles  # main() logs to stderr
+
+
+@pytest.mark.parametrize(
+    ("device_type", "config_dtype", "expected"),
+    [
+        ("cpu", "bfloat16", "float32"),
+        ("cuda", "bfloat16", "bfloat16"),
+        ("cuda", "float32", "float16"),
+        ("cuda", None, "float16"),
+    ],
+)
+def test_unset_dtype_str_follows_tgis_float16_on_gpu_unless_the_config_says_bfloat16(
+    device_type, config_dtype, expected
+):
+    assert default_dtype(device_type, config_dtype) == expected
+
+
+@pytest.mark.parametrize("key", ["max_seq_length", "seq_len", "max_position_embeddings"])
+def test_max_sequence_length_comes_from_tgis_s_config_keys(key):
+    assert model_files.max_sequence_length({key: 777}) == 777

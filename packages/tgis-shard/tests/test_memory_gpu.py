@@ -46,3 +46,15 @@ def test_decode_of_another_batch_shape_stays_within_the_reported_bytes_per_token
     peak_per_token = memory.measured_decode_bytes_per_token(device, engine.measure_decode, 3, 700)
     print(f"reported {model.bytes_per_token:.0f} B/token, decode of 3 × 700 peaked at {peak_per_token:.0f}")
     assert peak_per_token <= model.bytes_per_token
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_free_memory_stays_within_cuda_process_memory_fraction() -> None:
+    device = torch.device("cuda", 0)
+    _, total = torch.cuda.mem_get_info(device)
+    try:
+        memory.limit_process_memory(0.25, device)
+        assert memory.device_free_bytes(device) <= 0.25 * total
+    finally:
+        memory.limit_process_memory(1.0, device)
+    assert memory.device_free_bytes(device) > 0.25 * total  # the share is lifted again (a test GPU is mostly free)

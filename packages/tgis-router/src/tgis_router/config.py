@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from tgis_proto.logs import FALSE_WORDS, TRUE_WORDS, parse_log_level
@@ -89,6 +89,7 @@ class LauncherConfig:
     revision: str | None = None
     deployment_framework: str | None = None  # unset: tgis_router.launcher.choose_engine decides
     dtype_str: str | None = None
+    dtype: str | None = None
     num_gpus: int | None = None
     num_shard: int | None = None
     max_concurrent_requests: int = 512
@@ -118,11 +119,13 @@ class LauncherConfig:
     tgis_plugins: str | None = None
     json_output: bool = False
     log_level: str = "info"
-    tokenizer_workers: int = 2
+    tokenization_workers: int = 2
     shard_torch_threads: int | None = None
     cuda_visible_devices: str | None = None
     nvidia_visible_devices: str | None = None
     quantize: str | None = None
+    max_prompt_prefix_length: int | None = None
+    cuda_process_memory_fraction: float = 1.0
     max_batch_weight: int | None = None
     max_prefill_weight: int | None = None
 
@@ -136,7 +139,13 @@ OPTIONS: tuple[Option, ...] = (
         "engine: hf_transformers, tgis_native (hf_custom_tp), ...; unset: tgis_native on a GPU where an "
         "installed plugin serves the model, else hf_transformers",
     ),
-    Option("dtype_str", _dtype, "float32, float16 or bfloat16 (CPU default float32)"),
+    Option(
+        "dtype_str",
+        _dtype,
+        "float32, float16 or bfloat16; unset: float32 on the CPU, on a GPU float16 unless the model's config "
+        "says bfloat16",
+    ),
+    Option("dtype", _dtype, "TGIS's other name for DTYPE_STR; both set must agree"),
     Option("num_gpus", _positive_int, "number of shards (one per GPU)"),
     Option("num_shard", _positive_int, "same as NUM_GPUS"),
     Option("max_concurrent_requests", _positive_int, "inputs in flight (queued + running) before refusing"),
@@ -176,13 +185,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("tgis_plugins", str, "comma-separated allow-list of installed plugins to load"),
     Option("json_output", _bool, "log as JSON lines"),
     Option("log_level", _log_level, "trace, debug, info, warn, error; per module: warn,tgis_router=debug"),
-    Option("tokenizer_workers", _positive_int, "threads tokenizing requests off the event loop"),
+    Option("tokenization_workers", _positive_int, "threads tokenizing requests off the event loop"),
     Option("shard_torch_threads", _positive_int, "torch threads per shard process (default: torch's)"),
     Option("cuda_visible_devices", str, "GPUs the shards may use"),
     Option(
         "nvidia_visible_devices", str, "GPUs the container runtime exposes (counted when CUDA_VISIBLE_DEVICES is unset)"
     ),
     Option("quantize", str, "TGIS's weight quantization (gptq, bitsandbytes, ...): refused, not supported yet"),
+    Option("max_prompt_prefix_length", _positive_int, "longest prompt prefix a request may name, in tokens"),
+    Option("cuda_process_memory_fraction", _fraction, "share of each GPU's memory a shard may use (weights included)"),
     Option(
         "max_batch_weight", _positive_int, "TGIS's batch weight limit: ignored, memory is measured (ESTIMATE_MEMORY)"
     ),
@@ -192,6 +203,18 @@ OPTIONS: tuple[Option, ...] = (
 SHORT_FLAGS = {"port": "-p", "grpc_port": "-g"}
 # Options every process on this host reads itself; "" leaves them unset, as in TGIS.
 _EMPTY_IS_A_VALUE = ("cuda_visible_devices", "nvidia_visible_devices")
+
+
+def options_markdown() -> str:
+    """The README's table of options (a test keeps the README equal to it)."""
+    defaults = {f.name: f.default for f in fields(LauncherConfig)}
+    rows = ["| env var | flag | default | what it does |", "|---|---|---|---|"]
+    for option in OPTIONS:
+        default = defaults[option.field]
+        shown = "unset" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+        flags = f"`{option.flag}`" + (f", `{SHORT_FLAGS[option.field]}`" if option.field in SHORT_FLAGS else "")
+        rows.append(f"| `{option.env}` | {flags} | {shown} | {option.help.replace('|', '/')} |")
+    return "\n".join(rows) + "\n"
 
 
 def _arg_parser() -> argparse.ArgumentParser:
@@ -226,6 +249,8 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
             raise ConfigError(f"invalid value for {source}: {e}") from None
     config = LauncherConfig(**values)
     _check(config)
+    if config.dtype and not config.dtype_str:
+        config = replace(config, dtype_str=config.dtype)
     return config
 
 
@@ -242,6 +267,8 @@ def ignored_options(config: LauncherConfig) -> list[str]:
 
 
 def _check(config: LauncherConfig) -> None:
+    if config.dtype and config.dtype_str and config.dtype != config.dtype_str:
+        raise ConfigError(f"DTYPE ({config.dtype}) and DTYPE_STR ({config.dtype_str}) disagree")
     if config.quantize:
         raise ConfigError(f"QUANTIZE={config.quantize} is not supported yet: serve the model's unquantized weights")
     if config.num_gpus and config.num_shard and config.num_gpus != config.num_shard:

@@ -137,8 +137,20 @@ async def _prepare(config: LauncherConfig) -> dict:
     return json.loads(stdout.decode().strip().splitlines()[-1])
 
 
+# What TGIS sets for its shards, unless the operator did: NCCL errors end a shard instead of
+# hanging it, NCCL does not record streams of freed tensors, safetensors loads straight to a GPU.
+_SHARD_ENV_DEFAULTS = {
+    "NCCL_ASYNC_ERROR_HANDLING": "1",
+    "TORCH_NCCL_AVOID_RECORD_STREAMS": "1",
+    "SAFETENSORS_FAST_GPU": "1",
+}
+
+
 def _child_env(config: LauncherConfig, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
+    env = {**_SHARD_ENV_DEFAULTS, **os.environ}
+    if env.get("PYTORCH_CUDA_ALLOC_CONF") == "":  # TGIS: set but empty means unset
+        del env["PYTORCH_CUDA_ALLOC_CONF"]
+    env["CUDA_PROCESS_MEMORY_FRACTION"] = str(config.cuda_process_memory_fraction)
     env["LOG_LEVEL"] = config.log_level
     # Shards log like the launcher, so a collector reads one format from the whole pod.
     env["JSON_OUTPUT"] = "true" if config.json_output else "false"

@@ -93,8 +93,13 @@ async def run_router(
         max_sequence_length=setup.max_sequence_length,
         max_new_tokens=config.max_new_tokens,
     )
-    limits = Limits(config.max_new_tokens, setup.max_sequence_length, config.default_include_stop_seqs)
-    tokenizer = TokenizerPool(setup.tokenizer_file, config.tokenizer_workers)
+    limits = Limits(
+        config.max_new_tokens,
+        setup.max_sequence_length,
+        config.default_include_stop_seqs,
+        config.max_prompt_prefix_length,
+    )
+    tokenizer = TokenizerPool(setup.tokenizer_file, config.tokenization_workers)
     queue = RequestQueue()
     service = GenerationService(
         model,

@@ -25,6 +25,7 @@ class Limits:
     max_new_tokens: int
     max_sequence_length: int
     default_include_stop_seqs: bool
+    max_prompt_prefix_length: int | None = None  # MAX_PROMPT_PREFIX_LENGTH; None: the sequence bounds it
 
 
 def validate_params(params: fmaas.Parameters, limits: Limits) -> GenerationParams:
@@ -112,6 +113,11 @@ def validate_input(
     """Checks input ``index`` of a call, tokenized, against the sequence-length limit and fixes
     its seed."""
     n = len(input_ids)
+    if limits.max_prompt_prefix_length is not None and prefix_length > limits.max_prompt_prefix_length:
+        raise ValidationError(
+            f"prompt prefix '{prefix_id}' is {prefix_length} tokens long, more than MAX_PROMPT_PREFIX_LENGTH "
+            f"({limits.max_prompt_prefix_length})"
+        )
     if n + prefix_length == 0:
         # Nothing to condition the first token on (a tokenizer that adds no BOS, an empty text).
         raise ValidationError(f"input {index} is empty: it has no tokens and no prompt prefix")

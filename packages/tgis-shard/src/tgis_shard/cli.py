@@ -16,7 +16,7 @@ from tgis_proto.plugins import PluginError
 from tgis_shard import model_files
 from tgis_shard.embedded import DEFAULT_MODEL, EmbeddedModelError
 from tgis_shard.engines.base import UnsupportedModelError
-from tgis_shard.memory import ESTIMATE_MODES, configure_cuda_allocator
+from tgis_shard.memory import ESTIMATE_MODES, configure_cuda_allocator, limit_process_memory
 from tgis_shard.onnx_export import ExportRefusedError
 from tgis_shard.registry import shard_registry
 
@@ -95,6 +95,19 @@ def _prepare(args: argparse.Namespace) -> model_files.ModelDescription:
     return description
 
 
+def default_dtype(device_type: str, config_dtype: str | None) -> str:
+    """DTYPE_STR unset: TGIS's choice. float32 on the CPU; on a GPU float16, or bfloat16 where the
+    model's config says so (float16's range would overflow weights trained in bfloat16)."""
+    if device_type != "cuda":
+        chosen, why = "float32", "the CPU"
+    elif config_dtype == "bfloat16":
+        chosen, why = "bfloat16", "a GPU, and the model's config says bfloat16"
+    else:
+        chosen, why = "float16", f"a GPU, and the model's config says {config_dtype or 'no dtype'}"
+    log.info("dtype %s: DTYPE_STR unset, %s", chosen, why)
+    return chosen
+
+
 def _serve(args: argparse.Namespace) -> None:
     configure_cuda_allocator()
     import torch
@@ -110,7 +123,9 @@ def _serve(args: argparse.Namespace) -> None:
     description = _prepare(args)
     model_dir = Path(description.model_dir)
     device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
-    dtype_name = args.dtype_str or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype_name = args.dtype_str or default_dtype(device.type, description.config_dtype)
+    if device.type == "cuda":
+        limit_process_memory(float(os.environ.get("CUDA_PROCESS_MEMORY_FRACTION", "1")), device)
     registry = shard_registry(os.environ.get("TGIS_PLUGINS"))
     ctx = ShardContext(
         model_dir=model_dir,

@@ -152,11 +152,31 @@ def measured_decode_bytes_per_token(
     return (torch.cuda.max_memory_allocated(device) - before) / (rows * (tokens + 1))
 
 
+# CUDA_PROCESS_MEMORY_FRACTION: the share of each GPU this process may use (limit_process_memory).
+_process_memory_fraction = 1.0
+
+
+def limit_process_memory(fraction: float, device: torch.device) -> None:
+    """Caps this process's allocations at ``fraction`` of the device (TGIS's
+    CUDA_PROCESS_MEMORY_FRACTION); what it measures as free stays within the cap."""
+    global _process_memory_fraction
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"CUDA_PROCESS_MEMORY_FRACTION must be in (0, 1], got {fraction}")
+    _process_memory_fraction = fraction
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+
+
+def device_free_bytes(device: torch.device) -> float:
+    """Device memory this process may still take: free on the device, and within its share."""
+    free, total = torch.cuda.mem_get_info(device)
+    within_share = _process_memory_fraction * total - torch.cuda.memory_reserved(device)
+    return max(0.0, min(float(free), within_share))
+
+
 def free_bytes_for_batches(device: torch.device, settings: MemorySettings) -> float:
     """What batches may use of the device memory free now (after the weights)."""
     torch.cuda.empty_cache()
-    free, _ = torch.cuda.mem_get_info(device)
-    return usable_bytes(free, settings)
+    return usable_bytes(device_free_bytes(device), settings)
 
 
 def usable_bytes(free: float, settings: MemorySettings) -> float:

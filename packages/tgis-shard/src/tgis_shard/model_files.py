@@ -12,13 +12,16 @@ from tgis_shard import embedded
 
 log = logging.getLogger(__name__)
 
-# config.json keys that carry the context length, by the model families that use them.
+# config.json keys that carry the context length, by the model families that use them: TGIS's,
+# in its order, then GPT-2's n_ctx.
 _MAX_LENGTH_KEYS = (
     "max_position_embeddings",
     "n_positions",
     "max_seq_len",
     "seq_length",
     "max_sequence_length",
+    "max_seq_length",
+    "seq_len",
     "n_ctx",
 )
 DEFAULT_MAX_SEQUENCE_LENGTH = 2048
@@ -37,6 +40,7 @@ class ModelDescription:
     encoder_decoder: bool
     max_sequence_length: int
     tokenizer_file: str
+    config_dtype: str | None = None  # the weights' dtype config.json names (torch_dtype or dtype)
 
 
 def default_cache_dir() -> Path:
@@ -110,4 +114,5 @@ def describe(model_dir: Path, cache_dir: Path) -> ModelDescription:
         encoder_decoder=bool(config.get("is_encoder_decoder", False)),
         max_sequence_length=max_sequence_length(config),
         tokenizer_file=str(tokenizer_file(model_dir, cache_dir)),
+        config_dtype=config.get("torch_dtype") or config.get("dtype"),
     )
