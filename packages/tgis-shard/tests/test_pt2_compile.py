@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 from torch._dynamo.utils import counters
 
 from tests.support.engines import StepDriver, native_engine, request
@@ -16,13 +17,23 @@ from tests.support.tiny_models import build_tiny_causal_lm
 from tgis_shard.engines.base import Engine
 
 STEPS = 60
-# The compiled pass fuses and reorders float32 arithmetic: sums round differently, far below this.
-LOGPROB_TOLERANCE = 1e-4
+# The compiled pass fuses and reorders arithmetic: sums round differently, far below this in
+# float32, at bfloat16's resolution on a GPU.
+LOGPROB_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
+DEVICES = [
+    pytest.param("cpu", torch.float32, id="cpu"),
+    # On a GPU: the default attention backend (FlashInfer where installed) and CUDA graphs too.
+    pytest.param(
+        "cuda", torch.bfloat16, id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+    ),
+]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return build_tiny_causal_lm(tmp_path_factory.mktemp("llama-pt2"), arch="llama", seed=6)
+    # Heads of 128, which FlashInfer is built for on a GPU.
+    shape = {"hidden_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1}
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("llama-pt2"), arch="llama", seed=6, **shape)
 
 
 def _compiled_graphs() -> int:
@@ -50,15 +61,19 @@ def _serve_mix(engine: Engine, seed: int) -> list[tuple[int, int, float]]:
     return tokens
 
 
-def test_compiled_forward_equals_eager_and_compiles_nothing_after_the_warm_up(model_dir):
-    compiled = native_engine(0, 1, free_port(), model_dir, pt2_compile=True)
+@pytest.mark.parametrize(("device", "dtype"), DEVICES)
+def test_compiled_forward_equals_eager_and_compiles_nothing_after_the_warm_up(model_dir, device, dtype):
+    device = torch.device(device, 0) if device == "cuda" else torch.device(device)
+    compiled = native_engine(0, 1, free_port(), model_dir, dtype, device=device, pt2_compile=True)
     before = _compiled_graphs()
     compiled.warm_up()
     after_warm_up = _compiled_graphs()
     assert after_warm_up > before
     tokens = _serve_mix(compiled, seed=3)
     assert _compiled_graphs() == after_warm_up
-    expected = _serve_mix(native_engine(0, 1, free_port(), model_dir), seed=3)
+    eager = native_engine(0, 1, free_port(), model_dir, dtype, device=device)
+    eager.warm_up()
+    expected = _serve_mix(eager, seed=3)
     assert len(tokens) > STEPS / 2
     assert [t[:2] for t in tokens] == [t[:2] for t in expected]
-    assert [t[2] for t in tokens] == pytest.approx([t[2] for t in expected], abs=LOGPROB_TOLERANCE)
+    assert [t[2] for t in tokens] == pytest.approx([t[2] for t in expected], abs=LOGPROB_TOLERANCE[dtype])
