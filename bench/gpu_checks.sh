@@ -30,7 +30,8 @@ python3 -c 'import torch, transformers, grpc, google.protobuf as p; print(torch.
 if [[ $stage != serving ]]; then
   python3 -m pytest -q -p no:cacheprovider -rs \
   packages/tgis-shard/tests/test_steps.py packages/tgis-shard/tests/test_paged_attention.py \
-  packages/tgis-shard/tests/test_memory_gpu.py packages/tgis-shard/tests/test_cuda_graphs.py 2>&1 | tail -40 | tee "$out/gpu-tests.log"
+  packages/tgis-shard/tests/test_memory_gpu.py packages/tgis-shard/tests/test_cuda_graphs.py \
+  packages/tgis-shard/tests/test_pt2_compile.py 2>&1 | tail -40 | tee "$out/gpu-tests.log"
   python3 bench/compile_warm_up.py 2>&1 | tail -5 | tee "$out/compile-warm-up.log"
 fi
 # serving: the issue's table; anything after the stage goes to serving.py instead (e.g. --pt2-compile).

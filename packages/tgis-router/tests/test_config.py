@@ -135,3 +135,14 @@ def test_shards_get_tgis_s_environment_unless_the_operator_set_it(monkeypatch):
     assert env["CUDA_PROCESS_MEMORY_FRACTION"] == "0.5"
     with pytest.raises(ConfigError, match="CUDA_PROCESS_MEMORY_FRACTION"):
         parse_config([], environ={"CUDA_PROCESS_MEMORY_FRACTION": "1.5"})
+
+
+def test_hf_cache_variables_must_name_one_folder_which_shards_get_as_hf_hub_cache():
+    assert parse_config([], environ={}).hub_cache is None
+    config = parse_config([], environ={"TRANSFORMERS_CACHE": "/models/hub/", "HUGGINGFACE_HUB_CACHE": "/models/hub"})
+    assert config.hub_cache == "/models/hub"
+    assert _child_env(config)["HF_HUB_CACHE"] == "/models/hub"
+    with pytest.raises(
+        ConfigError, match=r"HF cache variables name different folders \(HF_HUB_CACHE=/a, TRANSFORMERS_CACHE=/b\)"
+    ):
+        parse_config([], environ={"HF_HUB_CACHE": "/a", "TRANSFORMERS_CACHE": "/b"})

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
 
 from tests.support.tiny_models import build_tiny_causal_lm
@@ -107,3 +110,21 @@ def test_unset_dtype_str_follows_tgis_float16_on_gpu_unless_the_config_says_bflo
 @pytest.mark.parametrize("key", ["max_seq_length", "seq_len", "max_position_embeddings"])
 def test_max_sequence_length_comes_from_tgis_s_config_keys(key):
     assert model_files.max_sequence_length({key: 777}) == 777
+
+
+def test_convert_to_fast_tokenizer_writes_one_that_encodes_as_the_slow_files_do(model_dir, tmp_path, capsys):
+    slow = tmp_path / "slow"
+    shutil.copytree(model_dir, slow)
+    original = Tokenizer.from_file(str(slow / "tokenizer.json"))
+    original.model.save(str(slow))  # a byte-level BPE's vocab.json and merges.txt: GPT-2's slow files
+    config = json.loads((slow / "tokenizer_config.json").read_text())
+    (slow / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "GPT2Tokenizer"}))
+    (slow / "tokenizer.json").unlink()
+    assert main(["convert-to-fast-tokenizer", str(slow), "--cache-dir", str(tmp_path / "cache")]) == 0
+    written = Path(capsys.readouterr().out.strip())
+    assert written.is_relative_to(tmp_path / "cache")
+    text = "Hello there, general Kenobi"
+    assert Tokenizer.from_file(str(written)).encode(text).ids == original.encode(text).ids
+    # Served from now on: prepare names the converted file.
+    assert main(["prepare", str(slow), "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert json.loads(capsys.readouterr().out)["tokenizer_file"] == str(written)

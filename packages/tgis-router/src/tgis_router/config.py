@@ -126,6 +126,8 @@ class LauncherConfig:
     quantize: str | None = None
     max_prompt_prefix_length: int | None = None
     cuda_process_memory_fraction: float = 1.0
+    # Not a launcher option: the HF hub cache the environment names (resolve_hub_cache).
+    hub_cache: str | None = None
     max_batch_weight: int | None = None
     max_prefill_weight: int | None = None
 
@@ -251,7 +253,21 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
     _check(config)
     if config.dtype and not config.dtype_str:
         config = replace(config, dtype_str=config.dtype)
-    return config
+    return replace(config, hub_cache=resolve_hub_cache(environ))
+
+
+# Names of the HF hub cache folder, newest first, as TGIS reads them.
+HUB_CACHE_VARIABLES = ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE")
+
+
+def resolve_hub_cache(environ: Mapping[str, str]) -> str | None:
+    """The HF hub cache folder the environment names; the variables set must agree (TGIS's check)."""
+    named = {name: environ[name] for name in HUB_CACHE_VARIABLES if environ.get(name)}
+    folders = {os.path.normpath(value) for value in named.values()}
+    if len(folders) > 1:
+        listed = ", ".join(f"{name}={value}" for name, value in named.items())
+        raise ConfigError(f"the HF cache variables name different folders ({listed}); set one, or all alike")
+    return folders.pop() if folders else None
 
 
 def ignored_options(config: LauncherConfig) -> list[str]:

@@ -151,6 +151,8 @@ def _child_env(config: LauncherConfig, **extra: str) -> dict[str, str]:
     if env.get("PYTORCH_CUDA_ALLOC_CONF") == "":  # TGIS: set but empty means unset
         del env["PYTORCH_CUDA_ALLOC_CONF"]
     env["CUDA_PROCESS_MEMORY_FRACTION"] = str(config.cuda_process_memory_fraction)
+    if config.hub_cache:  # under the name huggingface_hub reads first
+        env["HF_HUB_CACHE"] = config.hub_cache
     env["LOG_LEVEL"] = config.log_level
     # Shards log like the launcher, so a collector reads one format from the whole pod.
     env["JSON_OUTPUT"] = "true" if config.json_output else "false"

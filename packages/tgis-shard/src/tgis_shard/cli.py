@@ -1,5 +1,5 @@
 """``text-generation-server``: serve | prepare | plugins | download-weights | convert-to-safetensors |
-convert-to-onnx."""
+convert-to-fast-tokenizer | convert-to-onnx."""
 
 from __future__ import annotations
 
@@ -79,6 +79,13 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("model_name")
     convert.add_argument("--revision", default=None)
     convert.add_argument("--cache-dir", type=Path, default=model_files.default_cache_dir())
+
+    fast = sub.add_parser(
+        "convert-to-fast-tokenizer", help="write a fast tokenizer (tokenizer.json) for a model that has a slow one only"
+    )
+    fast.add_argument("model_name")
+    fast.add_argument("--revision", default=None)
+    fast.add_argument("--cache-dir", type=Path, default=model_files.default_cache_dir())
 
     onnx = sub.add_parser("convert-to-onnx", help="export an LM to ONNX for DEPLOYMENT_FRAMEWORK=hf_optimum_ort")
     onnx.add_argument("model_name")
@@ -212,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
             model_dir = model_files.resolve_model_dir(args.model_name, args.revision, args.cache_dir)
             for path in convert_to_safetensors(model_dir):
                 print(path)
+        elif args.command == "convert-to-fast-tokenizer":
+            model_dir = model_files.resolve_model_dir(args.model_name, args.revision, args.cache_dir)
+            print(model_files.tokenizer_file(model_dir, args.cache_dir))  # the model's own when it has one
         elif args.command == "convert-to-onnx":
             from tgis_shard.onnx_export import export, export_dir
 
