@@ -57,6 +57,20 @@ def test_bad_option_value_is_one_clear_line():
     )
 
 
+def test_a_failed_start_writes_its_one_line_reason_to_the_termination_log(tmp_path):
+    termination_log = tmp_path / "termination-log"
+    result = _run(
+        "--model-name",
+        str(tmp_path / "nowhere"),
+        "--shard-uds-path",
+        str(tmp_path / "s"),
+        env={"TERMINATION_LOG_PATH": str(termination_log)},
+    )
+    assert result.returncode == 2
+    (line,) = _error_lines(result)
+    assert termination_log.read_text() == line.removeprefix("text-generation-launcher: error: ") + "\n"
+
+
 def test_unknown_engine_is_refused_before_any_shard_starts(model_dir, tmp_path):
     result = _run("--model-name", str(model_dir), "--deployment-framework", "warp_drive")
     assert result.returncode == 2

@@ -12,7 +12,7 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -309,20 +309,42 @@ async def _launch(config: LauncherConfig) -> int:
         await shards.close()
 
 
+# Kubernetes mounts this file in every container and shows what is written there as the
+# termination message; TERMINATION_LOG_PATH names another.
+DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+
+
+def write_termination_log(reason: str, environ: Mapping[str, str] = os.environ) -> None:
+    """The one-line reason a start-up failed, where the orchestrator shows it. The default path is
+    written only where it exists (in a pod): elsewhere stderr has the line already."""
+    path = environ.get("TERMINATION_LOG_PATH") or DEFAULT_TERMINATION_LOG
+    if path == DEFAULT_TERMINATION_LOG and not os.path.exists(path):
+        return
+    try:
+        with open(path, "w") as log_file:
+            log_file.write(reason + "\n")
+    except OSError as e:
+        log.warning("cannot write the termination log %s: %s", path, e)
+
+
+def _fail_start(reason: str) -> int:
+    print(f"text-generation-launcher: error: {reason}", file=sys.stderr)
+    write_termination_log(reason)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = parse_config(argv)
     except ConfigError as e:
-        print(f"text-generation-launcher: error: {e}", file=sys.stderr)
-        return 2
+        return _fail_start(str(e))
     configure_logging(config.log_level, config.json_output)
     for warning in ignored_options(config):
         log.warning(warning)
     try:
         return asyncio.run(_launch(config))
     except LaunchError as e:
-        print(f"text-generation-launcher: error: {e}", file=sys.stderr)
-        return 2
+        return _fail_start(str(e))
 
 
 if __name__ == "__main__":
