@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.load import run as run_load  # noqa: E402
+from bench.load import sweep  # noqa: E402
 from tests.support.server import launcher  # noqa: E402
 from tgis_shard.embedded import DEFAULT_MODEL  # noqa: E402
 from tgis_shard.model_files import default_cache_dir, resolve_model_dir  # noqa: E402
@@ -47,28 +47,16 @@ def main() -> None:
     args = parser.parse_args()
     if "hf_optimum_ort" in args.engines:
         _ensure_export()
-    words = 2 * args.prompt_tokens  # every prompt is cut to exactly its last prompt_tokens tokens
     rates: dict[tuple[str, int], float] = {}
     rows = []
     for engine in args.engines:
         options = ["--deployment-framework", engine, "--max-batch-size", str(max(args.concurrency))]
         with launcher(None, *options, env={"SHARD_TORCH_THREADS": str(args.shard_threads)}) as server:
             address = f"localhost:{server.grpc_port}"
-            run_load(address, 1, 1, words, 2, seed=0, prompt_tokens=args.prompt_tokens)  # warm-up
-            for streams in args.concurrency:
-                result = run_load(
-                    address,
-                    streams,
-                    streams * args.rounds,
-                    words,
-                    args.new_tokens,
-                    seed=streams,
-                    prompt_tokens=args.prompt_tokens,
-                )
-                if result["errors"]:
-                    raise RuntimeError(f"{engine}: {len(result['errors'])} requests failed: {result['errors'][:2]}")
-                rates[engine, streams] = result["tokens_per_s"]
-                rows.append((engine, streams, result))
+            results = sweep(address, args.concurrency, args.rounds, args.prompt_tokens, args.new_tokens)
+        for streams, result in results.items():
+            rates[engine, streams] = result["tokens_per_s"]
+            rows.append((engine, streams, result))
     base = args.engines[0]
     print(
         f"SmolLM2-135M on the CPU ({args.shard_threads} shard threads), {args.prompt_tokens} prompt + "

@@ -13,6 +13,7 @@ import random
 import statistics
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -136,6 +137,23 @@ def run(
         "ttft": [s.ttft for s in ok],
         "itl": [t for s in ok for t in s.inter_token],
     }
+
+
+def sweep(
+    address: str, concurrency: Sequence[int], rounds: int, prompt_tokens: int, new_tokens: int
+) -> dict[int, dict]:
+    """Closed-loop streaming clients at each concurrency in turn, ``rounds`` requests per client,
+    every prompt cut to exactly ``prompt_tokens`` tokens (twice as many words are sent), after one
+    warm-up request; a failed request fails the sweep."""
+    words = 2 * prompt_tokens
+    run(address, 1, 1, words, new_tokens, seed=0, prompt_tokens=prompt_tokens)  # warm-up
+    results = {}
+    for streams in concurrency:
+        result = run(address, streams, streams * rounds, words, new_tokens, seed=streams, prompt_tokens=prompt_tokens)
+        if result["errors"]:
+            raise RuntimeError(f"{len(result['errors'])} requests failed at {streams} streams: {result['errors'][:3]}")
+        results[streams] = result
+    return results
 
 
 def main() -> None:

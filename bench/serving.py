@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.load import run as run_load  # noqa: E402
+from bench.load import sweep  # noqa: E402
 from bench.random_model import SHAPES, build_random_model  # noqa: E402
 from tests.support.engines import StepDriver, request  # noqa: E402
 from tests.support.server import launcher  # noqa: E402
@@ -158,26 +158,9 @@ def serve(model_dir: Path, args: argparse.Namespace, dtype_name: str) -> dict[in
         *("--cuda-graphs", str(args.cuda_graphs).lower()),
         *("--pt2-compile", str(args.pt2_compile).lower()),
     ]
-    results = {}
-    # Twice as many words as tokens: every prompt is cut to exactly its last prompt_tokens tokens.
-    words = 2 * args.prompt_tokens
     with launcher(model_dir, *options, env={"SHARD_TORCH_THREADS": str(args.shard_threads)}) as server:
         address = f"localhost:{server.grpc_port}"
-        run_load(address, 1, 1, words, args.new_tokens, seed=0, prompt_tokens=args.prompt_tokens)  # warm-up
-        for streams in args.concurrency:
-            result = run_load(
-                address,
-                streams,
-                streams * args.rounds,
-                words,
-                args.new_tokens,
-                seed=streams,
-                prompt_tokens=args.prompt_tokens,
-            )
-            if result["errors"]:
-                raise RuntimeError(f"{len(result['errors'])} requests failed: {result['errors'][:3]}")
-            results[streams] = result
-    return results
+        return sweep(address, args.concurrency, args.rounds, args.prompt_tokens, args.new_tokens)
 
 
 def main() -> None:

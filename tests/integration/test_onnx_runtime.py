@@ -8,12 +8,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.support.ports import free_port
 from tests.support.server import launcher, launcher_command
-from tests.support.tiny_models import build_tiny_causal_lm
+from tests.support.tiny_models import build_tiny_causal_lm, reference_texts
 from tgis_proto import generation_pb2 as fmaas
 from tgis_shard.embedded import DEFAULT_MODEL
 from tgis_shard.model_files import default_cache_dir, resolve_model_dir
@@ -40,14 +38,7 @@ def server(model_dir):
 
 @pytest.fixture(scope="module")
 def expected(model_dir):
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    texts = []
-    for prompt in PROMPTS:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        generated = model.generate(ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)[0, ids.shape[1] :]
-        texts.append(tokenizer.decode(generated, skip_special_tokens=True))
-    return texts
+    return reference_texts(model_dir, PROMPTS, MAX_NEW_TOKENS)
 
 
 def test_smollm2_on_onnx_runtime_equals_transformers(server, expected):

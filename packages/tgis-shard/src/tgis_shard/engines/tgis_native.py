@@ -451,9 +451,8 @@ def _cache_blocks(ctx: ShardContext, model: NativeCausalLM, block_size: int) -> 
     if ctx.kv_cache_blocks:
         return ctx.kv_cache_blocks
     if ctx.device.type == "cuda":
-        free = (
-            memory.device_free_bytes(ctx.device) - ctx.memory_settings.reserved_bytes
-        )  # the prompt-prefix cache fills up later
+        # The prompt-prefix cache fills up later.
+        free = memory.device_free_bytes(ctx.device) - ctx.memory_settings.reserved_bytes
         element = torch.empty((), dtype=ctx.dtype).element_size()
         per_block = 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * element
         return max(1, int(max(0, free) * GPU_CACHE_FRACTION) // per_block)
