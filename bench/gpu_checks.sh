@@ -14,8 +14,8 @@
 # FlashInfer JIT-compiles its kernels into .fi-cache/ (FLASHINFER_WORKSPACE_BASE); the compiled
 # ones come back as $OUT/fi-cache.tgz: unpacked here and carried (`carry: [".whl", ".fi-cache"]`),
 # the next call skips the compilation.
-# Then on the device: bash bench/gpu_checks.sh [tests|serving [serving.py options]]   (both by default; results land in
-# $OUT). Each stage fits one call's 10 minutes on its own.
+# Then on the device: bash bench/gpu_checks.sh [tests|families|serving [serving.py options]]   (tests and serving by
+# default; results land in $OUT). Each stage fits one call's 10 minutes on its own.
 set -uo pipefail
 stage=${1:-all}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -27,16 +27,29 @@ mkdir -p "$out" "$FLASHINFER_WORKSPACE_BASE"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
 python3 -c 'import torch, transformers, grpc, google.protobuf as p; print(torch.__version__, transformers.__version__, grpc.__version__, p.__version__)' \
   | tee -a "$out/gpu.txt"
-if [[ $stage != serving ]]; then
-  python3 -m pytest -q -p no:cacheprovider -rs \
-  packages/tgis-shard/tests/test_steps.py packages/tgis-shard/tests/test_paged_attention.py \
-  packages/tgis-shard/tests/test_memory_gpu.py packages/tgis-shard/tests/test_cuda_graphs.py \
-  packages/tgis-shard/tests/test_pt2_compile.py 2>&1 | tail -40 | tee "$out/gpu-tests.log"
-  python3 bench/compile_warm_up.py 2>&1 | tail -5 | tee "$out/compile-warm-up.log"
+if [[ $stage == tests || $stage == all ]]; then
+  # GPU_TESTS: a narrower list of test files (the compile warm-up bench then stays out).
+  default_tests="packages/tgis-shard/tests/test_steps.py packages/tgis-shard/tests/test_paged_attention.py
+    packages/tgis-shard/tests/test_memory_gpu.py packages/tgis-shard/tests/test_cuda_graphs.py
+    packages/tgis-shard/tests/test_pt2_compile.py packages/tgis-shard/tests/test_fused.py"
+  # shellcheck disable=SC2086  # the list splits into files on purpose
+  python3 -m pytest -q -p no:cacheprovider -rs --show-capture=no ${GPU_TESTS:-$default_tests} > "$out/gpu-tests.log" 2>&1
+  tail -40 "$out/gpu-tests.log"
+  [[ -n ${GPU_TESTS:-} ]] || python3 bench/compile_warm_up.py > "$out/compile-warm-up.log" 2>&1
+  [[ -n ${GPU_TESTS:-} ]] || tail -15 "$out/compile-warm-up.log"
 fi
-# serving: the issue's table; anything after the stage goes to serving.py instead (e.g. --pt2-compile).
+# families: every model family against transformers on one GPU (and on two where there are two).
+if [[ $stage == families ]]; then
+  python3 -m pytest -q -p no:cacheprovider -rs -s --show-capture=no packages/tgis-models-*/tests/*_gpu.py \
+    > "$out/family-tests.log" 2>&1
+  grep -v '^$' "$out/family-tests.log" | tail -40
+fi
+# serving: the issue's table; anything after the stage goes to serving.py instead (e.g. --variants default pt2-compile).
 serving_args=("${@:2}")
 [[ ${#serving_args[@]} -gt 0 ]] || serving_args=(--concurrency 1 8 32 128)
-[[ $stage == tests ]] || python3 bench/serving.py --shape 8b "${serving_args[@]}" --record "$out/serving.md" 2>&1 \
-  | tail -20 | tee "$out/serving.log"
+# The log fills as each variant ends, so a run cut off by the call's limit still brings back the rest.
+if [[ $stage == serving || $stage == all ]]; then
+  python3 bench/serving.py --shape 8b "${serving_args[@]}" --record "$out/serving.md" > "$out/serving.log" 2>&1
+  grep -v "it/s]" "$out/serving.log" | tail -60
+fi
 tar -czf "$out/fi-cache.tgz" -C "$FLASHINFER_WORKSPACE_BASE" . 2>/dev/null && ls -la "$out/fi-cache.tgz"

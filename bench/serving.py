@@ -6,6 +6,7 @@ top of it), and plain transformers generate(). Prints the table; with ``--record
 dated, with the command and the machine, to a results file (bench/RESULTS.md).
 
     python3 bench/serving.py --shape 8b --concurrency 1 8 32 128 --record bench/RESULTS.md   # one GPU
+    python3 bench/serving.py --shape 8b --concurrency 1 128 --variants default no-fused-kernels   # A/B, one run
     python3 bench/serving.py --shape tiny --concurrency 1 2 --prompt-tokens 16 --new-tokens 8   # CPU smoke run
 """
 
@@ -19,10 +20,13 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -33,9 +37,30 @@ from tests.support.engines import StepDriver, request  # noqa: E402
 from tests.support.server import launcher  # noqa: E402
 from tgis_proto.plugins import resolve  # noqa: E402
 from tgis_shard.engines.base import ShardContext  # noqa: E402
+from tgis_shard.layers import fused  # noqa: E402
 from tgis_shard.registry import shard_registry  # noqa: E402
 
 IN_PROCESS_DECODE_STEPS = 20
+
+
+@dataclass(frozen=True)
+class Variant:
+    """An engine configuration the bench serves (each field a launcher option of that name)."""
+
+    cuda_graphs: bool = True
+    fused_kernels: bool = True
+    pt2_compile: bool = False
+
+    def launcher_options(self) -> list[str]:
+        return [arg for name, on in asdict(self).items() for arg in (f"--{name.replace('_', '-')}", str(on).lower())]
+
+
+VARIANTS = {
+    "default": Variant(),
+    "no-cuda-graphs": Variant(cuda_graphs=False),
+    "no-fused-kernels": Variant(fused_kernels=False),
+    "pt2-compile": Variant(pt2_compile=True),
+}
 
 
 @dataclass(frozen=True)
@@ -110,11 +135,13 @@ def generate_baseline(model_dir: Path, device: torch.device, dtype, concurrency:
 
 
 def in_process_decode_step(
-    model_dir: Path, device: torch.device, dtype, prompt: int, new: int, max_sequence_length: int, engine_options: dict
-) -> float:
-    """Seconds per decode step of one request on the engine in process: no router, no gRPC."""
+    model_dir: Path, device: torch.device, dtype, prompt: int, new: int, max_sequence_length: int, variant: Variant
+) -> tuple[float, int | None]:
+    """Seconds per decode step of one request on the engine in process (no router, no gRPC), and
+    what the device runs for one such step."""
     steps = max(1, min(IN_PROCESS_DECODE_STEPS, new - 2))
     registry = shard_registry(None)
+    fused.enable(variant.fused_kernels)  # what the shard's command line sets for its process
     ctx = ShardContext(
         model_dir=model_dir,
         model_type="llama",
@@ -126,7 +153,8 @@ def in_process_decode_step(
         registry=registry,
         max_batch_size=1,
         estimate_memory="off",
-        **engine_options,
+        cuda_graphs=variant.cuda_graphs,
+        pt2_compile=variant.pt2_compile,
     )
     engine = resolve(registry.engine("tgis_native").target)(ctx)
     engine.warm_up()
@@ -139,76 +167,54 @@ def in_process_decode_step(
         started = time.perf_counter()
         driver.step()  # returns once the token is on the host
         times.append(time.perf_counter() - started)
+    kernels = _device_activities(driver.step, device)
     del driver, engine
     _free(device)
-    return statistics.median(times)
+    return statistics.median(times), kernels
+
+
+def _device_activities(step: Callable[[], object], device: torch.device) -> int | None:
+    """Kernels, copies and fills the device runs for one ``step`` (those inside a replayed CUDA
+    graph included); None on a CPU."""
+    if device.type != "cuda":
+        return None
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        step()
+        _sync(device)
+    return sum(1 for event in profiler.events() if event.device_type == DeviceType.CUDA)
 
 
 def _quantile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
-def serve(model_dir: Path, args: argparse.Namespace, dtype_name: str) -> dict[int, dict]:
+def serve(model_dir: Path, args: argparse.Namespace, dtype_name: str, variant: Variant) -> dict[int, dict]:
     """Each concurrency through the launcher: closed-loop streaming clients, ``rounds`` requests each."""
     max_sequence_length = args.prompt_tokens + args.new_tokens + 8
     options = [
         *("--deployment-framework", "tgis_native", "--dtype-str", dtype_name),
         *("--max-batch-size", str(max(args.concurrency)), "--max-sequence-length", str(max_sequence_length)),
         *("--max-new-tokens", str(args.new_tokens), "--max-concurrent-requests", str(4 * max(args.concurrency))),
-        *("--cuda-graphs", str(args.cuda_graphs).lower()),
-        *("--pt2-compile", str(args.pt2_compile).lower()),
+        *variant.launcher_options(),
     ]
     with launcher(model_dir, *options, env={"SHARD_TORCH_THREADS": str(args.shard_threads)}) as server:
         address = f"localhost:{server.grpc_port}"
         return sweep(address, args.concurrency, args.rounds, args.prompt_tokens, args.new_tokens)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=SHAPES, default="tiny")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=2, help="requests each client sends, one after the other")
-    parser.add_argument("--shard-threads", type=int, default=4, help="torch threads of the shard process")
-    parser.add_argument(
-        "--cuda-graphs", action=argparse.BooleanOptionalAction, default=True, help="decode steps from CUDA graphs"
+def _describe(variant: Variant, device: torch.device) -> str:
+    on_gpu = device.type == "cuda"
+    return (
+        f"CUDA graphs {'on' if variant.cuda_graphs and on_gpu else 'off'}, "
+        f"fused kernels {'on' if variant.fused_kernels and on_gpu else 'off'}, "
+        f"PT2_COMPILE {'on' if variant.pt2_compile else 'off'}"
     )
-    parser.add_argument("--pt2-compile", action="store_true", help="the layers through torch.compile (PT2_COMPILE)")
-    parser.add_argument("--record", type=Path, help="append the table, dated, to this file (bench/RESULTS.md)")
-    args = parser.parse_args()
-    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    dtype_name = str(dtype).removeprefix("torch.")
-    machine = (
-        torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'x86-64'})"
-    )
-    max_sequence_length = args.prompt_tokens + args.new_tokens + 8
-    graphs = "on" if args.cuda_graphs and device.type == "cuda" else "off"
-    with tempfile.TemporaryDirectory() as folder:
-        model_dir = build_random_model(Path(folder) / args.shape, SHAPES[args.shape], max_sequence_length, device)
-        bandwidth = copy_bandwidth(device)
-        generate_rates, cost = generate_baseline(
-            model_dir, device, dtype, args.concurrency, args.prompt_tokens, args.new_tokens
-        )
-        in_process = in_process_decode_step(
-            model_dir,
-            device,
-            dtype,
-            args.prompt_tokens,
-            args.new_tokens,
-            max_sequence_length,
-            {"cuda_graphs": args.cuda_graphs, "pt2_compile": args.pt2_compile},
-        )
-        served = serve(model_dir, args, dtype_name)
-    context = args.prompt_tokens + args.new_tokens / 2
+
+
+def _table(
+    served: dict[int, dict], cost: ModelCost, bandwidth: float, context: float, generate_rates: dict
+) -> list[str]:
     lines = [
-        f"{args.shape} shape, {dtype_name}, {args.prompt_tokens} prompt + {args.new_tokens} new tokens, "
-        f"{args.rounds} requests per client; CUDA graphs {graphs}; PT2_COMPILE {args.pt2_compile}; {machine}; "
-        f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
-        f"a decode step reads {cost.weight_bytes / 1e9:.2f} GB of weights",
-        f"in-process decode step at 1 stream: {in_process * 1000:.2f} ms",
-        "",
         "| concurrency | tok/s | TTFT p50 / p99 | ITL p50 / p99 | roofline tok/s | of roofline "
         "| generate() tok/s | × generate() |",
         "|---|---|---|---|---|---|---|---|",
@@ -223,16 +229,68 @@ def main() -> None:
             f"| {roofline:,.0f} | {result['tokens_per_s'] / roofline:.2f} "
             f"| {generate_rates[streams]:,.0f} | {result['tokens_per_s'] / generate_rates[streams]:.2f} |"
         )
-    if 1 in served:
-        ratio = _quantile(served[1]["itl"], 50) / in_process
-        lines += ["", f"ITL p50 at 1 stream through the server / the same step in process: {ratio:.2f}"]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=SHAPES, default="tiny")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=2, help="requests each client sends, one after the other")
+    parser.add_argument("--shard-threads", type=int, default=4, help="torch threads of the shard process")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=["default"],
+        help="engine configurations to serve one after the other, beside the same baselines",
+    )
+    parser.add_argument("--record", type=Path, help="append the table, dated, to this file (bench/RESULTS.md)")
+    args = parser.parse_args()
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype_name = str(dtype).removeprefix("torch.")
+    machine = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'x86-64'})"
+    )
+    max_sequence_length = args.prompt_tokens + args.new_tokens + 8
+    with tempfile.TemporaryDirectory() as folder:
+        model_dir = build_random_model(Path(folder) / args.shape, SHAPES[args.shape], max_sequence_length, device)
+        bandwidth = copy_bandwidth(device)
+        generate_rates, cost = generate_baseline(
+            model_dir, device, dtype, args.concurrency, args.prompt_tokens, args.new_tokens
+        )
+        lines = [
+            f"{args.shape} shape, {dtype_name}, {args.prompt_tokens} prompt + {args.new_tokens} new tokens, "
+            f"{args.rounds} requests per client; {machine}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
+            f"a decode step reads {cost.weight_bytes / 1e9:.2f} GB of weights",
+        ]
+        print(lines[0], flush=True)
+        context = args.prompt_tokens + args.new_tokens / 2
+        for name in args.variants:
+            variant = VARIANTS[name]
+            in_process, kernels = in_process_decode_step(
+                model_dir, device, dtype, args.prompt_tokens, args.new_tokens, max_sequence_length, variant
+            )
+            served = serve(model_dir, args, dtype_name, variant)
+            step = f"in-process decode step at 1 stream {in_process * 1000:.2f} ms"
+            if kernels is not None:
+                step += f", {kernels:,} device kernels and copies"
+            section = ["", f"**{name}** ({_describe(variant, device)}): {step}", ""]
+            section += _table(served, cost, bandwidth, context, generate_rates)
+            if 1 in served:
+                ratio = _quantile(served[1]["itl"], 50) / in_process
+                section += ["", f"ITL p50 at 1 stream through the server / the same step in process: {ratio:.2f}"]
+            print("\n".join(section), flush=True)  # each variant as it ends: a cut-off run keeps the rest
+            lines += section
     table = "\n".join(lines)
-    print(table)
     if args.record:
         command = "python3 bench/serving.py " + " ".join(sys.argv[1:])
         entry = f"\n## {datetime.date.today()} — serving bench ({machine})\n\n```shell\n{command}\n```\n\n{table}\n"
-        with args.record.open("a") as results:
-            results.write(entry)
+        with args.record.open("a") as record:
+            record.write(entry)
 
 
 if __name__ == "__main__":

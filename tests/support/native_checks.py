@@ -2,7 +2,9 @@
 
 CPU: on 1 and 2 ranks (gloo) a family equals transformers on the same weights — greedy tokens,
 first-token logprobs — while requests join and leave mid-generation, and each rank holds about
-1/N of the weights. GPU: the same over NCCL in fp16/bf16 with half-precision tolerances.
+1/N of the weights. GPU: the same in fp16/bf16 with half-precision tolerances, on one GPU (after
+the warm-up, as a server runs: CUDA graphs, fused kernels, the default attention backend) and on
+two over NCCL.
 """
 
 from __future__ import annotations
@@ -24,6 +26,13 @@ GPU_NEW_TOKENS = 12
 GPU_LOGPROB_TOLERANCE = {torch.float16: 0.05, torch.bfloat16: 0.15}
 # Where the reference's best two tokens are closer than this, rounding may pick either.
 NEAR_TIE = 0.5
+# GPU counts a family's GPU checks run on, each skipped where the machine has fewer.
+GPU_COUNTS = [
+    pytest.param(
+        n, id=f"{n}gpu", marks=pytest.mark.skipif(torch.cuda.device_count() < n, reason=f"needs {n} CUDA devices")
+    )
+    for n in (1, 2)
+]
 
 
 def prompt_ids(model_dir: Path) -> list[list[int]]:
@@ -121,6 +130,7 @@ def _gpu_scenario(
 ) -> dict:
     device = torch.device(f"cuda:{rank}")
     engine = native_engine(rank, world_size, port, model_dir, dtype, device, prefix_store_path=store and Path(store))
+    engine.warm_up()
     prefix_ids = {i: PREFIXES[i][0] for i in PREFIXES} if store else {}
     driver = StepDriver(engine)
     driver.join(
@@ -163,18 +173,21 @@ def _gpu_reference(
     return results
 
 
-def check_two_gpus_match_transformers(model_dir: Path, dtype: torch.dtype, prefix_store: Path | None = None) -> None:
-    """TP=2 over NCCL against transformers on one GPU; a divergence is allowed only at a near-tie.
-    With ``prefix_store``, requests 0 and 2 carry the prefix scenario's PEFT prompt prefixes."""
+def check_gpus_match_transformers(
+    model_dir: Path, dtype: torch.dtype, gpus: int, prefix_store: Path | None = None
+) -> None:
+    """TP=``gpus`` (over NCCL from 2) against transformers on one GPU; a divergence is allowed only
+    at a near-tie. With ``prefix_store``, requests 0 and 2 carry the prefix scenario's PEFT prompt
+    prefixes."""
     ids = prompt_ids(model_dir)
     prefixes: dict[int, torch.Tensor] = {}
     if prefix_store is not None:
         saved = save_prefixes(model_dir, prefix_store)
         prefixes = {i: saved[name] for i, (name, _) in PREFIXES.items()}
     store = str(prefix_store) if prefix_store is not None else None
-    results = run_ranks(_gpu_scenario, 2, str(model_dir), ids, dtype, store)
-    assert results[0]["outputs"] == results[1]["outputs"]
-    print(f"{model_dir.name} {dtype}: attention backend {results[0]['backend']}")
+    results = run_ranks(_gpu_scenario, gpus, str(model_dir), ids, dtype, store)
+    assert all(r["outputs"] == results[0]["outputs"] for r in results)
+    print(f"{model_dir.name} {dtype} on {gpus} GPUs: attention backend {results[0]['backend']}")
     for i, (ref_tokens, ref_logits) in enumerate(_gpu_reference(model_dir, ids, dtype, prefixes)):
         assert_close_to_reference(
             results[0]["outputs"][i],

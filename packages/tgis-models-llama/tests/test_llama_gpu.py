@@ -1,6 +1,6 @@
-"""LLaMA on tgis_native over NCCL on 2 GPUs, fp16/bf16, against transformers on the same GPU.
+"""LLaMA on tgis_native on one GPU and over NCCL on two, fp16/bf16, against transformers on one GPU.
 
-Skips without 2 CUDA devices; run on the accelerator (see bench/RESULTS.md for the command).
+Skips without CUDA devices; run on the accelerator (bench/gpu_checks.sh).
 """
 
 from __future__ import annotations
@@ -8,10 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.support.native_checks import check_two_gpus_match_transformers
+from tests.support.native_checks import GPU_COUNTS, check_gpus_match_transformers
 from tests.support.tiny_models import build_tiny_causal_lm
-
-pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 
 
 @pytest.fixture(scope="module")
@@ -20,10 +18,12 @@ def model_dir(tmp_path_factory):
     return build_tiny_causal_lm(tmp_path_factory.mktemp("llama-gpu"), arch="llama", **shape)
 
 
+@pytest.mark.parametrize("gpus", GPU_COUNTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_two_gpu_nccl_llama_matches_transformers(model_dir, dtype):
-    check_two_gpus_match_transformers(model_dir, dtype)
+def test_llama_on_gpus_matches_transformers(model_dir, dtype, gpus):
+    check_gpus_match_transformers(model_dir, dtype, gpus)
 
 
-def test_two_gpu_nccl_llama_prompt_prefixes_match_transformers(model_dir, tmp_path):
-    check_two_gpus_match_transformers(model_dir, torch.bfloat16, prefix_store=tmp_path)
+@pytest.mark.parametrize("gpus", GPU_COUNTS)
+def test_llama_prompt_prefixes_on_gpus_match_transformers(model_dir, tmp_path, gpus):
+    check_gpus_match_transformers(model_dir, torch.bfloat16, gpus, prefix_store=tmp_path)

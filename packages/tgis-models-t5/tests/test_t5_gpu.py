@@ -1,6 +1,6 @@
-"""T5 on tgis_native over NCCL on 2 GPUs, fp16/bf16, against transformers on the same GPU.
+"""T5 on tgis_native on one GPU and over NCCL on two, fp16/bf16, against transformers on one GPU.
 
-Skips without 2 CUDA devices; run on the accelerator (see bench/RESULTS.md for the command).
+Skips without CUDA devices; run on the accelerator (bench/gpu_checks.sh).
 """
 
 from __future__ import annotations
@@ -12,11 +12,9 @@ import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from tests.support.engines import StepDriver, native_engine, request
-from tests.support.native_checks import assert_close_to_reference
+from tests.support.native_checks import GPU_COUNTS, assert_close_to_reference
 from tests.support.ranks import run_ranks
 from tests.support.tiny_models import build_tiny_seq2seq_lm
-
-pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 
 PROMPTS = ["Hello there, general", "A", "The quick brown fox jumps over the lazy dog and then"]
 NEW_TOKENS = 12
@@ -54,6 +52,7 @@ def _fold_query_scaling(model_dir: Path) -> None:
 
 def _scenario(rank: int, world_size: int, port: int, model_dir: str, prompt_ids, dtype: torch.dtype) -> dict:
     engine = native_engine(rank, world_size, port, model_dir, dtype, torch.device(f"cuda:{rank}"))
+    engine.warm_up()
     driver = StepDriver(engine)
     driver.join(*(request(i, ids, NEW_TOKENS, logprobs=True) for i, ids in enumerate(prompt_ids)))
     driver.run_until(NEW_TOKENS)
@@ -76,12 +75,13 @@ def _reference(model_dir: Path, prompt_ids, dtype: torch.dtype) -> list[tuple[li
     return results
 
 
+@pytest.mark.parametrize("gpus", GPU_COUNTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_two_gpu_nccl_t5_matches_transformers(model_dir, dtype):
+def test_t5_on_gpus_matches_transformers(model_dir, dtype, gpus):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompt_ids = [tokenizer(p).input_ids for p in PROMPTS]
-    results = run_ranks(_scenario, 2, str(model_dir), prompt_ids, dtype)
-    assert results[0]["outputs"] == results[1]["outputs"]
+    results = run_ranks(_scenario, gpus, str(model_dir), prompt_ids, dtype)
+    assert all(r["outputs"] == results[0]["outputs"] for r in results)
     for i, (ref_tokens, ref_logits) in enumerate(_reference(model_dir, prompt_ids, dtype)):
         assert_close_to_reference(
             results[0]["outputs"][i],

@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import LlamaConfig
-from transformers.activations import ACT2FN
 
 from tgis_shard.families import SupportsPromptPrefixes
+from tgis_shard.layers import fused
 from tgis_shard.layers.attention_heads import AttentionHeads
 from tgis_shard.layers.distributed import TensorParallel
 from tgis_shard.layers.embedding import EmbeddingOverrides, ParallelLMHead, VocabParallelEmbedding, embed
@@ -58,11 +58,10 @@ class LlamaMLP(nn.Module):
         bias = getattr(config, "mlp_bias", False)
         self.gate_up = ColumnParallelLinear.load_fused(weights, [f"{prefix}.gate_proj", f"{prefix}.up_proj"], bias)
         self.down = RowParallelLinear.load(weights, f"{prefix}.down_proj", bias, tp)
-        self.act = ACT2FN[config.hidden_act]
+        self.activation = config.hidden_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(self.act(gate) * up)
+        return self.down(fused.act_and_mul(self.activation, self.gate_up(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -74,9 +73,25 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm.load(weights, f"{prefix}.post_attention_layernorm", config.rms_norm_eps)
         self.mlp = LlamaMLP(config, weights, f"{prefix}.mlp", tp)
 
-    def forward(self, hidden, cos, sin, cache, meta) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, cache, meta)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: PagedKVCache,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``hidden``: the previous layer's MLP output, not yet added to the ``residual`` stream
+        (the first layer: the embeddings, no residual), so that each residual add runs in one
+        kernel with the norm after it. Returns this layer's ``(MLP output, residual)``."""
+        if residual is None:
+            normed, residual = self.input_layernorm(hidden), hidden
+        else:
+            normed, residual = self.input_layernorm.add_and_norm(hidden, residual)
+        attended = self.self_attn(normed, cos, sin, cache, meta)
+        normed, residual = self.post_attention_layernorm.add_and_norm(attended, residual)
+        return self.mlp(normed), residual
 
 
 class LlamaForCausalLM(nn.Module, SupportsPromptPrefixes):
@@ -108,9 +123,10 @@ class LlamaForCausalLM(nn.Module, SupportsPromptPrefixes):
         """[tokens] ids at [tokens] positions → the last layer's [tokens, hidden]."""
         hidden = embed(self.embed_tokens, input_ids, embedding_overrides)
         cos, sin = self.rotary.cos_sin(positions, hidden.dtype)
+        residual = None
         for layer in self.layers:
-            hidden = layer(hidden, cos, sin, cache, meta)
-        return hidden
+            hidden, residual = layer(hidden, residual, cos, sin, cache, meta)
+        return hidden + residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden))

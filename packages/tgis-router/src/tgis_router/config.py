@@ -115,6 +115,7 @@ class LauncherConfig:
     prompt_cache_size_mb: int = 512
     pt2_compile: bool = False
     cuda_graphs: bool = True
+    fused_kernels: bool = True
     estimate_memory: str = "auto"
     tgis_plugins: str | None = None
     json_output: bool = False
@@ -183,6 +184,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("prompt_cache_size_mb", _positive_int, "memory for cached prompt prefixes"),
     Option("pt2_compile", _bool, "run the model's forward pass through torch.compile (tgis_native)"),
     Option("cuda_graphs", _bool, "replay decode steps from CUDA graphs (tgis_native on one GPU)"),
+    Option("fused_kernels", _bool, "fuse norms, rotary and activations into one kernel each on GPUs (torch.compile)"),
     Option("estimate_memory", str, "auto, manual or off"),
     Option("tgis_plugins", str, "comma-separated allow-list of installed plugins to load"),
     Option("json_output", _bool, "log as JSON lines"),

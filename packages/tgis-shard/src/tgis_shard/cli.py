@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
         help="run tgis_native's decode steps eagerly instead of replaying CUDA graphs",
     )
     serve.add_argument(
+        "--no-fused-kernels",
+        dest="fused_kernels",
+        action="store_false",
+        help="run norms, rotary and activations as eager PyTorch ops on GPUs instead of one compiled kernel each",
+    )
+    serve.add_argument(
         "--pt2-compile", action="store_true", help="run the model's forward pass through torch.compile (tgis_native)"
     )
 
@@ -120,6 +126,7 @@ def _serve(args: argparse.Namespace) -> None:
     import torch
 
     from tgis_shard.engines.base import ShardContext
+    from tgis_shard.layers import fused
     from tgis_shard.server import serve
 
     rank = int(os.environ.get("RANK", "0"))
@@ -157,6 +164,7 @@ def _serve(args: argparse.Namespace) -> None:
     )
     from tgis_proto.plugins import resolve
 
+    fused.enable(args.fused_kernels)
     create_engine = resolve(registry.engine(args.deployment_framework).target)
     engine = create_engine(ctx)
     log.info("rank %d/%d: %s loaded on %s as %s", rank, world_size, model_dir, device, dtype_name)

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tgis_shard.layers import fused
 from tgis_shard.layers.paged_attention import AttentionMetadata, PagedKVCache, paged_attention
-from tgis_shard.layers.rotary import RotaryEmbedding
 
 Rotary = tuple[torch.Tensor, torch.Tensor]
 
@@ -49,7 +49,7 @@ class AttentionHeads:
         """Rotates q and k (when given cos/sin), writes k and v to the cache, attends over it:
         ``[tokens, heads × head_dim]``, ready for the row-parallel output projection."""
         if rotary is not None:
-            q, k = RotaryEmbedding.apply(q, *rotary), RotaryEmbedding.apply(k, *rotary)
+            q, k = fused.rotate(q, k, *rotary)
         out = self._store_and_attend(q, k, v, cache, meta, alibi_slopes)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 

@@ -6,11 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tgis_shard.layers import fused
 from tgis_shard.weights import Weights
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in float32, as LLaMA's reference does."""
+    """Root-mean-square norm computed in float32, as LLaMA's reference does (``fused.rms_norm``)."""
 
     def __init__(self, weight: torch.Tensor, eps: float):
         super().__init__()
@@ -22,10 +23,12 @@ class RMSNorm(nn.Module):
         return cls(weights.get(f"{prefix}.weight"), eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return fused.rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream's next value ``x + residual`` and its norm, ``(normed, summed)``, in
+        one kernel on GPUs."""
+        return fused.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class LayerNorm(nn.Module):

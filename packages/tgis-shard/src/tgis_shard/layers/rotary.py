@@ -19,7 +19,8 @@ def _rope_parameters(config: PretrainedConfig) -> dict:
 
 
 class RotaryEmbedding:
-    """cos/sin tables by absolute position, applied to [tokens, heads, head_dim] queries and keys."""
+    """cos/sin tables by absolute position, for queries and keys [tokens, heads, head_dim]
+    (rotated by ``tgis_shard.layers.fused.rotate``)."""
 
     def __init__(self, config: PretrainedConfig, head_dim: int, device: torch.device):
         parameters = _rope_parameters(config)
@@ -40,10 +41,3 @@ class RotaryEmbedding:
         freqs = positions.float().unsqueeze(-1) * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
-
-    @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotates [tokens, heads, head_dim] ``x`` by its tokens' angles (halves layout)."""
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
