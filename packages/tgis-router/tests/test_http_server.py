@@ -6,9 +6,10 @@ import asyncio
 import json
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from tests.support.ports import free_port
-from tgis_router import metrics  # noqa: F401 - registers the series /metrics serves
+from tgis_router import metrics
 from tgis_router.http_server import start_http_server
 
 
@@ -58,3 +59,16 @@ def test_metrics_and_unknown_paths():
     assert scraped[0] == 200
     assert b"tgi_request_count" in scraped[2]
     assert unknown[0] == 404
+
+
+def test_the_readmes_list_every_series_scraped():
+    """The series table in the README and deployment/README.md is the one the router registers
+    (regenerate it with tgis_router.metrics.metrics_markdown())."""
+    table = metrics.metrics_markdown()
+    body = metrics.exposition()[0].decode()
+    for row in table.splitlines()[2:]:
+        name = row.split("`")[1]
+        assert f"# HELP {name} " in body or f"# HELP {name}_total " in body, name
+    root = Path(__file__).resolve().parents[3]
+    for readme in ("README.md", "deployment/README.md"):
+        assert table in (root / readme).read_text(), readme

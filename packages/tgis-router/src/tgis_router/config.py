@@ -260,6 +260,14 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
 
 # Names of the HF hub cache folder, newest first, as TGIS reads them.
 HUB_CACHE_VARIABLES = ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE")
+# Where a failed start writes its reason (tgis_router.launcher.write_termination_log).
+TERMINATION_LOG_VARIABLE = "TERMINATION_LOG_PATH"
+
+
+def launcher_environment() -> frozenset[str]:
+    """Every environment variable the launcher reads: its options, the HF cache variables and the
+    termination log's path (what a deployment manifest may set)."""
+    return frozenset((*(option.env for option in OPTIONS), *HUB_CACHE_VARIABLES, TERMINATION_LOG_VARIABLE))
 
 
 def resolve_hub_cache(environ: Mapping[str, str]) -> str | None:

@@ -20,7 +20,14 @@ from tgis_proto import shard_pb2 as shard_pb
 from tgis_proto.logs import configure_logging
 from tgis_proto.plugins import PluginError, Registry, load_registry
 from tgis_router.admission import Admission, memory_model
-from tgis_router.config import ConfigError, LauncherConfig, ignored_options, num_shards, parse_config
+from tgis_router.config import (
+    TERMINATION_LOG_VARIABLE,
+    ConfigError,
+    LauncherConfig,
+    ignored_options,
+    num_shards,
+    parse_config,
+)
 from tgis_router.kv_blocks import blocks_for
 from tgis_router.router import ModelSetup, admission_config, run_router
 from tgis_router.shard_client import ShardClient
@@ -312,14 +319,14 @@ async def _launch(config: LauncherConfig) -> int:
 
 
 # Kubernetes mounts this file in every container and shows what is written there as the
-# termination message; TERMINATION_LOG_PATH names another.
+# termination message; TERMINATION_LOG_PATH (TERMINATION_LOG_VARIABLE) names another.
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 
 
 def write_termination_log(reason: str, environ: Mapping[str, str] = os.environ) -> None:
     """The one-line reason a start-up failed, where the orchestrator shows it. The default path is
     written only where it exists (in a pod): elsewhere stderr has the line already."""
-    path = environ.get("TERMINATION_LOG_PATH") or DEFAULT_TERMINATION_LOG
+    path = environ.get(TERMINATION_LOG_VARIABLE) or DEFAULT_TERMINATION_LOG
     if path == DEFAULT_TERMINATION_LOG and not os.path.exists(path):
         return
     try:

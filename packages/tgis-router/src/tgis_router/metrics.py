@@ -23,6 +23,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
@@ -198,3 +199,16 @@ class StepSeries:
 
 
 STEP_SERIES = {method: StepSeries(method) for method in ("prefill", "next_token")}
+
+
+def metrics_markdown() -> str:
+    """The READMEs' table of series (a test keeps them equal to it)."""
+    rows = ["| series | kind | labels | what it measures |", "|---|---|---|---|"]
+    for metric in globals().values():
+        if not isinstance(metric, MetricWrapperBase):
+            continue
+        (family,) = metric.describe()
+        name = f"`{family.name}`, `{family.name}_total`" if family.type == "counter" else f"`{family.name}`"
+        labels = ", ".join(metric._labelnames)  # prometheus_client keeps them only there
+        rows.append(f"| {name} | {family.type} | {labels} | {family.documentation} |")
+    return "\n".join(rows) + "\n"
