@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tgis_proto import shard_pb2 as pb
 from tgis_router import metrics
@@ -16,6 +17,9 @@ from tgis_router.events import Event, Finish, InputTokens, NewToken, TokenDetail
 from tgis_router.requests import StopReason, ValidatedRequest
 from tgis_router.stopping import StopSequenceFilter, token_stop_reason
 from tgis_router.tokenization import TokenizerPool
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 log = logging.getLogger(__name__)
 # Characters of the output a request's log line quotes, and its level by how it ended, as TGIS's.
@@ -69,6 +73,9 @@ class ActiveRequest:
         self._detokenizer = IncrementalDetokenizer(tokenizer.tokenizer, context, skip_special_tokens)
         self._stop_sequences = StopSequenceFilter(request.params.stop_sequences, request.params.include_stop_sequence)
         self._prefill_at: float | None = None
+        self.finished_at: float | None = None
+        self.stop_reason: StopReason | None = None
+        self.span: Span | None = None  # its trace, where tracing is on (tgis_router.tracing)
         self._last_token_at: float | None = None
         self._deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -118,6 +125,11 @@ class ActiveRequest:
                 input_tokens=response.input_tokens,
             ),
         )
+
+    @property
+    def prefill_at(self) -> float | None:
+        """When it first joined a step; None while queued."""
+        return self._prefill_at
 
     def started(self) -> None:
         """Called when the request first joins a step (not again when it resumes after a preemption)."""
@@ -198,6 +210,7 @@ class ActiveRequest:
         if self._timer is not None:
             self._timer.cancel()
         now = time.monotonic()
+        self.finished_at, self.stop_reason = now, finish.reason
         if finish.reason == StopReason.ERROR:
             metrics.request_failure.labels(err=finish.error.metric_label if finish.error else "generate").inc()
         else:

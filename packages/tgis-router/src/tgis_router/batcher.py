@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Sequence
 import grpc
 
 from tgis_proto import shard_pb2 as pb
-from tgis_router import metrics
+from tgis_router import metrics, tracing
 from tgis_router.active import ActiveRequest
 from tgis_router.errors import GenerationFailedError, RouterError, shard_error
 from tgis_router.health import GenerationHealth
@@ -107,12 +107,18 @@ class Batcher:
             metrics.batch_next_tokens.observe(sum(w.tokens for w in step.work if w.prompt))
         if step.joins and len(step.joins) < len(step.work):  # new requests beside running ones
             metrics.batch_concatenation_count.inc()
+        span = None
+        if tracing.enabled():
+            prompt_tokens = sum(w.tokens for w in step.work if w.prompt)
+            span = tracing.start_step(step.method, len(step.work), prompt_tokens, [w.request.entry for w in step.work])
         started = time.monotonic()
         try:
             response = await call
         except grpc.aio.AioRpcError as e:
             series.failed(_FAILURE_REASONS.get(e.code(), "error"))
+            tracing.end_step(span, None, error=e.details())
             raise
+        tracing.end_step(span, response.forward_seconds)
         series.duration.observe(time.monotonic() - started)
         series.forward_duration.observe(response.forward_seconds)
         series.success.inc()

@@ -119,6 +119,8 @@ class LauncherConfig:
     estimate_memory: str = "auto"
     tgis_plugins: str | None = None
     json_output: bool = False
+    otlp_endpoint: str | None = None
+    otlp_service_name: str = "text-generation-inference.router"  # TGIS's
     log_level: str = "info"
     tokenization_workers: int = 2
     shard_torch_threads: int | None = None
@@ -188,6 +190,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("estimate_memory", str, "auto, manual or off"),
     Option("tgis_plugins", str, "comma-separated allow-list of installed plugins to load"),
     Option("json_output", _bool, "log as JSON lines"),
+    Option("otlp_endpoint", str, "OpenTelemetry collector (OTLP over gRPC) to send traces to; needs tgis-router[otlp]"),
+    Option("otlp_service_name", str, "service name of the traces"),
     Option("log_level", _log_level, "trace, debug, info, warn, error; per module: warn,tgis_router=debug"),
     Option("tokenization_workers", _positive_int, "threads tokenizing requests off the event loop"),
     Option("shard_torch_threads", _positive_int, "torch threads per shard process (default: torch's)"),

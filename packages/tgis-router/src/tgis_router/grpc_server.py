@@ -13,7 +13,7 @@ import grpc
 
 from tgis_proto import generation_pb2 as fmaas
 from tgis_proto import generation_pb2_grpc as fmaas_grpc
-from tgis_router import metrics
+from tgis_router import metrics, tracing
 from tgis_router.active import ActiveRequest, CallContext
 from tgis_router.errors import OverloadedError, RouterError, ShuttingDownError, ValidationError
 from tgis_router.prefixes import PrefixLengths
@@ -119,6 +119,9 @@ class GenerationService(fmaas_grpc.GenerationServiceServicer):
             for index, request in enumerate(validated)
         ]
         metrics.request_validation_duration.observe(time.monotonic() - arrival)
+        if tracing.enabled():
+            for entry in entries:
+                entry.span = tracing.start_request(entry)
         for entry in entries:
             metrics.request_input_length.observe(len(entry.request.input_ids))
             metrics.request_max_new_tokens.observe(entry.request.max_new_tokens)
@@ -149,6 +152,7 @@ class GenerationService(fmaas_grpc.GenerationServiceServicer):
                 return fmaas.BatchedGenerationResponse(responses=responses)
             finally:
                 _cancel_unfinished(entries)
+                tracing.end_requests(entries)
                 self._release(n)
         except RouterError as e:
             await _abort(context, e, counted=bool(entries))
@@ -171,6 +175,7 @@ class GenerationService(fmaas_grpc.GenerationServiceServicer):
                     yield message
             finally:
                 _cancel_unfinished(entries)
+                tracing.end_requests(entries)
                 self._release(1)
         except RouterError as e:
             await _abort(context, e, counted=bool(entries))

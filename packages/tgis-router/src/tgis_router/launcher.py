@@ -19,6 +19,7 @@ from pathlib import Path
 from tgis_proto import shard_pb2 as shard_pb
 from tgis_proto.logs import configure_logging
 from tgis_proto.plugins import PluginError, Registry, load_registry
+from tgis_router import tracing
 from tgis_router.admission import Admission, memory_model
 from tgis_router.config import (
     TERMINATION_LOG_VARIABLE,
@@ -350,6 +351,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config.log_level, config.json_output)
     for warning in ignored_options(config):
         log.warning(warning)
+    try:
+        tracing.configure(config.otlp_endpoint, config.otlp_service_name)
+    except tracing.TracingUnavailableError as e:
+        return _fail_start(str(e))
+    if config.otlp_endpoint:
+        log.info("tracing to %s as %s", config.otlp_endpoint, config.otlp_service_name)
     try:
         return asyncio.run(_launch(config))
     except LaunchError as e:
