@@ -128,3 +128,32 @@ def test_convert_to_fast_tokenizer_writes_one_that_encodes_as_the_slow_files_do(
     # Served from now on: prepare names the converted file.
     assert main(["prepare", str(slow), "--cache-dir", str(tmp_path / "cache")]) == 0
     assert json.loads(capsys.readouterr().out)["tokenizer_file"] == str(written)
+
+
+def test_tokenizer_config_special_token_settings_apply_as_autotokenizer_applies_them(model_dir, tmp_path, capsys):
+    """TGIS loads tokenizers through AutoTokenizer: add_bos_token / add_eos_token in
+    tokenizer_config.json decide what an encoding adds, which tokenizer.json alone does not say."""
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    own = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    text = "Hello there"
+    plain = own.encode(text, add_special_tokens=False).ids
+    bos, eos = own.token_to_id("<s>"), own.token_to_id("</s>")
+    cache = tmp_path / "cache"
+
+    def served() -> tuple[Path, list[int]]:
+        assert main(["prepare", str(folder), "--cache-dir", str(cache)]) == 0
+        path = Path(json.loads(capsys.readouterr().out)["tokenizer_file"])
+        return path, Tokenizer.from_file(str(path)).encode(text).ids
+
+    assert served() == (folder / "tokenizer.json", own.encode(text).ids)  # no settings: the model's file
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "add_bos_token": True, "add_eos_token": True}))
+    path, ids = served()
+    assert path.is_relative_to(cache)
+    assert ids == [bos, *plain, eos]
+    config_file.write_text(json.dumps({**config, "add_bos_token": False, "add_eos_token": False}))
+    path_after_edit, ids = served()
+    assert path_after_edit != path  # prepared anew: the cache is keyed by the files' contents
+    assert ids == plain

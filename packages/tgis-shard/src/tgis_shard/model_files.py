@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -85,22 +86,56 @@ def max_sequence_length(config: dict) -> int:
     return DEFAULT_MAX_SEQUENCE_LENGTH
 
 
-def tokenizer_file(model_dir: Path, cache_dir: Path) -> Path:
-    """The model's tokenizer.json; converted from a slow tokenizer into the cache if missing."""
-    existing = model_dir / "tokenizer.json"
-    if existing.exists():
-        return existing
-    from transformers import AutoTokenizer
+# tokenizer_config.json settings that change which special tokens an encoding adds. TGIS loads
+# the tokenizer through transformers' AutoTokenizer, which applied them; tokenizer.json alone
+# does not know them.
+SPECIAL_TOKEN_SETTINGS = ("add_bos_token", "add_eos_token")
 
-    target_dir = cache_dir / "tokenizers" / str(model_dir).strip("/").replace("/", "--")
+
+def tokenizer_file(model_dir: Path, cache_dir: Path) -> Path:
+    """The tokenizer.json the router encodes with, as transformers' AutoTokenizer prepares it.
+
+    The model's own file where it has one and its tokenizer_config.json sets none of
+    ``SPECIAL_TOKEN_SETTINGS``; otherwise AutoTokenizer's (converted from slow tokenizer files,
+    or with those settings applied to what it adds around a text), written once into the cache
+    under the hash of the files it came from."""
+    settings = {k: v for k, v in _tokenizer_config(model_dir).items() if k in SPECIAL_TOKEN_SETTINGS}
+    existing = model_dir / "tokenizer.json"
+    if existing.exists() and not settings:
+        return existing
+    target_dir = (
+        cache_dir / "tokenizers" / f"{str(model_dir).strip('/').replace('/', '--')}-{_tokenizer_hash(model_dir)}"
+    )
     target = target_dir / "tokenizer.json"
     if not target.exists():
-        log.info("writing a fast tokenizer for %s to %s", model_dir, target_dir)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        from transformers import AutoTokenizer
+
+        log.info("preparing the tokenizer of %s with AutoTokenizer into %s", model_dir, target_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, **settings)
         if not getattr(tokenizer, "is_fast", False):
             raise ModelNotFoundError(f"cannot build a fast tokenizer (tokenizer.json) for {model_dir}")
-        tokenizer.save_pretrained(target_dir)
+        target_dir.mkdir(parents=True, exist_ok=True)
+        staging = target_dir / f".tokenizer.json.{os.getpid()}"
+        tokenizer.backend_tokenizer.save(str(staging))
+        staging.replace(target)  # whole or absent: shards and tools may prepare it at once
     return target
+
+
+def _tokenizer_config(model_dir: Path) -> dict:
+    path = model_dir / "tokenizer_config.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _tokenizer_hash(model_dir: Path) -> str:
+    """What the prepared tokenizer depends on: the tokenizer files' contents."""
+    digest = hashlib.sha256()
+    for path in sorted(model_dir.iterdir()):
+        if path.is_file() and (
+            path.name.startswith(("tokenizer", "special_tokens")) or path.suffix in (".model", ".txt")
+        ):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def describe(model_dir: Path, cache_dir: Path) -> ModelDescription:
