@@ -13,6 +13,16 @@ TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
 
 
+def parse_bool(value: str) -> bool:
+    """An option's true or false in any of the words above."""
+    lowered = value.strip().lower()
+    if lowered in TRUE_WORDS:
+        return True
+    if lowered in FALSE_WORDS:
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line, for log collectors (JSON_OUTPUT)."""
 

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from tgis_proto.logs import FALSE_WORDS, TRUE_WORDS, parse_log_level
+from tgis_proto.logs import parse_bool, parse_log_level
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DTYPES = ("float32", "float16", "bfloat16")
@@ -16,15 +16,6 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 class ConfigError(Exception):
     """A bad option value; the message is one line naming the option."""
-
-
-def _bool(value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in TRUE_WORDS:
-        return True
-    if lowered in FALSE_WORDS:
-        return False
-    raise ValueError(f"expected true or false, got {value!r}")
 
 
 def _positive_int(value: str) -> int:
@@ -180,16 +171,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("tls_cert_path", str, "server certificate (PEM) to serve gRPC over TLS"),
     Option("tls_key_path", str, "server private key (PEM)"),
     Option("tls_client_ca_cert_path", str, "CA certificate (PEM) to require client certificates (mTLS)"),
-    Option("output_special_tokens", _bool, "keep special tokens in generated text"),
-    Option("default_include_stop_seqs", _bool, "include the matched stop sequence in text by default"),
+    Option("output_special_tokens", parse_bool, "keep special tokens in generated text"),
+    Option("default_include_stop_seqs", parse_bool, "include the matched stop sequence in text by default"),
     Option("prefix_store_path", str, "folder of prompt prefixes (PEFT prompt tuning)"),
     Option("prompt_cache_size_mb", _positive_int, "memory for cached prompt prefixes"),
-    Option("pt2_compile", _bool, "run the model's forward pass through torch.compile (tgis_native)"),
-    Option("cuda_graphs", _bool, "replay decode steps from CUDA graphs (tgis_native on one GPU)"),
-    Option("fused_kernels", _bool, "fuse norms, rotary and activations into one kernel each on GPUs (torch.compile)"),
+    Option("pt2_compile", parse_bool, "run the model's forward pass through torch.compile (tgis_native)"),
+    Option("cuda_graphs", parse_bool, "replay decode steps from CUDA graphs (tgis_native on one GPU)"),
+    Option(
+        "fused_kernels", parse_bool, "fuse norms, rotary and activations into one kernel each on GPUs (torch.compile)"
+    ),
     Option("estimate_memory", str, "auto, manual or off"),
     Option("tgis_plugins", str, "comma-separated allow-list of installed plugins to load"),
-    Option("json_output", _bool, "log as JSON lines"),
+    Option("json_output", parse_bool, "log as JSON lines"),
     Option("otlp_endpoint", str, "OpenTelemetry collector (OTLP over gRPC) to send traces to; needs tgis-router[otlp]"),
     Option("otlp_service_name", str, "service name of the traces"),
     Option("log_level", _log_level, "trace, debug, info, warn, error; per module: warn,tgis_router=debug"),
@@ -234,7 +227,7 @@ def _arg_parser() -> argparse.ArgumentParser:
     for option in OPTIONS:
         flags = [option.flag, *([SHORT_FLAGS[option.field]] if option.field in SHORT_FLAGS else [])]
         # A boolean flag alone means true (--json-output), as TGIS's launcher takes it.
-        bare = {"nargs": "?", "const": "true"} if option.parse is _bool else {}
+        bare = {"nargs": "?", "const": "true"} if option.parse is parse_bool else {}
         parser.add_argument(*flags, dest=option.field, default=None, help=f"{option.help} [{option.env}]", **bare)
     return parser
 

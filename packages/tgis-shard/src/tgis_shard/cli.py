@@ -11,7 +11,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from tgis_proto.logs import configure_logging_from_env
+from tgis_proto.logs import configure_logging_from_env, parse_bool
 from tgis_proto.plugins import PluginError
 from tgis_shard import model_files
 from tgis_shard.embedded import DEFAULT_MODEL, EmbeddedModelError
@@ -79,7 +79,18 @@ def _parser() -> argparse.ArgumentParser:
     download = sub.add_parser("download-weights", help="fill the HF cache with a model's files")
     download.add_argument("model_name")
     download.add_argument("--revision", default=None)
-    download.add_argument("--extension", default=".json,.safetensors,.md,.model,.py,.txt")
+    download.add_argument(
+        "--extension",
+        default=".safetensors",
+        help="comma-separated file endings; one weight ending also brings the model's metadata files",
+    )
+    download.add_argument(
+        "--auto-convert",
+        type=parse_bool,
+        default=True,
+        help="convert .bin weights to safetensors and write a fast tokenizer where the model lacks them",
+    )
+    download.add_argument("--cache-dir", type=Path, default=model_files.default_cache_dir())
 
     convert = sub.add_parser("convert-to-safetensors", help="convert .bin weights to .safetensors")
     convert.add_argument("model_name")
@@ -220,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "download-weights":
             from tgis_shard.hub import download_weights
 
-            print(download_weights(args.model_name, args.revision, args.extension))
+            print(download_weights(args.model_name, args.revision, args.extension, args.cache_dir, args.auto_convert))
         elif args.command == "convert-to-safetensors":
             from tgis_shard.hub import convert_to_safetensors
 

@@ -55,13 +55,17 @@ def resolve_model_dir(name: str, revision: str | None, cache_dir: Path) -> Path:
     path = Path(name).expanduser()
     if path.is_dir():
         return path.resolve()
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
 
+    # The snapshot folder holding the cached config.json: download-weights fetches part of a
+    # repo (its safetensors, not its .bin copies), which a whole-snapshot lookup calls incomplete.
     try:
-        return Path(snapshot_download(repo_id=name, revision=revision, local_files_only=True))
-    except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError):
-        pass
+        config = try_to_load_from_cache(name, "config.json", revision=revision)
+    except HFValidationError:
+        config = None
+    if isinstance(config, str):
+        return Path(config).parent
     if embedded.is_embedded(name):
         return embedded.embedded_model_dir(cache_dir / "models")
     raise ModelNotFoundError(
