@@ -33,7 +33,11 @@ if [[ $stage == tests || $stage == all ]]; then
     packages/tgis-shard/tests/test_memory_gpu.py packages/tgis-shard/tests/test_cuda_graphs.py
     packages/tgis-shard/tests/test_pt2_compile.py packages/tgis-shard/tests/test_fused.py"
   # shellcheck disable=SC2086  # the list splits into files on purpose
-  python3 -m pytest -q -p no:cacheprovider -rs --show-capture=no ${GPU_TESTS:-$default_tests} > "$out/gpu-tests.log" 2>&1
+  # The CPU case of test_fused compiles for the CPU with the device image's torch, not the pinned
+  # one CI checks it with (bit for bit there); the device checks the CUDA case.
+  python3 -m pytest -q -p no:cacheprovider -rs --show-capture=no ${GPU_TESTS:-$default_tests} \
+    --deselect "packages/tgis-shard/tests/test_fused.py::test_each_compiled_chain_equals_its_eager_ops[cpu]" \
+    > "$out/gpu-tests.log" 2>&1
   tail -40 "$out/gpu-tests.log"
   [[ -n ${GPU_TESTS:-} ]] || python3 bench/compile_warm_up.py > "$out/compile-warm-up.log" 2>&1
   [[ -n ${GPU_TESTS:-} ]] || tail -15 "$out/compile-warm-up.log"

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import sys
-import time
 from pathlib import Path
-from typing import Any
 
-from tqdm.auto import tqdm
+from tgis_shard.progress import progress, progress_class
 
 log = logging.getLogger(__name__)
 
@@ -19,8 +15,6 @@ log = logging.getLogger(__name__)
 # for, the files a model folder needs beside them.
 DEFAULT_EXTENSIONS = ".safetensors"
 META_EXTENSIONS = (".json", ".py", ".model", ".md", ".txt")
-# Progress of long work where no terminal shows a bar: one log line this often.
-PROGRESS_LOG_INTERVAL_S = 10.0
 
 
 def download_weights(
@@ -50,7 +44,7 @@ def download_weights(
             repo_id=model_name,
             revision=revision,
             allow_patterns=[f"*{e}" for e in wanted],
-            tqdm_class=None if sys.stderr.isatty() else LoggedProgress,
+            tqdm_class=progress_class(),
         )
     )
     if convert:
@@ -62,54 +56,44 @@ def download_weights(
     return path
 
 
-class LoggedProgress(tqdm):
-    """A progress bar for logs: where no terminal redraws a bar, one log line every
-    ``PROGRESS_LOG_INTERVAL_S`` and one at the end, instead of a stream of carriage returns."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        kwargs.update(file=io.StringIO(), mininterval=PROGRESS_LOG_INTERVAL_S, ascii=True)
-        self._logged_at = time.monotonic()  # before tqdm's __init__, which displays once
-        super().__init__(*args, **kwargs)
-
-    def display(self, msg: str | None = None, pos: int | None = None) -> bool:
-        now = time.monotonic()
-        finished = self.total is not None and self.total > 0 and self.n >= self.total
-        if now - self._logged_at >= PROGRESS_LOG_INTERVAL_S or finished:
-            self._logged_at = now
-            log.info("%s", self.format_meter(**self.format_dict).strip())
-        return True
-
-
 def convert_to_safetensors(model_dir: Path) -> list[Path]:
     """Writes a .safetensors file beside each .bin file (and an index when there are several).
 
     Tensors that share storage (tied embeddings) are cloned: safetensors refuses shared memory,
     and cloning keeps every name a loader may look for.
     """
-    import torch
-    from safetensors.torch import save_file
-
     bins = sorted(p for p in model_dir.glob("*.bin") if not p.name.startswith("training_args"))
     if not bins:
         raise FileNotFoundError(f"no .bin weight files in {model_dir}")
     written: list[Path] = []
     weight_map: dict[str, str] = {}
-    for index, bin_file in enumerate(bins, start=1):
-        state = torch.load(bin_file, map_location="cpu", weights_only=True)
-        seen: set[int] = set()
-        tensors: dict[str, torch.Tensor] = {}
-        for name, tensor in state.items():
-            storage = tensor.untyped_storage().data_ptr()
-            tensors[name] = tensor.clone().contiguous() if storage in seen else tensor.contiguous()
-            seen.add(storage)
-        name = "model.safetensors" if len(bins) == 1 else f"model-{index:05d}-of-{len(bins):05d}.safetensors"
-        target = model_dir / name
-        save_file(tensors, target, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, name))
-        written.append(target)
-        log.info("wrote %s (%d tensors)", target, len(tensors))
+    size = sum(p.stat().st_size for p in bins)
+    with progress(size, f"converting {model_dir.name} to safetensors", unit="B") as bar:
+        for index, bin_file in enumerate(bins, start=1):
+            written.append(_convert_one(bin_file, index, len(bins), weight_map))
+            bar.update(bin_file.stat().st_size)
     if len(bins) > 1:
         index_file = model_dir / "model.safetensors.index.json"
         index_file.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
         written.append(index_file)
     return written
+
+
+def _convert_one(bin_file: Path, index: int, count: int, weight_map: dict[str, str]) -> Path:
+    """One .bin file's tensors as the ``index``-th of ``count`` safetensors files beside it."""
+    import torch
+    from safetensors.torch import save_file
+
+    state = torch.load(bin_file, map_location="cpu", weights_only=True)
+    seen: set[int] = set()
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        storage = tensor.untyped_storage().data_ptr()
+        tensors[name] = tensor.clone().contiguous() if storage in seen else tensor.contiguous()
+        seen.add(storage)
+    name = "model.safetensors" if count == 1 else f"model-{index:05d}-of-{count:05d}.safetensors"
+    target = bin_file.parent / name
+    save_file(tensors, target, metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(tensors, name))
+    log.info("wrote %s (%d tensors)", target, len(tensors))
+    return target

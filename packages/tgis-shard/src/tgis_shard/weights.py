@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from tgis_shard.layers.distributed import TensorParallel
+from tgis_shard.progress import progress
 
 
 class WeightsError(Exception):
@@ -44,6 +45,8 @@ class Weights:
         self.aliases = {name: list(others) for name, others in (aliases or {}).items()}
         self._handles: dict[Path, safe_open] = {}
         self._files = self._weight_map()
+        # Rank 0 speaks for all: every rank reads the same tensors (its slices of them).
+        self._progress = progress(len(self._files), f"loading {self.model_dir.name}", "tensors", disable=tp.rank != 0)
 
     def __enter__(self) -> Weights:
         return self
@@ -58,6 +61,7 @@ class Weights:
         handles, self._handles = self._handles, {}
         for handle in handles.values():
             handle.__exit__(None, None, None)
+        self._progress.close()
 
     def has(self, name: str) -> bool:
         """Whether ``name`` or one of its aliases is stored (optional weights such as biases)."""
@@ -228,6 +232,7 @@ class Weights:
         return handle
 
     def _finish(self, tensor: torch.Tensor) -> torch.Tensor:
+        self._progress.update()
         if tensor.is_floating_point():
             return tensor.to(device=self.device, dtype=self.dtype)
         return tensor.to(device=self.device)

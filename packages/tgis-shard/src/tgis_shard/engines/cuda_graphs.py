@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from tgis_shard.progress import progress
+
 log = logging.getLogger(__name__)
 
 # Eager runs of each bucket before its capture: compiled kernels are built and the allocator
@@ -61,7 +63,7 @@ class DecodeGraphs:
         reserved = torch.cuda.memory_reserved(device)
         graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         pool = None
-        for rows in sorted(buckets, reverse=True):
+        for rows in progress(len(buckets), "capturing decode graphs", "graphs", iterable=sorted(buckets, reverse=True)):
             plan(rows)
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))

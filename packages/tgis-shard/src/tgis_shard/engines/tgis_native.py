@@ -51,6 +51,7 @@ from tgis_shard.layers.paged_attention import (
     prepare_attention,
 )
 from tgis_shard.prefixes import PrefixesUnsupportedError, PromptPrefix
+from tgis_shard.progress import progress
 from tgis_shard.pt2 import compile_dynamic
 from tgis_shard.sampler import GeneratedToken, Sampler
 from tgis_shard.weights import Weights
@@ -415,14 +416,22 @@ class NativeEngine(Engine):
         return model
 
     def warm_up(self) -> None:
-        """Compiled code is built on first use: FlashInfer's kernels one per kind of step (its JIT),
-        FlexAttention a graph per new kind of shape, PT2_COMPILE the forward pass. Steps of each
-        kind here build them and turn the sizes dynamic, so requests rarely wait for a
-        compilation later. Then, on one GPU, the decode steps are captured as CUDA graphs."""
-        if self.cache.backend in ("flex", "flashinfer") or self.ctx.pt2_compile:
+        """Compiled code is built on first use: on GPUs the fused kernels (``layers.fused``),
+        FlashInfer's kernels one per kind of step (its JIT) or FlexAttention a graph per new kind of
+        shape; PT2_COMPILE the forward pass. Steps of each kind here build them and turn the sizes
+        dynamic, so requests rarely wait for a compilation later. Then, on one GPU, the decode
+        steps are captured as CUDA graphs."""
+        if self.ctx.device.type == "cuda" or self.ctx.pt2_compile:
             started = time.monotonic()
             longest = self.ctx.max_sequence_length - WARM_UP_DECODE_STEPS - 1
-            for lengths in WARM_UP_PROMPT_LENGTHS:
+            kinds = progress(
+                len(WARM_UP_PROMPT_LENGTHS),
+                f"rank {self.tp.rank}: warm-up, kinds of step compiled",
+                "steps",
+                disable=self.tp.rank != 0,
+                iterable=WARM_UP_PROMPT_LENGTHS,
+            )
+            for lengths in kinds:
                 self.run_synthetic([min(n, longest) for n in lengths], WARM_UP_DECODE_STEPS)
             log.info(
                 "rank %d: %d kinds of step compiled in %.1f s",
