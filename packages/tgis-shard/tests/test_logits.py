@@ -260,3 +260,20 @@ def test_a_slot_reused_by_a_penalised_request_forgets_the_last_ones_history():
     fresh = pb.Request(id=2, input_ids=[9], chooser=pb.NextTokenChooser(repetition_penalty=2.0))
     sampler.add(fresh, fresh.input_ids)
     assert _sample_sequence(sampler, [2], 0, [logits]) == [6]
+
+
+def test_plain_greedy_rows_take_the_argmax_of_half_precision_logits_as_float32_would():
+    """No row samples, adjusts or asks for details: the choice is made on the model's own logits
+    (no float32 copy), and equals the float32 argmax, ties to the lowest id included."""
+    plain = [pb.Request(id=i, input_ids=[5], chooser=pb.NextTokenChooser()) for i in (1, 2, 3)]
+    sampler = _sampler(*plain)
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, VOCAB, generator=g) * 4).bfloat16()
+    logits[2, 7] = logits[2, 11] = logits[2].max() + 1  # a tie: the lower id wins, as in float32
+    choice = sampler.choose(logits, [1, 2, 3])
+    assert choice.token_ids.tolist() == logits.float().argmax(dim=-1).tolist()
+    assert int(choice.token_ids[2]) == 7
+    assert choice.details is None
+    # One row that wants details sends the whole step through the float32 path, with the same tokens.
+    detailed = _sampler(*plain[:2], _request(3))
+    assert detailed.choose(logits, [1, 2, 3]).token_ids.tolist() == choice.token_ids.tolist()

@@ -281,6 +281,10 @@ class Sampler:
         if slots is None:
             slots = torch.from_numpy(host_slots).to(self.device)
         host = {name: values[host_slots] for name, values in self._host.items()}
+        if not self._processes(host):
+            # Greedy rows with nothing to adjust: the argmax of the model's own logits (upcasting
+            # half precision is exact, so the choice is the float32 one) without a float32 copy.
+            return Choice(self, list(request_ids), host_slots, slots, logits.argmax(dim=-1))
         scores = logits.float().clone()
         if (host["generated"] < host["min_new_tokens"]).any():
             scores = mask_eos(scores, self.eos_token_ids, self._generated[slots] < self._min_new_tokens[slots])
@@ -306,6 +310,16 @@ class Sampler:
             choice.details = token_details(scores.log_softmax(dim=-1), token_ids, int(host["top_n"].max()))
             choice.top_n = host["top_n"].tolist()
         return choice
+
+    def _processes(self, host: dict[str, np.ndarray]) -> bool:
+        """Whether any row of a step needs its scores adjusted, sampled or its details computed."""
+        return bool(
+            host["sample"].any()
+            or host["details"].any()
+            or host["length_penalty"].any()
+            or (self._seen is not None and host["repetition"].any())
+            or (host["generated"] < host["min_new_tokens"]).any()
+        )
 
     def _warp(self, scores: torch.Tensor, slots: torch.Tensor, host: dict[str, np.ndarray]) -> torch.Tensor:
         if host["temperature"].any():
