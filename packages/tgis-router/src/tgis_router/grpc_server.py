@@ -118,7 +118,8 @@ class GenerationService(fmaas_grpc.GenerationServiceServicer):
             )
             for index, request in enumerate(validated)
         ]
-        metrics.request_validation_duration.observe(time.monotonic() - arrival)
+        # Validation ends as each input is queued (ActiveRequest.queued_at, which its log line uses).
+        metrics.request_validation_duration.observe(entries[-1].queued_at - arrival)
         if tracing.enabled():
             for entry in entries:
                 entry.span = tracing.start_request(entry)
