@@ -5,7 +5,11 @@ printed ratio is that floor over the measured time (1.0 = at the roofline). Pref
 as TFLOP/s of the causal attention products. Blocks are handed out in shuffled order, as a
 serving cache's free list would after a while.
 
-    python3 bench/attention_backends.py [--batch 64 --context 2048 --heads 32 --kv-heads 8 --head-dim 128]
+    python3 bench/attention_backends.py [--batch 1 32 128 --context 2048 --heads 32 --kv-heads 8 --head-dim 128]
+
+FlashInfer (where installed) plans each step on the host once, before its layers run; the plan is
+made outside the timed call, as the engine makes it once per step for every layer, and its host
+time is printed beside it.
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import time
 from collections.abc import Callable
 
 import torch
 
+from tgis_shard.layers.flashinfer_paged import flashinfer_available
 from tgis_shard.layers.paged_attention import (
     BLOCK_SIZES,
     AttentionMetadata,
@@ -25,6 +31,8 @@ from tgis_shard.layers.paged_attention import (
     _flex_available,
     blocks_for,
     paged_attention,
+    plan_attention,
+    prepare_attention,
 )
 
 # H200 HBM3e peak; KINDS.md records ~4.3 TB/s for a device-to-device copy through torch.
@@ -37,6 +45,8 @@ def available_backends() -> list[str]:
         backends.append("flex")
     if _flash_attn() is not None:
         backends.append("flash")
+    if flashinfer_available():
+        backends.append("flashinfer")
     return backends
 
 
@@ -54,25 +64,42 @@ def median_ms(fn: Callable[[], object], repeats: int = 30) -> float:
     return statistics.median(times)
 
 
-def run(backend: str, args: argparse.Namespace, query_len: int, batch: int) -> float:
-    """Milliseconds of one layer's attention for ``batch`` sequences of ``args.context`` tokens."""
+def run(backend: str, args: argparse.Namespace, query_len: int, batch: int) -> tuple[float, float]:
+    """Milliseconds of one layer's attention for ``batch`` sequences of ``args.context`` tokens,
+    and of the step's host-side preparation (FlashInfer's plan; FlexAttention's block mask)."""
     block_size = BLOCK_SIZES[backend]
     per_seq = blocks_for(args.context, block_size)
     num_blocks = per_seq * batch
-    cache = PagedKVCache(1, num_blocks, block_size, args.kv_heads, args.head_dim, args.dtype, "cuda", backend=backend)
+    cache = PagedKVCache(
+        1,
+        num_blocks,
+        block_size,
+        args.kv_heads,
+        args.head_dim,
+        args.dtype,
+        "cuda",
+        backend=backend,
+        num_heads=args.heads,
+    )
     cache.keys[0].normal_()
     cache.values[0].normal_()
     blocks = list(range(num_blocks))
     random.Random(0).shuffle(blocks)
     tables = [blocks[i * per_seq : (i + 1) * per_seq] for i in range(batch)]
     meta = AttentionMetadata.build([query_len] * batch, [args.context] * batch, tables, block_size, "cuda")
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    plan_attention(cache, meta)
+    prepare_attention(cache, meta)
+    torch.cuda.synchronize()
+    prepared_ms = (time.perf_counter() - started) * 1e3
     query = torch.randn(batch * query_len, args.heads, args.head_dim, dtype=args.dtype, device="cuda")
-    return median_ms(lambda: paged_attention(query, cache, 0, meta, args.head_dim**-0.5))
+    return median_ms(lambda: paged_attention(query, cache, 0, meta, args.head_dim**-0.5)), prepared_ms
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 32, 128], help="decode batch sizes")
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--prefill-batch", type=int, default=4)
     parser.add_argument("--heads", type=int, default=32)
@@ -81,23 +108,32 @@ def main() -> None:
     parser.add_argument("--dtype", type=lambda name: getattr(torch, name), default=torch.bfloat16)
     args = parser.parse_args()
 
-    kv_bytes = 2 * args.batch * args.context * args.kv_heads * args.head_dim * args.dtype.itemsize
     prefill_flops = 2 * 2 * args.prefill_batch * args.heads * args.head_dim * args.context**2 / 2
     print(
         f"{torch.cuda.get_device_name()} | {args.dtype} | heads {args.heads}/{args.kv_heads} × {args.head_dim}"
-        f" | decode: {args.batch} × {args.context} tokens ({kv_bytes / 2**20:.0f} MiB of KV)"
-        f" | prefill: {args.prefill_batch} × {args.context}"
+        f" | context {args.context} | prefill: {args.prefill_batch} × {args.context}"
     )
-    baseline = None
-    for backend in available_backends():
-        decode = run(backend, args, 1, args.batch)
-        prefill = run(backend, args, args.context, args.prefill_batch)
+    backends = available_backends()
+    for batch in args.batch:
+        kv_bytes = 2 * batch * args.context * args.kv_heads * args.head_dim * args.dtype.itemsize
         roofline = kv_bytes / HBM_BYTES_PER_S * 1e3
-        baseline = baseline or (decode, prefill)
+        baseline = None
+        for backend in backends:
+            decode, plan = run(backend, args, 1, batch)
+            baseline = baseline or decode
+            print(
+                f"decode {batch:4d} × {args.context} ({kv_bytes / 2**20:6.0f} MiB KV) {backend:10s}"
+                f" {decode * 1e3:8.1f} µs ({roofline / decode:5.2f} of HBM roofline, {baseline / decode:6.2f}× torch)"
+                f" | host preparation {plan * 1e3:7.1f} µs"
+            )
+    baseline = None
+    for backend in backends:
+        prefill, plan = run(backend, args, args.context, args.prefill_batch)
+        baseline = baseline or prefill
         print(
-            f"{backend:6s} decode {decode * 1e3:8.1f} µs ({roofline / decode:5.2f} of HBM roofline,"
-            f" {baseline[0] / decode:5.2f}× torch) | prefill {prefill:7.2f} ms"
-            f" ({prefill_flops / prefill / 1e9:6.1f} TFLOP/s, {baseline[1] / prefill:5.2f}× torch)"
+            f"prefill {args.prefill_batch} × {args.context} {backend:10s} {prefill:7.2f} ms"
+            f" ({prefill_flops / prefill / 1e9:6.1f} TFLOP/s, {baseline / prefill:5.2f}× torch)"
+            f" | host preparation {plan * 1e3:7.1f} µs"
         )
 
 
