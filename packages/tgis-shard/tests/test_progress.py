@@ -62,3 +62,19 @@ def test_a_terminal_gets_tqdm_s_bar_and_anything_else_log_lines(monkeypatch):
     assert progress_class() is tqdm
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
     assert progress_class() is LoggedProgress
+
+
+def test_transformers_bars_are_off_where_no_terminal_shows_them(monkeypatch):
+    from transformers.utils import logging as transformers_logging
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    try:
+        transformers_logging.enable_progress_bar()
+        progress_module.library_bars_follow_terminal()
+        assert not transformers_logging.is_progress_bar_enabled()
+        transformers_logging.enable_progress_bar()
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+        progress_module.library_bars_follow_terminal()
+        assert transformers_logging.is_progress_bar_enabled()
+    finally:
+        transformers_logging.enable_progress_bar()

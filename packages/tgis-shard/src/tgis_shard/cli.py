@@ -136,6 +136,10 @@ def _serve(args: argparse.Namespace) -> None:
     configure_cuda_allocator()
     import torch
 
+    from tgis_shard.progress import library_bars_follow_terminal
+
+    library_bars_follow_terminal()
+
     from tgis_shard.engines.base import ShardContext
     from tgis_shard.layers import fused
     from tgis_shard.server import serve

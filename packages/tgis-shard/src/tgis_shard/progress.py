@@ -43,6 +43,15 @@ class LoggedProgress(tqdm):
         super().close()
 
 
+def library_bars_follow_terminal() -> None:
+    """transformers' own bars (loading a model's weights) draw only on a terminal too: in a log
+    they would be a stream of carriage returns; our log lines say where loading is instead."""
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
+
 def progress_class() -> type[tqdm]:
     return tqdm if sys.stderr.isatty() else LoggedProgress
 

@@ -8,6 +8,8 @@ pruned, trimming columns that only padding still uses.
 from __future__ import annotations
 
 import inspect
+import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -35,6 +37,8 @@ from tgis_shard.engines.padded import BatchState, PaddedEngine
 from tgis_shard.layers.embedding import EmbeddingOverrides
 from tgis_shard.prefixes import PromptPrefix
 from tgis_shard.sampler import Choice, GeneratedToken, Sampler
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -274,6 +278,8 @@ def _load_engine(ctx: ShardContext, engine: str, attn_implementation: str | None
     seq2seq = bool(getattr(config, "is_encoder_decoder", False))
     auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     options = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    started = time.monotonic()
+    log.info("loading %s with transformers (%s)", ctx.model_dir, auto.__name__)
     try:
         model = auto.from_pretrained(ctx.model_dir, dtype=ctx.dtype, local_files_only=True, **options)
     except ValueError as e:
@@ -281,6 +287,7 @@ def _load_engine(ctx: ShardContext, engine: str, attn_implementation: str | None
             raise
         raise UnsupportedModelError(f"{engine} needs {attn_implementation} attention: {e}") from e
     model = model.to(ctx.device).eval()
+    log.info("loaded %s in %.1f s", ctx.model_dir, time.monotonic() - started)
     eos = eos_token_ids(ctx.model_dir, config)
     if seq2seq:
         # Imported here: the seq2seq engine reuses this module's helpers.
