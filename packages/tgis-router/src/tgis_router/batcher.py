@@ -103,13 +103,13 @@ class Batcher:
         series = metrics.STEP_SERIES[step.method]
         series.count.inc()
         series.batch_size.observe(len(step.work))
-        if step.method == "prefill":
-            metrics.batch_next_tokens.observe(sum(w.tokens for w in step.work if w.prompt))
+        prompt_tokens = sum(w.tokens for w in step.work if w.prompt)
+        if prompt_tokens:  # a prefill step
+            metrics.batch_next_tokens.observe(prompt_tokens)
         if step.joins and len(step.joins) < len(step.work):  # new requests beside running ones
             metrics.batch_concatenation_count.inc()
         span = None
         if tracing.enabled():
-            prompt_tokens = sum(w.tokens for w in step.work if w.prompt)
             span = tracing.start_step(step.method, len(step.work), prompt_tokens, [w.request.entry for w in step.work])
         started = time.monotonic()
         try:

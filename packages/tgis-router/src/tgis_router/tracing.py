@@ -18,6 +18,8 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from tgis_router.requests import StopReason
+
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Span, Tracer
@@ -110,7 +112,7 @@ def end_requests(entries: Iterable[ActiveRequest]) -> None:
         span.set_attribute("tgis.generated_tokens", entry.generated)
         if entry.stop_reason is not None:
             span.set_attribute("tgis.stop_reason", entry.stop_reason.name)
-            if entry.stop_reason.name == "ERROR":
+            if entry.stop_reason == StopReason.ERROR:
                 span.set_status(StatusCode.ERROR)
         span.end(end_time=_ns(responded))
         entry.span = None

@@ -16,6 +16,7 @@ from tgis_proto.plugins import PluginError
 from tgis_shard import model_files
 from tgis_shard.embedded import DEFAULT_MODEL, EmbeddedModelError
 from tgis_shard.engines.base import UnsupportedModelError
+from tgis_shard.hub import DEFAULT_EXTENSIONS
 from tgis_shard.memory import ESTIMATE_MODES, configure_cuda_allocator, limit_process_memory
 from tgis_shard.onnx_export import ExportRefusedError
 from tgis_shard.registry import shard_registry
@@ -81,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     download.add_argument("--revision", default=None)
     download.add_argument(
         "--extension",
-        default=".safetensors",
+        default=DEFAULT_EXTENSIONS,
         help="comma-separated file endings; one weight ending also brings the model's metadata files",
     )
     download.add_argument(

@@ -281,14 +281,19 @@ class Sampler:
         if slots is None:
             slots = torch.from_numpy(host_slots).to(self.device)
         host = {name: values[host_slots] for name, values in self._host.items()}
-        if not self._processes(host):
+        masks_eos = bool((host["generated"] < host["min_new_tokens"]).any())
+        penalises_length = bool(host["length_penalty"].any())
+        penalises_repetition = self._seen is not None and bool(host["repetition"].any())
+        sampling = bool(host["sample"].any())
+        details = bool(host["details"].any())
+        if not (masks_eos or penalises_length or penalises_repetition or sampling or details):
             # Greedy rows with nothing to adjust: the argmax of the model's own logits (upcasting
             # half precision is exact, so the choice is the float32 one) without a float32 copy.
             return Choice(self, list(request_ids), host_slots, slots, logits.argmax(dim=-1))
         scores = logits.float().clone()
-        if (host["generated"] < host["min_new_tokens"]).any():
+        if masks_eos:
             scores = mask_eos(scores, self.eos_token_ids, self._generated[slots] < self._min_new_tokens[slots])
-        if host["length_penalty"].any():
+        if penalises_length:
             scores = length_penalty(
                 scores,
                 self.eos_token_ids,
@@ -297,29 +302,18 @@ class Sampler:
                 self._length_decay[slots],
                 self._length_enabled[slots],
             )
-        if self._seen is not None and host["repetition"].any():
+        if penalises_repetition:
             scores = repetition_penalty(scores, self._seen[slots], self._repetition[slots])
-        sampling = bool(host["sample"].any())
         if sampling:
             scores = self._warp(scores, slots, host)
         token_ids = scores.argmax(dim=-1)
         if sampling:
             token_ids = torch.where(self._sample[slots], self._draw(scores, slots), token_ids)
         choice = Choice(self, list(request_ids), host_slots, slots, token_ids)
-        if host["details"].any():
+        if details:
             choice.details = token_details(scores.log_softmax(dim=-1), token_ids, int(host["top_n"].max()))
             choice.top_n = host["top_n"].tolist()
         return choice
-
-    def _processes(self, host: dict[str, np.ndarray]) -> bool:
-        """Whether any row of a step needs its scores adjusted, sampled or its details computed."""
-        return bool(
-            host["sample"].any()
-            or host["details"].any()
-            or host["length_penalty"].any()
-            or (self._seen is not None and host["repetition"].any())
-            or (host["generated"] < host["min_new_tokens"]).any()
-        )
 
     def _warp(self, scores: torch.Tensor, slots: torch.Tensor, host: dict[str, np.ndarray]) -> torch.Tensor:
         if host["temperature"].any():
