@@ -13,7 +13,7 @@
 #     nvidia-cutlass-dsl-libs-base==4.8.1 nvidia-ml-py==13.615.71 tabulate==0.10.0
 # FlashInfer JIT-compiles its kernels into .fi-cache/ (FLASHINFER_WORKSPACE_BASE); the compiled
 # ones come back as $OUT/fi-cache.tgz: unpacked here and carried (`carry: [".whl", ".fi-cache"]`),
-# the next call skips the compilation.
+# the next call skips the compilation (.torch-cache/ the same way, for torch.compile's kernels).
 # Then on the device: bash bench/gpu_checks.sh [tests|families|serving [serving.py options]]   (tests and serving by
 # default; results land in $OUT). Each stage fits one call's 10 minutes on its own.
 set -uo pipefail
@@ -22,8 +22,10 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   || exit 1
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 PATH="/tmp/site/bin:$PATH"
 export FLASHINFER_WORKSPACE_BASE="$PWD/.fi-cache"
+# torch.compile's kernels (the fused chains, PT2_COMPILE) likewise: back as $OUT/torch-cache.tgz.
+export TORCHINDUCTOR_CACHE_DIR="$PWD/.torch-cache/inductor" TRITON_CACHE_DIR="$PWD/.torch-cache/triton"
 out=${OUT:-/tmp/gpu-checks}
-mkdir -p "$out" "$FLASHINFER_WORKSPACE_BASE"
+mkdir -p "$out" "$FLASHINFER_WORKSPACE_BASE" "$TORCHINDUCTOR_CACHE_DIR" "$TRITON_CACHE_DIR"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
 python3 -c 'import torch, transformers, grpc, google.protobuf as p; print(torch.__version__, transformers.__version__, grpc.__version__, p.__version__)' \
   | tee -a "$out/gpu.txt"
@@ -57,3 +59,4 @@ if [[ $stage == serving || $stage == all ]]; then
   grep -v "it/s]" "$out/serving.log" | tail -60
 fi
 tar -czf "$out/fi-cache.tgz" -C "$FLASHINFER_WORKSPACE_BASE" . 2>/dev/null && ls -la "$out/fi-cache.tgz"
+tar -czf "$out/torch-cache.tgz" -C .torch-cache . 2>/dev/null && ls -la "$out/torch-cache.tgz"

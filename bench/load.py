@@ -13,7 +13,7 @@ import random
 import statistics
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -140,18 +140,27 @@ def run(
 
 
 def sweep(
-    address: str, concurrency: Sequence[int], rounds: int, prompt_tokens: int, new_tokens: int
+    address: str,
+    concurrency: Sequence[int],
+    rounds: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    observe: Callable[[], dict] | None = None,
 ) -> dict[int, dict]:
     """Closed-loop streaming clients at each concurrency in turn, ``rounds`` requests per client,
     every prompt cut to exactly ``prompt_tokens`` tokens (twice as many words are sent), after one
-    warm-up request; a failed request fails the sweep."""
+    warm-up request; a failed request fails the sweep. ``observe()``, called before and after each
+    concurrency, reads counters of the server's: each result's ``"observed"`` holds both readings."""
     words = 2 * prompt_tokens
     run(address, 1, 1, words, new_tokens, seed=0, prompt_tokens=prompt_tokens)  # warm-up
     results = {}
     for streams in concurrency:
+        before = observe() if observe else None
         result = run(address, streams, streams * rounds, words, new_tokens, seed=streams, prompt_tokens=prompt_tokens)
         if result["errors"]:
             raise RuntimeError(f"{len(result['errors'])} requests failed at {streams} streams: {result['errors'][:3]}")
+        if observe:
+            result["observed"] = (before, observe())
         results[streams] = result
     return results
 

@@ -20,11 +20,13 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
@@ -134,11 +136,28 @@ def generate_baseline(model_dir: Path, device: torch.device, dtype, concurrency:
     return rates, cost
 
 
-def in_process_decode_step(
-    model_dir: Path, device: torch.device, dtype, prompt: int, new: int, max_sequence_length: int, variant: Variant
-) -> tuple[float, int | None]:
-    """Seconds per decode step of one request on the engine in process (no router, no gRPC), and
-    what the device runs for one such step."""
+@dataclass(frozen=True)
+class InProcessStep:
+    """A decode step of ``rows`` requests on the engine in process (no router, no gRPC)."""
+
+    rows: int
+    seconds: float  # median wall time, the token on the host at its end
+    device_seconds: float | None  # the device busy inside one step (its kernels and copies); None on a CPU
+    device_activities: int | None  # kernels, copies and fills the device runs for one step
+
+
+def in_process_decode_steps(
+    model_dir: Path,
+    device: torch.device,
+    dtype,
+    prompt: int,
+    new: int,
+    max_sequence_length: int,
+    variant: Variant,
+    batch_sizes: list[int],
+) -> list[InProcessStep]:
+    """The engine's own decode step at each batch size: what the server adds on top of it, and
+    (wall against device time) how much of the step the device waits on the host."""
     steps = max(1, min(IN_PROCESS_DECODE_STEPS, new - 2))
     registry = shard_registry(None)
     fused.enable(variant.fused_kernels)  # what the shard's command line sets for its process
@@ -151,37 +170,46 @@ def in_process_decode_step(
         world_size=1,
         max_sequence_length=max_sequence_length,
         registry=registry,
-        max_batch_size=1,
+        max_batch_size=max(batch_sizes),
         estimate_memory="off",
         cuda_graphs=variant.cuda_graphs,
         pt2_compile=variant.pt2_compile,
     )
     engine = resolve(registry.engine("tgis_native").target)(ctx)
     engine.warm_up()
-    driver = StepDriver(engine)
-    driver.join(request(1, [5] * prompt, steps + 2))
-    driver.run(2)  # the prompt, then a first decode
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        started = time.perf_counter()
-        driver.step()  # returns once the token is on the host
-        times.append(time.perf_counter() - started)
-    kernels = _device_activities(driver.step, device)
-    del driver, engine
+    measured = []
+    first_id = 1
+    for rows in batch_sizes:
+        driver = StepDriver(engine)
+        ids = range(first_id, first_id + rows)
+        first_id += rows
+        driver.join(*(request(rid, [5] * prompt, steps + 3) for rid in ids))
+        driver.run(2)  # the prompts, then a first decode
+        times = []
+        for _ in range(steps):
+            _sync(device)
+            started = time.perf_counter()
+            driver.step()  # returns once the tokens are on the host
+            times.append(time.perf_counter() - started)
+        busy, activities = _device_activities(driver.step, device)
+        measured.append(InProcessStep(rows, statistics.median(times), busy, activities))
+        driver.leave(*ids)
+        driver.step()  # lets them go
+    del engine
     _free(device)
-    return statistics.median(times), kernels
+    return measured
 
 
-def _device_activities(step: Callable[[], object], device: torch.device) -> int | None:
-    """Kernels, copies and fills the device runs for one ``step`` (those inside a replayed CUDA
-    graph included); None on a CPU."""
+def _device_activities(step: Callable[[], object], device: torch.device) -> tuple[float | None, int | None]:
+    """Seconds the device is busy and the kernels, copies and fills it runs for one ``step``
+    (those inside a replayed CUDA graph included); None on a CPU."""
     if device.type != "cuda":
-        return None
+        return None, None
     with profile(activities=[ProfilerActivity.CUDA]) as profiler:
         step()
         _sync(device)
-    return sum(1 for event in profiler.events() if event.device_type == DeviceType.CUDA)
+    events = [event for event in profiler.events() if event.device_type == DeviceType.CUDA]
+    return sum(event.time_range.elapsed_us() for event in events) / 1e6, len(events)
 
 
 def _quantile(values: list[float], q: int) -> float:
@@ -199,7 +227,53 @@ def serve(model_dir: Path, args: argparse.Namespace, dtype_name: str, variant: V
     ]
     with launcher(model_dir, *options, env={"SHARD_TORCH_THREADS": str(args.shard_threads)}) as server:
         address = f"localhost:{server.grpc_port}"
-        return sweep(address, args.concurrency, args.rounds, args.prompt_tokens, args.new_tokens)
+        metrics_url = f"http://localhost:{server.http_port}/metrics"
+        return sweep(
+            address, args.concurrency, args.rounds, args.prompt_tokens, args.new_tokens, lambda: _step_sums(metrics_url)
+        )
+
+
+# The router's step series (tgis_router.metrics): per method, steps and seconds.
+_STEP_SUMS = {
+    "tgi_batch_inference_forward_duration_count": "steps",
+    "tgi_batch_inference_forward_duration_sum": "shard",  # inside the shard's Step call
+    "tgi_batch_inference_tokproc_duration_sum": "hand_out",  # the router handing the tokens out
+}
+
+
+def _step_sums(metrics_url: str) -> dict[tuple[str, str], float]:
+    """(method, what) -> running total, from the router's metrics."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    sums: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            what = _STEP_SUMS.get(sample.name)
+            if what is not None:
+                key = (sample.labels["method"], what)
+                sums[key] = sums.get(key, 0.0) + sample.value
+    return sums
+
+
+def _step_breakdown(served: dict[int, dict]) -> list[str]:
+    """Per concurrency: the steps the server ran, the time inside the shard per step and the
+    router's hand-out per step (means), against the run's wall time."""
+    lines = []
+    for streams, result in served.items():
+        before, after = result["observed"]
+        parts = []
+        for method in ("next_token", "prefill"):
+            steps = after.get((method, "steps"), 0.0) - before.get((method, "steps"), 0.0)
+            if not steps:
+                continue
+            shard = after[(method, "shard")] - before.get((method, "shard"), 0.0)
+            hand_out = after[(method, "hand_out")] - before.get((method, "hand_out"), 0.0)
+            parts.append(
+                f"{steps:,.0f} {method} steps, {shard / steps * 1000:.2f} ms in the shard and "
+                f"{hand_out / steps * 1000:.2f} ms of hand-out each ({shard:.2f} s in all)"
+            )
+        lines.append(f"- {streams} streams, {result['elapsed_s']:.2f} s: " + "; ".join(parts))
+    return lines
 
 
 def _describe(variant: Variant, device: torch.device) -> str:
@@ -212,22 +286,30 @@ def _describe(variant: Variant, device: torch.device) -> str:
 
 
 def _table(
-    served: dict[int, dict], cost: ModelCost, bandwidth: float, context: float, generate_rates: dict
+    served: dict[int, dict],
+    steps: dict[int, InProcessStep],
+    cost: ModelCost,
+    bandwidth: float,
+    context: float,
+    generate_rates: dict,
 ) -> list[str]:
     lines = [
         "| concurrency | tok/s | TTFT p50 / p99 | ITL p50 / p99 | roofline tok/s | of roofline "
-        "| generate() tok/s | × generate() |",
-        "|---|---|---|---|---|---|---|---|",
+        "| generate() tok/s | × generate() | in-process step (device busy) | ITL p50 / step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for streams, result in served.items():
         roofline = cost.roofline(bandwidth, streams, context)
         ttft, itl = result["ttft"], result["itl"]
+        step = steps[streams]
+        busy = "" if step.device_seconds is None else f" ({step.device_seconds * 1000:.2f} ms)"
         lines.append(
             f"| {streams} | {result['tokens_per_s']:,.0f} "
             f"| {_quantile(ttft, 50) * 1000:.0f} / {_quantile(ttft, 99) * 1000:.0f} ms "
             f"| {_quantile(itl, 50) * 1000:.1f} / {_quantile(itl, 99) * 1000:.1f} ms "
             f"| {roofline:,.0f} | {result['tokens_per_s'] / roofline:.2f} "
-            f"| {generate_rates[streams]:,.0f} | {result['tokens_per_s'] / generate_rates[streams]:.2f} |"
+            f"| {generate_rates[streams]:,.0f} | {result['tokens_per_s'] / generate_rates[streams]:.2f} "
+            f"| {step.seconds * 1000:.2f} ms{busy} | {_quantile(itl, 50) / step.seconds:.2f} |"
         )
     return lines
 
@@ -271,18 +353,28 @@ def main() -> None:
         context = args.prompt_tokens + args.new_tokens / 2
         for name in args.variants:
             variant = VARIANTS[name]
-            in_process, kernels = in_process_decode_step(
-                model_dir, device, dtype, args.prompt_tokens, args.new_tokens, max_sequence_length, variant
+            steps = in_process_decode_steps(
+                model_dir,
+                device,
+                dtype,
+                args.prompt_tokens,
+                args.new_tokens,
+                max_sequence_length,
+                variant,
+                args.concurrency,
             )
             served = serve(model_dir, args, dtype_name, variant)
-            step = f"in-process decode step at 1 stream {in_process * 1000:.2f} ms"
-            if kernels is not None:
-                step += f", {kernels:,} device kernels and copies"
-            section = ["", f"**{name}** ({_describe(variant, device)}): {step}", ""]
-            section += _table(served, cost, bandwidth, context, generate_rates)
-            if 1 in served:
-                ratio = _quantile(served[1]["itl"], 50) / in_process
-                section += ["", f"ITL p50 at 1 stream through the server / the same step in process: {ratio:.2f}"]
+            kernels = ", ".join(
+                f"{s.device_activities:,} at {s.rows}" for s in steps if s.device_activities is not None
+            )
+            section = [
+                "",
+                f"**{name}** ({_describe(variant, device)})"
+                + (f"; device kernels and copies per decode step: {kernels}" if kernels else ""),
+                "",
+            ]
+            section += _table(served, {s.rows: s for s in steps}, cost, bandwidth, context, generate_rates)
+            section += ["", "Steps the server ran (the router's metrics):", *_step_breakdown(served)]
             print("\n".join(section), flush=True)  # each variant as it ends: a cut-off run keeps the rest
             lines += section
     table = "\n".join(lines)

@@ -59,5 +59,7 @@ def test_serving_bench_measures_the_server_beside_its_baselines() -> None:
         assert served > 0
         assert roofline > 0
         assert generate > 0
-    assert "in-process decode step at 1 stream" in out
+    for row in rows:  # the engine's own step at that batch size, and the server's ITL over it
+        assert float(row[8].split()[0]) > 0
+        assert float(row[9]) > 0
     assert "CUDA graphs off" in out  # no GPU here
