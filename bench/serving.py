@@ -193,10 +193,15 @@ def in_process_decode_steps(
             times.append(time.perf_counter() - started)
         busy, activities = _device_activities(driver.step, device)
         measured.append(InProcessStep(rows, statistics.median(times), busy, activities))
+        print(f"in process, {variant}: {measured[-1]}", flush=True)  # a run cut off later keeps it
         driver.leave(*ids)
         driver.step()  # lets them go
-    del engine
+    del driver, engine  # the server's shard needs the device's memory
     _free(device)
+    if device.type == "cuda" and torch.cuda.memory_allocated(device) > 2**30:
+        raise RuntimeError(
+            f"the in-process engine left {torch.cuda.memory_allocated(device) / 2**30:.1f} GiB allocated"
+        )
     return measured
 
 
