@@ -26,6 +26,9 @@ export FLASHINFER_WORKSPACE_BASE="$PWD/.fi-cache"
 export TORCHINDUCTOR_CACHE_DIR="$PWD/.torch-cache/inductor" TRITON_CACHE_DIR="$PWD/.torch-cache/triton"
 out=${OUT:-/tmp/gpu-checks}
 mkdir -p "$out" "$FLASHINFER_WORKSPACE_BASE" "$TORCHINDUCTOR_CACHE_DIR" "$TRITON_CACHE_DIR"
+# Or carried packed, where the unpacked caches would pass the carry limit (64 MiB).
+[[ -f .fi-cache.tgz ]] && tar -xzf .fi-cache.tgz -C "$FLASHINFER_WORKSPACE_BASE"
+[[ -f .torch-cache.tgz ]] && tar -xzf .torch-cache.tgz -C .torch-cache
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
 python3 -c 'import torch, transformers, grpc, google.protobuf as p; print(torch.__version__, transformers.__version__, grpc.__version__, p.__version__)' \
   | tee -a "$out/gpu.txt"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,11 @@ class StepDriver:
         self.computed.pop(rid, None)
 
     def step(self) -> list[GeneratedToken]:
+        return self.launch()()
+
+    def launch(self) -> Callable[[], list[GeneratedToken]]:
+        """Sends the next step as the router does and returns before its tokens are awaited (the
+        shard's ``StepRunner.launch``); calling the result waits for them and records them."""
         ids, tokens_per_request, block_counts, blocks = [], [], [], []
         for rid, length in self.prompt_length.items():
             left = length - self.computed[rid]
@@ -131,14 +137,19 @@ class StepDriver:
             new_block_ids=blocks,
         )
         self._joins, self._leaves = [], []
-        outcome = self.runner.step(request)
-        for failure in outcome.failures:
-            self._forget(failure.request_id)
-        self.failures += outcome.failures
-        for token in outcome.tokens:
-            self.first.setdefault(token.request_id, token)
-            self.outputs[token.request_id].append(token.token_id)
-        return outcome.tokens
+        finish = self.runner.launch(request)
+
+        def tokens() -> list[GeneratedToken]:
+            outcome = finish()
+            for failure in outcome.failures:
+                self._forget(failure.request_id)
+            self.failures += outcome.failures
+            for token in outcome.tokens:
+                self.first.setdefault(token.request_id, token)
+                self.outputs[token.request_id].append(token.token_id)
+            return outcome.tokens
+
+        return tokens
 
     def run(self, steps: int) -> None:
         for _ in range(steps):

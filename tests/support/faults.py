@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from tgis_proto import shard_pb2 as pb
-from tgis_shard.engines.base import Engine, ScheduledWork
+from tgis_shard.engines.base import Engine, PendingStep, ScheduledWork
 from tgis_shard.prefixes import PromptPrefix
 from tgis_shard.sampler import GeneratedToken
 
@@ -29,6 +30,8 @@ class FaultyEngine(Engine):
         self.bad_requests: set[int] = set()  # a step that runs one of these raises
         self.step_error: Exception | None = None  # raised inside the next step ...
         self.step_size: int = 0  # ... that runs exactly this many requests (0: any)
+        self.wait_error: Exception | None = None  # raised while the next launched step's tokens are awaited
+        self.hold_tokens: threading.Event | None = None  # the next launched step's tokens wait for it
 
     def info(self) -> pb.InfoResponse:
         return self.inner.info()
@@ -52,6 +55,22 @@ class FaultyEngine(Engine):
         self.step_error = None
         with _raising_in_second_layer(self.inner, error):
             return self.inner.step(work)
+
+    def launch(self, work: Sequence[ScheduledWork]) -> PendingStep:
+        pending = super().launch(work)
+        error, self.wait_error = self.wait_error, None
+        hold, self.hold_tokens = self.hold_tokens, None
+        if error is None and hold is None:
+            return pending
+
+        def wait() -> list[GeneratedToken]:
+            if hold is not None:
+                hold.wait()
+            if error is not None:
+                raise error
+            return pending.wait()
+
+        return PendingStep(pending.request_ids, wait)
 
     def prompt_prefix(self, prefix_id: str) -> PromptPrefix:
         return self.inner.prompt_prefix(prefix_id)

@@ -45,7 +45,7 @@ def _health_in_thread(servicer: ShardServicer, forward: bool) -> threading.Threa
 
 
 def test_a_ping_answers_while_a_step_holds_the_lock_and_a_forward_pass_waits_for_it(servicer):
-    with servicer._lock:  # a long step is running
+    with servicer.steps.lock:  # a long step is launching
         ping = _health_in_thread(servicer, forward=False)
         ping.join(timeout=30)
         assert not ping.is_alive()
@@ -89,6 +89,37 @@ def test_step_failures_reach_the_router_as_per_request_failures_or_status_codes(
     with pytest.raises(RuntimeError, match="INTERNAL: step failed: a kernel failed"):
         _step(servicer, decoding=[15])
     assert len(servicer.steps) == 0
+
+
+def test_the_next_step_launches_while_a_steps_tokens_are_on_their_way(servicer):
+    servicer.engine.hold_tokens = held = threading.Event()
+    first: list[pb.StepResponse] = []
+    waiting = threading.Thread(target=lambda: first.append(_step(servicer, joining=[41])))
+    waiting.start()
+    try:
+        # Step 1 waits its turn behind step 0's launch only, not behind step 0's tokens.
+        second: list[pb.StepResponse] = []
+        following = threading.Thread(target=lambda: second.append(_step(servicer, decoding=[41])))
+        following.start()
+        following.join(timeout=30)
+        assert not following.is_alive()
+        assert waiting.is_alive()
+        assert [list(r.request_ids) for r in second] == [[41]]
+    finally:
+        held.set()
+        waiting.join(timeout=30)
+    assert [list(r.request_ids) for r in first] == [[41]]
+    servicer.Reset(pb.ResetRequest(), AbortingContext())
+
+
+def test_a_failure_while_a_steps_tokens_are_awaited_fails_the_step_and_drops_every_request(servicer):
+    _step(servicer, joining=[51, 52])
+    servicer.engine.wait_error = RuntimeError("an illegal memory access was encountered")
+    with pytest.raises(RuntimeError, match="INTERNAL: step failed: an illegal memory access"):
+        _step(servicer, decoding=[51, 52])
+    assert len(servicer.steps) == 0
+    assert list(_step(servicer, joining=[51]).request_ids) == [51]
+    servicer.Reset(pb.ResetRequest(), AbortingContext())
 
 
 def test_reset_drops_every_request(servicer):

@@ -119,7 +119,7 @@ batch_inference_duration = Histogram(
 )
 batch_inference_forward_duration = Histogram(
     "tgi_batch_inference_forward_duration",
-    "Seconds the shard spent running each step",
+    "Seconds from a step's launch on the shard to its tokens (it launches while the step before it computes)",
     ["method", "makeup"],
     buckets=_LATENCY_BUCKETS,
 )

@@ -144,16 +144,47 @@ class Choice:
 
     def generated_tokens(self) -> list[GeneratedToken]:
         """Per request, its token and the details it asked for; one copy from the device."""
+        return self.to_host().result()
+
+    def to_host(self) -> PendingTokens:
+        """Starts the copy of the tokens and their details to the host, without waiting for it."""
         details = self.details
         if details is None:
-            return [GeneratedToken(rid, t) for rid, t in zip(self.request_ids, self.token_ids.tolist(), strict=True)]
+            return PendingTokens(self.request_ids, self.token_ids)
         columns = [self.token_ids.double(), details.logprobs.double(), details.ranks.double()]
         if details.top_ids is not None and details.top_logprobs is not None:
             columns += [details.top_ids.double(), details.top_logprobs.double()]
-        rows = torch.column_stack(columns).tolist()
         width = details.top_ids.shape[1] if details.top_ids is not None else 0
-        tokens = []
-        for rid, n, row in zip(self.request_ids, self.top_n, rows, strict=True):
+        return PendingTokens(self.request_ids, torch.column_stack(columns), width, self.top_n)
+
+
+class PendingTokens:
+    """A step's tokens on their way to the host. The copy is queued behind the step's kernels and
+    ``result()`` waits for it alone, so the host can prepare the next step while the device
+    computes this one.
+
+    ``values``: the token ids ``[rows]``, or per row the id, logprob, rank, ``width`` top ids and
+    their logprobs (``Choice.to_host``)."""
+
+    def __init__(self, request_ids: list[int], values: torch.Tensor, width: int = 0, top_n: Sequence[int] = ()):
+        self.request_ids = request_ids
+        self._width = width
+        self._top_n = top_n
+        # A device-to-host copy that does not block lands in pinned memory, ready once the event is.
+        self._host = values.to("cpu", non_blocking=True)
+        self._ready: torch.cuda.Event | None = None
+        if values.is_cuda:
+            self._ready = torch.cuda.Event()
+            self._ready.record(torch.cuda.current_stream(values.device))
+
+    def result(self) -> list[GeneratedToken]:
+        if self._ready is not None:
+            self._ready.synchronize()
+        values = self._host.tolist()
+        if self._host.dim() == 1:
+            return [GeneratedToken(rid, t) for rid, t in zip(self.request_ids, values, strict=True)]
+        width, tokens = self._width, []
+        for rid, n, row in zip(self.request_ids, self._top_n, values, strict=True):
             top = top_tokens([int(i) for i in row[3 : 3 + width]], row[3 + width :], n) if width else ()
             tokens.append(GeneratedToken(rid, int(row[0]), row[1], int(row[2]), top))
         return tokens

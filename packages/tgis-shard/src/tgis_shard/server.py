@@ -82,13 +82,13 @@ class StepOrder:
 
 
 class ShardServicer(pb_grpc.ShardServiceServicer):
-    """Runs one batch operation at a time: batch state is not shared between concurrent steps."""
+    """Runs one batch operation at a time (a step's launch, a reset, a health check's forward pass:
+    ``StepRunner.lock``); a step waits for its tokens outside it, so the next one launches meanwhile."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
         self.steps = StepRunner(engine)
         self._order = StepOrder()
-        self._lock = threading.Lock()
         self._info = engine.info()
         engine.warm_up()
         # Measured once, before any batch exists: it runs a prefill of its own on a GPU.
@@ -102,7 +102,7 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthResponse:
         # A ping answers without the lock: a long step must not fail a liveness probe.
         if request.forward:
-            with self._lock:
+            with self.steps.lock:
                 try:
                     self.engine.health_check()
                 except Exception as e:
@@ -112,10 +112,12 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
 
     def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepResponse:
         try:
-            with self._order.turn(request.sequence), self._lock:
+            with self._order.turn(request.sequence):
                 started = time.monotonic()
-                outcome = self.steps.step(request)
-                forward_seconds = time.monotonic() - started
+                finish = self.steps.launch(request)
+            # The next step launches while this one's tokens are on their way.
+            outcome = finish()
+            forward_seconds = time.monotonic() - started
         except StepOutOfOrderError as e:
             context.abort(grpc.StatusCode.INTERNAL, str(e))
         except StepFailed as e:
@@ -138,8 +140,7 @@ class ShardServicer(pb_grpc.ShardServiceServicer):
         return pb.PrefixLookupResponse(prefix_length=prefix.length)
 
     def Reset(self, request: pb.ResetRequest, context: grpc.ServicerContext) -> pb.ResetResponse:
-        with self._lock:
-            self.steps.reset()
+        self.steps.reset()
         return pb.ResetResponse()
 
 

@@ -8,20 +8,22 @@ batch, with failures kept to the requests they concern.
 - A step that fails otherwise while prompts are being processed runs again without them, then
   each prompt alone: a request whose prompt fails alone fails, the others go on.
 - Any other failure, or one that loses the batch (``BatchLost``), fails the step (``StepFailed``):
-  the engine drops every request.
+  the engine drops every request. So does a failure while a launched step's tokens are awaited
+  (the device failed under a batch that had moved on already).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
 import torch
 
 from tgis_proto import shard_pb2 as pb
-from tgis_shard.engines.base import BatchLost, Engine, ScheduledWork
+from tgis_shard.engines.base import BatchLost, Engine, PendingStep, ScheduledWork
 from tgis_shard.sampler import GeneratedToken
 
 log = logging.getLogger(__name__)
@@ -65,11 +67,15 @@ def scheduled_work(request: pb.StepRequest) -> list[ScheduledWork]:
 
 
 class StepRunner:
-    """Runs the router's steps on one engine, one at a time (the caller locks)."""
+    """Runs the router's steps on one engine, one at a time: ``launch`` a step (under ``lock``,
+    in the router's order), then its returned ``finish`` waits for the tokens, while the next
+    step may launch already (``Engine.launch``)."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self._tokens_out: dict[int, int] = {}  # tokens each request got since it joined
+        # Held while the batch changes: a launch, a reset, a health check's forward pass.
+        self.lock = threading.RLock()
+        self._tokens_out: dict[int, int] = {}  # tokens each request has been sent or has on the way
         # Requests a failure dropped: steps the router sent before it knew still name them, and
         # their work is skipped until the router lets them leave.
         self._dropped: set[int] = set()
@@ -78,6 +84,14 @@ class StepRunner:
         return len(self.engine.request_ids())
 
     def step(self, request: pb.StepRequest) -> StepOutcome:
+        return self.launch(request)()
+
+    def launch(self, request: pb.StepRequest) -> Callable[[], StepOutcome]:
+        """Applies the step to the batch and queues its work; the result waits for its tokens."""
+        with self.lock:
+            return self._launch(request)
+
+    def _launch(self, request: pb.StepRequest) -> Callable[[], StepOutcome]:
         self.engine.leave(request.leaves)
         for rid in request.leaves:
             self._tokens_out.pop(rid, None)
@@ -97,17 +111,33 @@ class StepRunner:
         if unknown:
             self._fail_step(ValueError(f"requests {unknown} are not in the batch"))
         try:
-            tokens = self.engine.step(work)
+            pending = self.engine.launch(work)
         except Exception as e:
             log.exception("a step of %d requests failed", len(work))
             tokens, isolated = self._isolate(work, e)
             failures += isolated
-        for token in tokens:
-            self._tokens_out[token.request_id] = self._tokens_out.get(token.request_id, 0) + 1
+            pending = PendingStep.done(tokens)
+        # Counted at launch: the next step's failure isolation tells prompts from decodes by it.
+        for rid in pending.request_ids:
+            self._tokens_out[rid] = self._tokens_out.get(rid, 0) + 1
         self._dropped.update(f.request_id for f in failures)
-        return StepOutcome(tokens, failures)
+
+        def finish() -> StepOutcome:
+            try:
+                tokens = pending.wait()
+            except Exception as e:
+                log.exception("a step of %d requests failed on the device", len(work))
+                with self.lock:
+                    self._fail_step(e)
+            return StepOutcome(tokens, failures)
+
+        return finish
 
     def reset(self) -> None:
+        with self.lock:
+            self._reset()
+
+    def _reset(self) -> None:
         self.engine.reset()
         self._tokens_out.clear()
         self._dropped.clear()
@@ -154,5 +184,5 @@ class StepRunner:
         return tokens, failures
 
     def _fail_step(self, error: BaseException) -> NoReturn:
-        self.reset()
+        self._reset()
         raise StepFailed(f"step failed: {error}", is_out_of_memory(error)) from error

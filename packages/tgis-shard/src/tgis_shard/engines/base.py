@@ -88,6 +88,20 @@ class ScheduledWork:
     new_blocks: tuple[int, ...] = ()
 
 
+@dataclass(frozen=True)
+class PendingStep:
+    """A launched step: the requests it brings a token for, in order, and ``wait()``, which
+    returns those tokens once the device has made them."""
+
+    request_ids: tuple[int, ...]
+    wait: Callable[[], list[GeneratedToken]]
+
+    @classmethod
+    def done(cls, tokens: list[GeneratedToken]) -> PendingStep:
+        """A step that ran to its end already."""
+        return cls(tuple(t.request_id for t in tokens), lambda: tokens)
+
+
 class UnsupportedModelError(Exception):
     """The model cannot be served by this engine."""
 
@@ -132,6 +146,13 @@ class Engine(ABC):
         """Processes the listed requests' tokens in one pass and returns a token for each whose
         prompt is complete after it. When it raises, the batch is as it was before the call, so
         the caller may drop requests and run the rest again."""
+
+    def launch(self, work: Sequence[ScheduledWork]) -> PendingStep:
+        """Starts a step and returns before its tokens reach the host, so that the next step can
+        be prepared while the device computes this one. The batch is the step's from the call on:
+        the next ``launch`` may come before ``wait``. Raises as ``step`` does, leaving the batch as
+        it was; a ``wait`` that raises has lost the batch. By default the step runs whole here."""
+        return PendingStep.done(self.step(work))
 
     def reset(self) -> None:
         """Drops every request."""

@@ -27,6 +27,7 @@ from tgis_proto.plugins import resolve
 from tgis_shard import memory
 from tgis_shard.engines.base import (
     Engine,
+    PendingStep,
     ScheduledWork,
     ShardContext,
     UnsupportedModelError,
@@ -176,6 +177,7 @@ class NativeEngine(Engine):
         self._graphs: DecodeGraphs | None = None  # captured by warm_up on one GPU
         self._graph_metas: dict[int, AttentionMetadata] = {}
         self._seqs: dict[int, _Sequence] = {}
+        self._inputs_copied: torch.cuda.Event | None = None  # the last step's (see _wait_for_inputs_sent)
 
     def prompt_prefix(self, prefix_id: str) -> PromptPrefix:
         if not self._takes_prefixes:
@@ -287,6 +289,7 @@ class NativeEngine(Engine):
         # Everything the attention backend derives per step is built before the forward pass.
         plan_attention(self.cache, meta)
         prepare_attention(self.cache, meta)
+        self._inputs_sent()
         overrides = self._embedding_overrides(rows)
         # Without prefixes the keyword stays out: families that take no overrides serve the rest.
         extra = {} if overrides is None else {"embedding_overrides": overrides}
@@ -320,6 +323,7 @@ class NativeEngine(Engine):
     @torch.inference_mode()
     def capture_graphs(self) -> None:
         """Captures a decode graph per batch-size bucket up to MAX_BATCH_SIZE (after warm_up)."""
+        self._wait_for_inputs_sent()
         buckets = graph_buckets(self.ctx.max_batch_size)
         self._graphs = DecodeGraphs.capture(self._graph_step, buckets, self.ctx.device, self._prepare_graph)
 
@@ -344,10 +348,20 @@ class NativeEngine(Engine):
         slots = np.fromiter((r.slot for r in rows if r.samples), dtype=np.int64)
         return StepInputs(self._input_ids(rows), meta, torch.from_numpy(slots).to(device), slots)
 
-    @torch.inference_mode()
     def step(self, work: Sequence[ScheduledWork]) -> list[GeneratedToken]:
+        return self.launch(work).wait()
+
+    @torch.inference_mode()
+    def launch(self, work: Sequence[ScheduledWork]) -> PendingStep:
+        """Queues the step on the device and applies it to the batch; the tokens follow.
+
+        Everything the next step reads stays on the device (each decode's input is the token its
+        request's last step chose, in ``_next_ids``) or is known without the tokens (lengths,
+        blocks), so the next step is prepared and queued while this one computes.
+        """
         if not work:
-            return []
+            return PendingStep.done([])
+        self._wait_for_inputs_sent()
         rows = self._layout(work)
         sampling = [r for r in rows if r.samples]
         detailed = [r for r in rows if r.seq.wants_input_details and not r.seq.decoding]
@@ -355,16 +369,15 @@ class NativeEngine(Engine):
         if bucket is not None:
             inputs = self._decode_inputs(rows, padded_to=bucket)
             plan_attention(self.cache, inputs.meta, graph_rows=bucket)
+            self._inputs_sent()
             logits = sampled = self._graphs.replay(bucket)[: len(rows)]  # type: ignore[union-attr]
         else:
             inputs, logits, sampled = self._eager_forward(rows, sampling, detailed)
-        tokens: list[GeneratedToken] = []
         choice = None
         if sampled is not None:
             sampled_ids = [r.seq.request.id for r in sampling]
             choice = self.sampler.choose(sampled, sampled_ids, inputs.sampler_slots, inputs.host_slots)
             agree_with_rank0(choice.token_ids)
-            tokens = choice.generated_tokens()
         details = {
             r.seq.request.id: input_token_details(
                 r.seq.request.input_ids,
@@ -375,6 +388,7 @@ class NativeEngine(Engine):
             )
             for r in detailed
         }
+        tokens = choice.to_host() if choice is not None else None
         # Nothing below can fail: the batch changes only now.
         if choice is not None:
             choice.commit()
@@ -385,10 +399,32 @@ class NativeEngine(Engine):
             seq.blocks.extend(row.work.new_blocks)
             seq.computed += row.work.tokens
             seq.input_details.extend(details.get(seq.request.id, ()))
-        return [
-            replace(token, input_tokens=tuple(seq.input_details)) if seq.wants_input_details else token
-            for token, seq in ((t, self._seqs[t.request_id]) for t in tokens)
-        ]
+        if tokens is None:
+            return PendingStep.done([])
+        # The input-token details go with every token of a request that asked for them.
+        input_tokens = {r.seq.request.id: tuple(r.seq.input_details) for r in sampling if r.seq.wants_input_details}
+
+        def wait() -> list[GeneratedToken]:
+            return [
+                replace(t, input_tokens=input_tokens[t.request_id]) if t.request_id in input_tokens else t
+                for t in tokens.result()
+            ]
+
+        return PendingStep(tuple(tokens.request_ids), wait)
+
+    def _inputs_sent(self) -> None:
+        """Marks the point, in the device's queue, where this step's inputs have been copied in."""
+        if self.ctx.device.type == "cuda":
+            self._inputs_copied = torch.cuda.Event()
+            self._inputs_copied.record(torch.cuda.current_stream(self.ctx.device))
+
+    def _wait_for_inputs_sent(self) -> None:
+        """A step's host staging (``DecodeInputs``, the attention plan's) is reused by the next:
+        before filling it, wait until the device has copied the last step's in. The device then
+        runs the last step while this one is prepared: the host stays one step ahead, no more."""
+        if self._inputs_copied is not None:
+            self._inputs_copied.synchronize()
+            self._inputs_copied = None
 
     def memory_model(self) -> pb.MemoryModel | None:
         """The preallocated cache is the limit, counted in whole blocks; prefill activations live
@@ -445,6 +481,7 @@ class NativeEngine(Engine):
 
     @torch.inference_mode()
     def health_check(self) -> None:
+        self._wait_for_inputs_sent()
         device = self.ctx.device
         meta = AttentionMetadata.build([1], [1], [[SCRATCH_BLOCK]], self.block_size, device)
         ids = torch.zeros(1, dtype=torch.long, device=device)
