@@ -259,6 +259,8 @@ _STEP_SUMS = {
     "tgi_batch_inference_forward_duration_count": "steps",
     "tgi_batch_inference_forward_duration_sum": "shard",  # inside the shard's Step call
     "tgi_batch_inference_tokproc_duration_sum": "hand_out",  # the router handing the tokens out
+    "tgi_request_inter_token_latency_count": "gaps",  # between two tokens of a request, at the router
+    "tgi_request_inter_token_latency_sum": "gap_seconds",
 }
 
 
@@ -271,7 +273,7 @@ def _step_sums(metrics_url: str) -> dict[tuple[str, str], float]:
         for sample in family.samples:
             what = _STEP_SUMS.get(sample.name)
             if what is not None:
-                key = (sample.labels["method"], what)
+                key = (sample.labels.get("method", ""), what)
                 sums[key] = sums.get(key, 0.0) + sample.value
     return sums
 
@@ -296,7 +298,14 @@ def _step_breakdown(served: dict[int, dict]) -> list[str]:
                 f"{hand_out / steps * 1000:.2f} ms of hand-out each"
             )
         period = result["elapsed_s"] / total * 1000 if total else float("nan")
-        lines.append(f"- {streams} streams, {result['elapsed_s']:.2f} s, {period:.2f} ms per step: " + "; ".join(parts))
+        gaps = after.get(("", "gaps"), 0.0) - before.get(("", "gaps"), 0.0)
+        gap_seconds = after.get(("", "gap_seconds"), 0.0) - before.get(("", "gap_seconds"), 0.0)
+        # The same gaps at the router and at the clients: what the clients' own threads add.
+        itl = f"mean ITL {gap_seconds / gaps * 1000:.2f} ms at the router" if gaps else "no ITL at the router"
+        itl += f", {statistics.fmean(result['itl']) * 1000:.2f} ms at the clients" if result["itl"] else ""
+        lines.append(
+            f"- {streams} streams, {result['elapsed_s']:.2f} s, {period:.2f} ms per step, {itl}: " + "; ".join(parts)
+        )
     return lines
 
 
