@@ -16,11 +16,13 @@ DEVICES = [
     pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
 ]
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 256, 4, 2, 64
+CACHE_BLOCKS, BLOCK_SIZE = 8, 16
 BFLOAT16_STEP = 2**-7  # the spacing of bfloat16 values, relative to their size
 
 
 def _chains(tokens: int, device: str) -> dict[str, tuple]:
-    """Each fused function with inputs of ``tokens`` rows, as a layer calls it."""
+    """Each fused function with inputs of ``tokens`` rows, as a layer calls it (a fresh copy per
+    call: some write into their inputs)."""
     g = torch.Generator().manual_seed(tokens)
 
     def rand(*shape: int) -> torch.Tensor:
@@ -29,11 +31,18 @@ def _chains(tokens: int, device: str) -> dict[str, tuple]:
     qkv = rand(tokens, (HEADS + 2 * KV_HEADS) * HEAD_DIM)  # q and k as strided views, as split makes them
     q = qkv[:, : HEADS * HEAD_DIM].view(tokens, HEADS, HEAD_DIM)
     k = qkv[:, HEADS * HEAD_DIM : (HEADS + KV_HEADS) * HEAD_DIM].view(tokens, KV_HEADS, HEAD_DIM)
+    v = qkv[:, (HEADS + KV_HEADS) * HEAD_DIM :].view(tokens, KV_HEADS, HEAD_DIM)
     angles = torch.rand(tokens, HEAD_DIM, generator=g).to(device) * 6
+    cache_shape = (CACHE_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    slots = torch.randperm(CACHE_BLOCKS * BLOCK_SIZE, generator=g)[:tokens].to(device)
+    rotary = (angles.cos().bfloat16(), angles.sin().bfloat16())
     return {
         "rms_norm": (fused.rms_norm, (rand(tokens, HIDDEN), rand(HIDDEN), 1e-5)),
         "add_rms_norm": (fused.add_rms_norm, (rand(tokens, HIDDEN), rand(tokens, HIDDEN), rand(HIDDEN), 1e-6)),
-        "rotate": (fused.rotate, (q, k, angles.cos().bfloat16(), angles.sin().bfloat16())),
+        "rotate_and_store": (
+            fused.rotate_and_store,
+            (q, k, v, *rotary, rand(*cache_shape), rand(*cache_shape), slots),
+        ),
         "silu_and_mul": (fused._gated("silu"), (rand(tokens, 2 * HIDDEN),)),
     }
 
@@ -42,9 +51,13 @@ def _chains(tokens: int, device: str) -> dict[str, tuple]:
 def test_each_compiled_chain_equals_its_eager_ops(device):
     for tokens in (1, 7, 33):
         for name, (chain, args) in _chains(tokens, device).items():
-            expected = chain.fn(*args)
+            eager_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+            expected = chain.fn(*eager_args)
             got = chain.compiled(*args)
-            for want, have in zip(*(out if isinstance(out, tuple) else (out,) for out in (expected, got)), strict=True):
+            # What each returns, then every input it may have written (the cache, in place).
+            outputs = [(out if isinstance(out, tuple) else (out,)) for out in (expected, got)]
+            inputs = [[a for a in run if isinstance(a, torch.Tensor)] for run in (eager_args, args)]
+            for want, have in zip(outputs[0] + tuple(inputs[0]), outputs[1] + tuple(inputs[1]), strict=True):
                 assert (have.dtype, have.shape) == (want.dtype, want.shape), name
                 if device == "cpu":
                     assert torch.equal(have, want), f"{name} at {tokens} tokens"
