@@ -146,6 +146,8 @@ class InProcessStep:
     ahead_seconds: float  # mean period of steps each launched before the last one's tokens are awaited
     device_seconds: float | None  # the device busy inside one step (its kernels and copies); None on a CPU
     device_activities: int | None  # kernels, copies and fills the device runs for one step
+    prefill_seconds: float  # wall time of one step prefilling every row's prompt, first token on the host
+    prefill_device_seconds: float | None  # the device busy inside such a step
 
 
 def in_process_decode_steps(
@@ -181,7 +183,7 @@ def in_process_decode_steps(
     engine.warm_up()
     measured = []
     for rows in batch_sizes:
-        measured.append(_measure_decode(engine, rows, prompt, steps, first_id=len(measured) * max(batch_sizes) + 1))
+        measured.append(_measure_decode(engine, rows, prompt, steps, first_id=2 * len(measured) * max(batch_sizes) + 1))
         print(f"in process, {variant}: {measured[-1]}", flush=True)  # a run cut off later keeps it
     # The server's shard needs the device's memory: nothing may hold the engine on.
     collected = weakref.ref(engine)
@@ -193,13 +195,22 @@ def in_process_decode_steps(
 
 
 def _measure_decode(engine, rows: int, prompt: int, steps: int, first_id: int) -> InProcessStep:
-    """A batch of ``rows`` requests decoding on ``engine``: each step one by one, then each step
-    launched before the last one's tokens are awaited (as the server runs them)."""
+    """A batch of ``rows`` requests on ``engine``: the step prefilling their prompts (profiled on
+    one batch, timed on another), then decode steps one by one, then each step launched before
+    the last one's tokens are awaited (as the server runs them)."""
     device = engine.ctx.device
     driver = StepDriver(engine)
+    profiled = range(first_id + rows, first_id + 2 * rows)
+    driver.join(*(request(rid, [5] * prompt, 2) for rid in profiled))
+    prefill_busy, _ = _device_activities(driver.step, device)
+    driver.leave(*profiled)
     ids = range(first_id, first_id + rows)
     driver.join(*(request(rid, [5] * prompt, 2 * steps + 3) for rid in ids))
-    driver.run(2)  # the prompts, then a first decode
+    _sync(device)
+    started = time.perf_counter()
+    driver.step()
+    prefill = time.perf_counter() - started
+    driver.step()  # a first decode
     times = []
     for _ in range(steps):
         _sync(device)
@@ -218,13 +229,16 @@ def _measure_decode(engine, rows: int, prompt: int, steps: int, first_id: int) -
     busy, activities = _device_activities(driver.step, device)
     driver.leave(*ids)
     driver.step()  # lets them go
-    return InProcessStep(rows, statistics.median(times), ahead, busy, activities)
+    if driver.failures:
+        raise RuntimeError(f"the in-process steps failed: {driver.failures[:3]}")
+    return InProcessStep(rows, statistics.median(times), ahead, busy, activities, prefill, prefill_busy)
 
 
 def _device_activities(step: Callable[[], object], device: torch.device) -> tuple[float | None, int | None]:
-    """Seconds the device is busy and the kernels, copies and fills it runs for one ``step``
-    (those inside a replayed CUDA graph included); None on a CPU."""
+    """Runs ``step``: seconds the device is busy and the kernels, copies and fills it runs for
+    it (those inside a replayed CUDA graph included); None on a CPU."""
     if device.type != "cuda":
+        step()
         return None, None
     with profile(activities=[ProfilerActivity.CUDA]) as profiler:
         step()
@@ -329,14 +343,15 @@ def _table(
     lines = [
         "| concurrency | tok/s | TTFT p50 / p99 | ITL p50 / p99 | roofline tok/s | of roofline "
         "| generate() tok/s | × generate() | in-process step: one by one / launched ahead (device busy) "
-        "| ITL p50 / step launched ahead |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| ITL p50 / step launched ahead | in-process prefill of every prompt (device busy) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for streams, result in served.items():
         roofline = cost.roofline(bandwidth, streams, context)
         ttft, itl = result["ttft"], result["itl"]
         step = steps[streams]
         busy = "" if step.device_seconds is None else f" ({step.device_seconds * 1000:.2f} ms)"
+        prefill_busy = "" if step.prefill_device_seconds is None else f" ({step.prefill_device_seconds * 1000:.1f} ms)"
         lines.append(
             f"| {streams} | {result['tokens_per_s']:,.0f} "
             f"| {_quantile(ttft, 50) * 1000:.0f} / {_quantile(ttft, 99) * 1000:.0f} ms "
@@ -344,7 +359,8 @@ def _table(
             f"| {roofline:,.0f} | {result['tokens_per_s'] / roofline:.2f} "
             f"| {generate_rates[streams]:,.0f} | {result['tokens_per_s'] / generate_rates[streams]:.2f} "
             f"| {step.seconds * 1000:.2f} / {step.ahead_seconds * 1000:.2f} ms{busy} "
-            f"| {_quantile(itl, 50) / step.ahead_seconds:.2f} |"
+            f"| {_quantile(itl, 50) / step.ahead_seconds:.2f} "
+            f"| {step.prefill_seconds * 1000:.1f} ms{prefill_busy} |"
         )
     return lines
 
