@@ -202,7 +202,7 @@ def _measure_decode(engine, rows: int, prompt: int, steps: int, first_id: int) -
     driver = StepDriver(engine)
     profiled = range(first_id + rows, first_id + 2 * rows)
     driver.join(*(request(rid, [5] * prompt, 2) for rid in profiled))
-    prefill_busy, _ = _device_activities(driver.step, device)
+    prefill_busy, _ = _device_activities(driver.step, device, host_table=f"prefill of {rows} × {prompt} tokens")
     driver.leave(*profiled)
     ids = range(first_id, first_id + rows)
     driver.join(*(request(rid, [5] * prompt, 2 * steps + 3) for rid in ids))
@@ -226,7 +226,7 @@ def _measure_decode(engine, rows: int, prompt: int, steps: int, first_id: int) -
         pending = launched
     pending()
     ahead = (time.perf_counter() - started) / steps
-    busy, activities = _device_activities(driver.step, device)
+    busy, activities = _device_activities(driver.step, device, host_table=f"decode step of {rows} rows")
     driver.leave(*ids)
     driver.step()  # lets them go
     if driver.failures:
@@ -234,15 +234,25 @@ def _measure_decode(engine, rows: int, prompt: int, steps: int, first_id: int) -
     return InProcessStep(rows, statistics.median(times), ahead, busy, activities, prefill, prefill_busy)
 
 
-def _device_activities(step: Callable[[], object], device: torch.device) -> tuple[float | None, int | None]:
+def _device_activities(
+    step: Callable[[], object], device: torch.device, host_table: str = ""
+) -> tuple[float | None, int | None]:
     """Runs ``step``: seconds the device is busy and the kernels, copies and fills it runs for
-    it (those inside a replayed CUDA graph included); None on a CPU."""
+    it (those inside a replayed CUDA graph included); None on a CPU. ``host_table``: also prints,
+    under that title, the host's costliest operations in the step (a wait for the device, a
+    compilation, an allocator retry show there)."""
     if device.type != "cuda":
         step()
         return None, None
-    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+    retries = torch.cuda.memory_stats(device).get("num_alloc_retries", 0)
+    activities = [ProfilerActivity.CUDA, *([ProfilerActivity.CPU] if host_table else [])]
+    with profile(activities=activities) as profiler:
         step()
         _sync(device)
+    if host_table:
+        retries = torch.cuda.memory_stats(device).get("num_alloc_retries", 0) - retries
+        table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+        print(f"host time in the {host_table} ({retries} allocator retries):\n{table}", flush=True)
     events = [event for event in profiler.events() if event.device_type == DeviceType.CUDA]
     return sum(event.time_range.elapsed_us() for event in events) / 1e6, len(events)
 
