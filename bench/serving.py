@@ -23,7 +23,7 @@ import time
 import urllib.request
 import weakref
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -53,9 +53,15 @@ class Variant:
     cuda_graphs: bool = True
     fused_kernels: bool = True
     pt2_compile: bool = False
+    max_step_tokens: int | None = None  # the router's budget per step (None: its default); the engine alone ignores it
 
     def launcher_options(self) -> list[str]:
-        return [arg for name, on in asdict(self).items() for arg in (f"--{name.replace('_', '-')}", str(on).lower())]
+        return [
+            arg
+            for name, value in asdict(self).items()
+            if value is not None
+            for arg in (f"--{name.replace('_', '-')}", str(value).lower())
+        ]
 
 
 VARIANTS = {
@@ -63,6 +69,8 @@ VARIANTS = {
     "no-cuda-graphs": Variant(cuda_graphs=False),
     "no-fused-kernels": Variant(fused_kernels=False),
     "pt2-compile": Variant(pt2_compile=True),
+    # Prompt chunks of at most 512 tokens beside the decodes: shorter mixed steps (ITL p99).
+    "step-tokens-512": Variant(max_step_tokens=512),
 }
 
 
@@ -339,6 +347,7 @@ def _describe(variant: Variant, device: torch.device) -> str:
         f"CUDA graphs {'on' if variant.cuda_graphs and on_gpu else 'off'}, "
         f"fused kernels {'on' if variant.fused_kernels and on_gpu else 'off'}, "
         f"PT2_COMPILE {'on' if variant.pt2_compile else 'off'}"
+        + (f", MAX_STEP_TOKENS {variant.max_step_tokens}" if variant.max_step_tokens is not None else "")
     )
 
 
@@ -412,18 +421,22 @@ def main() -> None:
         ]
         print(lines[0], flush=True)
         context = args.prompt_tokens + args.new_tokens / 2
+        engine_steps: dict[Variant, list[InProcessStep]] = {}  # variants differing in router options share one
         for name in args.variants:
             variant = VARIANTS[name]
-            steps = in_process_decode_steps(
-                model_dir,
-                device,
-                dtype,
-                args.prompt_tokens,
-                args.new_tokens,
-                max_sequence_length,
-                variant,
-                args.concurrency,
-            )
+            engine = replace(variant, max_step_tokens=None)
+            if engine not in engine_steps:
+                engine_steps[engine] = in_process_decode_steps(
+                    model_dir,
+                    device,
+                    dtype,
+                    args.prompt_tokens,
+                    args.new_tokens,
+                    max_sequence_length,
+                    engine,
+                    args.concurrency,
+                )
+            steps = engine_steps[engine]
             served = serve(model_dir, args, dtype_name, variant)
             kernels = ", ".join(
                 f"{s.device_activities:,} at {s.rows}" for s in steps if s.device_activities is not None
