@@ -14,7 +14,8 @@ the shape and address it was captured with.
 The host keeps, per sampler slot, the request's block table and the tokens its cache holds, as
 numpy arrays the engine updates when a step commits; a step's rows are gathered from them in
 vectorised operations, not a Python loop per row. The staging buffers are reused by the next
-step: the engine waits for each step's tokens before it prepares another, so the copies are done.
+step, which the engine prepares while the device computes this one: it fills them only once the
+device has taken this step's inputs (``NativeEngine._wait_for_inputs_sent``).
 """
 
 from __future__ import annotations
