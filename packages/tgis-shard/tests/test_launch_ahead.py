@@ -96,7 +96,9 @@ def test_steps_launched_ahead_give_the_tokens_of_steps_run_one_by_one(model_dir,
 
 @pytest.mark.parametrize("backend", ["flex", pytest.param("flashinfer", marks=NEEDS_FLASHINFER)])
 @NEEDS_CUDA
-def test_a_decode_step_replayed_from_a_graph_launches_without_waiting_for_the_device(model_dir, backend):
+def test_steps_launch_without_waiting_for_the_device(model_dir, backend):
+    """Decode steps replayed from a graph, on either GPU backend; with FlashInfer, also a step in
+    which a prompt joins the decodes (its metadata reaches the device through pinned memory)."""
     dtype = torch.bfloat16 if backend == "flashinfer" else torch.float32
     engine = native_engine(
         0, 1, free_port(), model_dir, dtype, device=torch.device("cuda", 0), attention_backend=backend
@@ -109,7 +111,12 @@ def test_a_decode_step_replayed_from_a_graph_launches_without_waiting_for_the_de
     torch.cuda.set_sync_debug_mode("error")  # anything that waits for the device raises
     try:
         pending = [driver.launch() for _ in range(3)]
+        if backend == "flashinfer":
+            driver.join(request(3, list(PROMPTS[3]), 32))
+            pending.append(driver.launch())
     finally:
         torch.cuda.set_sync_debug_mode(previous)
-    tokens = [t for finish in pending for t in finish()]
-    assert [t.request_id for t in tokens] == [0, 1, 2] * 3
+    tokens = [t.request_id for finish in pending for t in finish()]
+    assert tokens[:9] == [0, 1, 2] * 3
+    if backend == "flashinfer":
+        assert sorted(tokens[9:]) == [0, 1, 2, 3]

@@ -55,6 +55,7 @@ from tgis_shard.prefixes import PrefixesUnsupportedError, PromptPrefix
 from tgis_shard.progress import progress
 from tgis_shard.pt2 import compile_dynamic
 from tgis_shard.sampler import GeneratedToken, Sampler
+from tgis_shard.staging import ids_to_device, to_device
 from tgis_shard.weights import Weights
 
 log = logging.getLogger(__name__)
@@ -249,10 +250,10 @@ class NativeEngine(Engine):
         parts = []
         decodes = [r.slot for r in rows if r.seq.decoding]
         if decodes:
-            parts.append(self._next_ids[torch.tensor(decodes, dtype=torch.long, device=device)])
+            parts.append(self._next_ids[ids_to_device(decodes, device)])
         chunk = [t for r in rows for t in r.prompt_chunk]
         if chunk:
-            parts.append(torch.tensor(chunk, dtype=torch.long, device=device))
+            parts.append(ids_to_device(chunk, device))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def _embedding_overrides(self, rows: list[_Row]) -> EmbeddingOverrides | None:
@@ -297,7 +298,7 @@ class NativeEngine(Engine):
         if decode_only:  # every row samples
             logits = self._compute_logits(hidden)
             return inputs, logits, logits
-        last_rows = torch.tensor([r.end - 1 for r in sampling], dtype=torch.long, device=self.ctx.device)
+        last_rows = ids_to_device([r.end - 1 for r in sampling], self.ctx.device)
         if detailed:  # input-token details need every prompt position
             logits = self._compute_logits(hidden)
             return inputs, logits, logits[last_rows] if sampling else None
@@ -346,7 +347,7 @@ class NativeEngine(Engine):
             device,
         )
         slots = np.fromiter((r.slot for r in rows if r.samples), dtype=np.int64)
-        return StepInputs(self._input_ids(rows), meta, torch.from_numpy(slots).to(device), slots)
+        return StepInputs(self._input_ids(rows), meta, to_device(torch.from_numpy(slots), device), slots)
 
     def step(self, work: Sequence[ScheduledWork]) -> list[GeneratedToken]:
         return self.launch(work).wait()

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tgis_shard.staging import to_device
+
 if TYPE_CHECKING:
     from tgis_shard.layers.flashinfer_paged import FlashInferPlanner
 
@@ -223,15 +225,15 @@ class AttentionMetadata:
         slots = tables[seq_of_token, positions // block_size] * block_size + positions % block_size
 
         return cls(
-            cu_seqlens_q=cu_q.to(device=device, dtype=torch.int32),
-            context_lens=ctx_lens.to(device=device, dtype=torch.int32),
-            block_tables=tables.to(device=device, dtype=torch.int32),
-            slots=slots.to(device),
+            cu_seqlens_q=to_device(cu_q, device, torch.int32),
+            context_lens=to_device(ctx_lens, device, torch.int32),
+            block_tables=to_device(tables, device, torch.int32),
+            slots=to_device(slots, device),
             max_q=max_q,
             max_context=int(ctx_lens.max()),
-            positions=positions.to(device),
-            query_rows=(seq_of_token * max_q + index_in_query).to(device),
-            cu_seqlens_k=F.pad(ctx_lens.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32),
+            positions=to_device(positions, device),
+            query_rows=to_device(seq_of_token * max_q + index_in_query, device),
+            cu_seqlens_k=to_device(F.pad(ctx_lens.cumsum(0), (1, 0)), device, torch.int32),
             host=HostLayout(cu_q.numpy(), ctx_lens.numpy(), tables.numpy()),
         )
 
