@@ -81,3 +81,18 @@ def test_on_a_cpu_and_when_turned_off_the_eager_ops_run(monkeypatch):
         finally:
             fused.enable(True)
         assert calls == [1]
+
+
+def test_the_compiled_cache_write_scatters_into_the_cache_without_copying_it():
+    """Inductor could write the cache by copying it whole (a functional index_copy, then a copy
+    back: gigabytes per layer per step on a real cache); the compiled kernel must scatter in place.
+    Checked on the code Inductor generates, which the GPU's compilation shares up to the kernels."""
+    from torch._inductor.utils import run_and_get_code
+
+    (chain, args) = _chains(3, "cpu")["rotate_and_store"]
+    compiled = torch.compile(chain.fn, options={"emulate_precision_casts": True})
+    _, codes = run_and_get_code(compiled, *args)
+    allocations = [line for code in codes for line in code.splitlines() if "empty_strided" in line and "((" in line]
+    assert allocations  # the rotated queries are allocated: the check reads real code
+    cache_shape = str(tuple(args[5].shape))
+    assert not [line for line in allocations if cache_shape in line]
