@@ -3,6 +3,7 @@ router; the sharded LLaMA answers like transformers on the same weights."""
 
 from __future__ import annotations
 
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -75,3 +76,10 @@ def test_prompt_prefix_on_two_ranks_equals_transformers_on_the_prefixed_embeddin
 
 def test_launcher_reports_two_shards(server):
     assert "2 shard(s) ready: tgis_native" in server.log()
+
+
+def test_every_serving_process_freezes_its_start_up_heap(server):
+    """A full garbage collection over the start-up objects would stall a step (tgis_proto.runtime)."""
+    log = server.log()
+    assert len(re.findall(r"shard: \d+ start-up objects frozen", log)) == 2  # both ranks
+    assert re.search(r"router: \d+ start-up objects frozen", log)

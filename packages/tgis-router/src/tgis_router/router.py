@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from tgis_proto import generation_pb2 as fmaas
 from tgis_proto import generation_pb2_grpc as fmaas_grpc
 from tgis_proto import shard_pb2 as shard_pb
+from tgis_proto.runtime import freeze_startup_heap
 from tgis_router import metrics
 from tgis_router.admission import Admission, AdmissionConfig, memory_model
 from tgis_router.batcher import Batcher
@@ -126,6 +127,7 @@ async def run_router(
     else:
         server.add_secure_port(address, credentials)
     await server.start()
+    freeze_startup_heap("router")
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     http = start_http_server(config.port, health_state.check, asyncio.get_running_loop())

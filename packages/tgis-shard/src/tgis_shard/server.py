@@ -16,6 +16,7 @@ import grpc
 
 from tgis_proto import shard_pb2 as pb
 from tgis_proto import shard_pb2_grpc as pb_grpc
+from tgis_proto.runtime import freeze_startup_heap
 from tgis_shard.engines.base import Engine
 from tgis_shard.prefixes import InvalidPrefixError, PrefixesUnsupportedError, PrefixNotFoundError
 from tgis_shard.sampler import GeneratedToken
@@ -153,6 +154,7 @@ def serve(engine: Engine, uds_path: Path) -> None:
         options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)],
     )
     pb_grpc.add_ShardServiceServicer_to_server(ShardServicer(engine), server)
+    freeze_startup_heap("shard")  # loaded, warmed up, measured: what stays from here on is the model
     server.add_insecure_port(f"unix://{uds_path}")
     stopped = threading.Event()
 
