@@ -187,10 +187,13 @@ class Scheduler:
 
     def _observe(self) -> None:
         """Publishes the batch's gauges, once a step."""
+        input_tokens = max_remaining = 0
+        for r in self.running:  # one walk over the batch
+            input_tokens += r.prompt_length
+            max_remaining = max(max_remaining, r.entry.request.max_new_tokens - len(r.output_ids) - r.pending)
         metrics.batch_current_size.set(len(self.running))
-        metrics.batch_input_tokens.set(sum(r.prompt_length for r in self.running))
-        remaining = (r.entry.request.max_new_tokens - len(r.output_ids) - r.pending for r in self.running)
-        metrics.batch_max_remaining_tokens.set(max(remaining, default=0))
+        metrics.batch_input_tokens.set(input_tokens)
+        metrics.batch_max_remaining_tokens.set(max_remaining)
 
     def _plan(self, leaves: list[int], joins: list[ScheduledRequest]) -> list[Work]:
         """The step's work; new requests go to ``joins``, preempted ones to ``leaves``."""
