@@ -59,7 +59,9 @@ serving_args=("${@:2}")
 [[ ${#serving_args[@]} -gt 0 ]] || serving_args=(--concurrency 1 8 32 128)
 # The log fills as each variant ends, so a run cut off by the call's limit still brings back the rest.
 if [[ $stage == serving || $stage == all ]]; then
-  python3 bench/serving.py --shape 8b "${serving_args[@]}" --record "$out/serving.md" > "$out/serving.log" 2>&1
+  # TORCH_LOGS: a compilation after the warm-up shows in the logs (the bench's and the shard's).
+  TORCH_LOGS=recompiles python3 bench/serving.py --shape 8b "${serving_args[@]}" --record "$out/serving.md" \
+    --server-logs "$out" > "$out/serving.log" 2>&1
   grep -v "it/s]" "$out/serving.log" | tail -60
 fi
 tar -czf "$out/fi-cache.tgz" -C "$FLASHINFER_WORKSPACE_BASE" . 2>/dev/null && ls -la "$out/fi-cache.tgz"

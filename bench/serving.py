@@ -269,8 +269,9 @@ def _quantile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
-def serve(model_dir: Path, args: argparse.Namespace, dtype_name: str, variant: Variant) -> dict[int, dict]:
-    """Each concurrency through the launcher: closed-loop streaming clients, ``rounds`` requests each."""
+def serve(model_dir: Path, args: argparse.Namespace, dtype_name: str, variant: Variant, name: str) -> dict[int, dict]:
+    """Each concurrency through the launcher: closed-loop streaming clients, ``rounds`` requests
+    each. With ``--server-logs``, the launcher's log (router and shards) is kept as ``<name>.log``."""
     max_sequence_length = args.prompt_tokens + args.new_tokens + 8
     options = [
         *("--deployment-framework", "tgis_native", "--dtype-str", dtype_name),
@@ -281,9 +282,19 @@ def serve(model_dir: Path, args: argparse.Namespace, dtype_name: str, variant: V
     with launcher(model_dir, *options, env={"SHARD_TORCH_THREADS": str(args.shard_threads)}) as server:
         address = f"localhost:{server.grpc_port}"
         metrics_url = f"http://localhost:{server.http_port}/metrics"
-        return sweep(
-            address, args.concurrency, args.rounds, args.prompt_tokens, args.new_tokens, lambda: _step_sums(metrics_url)
-        )
+        try:
+            return sweep(
+                address,
+                args.concurrency,
+                args.rounds,
+                args.prompt_tokens,
+                args.new_tokens,
+                lambda: _step_sums(metrics_url),
+            )
+        finally:
+            if args.server_logs is not None:
+                args.server_logs.mkdir(parents=True, exist_ok=True)
+                (args.server_logs / f"{name}.log").write_text(server.log())
 
 
 # The router's step series (tgis_router.metrics): per method, steps and seconds.
@@ -400,6 +411,7 @@ def main() -> None:
         help="engine configurations to serve one after the other, beside the same baselines",
     )
     parser.add_argument("--record", type=Path, help="append the table, dated, to this file (bench/RESULTS.md)")
+    parser.add_argument("--server-logs", type=Path, help="keep each variant's launcher log (router, shards) here")
     args = parser.parse_args()
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -437,7 +449,7 @@ def main() -> None:
                     args.concurrency,
                 )
             steps = engine_steps[engine]
-            served = serve(model_dir, args, dtype_name, variant)
+            served = serve(model_dir, args, dtype_name, variant, name)
             kernels = ", ".join(
                 f"{s.device_activities:,} at {s.rows}" for s in steps if s.device_activities is not None
             )
