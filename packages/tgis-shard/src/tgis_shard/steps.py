@@ -127,20 +127,16 @@ class StepRunner:
                 tokens = pending.wait()
             except Exception as e:
                 log.exception("a step of %d requests failed on the device", len(work))
-                with self.lock:
-                    self._fail_step(e)
+                self._fail_step(e)
             return StepOutcome(tokens, failures)
 
         return finish
 
     def reset(self) -> None:
-        with self.lock:
-            self._reset()
-
-    def _reset(self) -> None:
-        self.engine.reset()
-        self._tokens_out.clear()
-        self._dropped.clear()
+        with self.lock:  # re-entrant: a failing launch resets under it already
+            self.engine.reset()
+            self._tokens_out.clear()
+            self._dropped.clear()
 
     def _isolate(
         self, work: list[ScheduledWork], error: BaseException
@@ -184,5 +180,5 @@ class StepRunner:
         return tokens, failures
 
     def _fail_step(self, error: BaseException) -> NoReturn:
-        self._reset()
+        self.reset()
         raise StepFailed(f"step failed: {error}", is_out_of_memory(error)) from error

@@ -420,7 +420,7 @@ class NativeEngine(Engine):
             self._inputs_copied.record(torch.cuda.current_stream(self.ctx.device))
 
     def _wait_for_inputs_sent(self) -> None:
-        """A step's host staging (``DecodeInputs``, the attention plan's) is reused by the next:
+        """A step's host staging (``DecodeInputs``) is reused by the next:
         before filling it, wait until the device has copied the last step's in. The device then
         runs the last step while this one is prepared: the host stays one step ahead, no more."""
         if self._inputs_copied is not None:

@@ -13,9 +13,8 @@ before its forward pass, and every layer runs that plan (``plan_attention`` →
   fixed buffers; the plan, host work that a graph cannot hold, fills them before each replay.
 
 The plan is made from the step's host-side layout (``AttentionMetadata.host``) and reaches the
-device from pinned staging in copies that do not block, so planning never waits for the device:
-the engine plans the next step while the device computes the last one (and only once the device
-has taken the last step's inputs, so the staging is free again). Pages are the cache's blocks;
+device from pinned memory in copies that do not block, so planning never waits for the device:
+the engine plans the next step while the device computes the last one. Pages are the cache's blocks;
 the cache keeps keys and values as separate ``[num_blocks, block_size, kv_heads, head_dim]``
 tensors, FlashInfer's "NHD" layout.
 
@@ -32,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from tgis_shard.staging import to_device
 
 if TYPE_CHECKING:
     from tgis_shard.layers.paged_attention import AttentionMetadata, HostLayout
@@ -94,34 +95,17 @@ class FlashInferPlanner:
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
         self._graph_decodes: dict[int, Any] = {}
         self._active: Any = None
-        # Page lists of the step being planned, in pinned memory and (the indices) on the device:
-        # FlashInfer copies host page indices into a graph's buffers with a copy that blocks.
-        self._staged: dict[str, torch.Tensor] = {}
-
-    def _stage(self, name: str, values: np.ndarray, on_device: bool = False) -> torch.Tensor:
-        """``values`` in this name's pinned buffer (grown when too small), or copied on from there
-        to a device buffer, without waiting."""
-        pinned = self._staged.get(name)
-        if pinned is None or len(pinned) < len(values):
-            pinned = self._staged[name] = torch.empty(max(len(values), 1024), dtype=torch.int32, pin_memory=True)
-            if on_device:
-                self._staged[name + "@device"] = torch.empty(len(pinned), dtype=torch.int32, device=self.device)
-        host = pinned[: len(values)]
-        host.numpy()[:] = values
-        if not on_device:
-            return host
-        device = self._staged[name + "@device"][: len(values)]
-        device.copy_(host, non_blocking=True)
-        return device
 
     def plan(self, meta: AttentionMetadata, graph_rows: int | None = None) -> None:
         """Plans the step ``meta`` describes; ``graph_rows``: for the decode graph of that many
         rows (``meta`` is padded to them)."""
         if meta.host is None:
             raise ValueError("the flashinfer backend plans from the step's host layout; this metadata has none")
-        indptr, indices, last_page_len = pages_of(meta.host, self.block_size)
-        indptr, last_page_len = self._stage("indptr", indptr), self._stage("last_page_len", last_page_len)
-        indices = self._stage("indices", indices, on_device=True)
+        # Host arrays in pinned memory, the indices on the device already: FlashInfer copies host
+        # page indices into a graph's buffers with a copy that blocks (see tgis_shard.staging).
+        indptr, indices, last_page_len = (torch.from_numpy(a) for a in pages_of(meta.host, self.block_size))
+        indptr, last_page_len = indptr.pin_memory(), last_page_len.pin_memory()
+        indices = to_device(indices, self.device)
         geometry = (self.num_heads, self.num_kv_heads, self.head_dim, self.block_size)
         if meta.max_q == 1:
             wrapper = self._decode if graph_rows is None else self._graph_decode(graph_rows)
@@ -130,7 +114,7 @@ class FlashInferPlanner:
             if graph_rows is not None:
                 raise ValueError("only decode steps replay from CUDA graphs")
             wrapper = self._prefill
-            query_indptr = self._stage("query_indptr", meta.host.cu_seqlens_q.astype(np.int32))
+            query_indptr = torch.from_numpy(meta.host.cu_seqlens_q.astype(np.int32)).pin_memory()
             wrapper.plan(query_indptr, indptr, indices, last_page_len, *geometry, causal=True, q_data_type=self.dtype)
         self._active = wrapper
 
