@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from tgis_proto import shard_pb2 as pb
 from tgis_router.admission import (
     Admission,
     AdmissionConfig,
@@ -14,6 +15,7 @@ from tgis_router.admission import (
     MemoryModel,
     Running,
     current_weight,
+    memory_model,
     prefill_tokens,
     projected_peak,
 )
@@ -34,6 +36,14 @@ PADDED = MemoryModel(
     bytes_per_token=BYTES_PER_TOKEN,
     prefill_bytes_per_token=200.0,
     padded=True,
+)
+# hf_transformers' caches: each row may hold 64 positions beyond the batch's length.
+PADDED_ROOM = MemoryModel(
+    limit=8 * (MAX_INPUT + MAX_NEW + 64) * BYTES_PER_TOKEN,
+    bytes_per_token=BYTES_PER_TOKEN,
+    prefill_bytes_per_token=200.0,
+    padded=True,
+    cache_room=64,
 )
 
 
@@ -108,7 +118,7 @@ def _config(max_batch_size: int = 64) -> AdmissionConfig:
     return AdmissionConfig(max_batch_size=max_batch_size, max_waiting_tokens=8, queue_jump_window_s=4.0)
 
 
-@pytest.mark.parametrize("model", [PAGED, PADDED], ids=["paged", "padded"])
+@pytest.mark.parametrize("model", [PAGED, PADDED, PADDED_ROOM], ids=["paged", "padded", "padded-room"])
 @pytest.mark.parametrize("seed", range(6))
 def test_random_mixed_streams_never_exceed_the_limit(model, seed):
     result = _simulate(model, Admission(model, _config()), 0, _stream(seed, 300, arrivals_per_step=0.5))
@@ -178,6 +188,30 @@ def test_projected_peak_is_the_worst_instant_not_the_current_weight():
     requests = [Running(10, 100), Running(10, 5)]
     expected = max((10 + 1 + 100), (10 + 1 + 5) + (10 + 1 + 5))
     assert projected_peak(model, requests) == expected
+
+
+def test_a_padded_cache_s_room_counts_for_every_row():
+    roomless = MemoryModel(limit=1e9, bytes_per_token=1.0, prefill_bytes_per_token=0.0, padded=True)
+    roomy = MemoryModel(limit=1e9, bytes_per_token=1.0, prefill_bytes_per_token=0.0, padded=True, cache_room=8)
+    requests = [Running(10, 100), Running(20, 5)]
+    # Both rows hold the longest length plus the room: the peak is at the longer-lived one's end
+    # (alone, 20 + 100 + 8) or just before the short one ends (both, 2 * (20 + 5 + 8)).
+    assert projected_peak(roomless, requests) == max(20 + 100, 2 * (20 + 5))
+    assert projected_peak(roomy, requests) == max(20 + 100 + 8, 2 * (20 + 5 + 8))
+    assert current_weight(roomy, requests) == 2 * (20 + 8)
+    # A paged cache has no such room: the field is a padded engine's.
+    assert (
+        memory_model(
+            pb.InfoResponse(batch_padding=False, memory=pb.MemoryModel(limit_bytes=1.0, cache_room_tokens=8))
+        ).cache_room
+        == 0
+    )
+    assert (
+        memory_model(
+            pb.InfoResponse(batch_padding=True, memory=pb.MemoryModel(limit_bytes=1.0, cache_room_tokens=8))
+        ).cache_room
+        == 8
+    )
 
 
 def test_prefill_attention_scores_grow_with_the_square_of_the_padded_length():

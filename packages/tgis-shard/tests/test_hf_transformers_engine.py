@@ -60,6 +60,20 @@ def test_joining_and_pruning_mid_generation_changes_no_output(engine, prompt_ids
     assert engine.request_ids() == []
 
 
+def test_decode_steps_append_to_the_cache_in_place(engine, prompt_ids):
+    driver = StepDriver(engine)
+    driver.join(request(0, prompt_ids[0], NEW_TOKENS))
+    driver.run(2)  # the prefill, then the first decode (which merges the prefilled batch)
+    layer = engine.batch.cache.layers[0]
+    storage, length = layer.keys.data_ptr(), layer.keys.shape[-2]
+    for appended in (1, 2):
+        driver.step()
+        assert layer.keys.shape[-2] == length + appended
+        assert layer.keys.data_ptr() == storage  # no copy of the cache per token
+    driver.leave(0)
+    driver.step()
+
+
 def test_token_details_are_log_softmax_of_the_reference_scores(engine, model_dir, prompt_ids):
     driver = StepDriver(engine)
     driver.join(request(0, prompt_ids[2], NEW_TOKENS, logprobs=True, ranks=True, top_n=3))

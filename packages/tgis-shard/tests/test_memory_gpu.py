@@ -42,8 +42,12 @@ def test_decode_of_another_batch_shape_stays_within_the_reported_bytes_per_token
     model = engine.memory_model()
     assert model.measured
     assert model.bytes_per_token >= memory.config_kv_bytes_per_token(engine.model.config, torch.bfloat16)
+    # The router counts each row's room beside its tokens (kv_cache.RoomyLayer).
+    assert model.cache_room_tokens == engine.cache_room_tokens > 0
     # Fewer, longer rows than the measuring batch (8 × 256).
-    peak_per_token = memory.measured_decode_bytes_per_token(device, engine.measure_decode, 3, 700)
+    peak_per_token = memory.measured_decode_bytes_per_token(
+        device, engine.measure_decode, 3, 700, model.cache_room_tokens
+    )
     print(f"reported {model.bytes_per_token:.0f} B/token, decode of 3 × 700 peaked at {peak_per_token:.0f}")
     assert peak_per_token <= model.bytes_per_token
 

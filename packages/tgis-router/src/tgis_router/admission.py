@@ -29,6 +29,7 @@ class MemoryModel:
     block_size: int = 1  # paged caches hold whole blocks: each request may waste up to one
     max_prefill_tokens: int = 0  # cap on (padded) prompt tokens per prefill; 0: none
     prefill_quadratic_bytes: float = 0.0  # per squared (padded) prompt length, per request
+    cache_room: int = 0  # padded: positions each row's cache may hold beyond the batch's length
 
     def tokens_fit(self) -> int:
         return int(self.limit // self.bytes_per_token) if self.bytes_per_token else 0
@@ -81,7 +82,7 @@ def projected_peak(model: MemoryModel, requests: Sequence[Running]) -> float:
     ordered = sorted(requests, key=lambda r: r.remaining, reverse=True)
     peak = 0.0
     if model.padded:
-        longest = max(r.length for r in requests)
+        longest = max(r.length for r in requests) + model.cache_room
         for count, request in enumerate(ordered, start=1):
             peak = max(peak, count * (longest + request.remaining))
     else:
@@ -96,7 +97,7 @@ def current_weight(model: MemoryModel, requests: Sequence[Running]) -> float:
     if not requests:
         return 0.0
     if model.padded:
-        return len(requests) * max(r.length for r in requests) * model.bytes_per_token
+        return len(requests) * (max(r.length for r in requests) + model.cache_room) * model.bytes_per_token
     blocks = sum(math.ceil(r.length / model.block_size) for r in requests)
     return blocks * model.block_size * model.bytes_per_token
 
@@ -194,4 +195,5 @@ def memory_model(info: shard_pb.InfoResponse) -> MemoryModel:
         block_size=max(1, m.block_size),
         max_prefill_tokens=m.max_prefill_tokens,
         prefill_quadratic_bytes=m.prefill_quadratic_bytes,
+        cache_room=m.cache_room_tokens if padded else 0,
     )

@@ -96,14 +96,18 @@ def config_decode_bytes_per_token(config: object, dtype: torch.dtype) -> float:
     return config_kv_bytes_per_token(config, dtype) * (1 + transient_layers / shape.layers)
 
 
-def synthesised(settings: MemorySettings, bytes_per_token: float, block_size: int = 1) -> pb.MemoryModel:
-    tokens = settings.max_batch_size * (settings.max_sequence_length + block_size - 1)
+def synthesised(
+    settings: MemorySettings, bytes_per_token: float, block_size: int = 1, cache_room_tokens: int = 0
+) -> pb.MemoryModel:
+    """Room for MAX_BATCH_SIZE requests of MAX_SEQUENCE_LENGTH tokens (and each one's slack)."""
+    tokens = settings.max_batch_size * (settings.max_sequence_length + block_size - 1 + cache_room_tokens)
     return pb.MemoryModel(
         limit_bytes=tokens * bytes_per_token,
         bytes_per_token=bytes_per_token,
         prefill_bytes_per_token=0.0,
         block_size=block_size,
         measured=False,
+        cache_room_tokens=cache_room_tokens,
     )
 
 
@@ -135,11 +139,16 @@ def measured_prefill_bytes(
 
 
 def measured_decode_bytes_per_token(
-    device: torch.device, run_decode: Callable[[int, int, Callable[[], None]], None], rows: int, tokens: int
+    device: torch.device,
+    run_decode: Callable[[int, int, Callable[[], None]], None],
+    rows: int,
+    tokens: int,
+    cache_room_tokens: int = 0,
 ) -> float:
     """Peak memory of a decode step per cached token: ``run_decode(rows, tokens, start_counting)``
     prefills ``rows`` prompts of ``tokens`` tokens, calls ``start_counting`` and decodes once. The
-    peak above the memory before the prefill holds the batch's cache and all the step adds."""
+    peak above the memory before the prefill holds the batch's cache and all the step adds. A
+    cache with room holds ``tokens + cache_room_tokens`` positions per row from the prefill on."""
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
 
@@ -149,7 +158,7 @@ def measured_decode_bytes_per_token(
 
     run_decode(rows, tokens, start_counting)
     torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - before) / (rows * (tokens + 1))
+    return (torch.cuda.max_memory_allocated(device) - before) / (rows * (tokens + max(1, cache_room_tokens)))
 
 
 # CUDA_PROCESS_MEMORY_FRACTION: the share of each GPU this process may use (limit_process_memory).

@@ -64,6 +64,10 @@ class CausalLMBatch(BatchState):
 
 
 class CausalLMEngine(PaddedEngine):
+    # Positions each row's cache holds beyond its length, so that decode steps append in place
+    # (kv_cache.RoomyLayer); the memory model reports them.
+    cache_room_tokens = kv_cache.CACHE_ROOM_TOKENS
+
     def __init__(
         self, model: PreTrainedModel, ctx: ShardContext, eos_token_ids: list[int], engine: str = "hf_transformers"
     ):
@@ -139,7 +143,7 @@ class CausalLMEngine(PaddedEngine):
         starts = [row * width + width - length for row, length in enumerate(lengths)]
         overrides = EmbeddingOverrides.at(prefixes, starts, device)
         inputs_embeds = None if overrides is None else overrides.apply(self._embeddings(input_ids))
-        cache = DynamicCache(config=self.model.config)
+        cache = kv_cache.roomy_cache(self.model.config, self.cache_room_tokens, self.ctx.max_sequence_length)
         want_inputs = any(r.details.input_tokens for r in requests)
         logits = self._forward(input_ids, mask, position_ids, cache, not want_inputs, inputs_embeds)
         ids = [r.id for r in requests]
@@ -203,7 +207,7 @@ class CausalLMEngine(PaddedEngine):
         return tokens
 
     def memory_model(self) -> pb.MemoryModel | None:
-        return padded_memory_model(self, self.model.config)
+        return padded_memory_model(self, self.model.config, self.cache_room_tokens)
 
     @torch.inference_mode()
     def health_check(self) -> None:
@@ -219,20 +223,24 @@ def _causal(state: BatchState) -> CausalLMBatch:
     return state
 
 
-def padded_memory_model(engine: Engine, config: object) -> pb.MemoryModel | None:
-    """Memory of engines whose batches pad to the longest request and grow a dynamic cache."""
+def padded_memory_model(engine: Engine, config: object, cache_room_tokens: int) -> pb.MemoryModel | None:
+    """Memory of engines whose batches pad to the longest request and grow a dynamic cache with
+    ``cache_room_tokens`` positions of room per row."""
     ctx = engine.ctx
     settings = ctx.memory_settings
     if settings.estimate == "off":
         return None
     # Under tensor parallelism (tgis_native's T5) each rank caches only its heads.
     if settings.estimate == "manual" or ctx.device.type != "cuda":
-        return memory.synthesised(settings, memory.config_kv_bytes_per_token(config, ctx.dtype) / ctx.world_size)
+        kv_bytes = memory.config_kv_bytes_per_token(config, ctx.dtype) / ctx.world_size
+        return memory.synthesised(settings, kv_bytes, cache_room_tokens=cache_room_tokens)
     tokens = min(memory.MEASURE_TOKENS, settings.max_sequence_length - 1)
     linear, quadratic = memory.measured_prefill_bytes(ctx.device, engine.measure_prefill, tokens)
     rows = min(memory.DECODE_PROBE_ROWS, settings.max_batch_size)
     probe_tokens = max(1, min(memory.DECODE_PROBE_TOKENS, settings.max_sequence_length - 2))
-    decode = memory.measured_decode_bytes_per_token(ctx.device, engine.measure_decode, rows, probe_tokens)
+    decode = memory.measured_decode_bytes_per_token(
+        ctx.device, engine.measure_decode, rows, probe_tokens, cache_room_tokens
+    )
     # The config's count is the floor: a small probe can miss transients that grow with the batch.
     counted = memory.config_decode_bytes_per_token(config, ctx.dtype) / ctx.world_size
     return pb.MemoryModel(
@@ -242,6 +250,7 @@ def padded_memory_model(engine: Engine, config: object) -> pb.MemoryModel | None
         prefill_quadratic_bytes=quadratic,
         block_size=1,
         measured=True,
+        cache_room_tokens=cache_room_tokens,
     )
 
 

@@ -1,9 +1,15 @@
-"""Batch surgery on transformers' dynamic KV caches: select rows, concatenate padded.
+"""transformers' dynamic KV caches for padded batches: layers that append in place, and batch
+surgery (select rows, concatenate padded).
 
 Caches hold keys and values as [batch, heads, seq, head_dim] per layer. Self-attention caches are
 left-padded so that the newest position of every row is the last column; encoder-decoder
 cross-attention caches cover the encoder's right-padded positions and use the ``*_right_padded``
 variants.
+
+transformers' own ``DynamicLayer`` concatenates every step: the whole cache is copied for each
+token. ``RoomyLayer`` keeps its keys and values as views of buffers with room to spare and
+copies only when they are full (or after surgery replaced its tensors); the memory model counts
+that room for every row (``MemoryModel.cache_room_tokens``).
 """
 
 from __future__ import annotations
@@ -15,28 +21,114 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+# Positions a layer's buffers hold beyond its length by default: a copy every this many decode
+# steps instead of every step, for this much more memory per row.
+CACHE_ROOM_TOKENS = 64
+
+
+class RoomyLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose ``keys`` and ``values`` are the used prefix of larger buffers, so
+    that a step appends in place. Row surgery hands it new tensors (``adopt``) and the next append
+    starts new buffers; a shorter view of the same buffers (``truncate``) keeps them."""
+
+    def __init__(self, room: int, max_length: int | None = None) -> None:
+        super().__init__()
+        self.room = room  # positions a new buffer holds beyond the length that needs it
+        self.max_length = max_length  # no buffer grows past this many positions
+        self._key_buffer: torch.Tensor | None = None
+        self._value_buffer: torch.Tensor | None = None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        used = self.get_seq_length()
+        length = used + key_states.shape[-2]
+        buffers = self._buffers_with_room(key_states, length)
+        if buffers is None:
+            buffers = self._reallocate(key_states, value_states, used, length)
+        key_buffer, value_buffer = buffers
+        key_buffer[:, :, used:length].copy_(key_states)
+        value_buffer[:, :, used:length].copy_(value_states)
+        self.keys, self.values = key_buffer[:, :, :length], value_buffer[:, :, :length]
+        return self.keys, self.values
+
+    def _buffers_with_room(self, key_states: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The buffers, if ``keys`` is still their prefix (surgery assigns new tensors) for the same
+        rows and ``length`` positions fit."""
+        keys, buffer = self.keys, self._key_buffer
+        if buffer is None or self._value_buffer is None or keys is None or length > buffer.shape[-2]:
+            return None
+        if keys.data_ptr() != buffer.data_ptr() or keys.stride() != buffer.stride():
+            return None
+        if not keys.shape[:2] == key_states.shape[:2] == buffer.shape[:2]:
+            return None
+        return buffer, self._value_buffer
+
+    def _reallocate(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, used: int, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        capacity = length + self.room
+        if self.max_length is not None:
+            capacity = max(length, min(capacity, self.max_length))
+        keys = key_states.new_empty((*key_states.shape[:2], capacity, key_states.shape[-1]))
+        values = value_states.new_empty((*value_states.shape[:2], capacity, value_states.shape[-1]))
+        if used:
+            keys[:, :, :used].copy_(self.keys)
+            values[:, :, :used].copy_(self.values)
+        # The old tensors go once the new ones take over: one layer holds both at once, briefly.
+        self._key_buffer, self._value_buffer = keys, values
+        return keys, values
+
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Holds ``keys`` and ``values`` (row surgery's result) and lets the old buffers go now, not
+        at the next append: the memory model counts one cache per batch."""
+        self.keys, self.values = keys, values
+        self._key_buffer = self._value_buffer = None
+
+    def reset(self) -> None:
+        self._key_buffer = self._value_buffer = None
+        super().reset()
+
+
+def roomy_cache(config: object, room: int, max_length: int | None = None) -> DynamicCache:
+    """``DynamicCache(config=config)`` with ``RoomyLayer`` for its plain dynamic layers (none
+    when ``room`` is 0)."""
+    cache = DynamicCache(config=config)
+    if room:
+        cache.layers = [
+            RoomyLayer(room, max_length) if type(layer) is DynamicLayer else layer for layer in cache.layers
+        ]
+    return cache
+
 
 def _layers(cache: DynamicCache) -> list[DynamicLayer]:
     layers = cache.layers
     for layer in layers:
         # Sliding-window and quantized layers keep extra state that plain row surgery would break.
-        if type(layer) is not DynamicLayer:
+        if type(layer) not in (DynamicLayer, RoomyLayer):
             raise NotImplementedError(f"hf_transformers batching does not support {type(layer).__name__} caches")
     return layers
+
+
+def _replace(layer: DynamicLayer, keys: torch.Tensor, values: torch.Tensor) -> None:
+    if isinstance(layer, RoomyLayer):
+        layer.adopt(keys, values)
+    else:
+        layer.keys, layer.values = keys, values
 
 
 def select_rows(cache: DynamicCache, rows: torch.Tensor, keep_last: int) -> None:
     """Keeps ``rows`` and the last ``keep_last`` positions of every layer, in place."""
     for layer in _layers(cache):
-        layer.keys = layer.keys[rows, :, -keep_last:, :]
-        layer.values = layer.values[rows, :, -keep_last:, :]
+        _replace(layer, layer.keys[rows, :, -keep_last:, :], layer.values[rows, :, -keep_last:, :])
 
 
 def select_rows_right_padded(cache: DynamicCache, rows: torch.Tensor, keep_first: int) -> None:
     """Keeps ``rows`` and the first ``keep_first`` positions of every layer, in place."""
     for layer in _layers(cache):
-        layer.keys = layer.keys[rows, :, :keep_first, :]
-        layer.values = layer.values[rows, :, :keep_first, :]
+        _replace(layer, layer.keys[rows, :, :keep_first, :], layer.values[rows, :, :keep_first, :])
 
 
 def truncate(cache: DynamicCache, length: int) -> None:
@@ -66,14 +158,14 @@ def _concatenate(
     merged = caches[0]
     per_layer = zip(*(_layers(c) for c in caches), strict=True)
     for target, layers in zip(merged.layers, per_layer, strict=True):
-        target.keys = torch.cat([pad(layer.keys, length) for layer in layers])
-        target.values = torch.cat([pad(layer.values, length) for layer in layers])
+        keys = torch.cat([pad(layer.keys, length) for layer in layers])
+        values = torch.cat([pad(layer.values, length) for layer in layers])
+        _replace(target, keys, values)
         # Each source layer goes as soon as it is copied: otherwise the joining batches' whole
         # caches outlive the merge (the caller still holds their batches through the next
         # decode), memory the batch-sizing model does not count.
         for consumed in layers[1:]:
-            consumed.keys = consumed.keys.new_empty(0)
-            consumed.values = consumed.values.new_empty(0)
+            _replace(consumed, consumed.keys.new_empty(0), consumed.values.new_empty(0))
     return merged
 
 

@@ -199,6 +199,9 @@ class OrtSeq2SeqLM:
 
 
 class _RefusesPrefixes:
+    # The session returns each step's whole cache as new arrays: there is nothing to append to.
+    cache_room_tokens = 0
+
     def prompt_prefix(self, prefix_id: str) -> PromptPrefix:
         raise PrefixesUnsupportedError(f"the {ENGINE} engine does not support prompt prefixes (its graphs embed ids)")
 

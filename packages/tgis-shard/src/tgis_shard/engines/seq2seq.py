@@ -106,6 +106,10 @@ class _RowPositions:
 
 
 class Seq2SeqLMEngine(PaddedEngine):
+    # Positions each row's decoder self-attention cache holds beyond its length, so that decode
+    # steps append in place (kv_cache.RoomyLayer); the memory model reports them.
+    cache_room_tokens = kv_cache.CACHE_ROOM_TOKENS
+
     def __init__(
         self, model: PreTrainedModel, ctx: ShardContext, eos_token_ids: list[int], engine: str = "hf_transformers"
     ):
@@ -228,7 +232,8 @@ class Seq2SeqLMEngine(PaddedEngine):
         decoder_input, decoder_mask = self._first_decoder_input([p and p.decoder for p in prefixes])
         # The cross-attention cache gets no config: the decoder's sliding-window layer types (T5Gemma)
         # describe its self-attention only; cross-attention always sees the whole encoder output.
-        cache = EncoderDecoderCache(DynamicCache(config=self._decoder_config), DynamicCache())
+        self_attention = kv_cache.roomy_cache(self._decoder_config, self.cache_room_tokens)
+        cache = EncoderDecoderCache(self_attention, DynamicCache())
         logits = self._decoder_step(encoder_hidden, encoder_mask, decoder_input, decoder_mask, cache)
         if self.forced_bos_token_id is not None:
             # As generate() does: every other token impossible, whatever the sampling settings.
@@ -301,7 +306,7 @@ class Seq2SeqLMEngine(PaddedEngine):
         return tokens
 
     def memory_model(self) -> pb.MemoryModel | None:
-        return padded_memory_model(self, self.model.config)
+        return padded_memory_model(self, self.model.config, self.cache_room_tokens)
 
     @torch.inference_mode()
     def health_check(self) -> None:
