@@ -9,6 +9,7 @@ output lengths (EOS masked). hf_optimum_ort needs an export: made here if missin
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import subprocess
 import sys
@@ -18,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.load import sweep  # noqa: E402
+from bench.serving import step_breakdown, step_sums  # noqa: E402
 from tests.support.server import launcher  # noqa: E402
 from tgis_shard.embedded import DEFAULT_MODEL  # noqa: E402
 from tgis_shard.model_files import default_cache_dir, resolve_model_dir  # noqa: E402
@@ -49,11 +51,21 @@ def main() -> None:
         _ensure_export()
     rates: dict[tuple[str, int], float] = {}
     rows = []
+    steps: dict[str, list[str]] = {}
     for engine in args.engines:
         options = ["--deployment-framework", engine, "--max-batch-size", str(max(args.concurrency))]
         with launcher(None, *options, env={"SHARD_TORCH_THREADS": str(args.shard_threads)}) as server:
             address = f"localhost:{server.grpc_port}"
-            results = sweep(address, args.concurrency, args.rounds, args.prompt_tokens, args.new_tokens)
+            metrics_url = f"http://localhost:{server.http_port}/metrics"
+            results = sweep(
+                address,
+                args.concurrency,
+                args.rounds,
+                args.prompt_tokens,
+                args.new_tokens,
+                functools.partial(step_sums, metrics_url),
+            )
+        steps[engine] = step_breakdown(results)
         for streams, result in results.items():
             rates[engine, streams] = result["tokens_per_s"]
             rows.append((engine, streams, result))
@@ -70,6 +82,8 @@ def main() -> None:
             f"| {engine} | {streams} | {result['tokens_per_s']:.1f} | {_median_ms(result['ttft'])} ms "
             f"| {_median_ms(result['itl'])} ms | {ratio:.2f} |"
         )
+    for engine, lines in steps.items():
+        print(f"\nSteps {engine} ran (the router's metrics):", *lines, sep="\n")
 
 
 if __name__ == "__main__":

@@ -289,7 +289,7 @@ def serve(model_dir: Path, args: argparse.Namespace, dtype_name: str, variant: V
                 args.rounds,
                 args.prompt_tokens,
                 args.new_tokens,
-                lambda: _step_sums(metrics_url),
+                lambda: step_sums(metrics_url),
             )
         finally:
             if args.server_logs is not None:
@@ -307,7 +307,7 @@ _STEP_SUMS = {
 }
 
 
-def _step_sums(metrics_url: str) -> dict[tuple[str, str], float]:
+def step_sums(metrics_url: str) -> dict[tuple[str, str], float]:
     """(method, what) -> running total, from the router's metrics."""
     with urllib.request.urlopen(metrics_url, timeout=10) as response:
         text = response.read().decode()
@@ -321,7 +321,7 @@ def _step_sums(metrics_url: str) -> dict[tuple[str, str], float]:
     return sums
 
 
-def _step_breakdown(served: dict[int, dict]) -> list[str]:
+def step_breakdown(served: dict[int, dict]) -> list[str]:
     """Per concurrency: the steps the server ran, their mean period (the run's wall time over
     them), the mean time from a step's launch on the shard to its tokens (which overlaps the
     step before it) and the router's hand-out per step."""
@@ -460,7 +460,7 @@ def main() -> None:
                 "",
             ]
             section += _table(served, {s.rows: s for s in steps}, cost, bandwidth, context, generate_rates)
-            section += ["", "Steps the server ran (the router's metrics):", *_step_breakdown(served)]
+            section += ["", "Steps the server ran (the router's metrics):", *step_breakdown(served)]
             print("\n".join(section), flush=True)  # each variant as it ends: a cut-off run keeps the rest
             lines += section
     table = "\n".join(lines)

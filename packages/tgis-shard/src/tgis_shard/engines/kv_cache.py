@@ -29,7 +29,7 @@ CACHE_ROOM_TOKENS = 64
 class RoomyLayer(DynamicLayer):
     """A ``DynamicLayer`` whose ``keys`` and ``values`` are the used prefix of larger buffers, so
     that a step appends in place. Row surgery hands it new tensors (``adopt``) and the next append
-    starts new buffers; a shorter view of the same buffers (``truncate``) keeps them."""
+    starts new buffers; a shorter prefix of the same buffers (``truncate``) keeps them."""
 
     def __init__(self, room: int, max_length: int | None = None) -> None:
         super().__init__()
@@ -55,16 +55,14 @@ class RoomyLayer(DynamicLayer):
         return self.keys, self.values
 
     def _buffers_with_room(self, key_states: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The buffers, if ``keys`` is still their prefix (surgery assigns new tensors) for the same
-        rows and ``length`` positions fit."""
-        keys, buffer = self.keys, self._key_buffer
-        if buffer is None or self._value_buffer is None or keys is None or length > buffer.shape[-2]:
+        """The buffers, if they hold these rows and ``length`` positions fit. While there are
+        buffers, ``keys`` and ``values`` are their prefix: whatever assigns other tensors goes
+        through ``adopt``, which drops them. (Checked by bookkeeping, not by comparing storage,
+        which torch.compile could not trace.)"""
+        buffer = self._key_buffer
+        if buffer is None or self._value_buffer is None or length > buffer.shape[-2]:
             return None
-        if keys.data_ptr() != buffer.data_ptr() or keys.stride() != buffer.stride():
-            return None
-        if not keys.shape[:2] == key_states.shape[:2] == buffer.shape[:2]:
-            return None
-        return buffer, self._value_buffer
+        return (buffer, self._value_buffer) if buffer.shape[:2] == key_states.shape[:2] else None
 
     def _reallocate(
         self, key_states: torch.Tensor, value_states: torch.Tensor, used: int, length: int
