@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
 
-from tests.support.tiny_models import build_tiny_causal_lm
+from tests.support.tiny_models import build_tiny_causal_lm, build_tiny_seq2seq_lm
 from tgis_shard import model_files
 from tgis_shard.cli import default_dtype, main
 
@@ -24,6 +24,11 @@ pytestmark = pytest.mark.usefixtures("restored_logging")
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return build_tiny_causal_lm(tmp_path_factory.mktemp("llama"), arch="llama")
+
+
+@pytest.fixture(scope="module")
+def seq2seq_dir(tmp_path_factory):
+    return build_tiny_seq2seq_lm(tmp_path_factory.mktemp("t5"), arch="t5")
 
 
 def test_prepare_describes_the_model(model_dir, capsys, tmp_path):
@@ -77,10 +82,18 @@ def test_logs_are_json_lines_when_the_launcher_asks(capsys, monkeypatch):
     assert json.loads(line)["message"] == "rank 1 ready"
 
 
-@pytest.mark.parametrize(("engine", "compiles"), [("tgis_native", True), ("hf_transformers", False)])
+@pytest.mark.parametrize(
+    ("model", "engine", "compiles"),
+    [
+        ("model_dir", "tgis_native", True),
+        ("model_dir", "hf_transformers", True),
+        ("seq2seq_dir", "hf_transformers", False),  # encoder-decoders run eagerly on hf_transformers
+    ],
+)
 def test_serve_hands_pt2_compile_to_the_engine_and_says_when_it_runs_eagerly(
-    model_dir, monkeypatch, capsys, tmp_path, engine, compiles
+    request, monkeypatch, capsys, tmp_path, model, engine, compiles
 ):
+    model_dir = request.getfixturevalue(model)
     served = []
     monkeypatch.setattr("tgis_shard.server.serve", lambda engine, uds_path: served.append(engine))
     args = ["serve", str(model_dir), "--uds-path", str(tmp_path / "shard.sock"), "--deployment-framework", engine]

@@ -1,6 +1,7 @@
-"""PT2_COMPILE on tgis_native: the compiled forward pass gives the eager engine's tokens and
-logprobs through a random serving mix (requests joining and leaving, prompt chunks beside
-decodes, one-row and many-row steps, contexts within one block and over several), and once the
+"""PT2_COMPILE on tgis_native and hf_transformers: the compiled forward pass gives the eager
+engine's tokens and logprobs through a random serving mix (requests joining and leaving, prompt
+chunks beside decodes on tgis_native, one-row and many-row steps, contexts within one block and
+over several, caches outgrowing their room on hf_transformers, input-token details), and once the
 warm-up ran, that mix compiles nothing new."""
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from tests.support.engines import StepDriver, native_engine, request
+from tests.support.engines import StepDriver, cpu_context, native_engine, request
 from tests.support.ports import free_port
 from tests.support.tiny_models import build_tiny_causal_lm
+from tgis_proto.plugins import resolve
 from tgis_shard.engines.base import Engine
 
 STEPS = 60
@@ -40,10 +42,12 @@ def _compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def _serve_mix(engine: Engine, seed: int) -> list[tuple[int, int, float]]:
+def _serve_mix(
+    engine: Engine, seed: int, chunk: int | None = 24, longest_output: int = 10
+) -> list[tuple[int, int, float]]:
     """Every token of a random mix of requests, as (request, token, logprob)."""
     rng = random.Random(seed)
-    driver = StepDriver(engine, chunk=24)
+    driver = StepDriver(engine, chunk=chunk)
     left: dict[int, int] = {}  # tokens each running request still makes
     tokens = []
     for rid in range(STEPS):
@@ -51,7 +55,8 @@ def _serve_mix(engine: Engine, seed: int) -> list[tuple[int, int, float]]:
             length = rng.choice([1, rng.randint(2, 20), rng.randint(30, 90)])
             left[rid] = rng.randint(1, 10)
             prompt = [rng.randint(3, 120) for _ in range(length)]
-            driver.join(request(rid, prompt, left[rid], logprobs=True))
+            details = {"input_tokens": True} if rng.random() < 0.2 else {}
+            driver.join(request(rid, prompt, left[rid], logprobs=True, **details))
         for token in driver.step():
             tokens.append((token.request_id, token.token_id, token.logprob))
             left[token.request_id] -= 1
@@ -77,3 +82,28 @@ def test_compiled_forward_equals_eager_and_compiles_nothing_after_the_warm_up(mo
     assert len(tokens) > STEPS / 2
     assert [t[:2] for t in tokens] == [t[:2] for t in expected]
     assert [t[2] for t in tokens] == pytest.approx([t[2] for t in expected], abs=LOGPROB_TOLERANCE[dtype])
+
+
+def _transformers_engine(model_dir, pt2_compile: bool) -> Engine:
+    ctx = cpu_context(model_dir, pt2_compile=pt2_compile, max_batch_size=8)
+    engine = resolve(ctx.registry.engine("hf_transformers").target)(ctx)
+    # Little room in the caches (kv_cache.RoomyLayer): the mix outgrows it again and again.
+    engine.cache_room_tokens = 3
+    return engine
+
+
+def test_hf_transformers_compiled_forward_equals_eager_and_compiles_nothing_after_the_warm_up(model_dir):
+    compiled = _transformers_engine(model_dir, pt2_compile=True)
+    before = _compiled_graphs()
+    compiled.warm_up()
+    after_warm_up = _compiled_graphs()
+    assert after_warm_up > before
+    tokens = _serve_mix(compiled, seed=5, chunk=None)
+    assert _compiled_graphs() == after_warm_up
+    eager = _transformers_engine(model_dir, pt2_compile=False)
+    eager.warm_up()  # eager: nothing to compile
+    assert _compiled_graphs() == after_warm_up
+    expected = _serve_mix(eager, seed=5, chunk=None)
+    assert len(tokens) > STEPS / 2
+    assert [t[:2] for t in tokens] == [t[:2] for t in expected]
+    assert [t[2] for t in tokens] == pytest.approx([t[2] for t in expected], abs=LOGPROB_TOLERANCE[torch.float32])

@@ -175,7 +175,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("default_include_stop_seqs", parse_bool, "include the matched stop sequence in text by default"),
     Option("prefix_store_path", str, "folder of prompt prefixes (PEFT prompt tuning)"),
     Option("prompt_cache_size_mb", _positive_int, "memory for cached prompt prefixes"),
-    Option("pt2_compile", parse_bool, "run the model's forward pass through torch.compile (tgis_native)"),
+    Option(
+        "pt2_compile",
+        parse_bool,
+        "run the model's forward pass through torch.compile (tgis_native; hf_transformers causal LMs)",
+    ),
     Option("cuda_graphs", parse_bool, "replay decode steps from CUDA graphs (tgis_native on one GPU)"),
     Option(
         "fused_kernels", parse_bool, "fuse norms, rotary and activations into one kernel each on GPUs (torch.compile)"

@@ -72,7 +72,9 @@ def _parser() -> argparse.ArgumentParser:
         help="run norms, rotary and activations as eager PyTorch ops on GPUs instead of one compiled kernel each",
     )
     serve.add_argument(
-        "--pt2-compile", action="store_true", help="run the model's forward pass through torch.compile (tgis_native)"
+        "--pt2-compile",
+        action="store_true",
+        help="run the model's forward pass through torch.compile (tgis_native; hf_transformers causal LMs)",
     )
 
     sub.add_parser("plugins", help="list installed plugins, engines and model families")

@@ -36,3 +36,10 @@ def compile_dynamic(fn: F) -> F:
             return compiled(*args, **kwargs)
 
     return run  # type: ignore[return-value]
+
+
+def compile_model_forward(fn: F) -> F:
+    """A transformers model's forward pass (hf_transformers), compiled with every size dynamic
+    under torch's own shape rules: under the relaxed ones above, Inductor cannot lower the slices
+    of a cache that grows in place (``engines.kv_cache.RoomyLayer``)."""
+    return torch.compile(fn, dynamic=True)  # type: ignore[return-value]

@@ -24,10 +24,12 @@ from transformers import (
 )
 
 from tgis_proto import shard_pb2 as pb
-from tgis_shard import memory
+from tgis_shard import memory, pt2
 from tgis_shard.engines import kv_cache
 from tgis_shard.engines.base import (
+    SYNTHETIC_REQUEST_ID,
     Engine,
+    ScheduledWork,
     ShardContext,
     UnsupportedModelError,
     input_token_details,
@@ -67,6 +69,7 @@ class CausalLMEngine(PaddedEngine):
     # Positions each row's cache holds beyond its length, so that decode steps append in place
     # (kv_cache.RoomyLayer); the memory model reports them.
     cache_room_tokens = kv_cache.CACHE_ROOM_TOKENS
+    pt2_compile = True
 
     def __init__(
         self, model: PreTrainedModel, ctx: ShardContext, eos_token_ids: list[int], engine: str = "hf_transformers"
@@ -86,6 +89,12 @@ class CausalLMEngine(PaddedEngine):
         self._embeddings = model.get_input_embeddings()  # None where a graph embeds ids itself (ONNX)
         self.prefixes = ctx.prefix_store(self._embeddings.weight.shape[-1] if self._embeddings is not None else 0)
         self.sampler = Sampler(ctx.max_batch_size, model.config.vocab_size, eos_token_ids, ctx.device)
+        # PT2_COMPILE: the forward pass through torch.compile; warm_up compiles every kind of step.
+        self._compiled_forward = pt2.compile_model_forward(model.forward) if self._compiles else None
+
+    @property
+    def _compiles(self) -> bool:
+        return self.ctx.pt2_compile and self.pt2_compile
 
     def prompt_prefix(self, prefix_id: str) -> PromptPrefix:
         return self.prefixes.get(prefix_id)
@@ -122,7 +131,9 @@ class CausalLMEngine(PaddedEngine):
         if last_only and self._takes_logits_to_keep:
             kwargs["logits_to_keep"] = 1
         kwargs[self._cache_kwarg] = cache
-        out = self.model(attention_mask=attention_mask, use_cache=True, **kwargs)
+        # A prompt prefix's embeddings (rare) run eagerly: one kind of step fewer to compile.
+        compiled = self._compiled_forward if inputs_embeds is None else None
+        out = (compiled or self.model)(attention_mask=attention_mask, use_cache=True, **kwargs)
         return out.logits
 
     @torch.inference_mode()
@@ -208,6 +219,35 @@ class CausalLMEngine(PaddedEngine):
 
     def memory_model(self) -> pb.MemoryModel | None:
         return padded_memory_model(self, self.model.config, self.cache_room_tokens)
+
+    def warm_up(self) -> None:
+        """PT2_COMPILE: compiles the forward pass for every kind of step before requests wait for
+        it — prefills and decodes of one row and of several (torch specialises sizes of 1), a
+        decode that outgrows the cache's room, a prefill with every position's logits (input-token
+        details), and decodes after requests joined and left (caches rebuilt by row surgery)."""
+        if not self._compiles:
+            return
+        started = time.monotonic()
+        decode_steps = min(self.cache_room_tokens + 1, self.ctx.max_sequence_length - 8)
+        for lengths in ([3], [3, 5]):
+            self.run_synthetic(lengths, decode_steps)
+        self._run_synthetic_joins_and_leaves()
+        log.info("PT2_COMPILE: the forward pass compiled for each kind of step in %.1f s", time.monotonic() - started)
+
+    def _run_synthetic_joins_and_leaves(self) -> None:
+        first, second, joiner = (SYNTHETIC_REQUEST_ID + i for i in range(3))
+        try:
+            self.join(pb.Request(id=first, input_ids=[0] * 3, max_new_tokens=8))
+            self.join(pb.Request(id=second, input_ids=[0] * 5, max_new_tokens=8))
+            self.step([ScheduledWork(first, 3), ScheduledWork(second, 5)])
+            details = pb.TokenDetailOptions(input_tokens=True)
+            self.join(pb.Request(id=joiner, input_ids=[0] * 4, max_new_tokens=8, details=details))
+            self.step([ScheduledWork(first, 1), ScheduledWork(second, 1), ScheduledWork(joiner, 4)])
+            self.step([ScheduledWork(rid, 1) for rid in (first, second, joiner)])  # merges the joiner
+            self.leave([second])
+            self.step([ScheduledWork(first, 1), ScheduledWork(joiner, 1)])
+        finally:
+            self.leave([first, second, joiner])
 
     @torch.inference_mode()
     def health_check(self) -> None:

@@ -29,40 +29,38 @@ CACHE_ROOM_TOKENS = 64
 class RoomyLayer(DynamicLayer):
     """A ``DynamicLayer`` whose ``keys`` and ``values`` are the used prefix of larger buffers, so
     that a step appends in place. Row surgery hands it new tensors (``adopt``) and the next append
-    starts new buffers; a shorter prefix of the same buffers (``truncate``) keeps them."""
+    starts new buffers; ``keep`` (a failed step's undo) shortens the prefix of the same buffers.
+
+    Written for torch.compile too (PT2_COMPILE): the length is a Python int, not read from
+    ``keys``, and while there are buffers nothing reads ``keys``, a view of them (a compiled graph
+    cannot take a buffer and its view as inputs when it writes to the buffer)."""
 
     def __init__(self, room: int, max_length: int | None = None) -> None:
         super().__init__()
         self.room = room  # positions a new buffer holds beyond the length that needs it
         self.max_length = max_length  # no buffer grows past this many positions
+        self._length = 0
         self._key_buffer: torch.Tensor | None = None
         self._value_buffer: torch.Tensor | None = None
+
+    def get_seq_length(self) -> int:
+        return self._length
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        used = self.get_seq_length()
+        used = self._length
         length = used + key_states.shape[-2]
-        buffers = self._buffers_with_room(key_states, length)
-        if buffers is None:
-            buffers = self._reallocate(key_states, value_states, used, length)
-        key_buffer, value_buffer = buffers
-        key_buffer[:, :, used:length].copy_(key_states)
-        value_buffer[:, :, used:length].copy_(value_states)
+        key_buffer, value_buffer = self._key_buffer, self._value_buffer
+        if key_buffer is None or value_buffer is None or length > key_buffer.shape[-2]:
+            key_buffer, value_buffer = self._reallocate(key_states, value_states, used, length)
+        key_buffer[:, :, used:length] = key_states
+        value_buffer[:, :, used:length] = value_states
+        self._length = length
         self.keys, self.values = key_buffer[:, :, :length], value_buffer[:, :, :length]
         return self.keys, self.values
-
-    def _buffers_with_room(self, key_states: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The buffers, if they hold these rows and ``length`` positions fit. While there are
-        buffers, ``keys`` and ``values`` are their prefix: whatever assigns other tensors goes
-        through ``adopt``, which drops them. (Checked by bookkeeping, not by comparing storage,
-        which torch.compile could not trace.)"""
-        buffer = self._key_buffer
-        if buffer is None or self._value_buffer is None or length > buffer.shape[-2]:
-            return None
-        return (buffer, self._value_buffer) if buffer.shape[:2] == key_states.shape[:2] else None
 
     def _reallocate(
         self, key_states: torch.Tensor, value_states: torch.Tensor, used: int, length: int
@@ -73,8 +71,13 @@ class RoomyLayer(DynamicLayer):
         keys = key_states.new_empty((*key_states.shape[:2], capacity, key_states.shape[-1]))
         values = value_states.new_empty((*value_states.shape[:2], capacity, value_states.shape[-1]))
         if used:
-            keys[:, :, :used].copy_(self.keys)
-            values[:, :, :used].copy_(self.values)
+            # From the full buffers, else from what surgery handed over.
+            if self._key_buffer is not None and self._value_buffer is not None:
+                old_keys, old_values = self._key_buffer[:, :, :used], self._value_buffer[:, :, :used]
+            else:
+                old_keys, old_values = self.keys, self.values
+            keys[:, :, :used] = old_keys
+            values[:, :, :used] = old_values
         # The old tensors go once the new ones take over: one layer holds both at once, briefly.
         self._key_buffer, self._value_buffer = keys, values
         return keys, values
@@ -83,9 +86,17 @@ class RoomyLayer(DynamicLayer):
         """Holds ``keys`` and ``values`` (row surgery's result) and lets the old buffers go now, not
         at the next append: the memory model counts one cache per batch."""
         self.keys, self.values = keys, values
+        self._length = keys.shape[-2] if keys.dim() == 4 else 0
         self._key_buffer = self._value_buffer = None
 
+    def keep(self, length: int) -> None:
+        """Keeps the first ``length`` positions (the buffers stay; later appends overwrite the rest)."""
+        if self._length > length:
+            self._length = length
+            self.keys, self.values = self.keys[:, :, :length], self.values[:, :, :length]
+
     def reset(self) -> None:
+        self._length = 0
         self._key_buffer = self._value_buffer = None
         super().reset()
 
@@ -133,7 +144,9 @@ def truncate(cache: DynamicCache, length: int) -> None:
     """Keeps the first ``length`` positions of every layer: undoes a step that appended to some
     layers before it failed (views, no copy)."""
     for layer in _layers(cache):
-        if layer.keys.shape[-2] > length:
+        if isinstance(layer, RoomyLayer):
+            layer.keep(length)
+        elif layer.keys.shape[-2] > length:
             layer.keys = layer.keys[:, :, :length, :]
             layer.values = layer.values[:, :, :length, :]
 

@@ -198,19 +198,23 @@ class OrtSeq2SeqLM:
     __call__ = forward
 
 
-class _RefusesPrefixes:
+class _OrtEngine:
+    """What the ONNX Runtime engines do differently from the transformers ones they build on."""
+
     # The session returns each step's whole cache as new arrays: there is nothing to append to.
     cache_room_tokens = 0
+    # The graph is ONNX Runtime's to optimise; torch.compile has nothing to compile.
+    pt2_compile = False
 
     def prompt_prefix(self, prefix_id: str) -> PromptPrefix:
         raise PrefixesUnsupportedError(f"the {ENGINE} engine does not support prompt prefixes (its graphs embed ids)")
 
 
-class OrtCausalLMEngine(_RefusesPrefixes, CausalLMEngine):
+class OrtCausalLMEngine(_OrtEngine, CausalLMEngine):
     pass
 
 
-class OrtSeq2SeqLMEngine(_RefusesPrefixes, Seq2SeqLMEngine):
+class OrtSeq2SeqLMEngine(_OrtEngine, Seq2SeqLMEngine):
     pass
 
 
