@@ -4,6 +4,8 @@ output lengths (EOS masked). hf_optimum_ort needs an export: made here if missin
 (``text-generation-server convert-to-onnx``, into the default cache).
 
     python3 bench/cpu_engines.py --engines hf_transformers hf_optimum_ort --concurrency 1 8
+
+An engine named ``ENGINE+pt2-compile`` is that engine with PT2_COMPILE on.
 """
 
 from __future__ import annotations
@@ -53,8 +55,14 @@ def main() -> None:
     rows = []
     steps: dict[str, list[str]] = {}
     for engine in args.engines:
-        options = ["--deployment-framework", engine, "--max-batch-size", str(max(args.concurrency))]
-        with launcher(None, *options, env={"SHARD_TORCH_THREADS": str(args.shard_threads)}) as server:
+        framework, _, variant = engine.partition("+")
+        options = ["--deployment-framework", framework, "--max-batch-size", str(max(args.concurrency))]
+        if variant:
+            options += [f"--{variant}", "true"]
+        # PT2_COMPILE's warm-up compiles the whole model four times: minutes on these cores.
+        ready_timeout_s = 1800.0 if variant == "pt2-compile" else 300.0
+        env = {"SHARD_TORCH_THREADS": str(args.shard_threads)}
+        with launcher(None, *options, env=env, ready_timeout_s=ready_timeout_s) as server:
             address = f"localhost:{server.grpc_port}"
             metrics_url = f"http://localhost:{server.http_port}/metrics"
             results = sweep(

@@ -41,9 +41,9 @@ class RunningServer:
         return self.log_file.read_text(errors="replace")
 
 
-def _wait_ready(process: subprocess.Popen, channel: grpc.Channel, log_file: Path) -> None:
+def _wait_ready(process: subprocess.Popen, channel: grpc.Channel, log_file: Path, timeout_s: float) -> None:
     health = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + READY_TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"launcher exited with {process.returncode}:\n{log_file.read_text()[-4000:]}")
@@ -54,7 +54,7 @@ def _wait_ready(process: subprocess.Popen, channel: grpc.Channel, log_file: Path
         except grpc.RpcError:
             pass
         time.sleep(0.5)
-    raise TimeoutError(f"launcher not ready after {READY_TIMEOUT_S}s:\n{log_file.read_text()[-4000:]}")
+    raise TimeoutError(f"launcher not ready after {timeout_s}s:\n{log_file.read_text()[-4000:]}")
 
 
 def child_pids(pid: int) -> list[int]:
@@ -76,7 +76,11 @@ def stop(process: subprocess.Popen, timeout: float = 30.0) -> int:
 
 @contextmanager
 def launcher(
-    model: str | Path | None, *args: str, env: Mapping[str, str] | None = None, executable: str | None = None
+    model: str | Path | None,
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    executable: str | None = None,
+    ready_timeout_s: float = READY_TIMEOUT_S,
 ) -> Iterator[RunningServer]:
     """Runs the launcher on ``model`` (None: the embedded default) with free ports and one torch
     thread per shard, since the test machine's 2 cores are shared by every process."""
@@ -104,7 +108,7 @@ def launcher(
         process = subprocess.Popen(command, env=full_env, stdout=log, stderr=subprocess.STDOUT)
     channel = grpc.insecure_channel(f"localhost:{grpc_port}")
     try:
-        _wait_ready(process, channel, log_file)
+        _wait_ready(process, channel, log_file, ready_timeout_s)
         yield RunningServer(process, grpc_port, http_port, channel, fmaas_grpc.GenerationServiceStub(channel), log_file)
     finally:
         channel.close()

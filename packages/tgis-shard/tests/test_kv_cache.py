@@ -34,24 +34,24 @@ def _assert_equal(roomy: DynamicCache, plain: DynamicCache) -> None:
 def test_appends_fill_the_room_in_place_and_copy_once_it_is_full():
     roomy, plain = kv_cache.roomy_cache(CONFIG, room=4), DynamicCache(config=CONFIG)
     assert all(type(layer) is kv_cache.RoomyLayer for layer in roomy.layers)
-    _append([roomy, plain], tokens=5, seed=0)  # a prefill: 5 positions, room for 4 more
+    _append([roomy, plain], tokens=5, seed=0)  # a prefill: buffers of 9 positions, one always free
     storage = roomy.layers[0].keys.data_ptr()
-    for step in range(4):
+    for step in range(3):
         _append([roomy, plain], tokens=1, seed=1 + step)
         _assert_equal(roomy, plain)
         assert roomy.layers[0].keys.data_ptr() == storage  # appended where the room was
-    _append([roomy, plain], tokens=1, seed=9)  # the tenth position: new buffers
+    _append([roomy, plain], tokens=1, seed=9)  # the ninth position would fill them: new buffers
     _assert_equal(roomy, plain)
     assert roomy.layers[0].keys.data_ptr() != storage
-    assert roomy.get_seq_length() == plain.get_seq_length() == 10
+    assert roomy.get_seq_length() == plain.get_seq_length() == 9
 
 
 def test_buffers_never_grow_past_the_longest_sequence():
     roomy = kv_cache.roomy_cache(CONFIG, room=64, max_length=7)
     _append([roomy], tokens=5, seed=0)
     assert roomy.layers[0]._key_buffer.shape[-2] == 7
-    _append([roomy], tokens=3, seed=1)  # past it anyway: exactly what is needed, no room
-    assert roomy.layers[0]._key_buffer.shape[-2] == 8
+    _append([roomy], tokens=3, seed=1)  # past it anyway: what is needed and the one free position
+    assert roomy.layers[0]._key_buffer.shape[-2] == 9
 
 
 def test_row_surgery_and_concatenation_start_new_buffers_with_the_same_contents():
@@ -81,6 +81,20 @@ def test_row_surgery_and_concatenation_start_new_buffers_with_the_same_contents(
         for layer in range(CONFIG.num_hidden_layers):
             cache.update(keys, values, layer)
     _assert_equal(merged_roomy, merged_plain)
+
+
+def test_reserve_makes_the_room_before_an_append():
+    roomy, plain = kv_cache.roomy_cache(CONFIG, room=2), DynamicCache(config=CONFIG)
+    kv_cache.reserve(roomy, 10)  # empty: sized by its first append
+    assert roomy.layers[0]._key_buffer is None
+    _append([roomy, plain], tokens=4, seed=0)
+    kv_cache.reserve(roomy, 10)
+    storage = roomy.layers[0].keys.data_ptr()
+    _assert_equal(roomy, plain)
+    for step in range(6):  # up to the tenth position, in place
+        _append([roomy, plain], tokens=1, seed=1 + step)
+        assert roomy.layers[0].keys.data_ptr() == storage
+    _assert_equal(roomy, plain)
 
 
 def test_a_truncated_step_is_overwritten_in_place():

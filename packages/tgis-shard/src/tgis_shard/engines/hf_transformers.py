@@ -27,9 +27,7 @@ from tgis_proto import shard_pb2 as pb
 from tgis_shard import memory, pt2
 from tgis_shard.engines import kv_cache
 from tgis_shard.engines.base import (
-    SYNTHETIC_REQUEST_ID,
     Engine,
-    ScheduledWork,
     ShardContext,
     UnsupportedModelError,
     input_token_details,
@@ -38,6 +36,7 @@ from tgis_shard.engines.base import (
 from tgis_shard.engines.padded import BatchState, PaddedEngine
 from tgis_shard.layers.embedding import EmbeddingOverrides
 from tgis_shard.prefixes import PromptPrefix
+from tgis_shard.progress import progress
 from tgis_shard.sampler import Choice, GeneratedToken, Sampler
 
 log = logging.getLogger(__name__)
@@ -128,8 +127,13 @@ class CausalLMEngine(PaddedEngine):
             kwargs["inputs_embeds"] = inputs_embeds
         if self._takes_position_ids:
             kwargs["position_ids"] = position_ids
-        if last_only and self._takes_logits_to_keep:
-            kwargs["logits_to_keep"] = 1
+        if self._takes_logits_to_keep:
+            # The positions as a tensor, and two of them where a prompt has two, not a count: a
+            # prefill for its last logits and one for every position's (input-token details) are
+            # then one kind of compiled step (PT2_COMPILE; torch specialises sizes of 1).
+            width = input_ids.shape[1]
+            keep = min(width, 2) if last_only else width
+            kwargs["logits_to_keep"] = torch.arange(width - keep, width, device=input_ids.device)
         kwargs[self._cache_kwarg] = cache
         # A prompt prefix's embeddings (rare) run eagerly: one kind of step fewer to compile.
         compiled = self._compiled_forward if inputs_embeds is None else None
@@ -143,7 +147,9 @@ class CausalLMEngine(PaddedEngine):
         # A row is [padding, prompt prefix, input tokens]: the prefix is part of the sequence.
         prefix_lengths = [0 if p is None else len(p) for p in prefixes]
         lengths = [len(r.input_ids) + n for r, n in zip(requests, prefix_lengths, strict=True)]
-        width = max(lengths)
+        # Compiled (PT2_COMPILE), a one-token prompt would be a kind of step of its own (torch
+        # specialises sizes of 1): it gets a padding column instead.
+        width = max(*lengths, 2 if self._compiles else 1)
         input_ids = torch.full((len(lengths), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(lengths), width), dtype=torch.long)
         for row, (request, length) in enumerate(zip(requests, lengths, strict=True)):
@@ -203,6 +209,7 @@ class CausalLMEngine(PaddedEngine):
         batch = _causal(state)
         ones = torch.ones((len(batch.ids), 1), dtype=batch.attention_mask.dtype, device=self.ctx.device)
         mask = torch.cat([batch.attention_mask, ones], dim=1)
+        kv_cache.reserve(batch.cache, mask.shape[1])
         try:
             logits = self._forward(batch.input_ids, mask, batch.position_ids, batch.cache, last_only=True)
             choice = self.sampler.choose(logits[:, -1, :], batch.ids)
@@ -222,32 +229,18 @@ class CausalLMEngine(PaddedEngine):
 
     def warm_up(self) -> None:
         """PT2_COMPILE: compiles the forward pass for every kind of step before requests wait for
-        it — prefills and decodes of one row and of several (torch specialises sizes of 1), a
-        decode that outgrows the cache's room, a prefill with every position's logits (input-token
-        details), and decodes after requests joined and left (caches rebuilt by row surgery)."""
+        it: a prefill and a decode of one row and of several (torch specialises sizes of 1). A
+        decode's cache has its room made before the pass (``kv_cache.reserve``), so growing it or
+        rebuilding it after requests joined or left is no kind of step of its own, nor are
+        one-token prompts (padded to two) or input-token details (the logits' positions are a
+        tensor)."""
         if not self._compiles:
             return
         started = time.monotonic()
-        decode_steps = min(self.cache_room_tokens + 1, self.ctx.max_sequence_length - 8)
-        for lengths in ([3], [3, 5]):
-            self.run_synthetic(lengths, decode_steps)
-        self._run_synthetic_joins_and_leaves()
+        batches = progress(2, "PT2_COMPILE warm-up, kinds of step compiled", "batches", iterable=([3], [3, 5]))
+        for lengths in batches:
+            self.run_synthetic(lengths, decode_steps=2)
         log.info("PT2_COMPILE: the forward pass compiled for each kind of step in %.1f s", time.monotonic() - started)
-
-    def _run_synthetic_joins_and_leaves(self) -> None:
-        first, second, joiner = (SYNTHETIC_REQUEST_ID + i for i in range(3))
-        try:
-            self.join(pb.Request(id=first, input_ids=[0] * 3, max_new_tokens=8))
-            self.join(pb.Request(id=second, input_ids=[0] * 5, max_new_tokens=8))
-            self.step([ScheduledWork(first, 3), ScheduledWork(second, 5)])
-            details = pb.TokenDetailOptions(input_tokens=True)
-            self.join(pb.Request(id=joiner, input_ids=[0] * 4, max_new_tokens=8, details=details))
-            self.step([ScheduledWork(first, 1), ScheduledWork(second, 1), ScheduledWork(joiner, 4)])
-            self.step([ScheduledWork(rid, 1) for rid in (first, second, joiner)])  # merges the joiner
-            self.leave([second])
-            self.step([ScheduledWork(first, 1), ScheduledWork(joiner, 1)])
-        finally:
-            self.leave([first, second, joiner])
 
     @torch.inference_mode()
     def health_check(self) -> None:

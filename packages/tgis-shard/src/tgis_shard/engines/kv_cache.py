@@ -54,22 +54,36 @@ class RoomyLayer(DynamicLayer):
         used = self._length
         length = used + key_states.shape[-2]
         key_buffer, value_buffer = self._key_buffer, self._value_buffer
-        if key_buffer is None or value_buffer is None or length > key_buffer.shape[-2]:
-            key_buffer, value_buffer = self._reallocate(key_states, value_states, used, length)
+        if key_buffer is None or value_buffer is None or length >= key_buffer.shape[-2]:
+            key_buffer, value_buffer = self._reallocate(key_states, value_states, length)
         key_buffer[:, :, used:length] = key_states
         value_buffer[:, :, used:length] = value_states
         self._length = length
         self.keys, self.values = key_buffer[:, :, :length], value_buffer[:, :, :length]
         return self.keys, self.values
 
+    def reserve(self, length: int) -> None:
+        """Makes room for ``length`` positions now, before a forward pass: a compiled one then
+        never grows the cache itself (one kind of step instead of three). An empty layer is sized
+        by its first append."""
+        if not self._length:
+            return
+        buffer = self._key_buffer
+        if buffer is None or self._value_buffer is None or length >= buffer.shape[-2]:
+            self._reallocate(self.keys, self.values, length)
+
     def _reallocate(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, used: int, length: int
+        self, like_keys: torch.Tensor, like_values: torch.Tensor, length: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        capacity = length + self.room
+        """New buffers for ``length`` positions and the room, shaped as ``like_*`` but for their
+        length, holding the positions used so far. At least one position stays free: a view of a
+        whole buffer would be another kind of compiled step (PT2_COMPILE) than a view of part of it."""
+        used = self._length
+        capacity = max(length + 1, length + self.room)
         if self.max_length is not None:
-            capacity = max(length, min(capacity, self.max_length))
-        keys = key_states.new_empty((*key_states.shape[:2], capacity, key_states.shape[-1]))
-        values = value_states.new_empty((*value_states.shape[:2], capacity, value_states.shape[-1]))
+            capacity = max(length + 1, min(capacity, self.max_length))
+        keys = like_keys.new_empty((*like_keys.shape[:2], capacity, like_keys.shape[-1]))
+        values = like_values.new_empty((*like_values.shape[:2], capacity, like_values.shape[-1]))
         if used:
             # From the full buffers, else from what surgery handed over.
             if self._key_buffer is not None and self._value_buffer is not None:
@@ -78,8 +92,9 @@ class RoomyLayer(DynamicLayer):
                 old_keys, old_values = self.keys, self.values
             keys[:, :, :used] = old_keys
             values[:, :, :used] = old_values
-        # The old tensors go once the new ones take over: one layer holds both at once, briefly.
+        # The old tensors go as the new ones take over: one layer holds both at once, briefly.
         self._key_buffer, self._value_buffer = keys, values
+        self.keys, self.values = keys[:, :, :used], values[:, :, :used]
         return keys, values
 
     def adopt(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -110,6 +125,13 @@ def roomy_cache(config: object, room: int, max_length: int | None = None) -> Dyn
             RoomyLayer(room, max_length) if type(layer) is DynamicLayer else layer for layer in cache.layers
         ]
     return cache
+
+
+def reserve(cache: DynamicCache, length: int) -> None:
+    """Room for ``length`` positions in every layer that appends in place (``RoomyLayer.reserve``)."""
+    for layer in cache.layers:
+        if isinstance(layer, RoomyLayer):
+            layer.reserve(length)
 
 
 def _layers(cache: DynamicCache) -> list[DynamicLayer]:

@@ -90,13 +90,17 @@ class OrtCausalLM:
         position_ids: torch.Tensor | None = None,
         past_key_values: DynamicCache | None = None,
         use_cache: bool = True,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
     ) -> _Output:
-        """``logits_to_keep``: logits of the last this many positions; 0, of every position."""
+        """``logits_to_keep``: logits of the last this many positions (0: of every position), or
+        of the positions a tensor lists, as transformers' models take it."""
         cache = past_key_values if past_key_values is not None else DynamicCache(config=self.config)
         batch, new = input_ids.shape
         empty = np.zeros((batch, self.spec.kv_heads, 0, self.spec.head_dim), dtype=np.float32)
-        kept = np.arange(new - logits_to_keep if 0 < logits_to_keep <= new else 0, new, dtype=np.int64)
+        if isinstance(logits_to_keep, torch.Tensor):
+            kept = _numpy(logits_to_keep).astype(np.int64)
+        else:
+            kept = np.arange(new - logits_to_keep if 0 < logits_to_keep <= new else 0, new, dtype=np.int64)
         feeds = {"input_ids": _numpy(input_ids), "attention_mask": _numpy(attention_mask), "logits_index": kept}
         if self.spec.position_ids:
             if position_ids is None:

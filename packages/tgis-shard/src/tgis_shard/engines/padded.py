@@ -12,6 +12,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Sequence
 
+import torch
+
 from tgis_proto import shard_pb2 as pb
 from tgis_shard.engines.base import BatchLost, Engine, ScheduledWork
 from tgis_shard.sampler import Choice, GeneratedToken, Sampler
@@ -87,6 +89,9 @@ class PaddedEngine(Engine):
         self.sampler.add(request, self.history(request))
         self._joining[request.id] = request
 
+    # Steps and leaves run under inference mode as a whole: the batch's tensors are all made there
+    # (a compiled forward pass, PT2_COMPILE, would otherwise meet two kinds of input tensor).
+    @torch.inference_mode()
     def leave(self, request_ids: Collection[int]) -> None:
         gone = set(request_ids)
         for rid in gone:
@@ -100,6 +105,7 @@ class PaddedEngine(Engine):
         batches = [b for b in (self._running, self._prefilled) if b is not None]
         return [*self._joining, *(rid for b in batches for rid in b.ids)]
 
+    @torch.inference_mode()
     def step(self, work: Sequence[ScheduledWork]) -> list[GeneratedToken]:
         if self._prefilled is not None:
             try:
