@@ -1,12 +1,14 @@
 """The server as users meet it: a random-weight LLaMA of a real shape served by the real launcher
-(tgis_native), closed-loop streaming clients at several concurrencies, fixed prompt and output
-lengths (EOS masked). In the same run, beside it: the device's copy bandwidth (the roofline a
-decode step can reach), the engine's own decode step in process (what the server adds on
-top of it), and plain transformers generate(). Prints the table; with ``--record`` appends it,
-dated, with the command and the machine, to a results file (bench/RESULTS.md).
+(tgis_native; the ``hf-transformers*`` variants serve it on hf_transformers), closed-loop streaming
+clients at several concurrencies, fixed prompt and output lengths (EOS masked). In the same run,
+beside it: the device's copy bandwidth (the roofline a decode step can reach), tgis_native's own
+decode step in process (what the server adds on top of it), and plain transformers generate().
+Prints the table; with ``--record`` appends it, dated, with the command and the machine, to a
+results file (bench/RESULTS.md).
 
     python3 bench/serving.py --shape 8b --concurrency 1 8 32 128 --record bench/RESULTS.md   # one GPU
     python3 bench/serving.py --shape 8b --concurrency 1 128 --variants default no-fused-kernels   # A/B, one run
+    python3 bench/serving.py --shape 8b --variants hf-transformers hf-transformers-pt2   # × generate()
     python3 bench/serving.py --shape tiny --concurrency 1 2 --prompt-tokens 16 --new-tokens 8   # CPU smoke run
 """
 
@@ -50,6 +52,7 @@ IN_PROCESS_DECODE_STEPS = 20
 class Variant:
     """An engine configuration the bench serves (each field a launcher option of that name)."""
 
+    deployment_framework: str = "tgis_native"
     cuda_graphs: bool = True
     fused_kernels: bool = True
     pt2_compile: bool = False
@@ -60,7 +63,7 @@ class Variant:
             arg
             for name, value in asdict(self).items()
             if value is not None
-            for arg in (f"--{name.replace('_', '-')}", str(value).lower())
+            for arg in (f"--{name.replace('_', '-')}", value if isinstance(value, str) else str(value).lower())
         ]
 
 
@@ -71,6 +74,9 @@ VARIANTS = {
     "pt2-compile": Variant(pt2_compile=True),
     # Prompt chunks of at most 512 tokens beside the decodes: shorter mixed steps (ITL p99).
     "step-tokens-512": Variant(max_step_tokens=512),
+    # The engine for any transformers model (issue: ≥ 1.5× generate()), eager and compiled.
+    "hf-transformers": Variant(deployment_framework="hf_transformers"),
+    "hf-transformers-pt2": Variant(deployment_framework="hf_transformers", pt2_compile=True),
 }
 
 
@@ -274,12 +280,14 @@ def serve(model_dir: Path, args: argparse.Namespace, dtype_name: str, variant: V
     each. With ``--server-logs``, the launcher's log (router and shards) is kept as ``<name>.log``."""
     max_sequence_length = args.prompt_tokens + args.new_tokens + 8
     options = [
-        *("--deployment-framework", "tgis_native", "--dtype-str", dtype_name),
+        *("--dtype-str", dtype_name),
         *("--max-batch-size", str(max(args.concurrency)), "--max-sequence-length", str(max_sequence_length)),
         *("--max-new-tokens", str(args.new_tokens), "--max-concurrent-requests", str(4 * max(args.concurrency))),
         *variant.launcher_options(),
     ]
-    with launcher(model_dir, *options, env={"SHARD_TORCH_THREADS": str(args.shard_threads)}) as server:
+    env = {"SHARD_TORCH_THREADS": str(args.shard_threads)}
+    # An 8B model's PT2_COMPILE warm-up on hf_transformers compiles the whole model four times.
+    with launcher(model_dir, *options, env=env, ready_timeout_s=900.0) as server:
         address = f"localhost:{server.grpc_port}"
         metrics_url = f"http://localhost:{server.http_port}/metrics"
         try:
@@ -354,6 +362,8 @@ def step_breakdown(served: dict[int, dict]) -> list[str]:
 
 def _describe(variant: Variant, device: torch.device) -> str:
     on_gpu = device.type == "cuda"
+    if variant.deployment_framework != "tgis_native":
+        return f"{variant.deployment_framework}, PT2_COMPILE {'on' if variant.pt2_compile else 'off'}"
     return (
         f"CUDA graphs {'on' if variant.cuda_graphs and on_gpu else 'off'}, "
         f"fused kernels {'on' if variant.fused_kernels and on_gpu else 'off'}, "
@@ -379,20 +389,26 @@ def _table(
     for streams, result in served.items():
         roofline = cost.roofline(bandwidth, streams, context)
         ttft, itl = result["ttft"], result["itl"]
-        step = steps[streams]
-        busy = "" if step.device_seconds is None else f" ({step.device_seconds * 1000:.2f} ms)"
-        prefill_busy = "" if step.prefill_device_seconds is None else f" ({step.prefill_device_seconds * 1000:.1f} ms)"
+        step = steps.get(streams)
         lines.append(
             f"| {streams} | {result['tokens_per_s']:,.0f} "
             f"| {_quantile(ttft, 50) * 1000:.0f} / {_quantile(ttft, 99) * 1000:.0f} ms "
             f"| {_quantile(itl, 50) * 1000:.1f} / {_quantile(itl, 99) * 1000:.1f} ms "
             f"| {roofline:,.0f} | {result['tokens_per_s'] / roofline:.2f} "
             f"| {generate_rates[streams]:,.0f} | {result['tokens_per_s'] / generate_rates[streams]:.2f} "
-            f"| {step.seconds * 1000:.2f} / {step.ahead_seconds * 1000:.2f} ms{busy} "
-            f"| {_quantile(itl, 50) / step.ahead_seconds:.2f} "
-            f"| {step.prefill_seconds * 1000:.1f} ms{prefill_busy} |"
+            + (_in_process_cells(step, _quantile(itl, 50)) if step is not None else "| – | – | – |")
         )
     return lines
+
+
+def _in_process_cells(step: InProcessStep, itl_p50: float) -> str:
+    busy = "" if step.device_seconds is None else f" ({step.device_seconds * 1000:.2f} ms)"
+    prefill_busy = "" if step.prefill_device_seconds is None else f" ({step.prefill_device_seconds * 1000:.1f} ms)"
+    return (
+        f"| {step.seconds * 1000:.2f} / {step.ahead_seconds * 1000:.2f} ms{busy} "
+        f"| {itl_p50 / step.ahead_seconds:.2f} "
+        f"| {step.prefill_seconds * 1000:.1f} ms{prefill_busy} |"
+    )
 
 
 def main() -> None:
@@ -437,6 +453,8 @@ def main() -> None:
         for name in args.variants:
             variant = VARIANTS[name]
             engine = replace(variant, max_step_tokens=None)
+            if engine.deployment_framework != "tgis_native":
+                engine_steps[engine] = []  # the in-process measurement drives tgis_native only
             if engine not in engine_steps:
                 engine_steps[engine] = in_process_decode_steps(
                     model_dir,
