@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.load import sweep  # noqa: E402
 from bench.serving import step_breakdown, step_sums  # noqa: E402
-from tests.support.server import launcher  # noqa: E402
+from tests.support.server import READY_TIMEOUT_S, launcher  # noqa: E402
 from tgis_shard.embedded import DEFAULT_MODEL  # noqa: E402
 from tgis_shard.model_files import default_cache_dir, resolve_model_dir  # noqa: E402
 from tgis_shard.onnx_export import OnnxExportMissingError, find_export  # noqa: E402
@@ -60,7 +60,7 @@ def main() -> None:
         if variant:
             options += [f"--{variant}", "true"]
         # PT2_COMPILE's warm-up compiles the whole model four times: minutes on these cores.
-        ready_timeout_s = 1800.0 if variant == "pt2-compile" else 300.0
+        ready_timeout_s = 1800.0 if variant == "pt2-compile" else READY_TIMEOUT_S
         env = {"SHARD_TORCH_THREADS": str(args.shard_threads)}
         with launcher(None, *options, env=env, ready_timeout_s=ready_timeout_s) as server:
             address = f"localhost:{server.grpc_port}"

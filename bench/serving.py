@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from bench.load import sweep  # noqa: E402
 from bench.random_model import SHAPES, build_random_model  # noqa: E402
 from tests.support.engines import StepDriver, request  # noqa: E402
-from tests.support.server import launcher  # noqa: E402
+from tests.support.server import READY_TIMEOUT_S, launcher  # noqa: E402
 from tgis_proto.plugins import resolve  # noqa: E402
 from tgis_shard.engines.base import ShardContext  # noqa: E402
 from tgis_shard.layers import fused  # noqa: E402
@@ -286,8 +286,10 @@ def serve(model_dir: Path, args: argparse.Namespace, dtype_name: str, variant: V
         *variant.launcher_options(),
     ]
     env = {"SHARD_TORCH_THREADS": str(args.shard_threads)}
-    # An 8B model's PT2_COMPILE warm-up on hf_transformers compiles the whole model four times.
-    with launcher(model_dir, *options, env=env, ready_timeout_s=900.0) as server:
+    # An 8B model's PT2_COMPILE warm-up on hf_transformers compiles the whole model four times;
+    # other starts keep the usual wait, so a hung one leaves the device call time for the rest.
+    ready_timeout_s = 900.0 if variant.pt2_compile else READY_TIMEOUT_S
+    with launcher(model_dir, *options, env=env, ready_timeout_s=ready_timeout_s) as server:
         address = f"localhost:{server.grpc_port}"
         metrics_url = f"http://localhost:{server.http_port}/metrics"
         try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 
@@ -38,13 +38,7 @@ PADDED = MemoryModel(
     padded=True,
 )
 # hf_transformers' caches: each row may hold 64 positions beyond the batch's length.
-PADDED_ROOM = MemoryModel(
-    limit=8 * (MAX_INPUT + MAX_NEW + 64) * BYTES_PER_TOKEN,
-    bytes_per_token=BYTES_PER_TOKEN,
-    prefill_bytes_per_token=200.0,
-    padded=True,
-    cache_room=64,
-)
+PADDED_ROOM = replace(PADDED, limit=8 * (MAX_INPUT + MAX_NEW + 64) * BYTES_PER_TOKEN, cache_room=64)
 
 
 @dataclass

@@ -65,9 +65,6 @@ class CausalLMBatch(BatchState):
 
 
 class CausalLMEngine(PaddedEngine):
-    # Positions each row's cache holds beyond its length, so that decode steps append in place
-    # (kv_cache.RoomyLayer); the memory model reports them.
-    cache_room_tokens = kv_cache.CACHE_ROOM_TOKENS
     pt2_compile = True
 
     def __init__(
@@ -225,7 +222,7 @@ class CausalLMEngine(PaddedEngine):
         return tokens
 
     def memory_model(self) -> pb.MemoryModel | None:
-        return padded_memory_model(self, self.model.config, self.cache_room_tokens)
+        return padded_memory_model(self, self.model.config)
 
     def warm_up(self) -> None:
         """PT2_COMPILE: compiles the forward pass for every kind of step before requests wait for
@@ -256,10 +253,11 @@ def _causal(state: BatchState) -> CausalLMBatch:
     return state
 
 
-def padded_memory_model(engine: Engine, config: object, cache_room_tokens: int) -> pb.MemoryModel | None:
+def padded_memory_model(engine: PaddedEngine, config: object) -> pb.MemoryModel | None:
     """Memory of engines whose batches pad to the longest request and grow a dynamic cache with
-    ``cache_room_tokens`` positions of room per row."""
+    the engine's ``cache_room_tokens`` positions of room per row."""
     ctx = engine.ctx
+    cache_room_tokens = engine.cache_room_tokens
     settings = ctx.memory_settings
     if settings.estimate == "off":
         return None

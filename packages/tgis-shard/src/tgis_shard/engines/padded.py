@@ -15,6 +15,7 @@ from collections.abc import Collection, Sequence
 import torch
 
 from tgis_proto import shard_pb2 as pb
+from tgis_shard.engines import kv_cache
 from tgis_shard.engines.base import BatchLost, Engine, ScheduledWork
 from tgis_shard.sampler import Choice, GeneratedToken, Sampler
 
@@ -50,6 +51,9 @@ class PaddedEngine(Engine):
 
     chunked_prefill = False
     sampler: Sampler
+    # Positions each row's (self-attention) cache holds beyond its length, so that decode steps
+    # append in place (kv_cache.RoomyLayer); the memory model reports them to the router.
+    cache_room_tokens = kv_cache.CACHE_ROOM_TOKENS
 
     def __init__(self) -> None:
         self._joining: dict[int, pb.Request] = {}  # joined, not prefilled yet

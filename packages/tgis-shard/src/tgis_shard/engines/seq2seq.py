@@ -106,10 +106,6 @@ class _RowPositions:
 
 
 class Seq2SeqLMEngine(PaddedEngine):
-    # Positions each row's decoder self-attention cache holds beyond its length, so that decode
-    # steps append in place (kv_cache.RoomyLayer); the memory model reports them.
-    cache_room_tokens = kv_cache.CACHE_ROOM_TOKENS
-
     def __init__(
         self, model: PreTrainedModel, ctx: ShardContext, eos_token_ids: list[int], engine: str = "hf_transformers"
     ):
@@ -306,7 +302,7 @@ class Seq2SeqLMEngine(PaddedEngine):
         return tokens
 
     def memory_model(self) -> pb.MemoryModel | None:
-        return padded_memory_model(self, self.model.config, self.cache_room_tokens)
+        return padded_memory_model(self, self.model.config)
 
     @torch.inference_mode()
     def health_check(self) -> None:
