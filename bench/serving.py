@@ -72,8 +72,9 @@ VARIANTS = {
     "no-cuda-graphs": Variant(cuda_graphs=False),
     "no-fused-kernels": Variant(fused_kernels=False),
     "pt2-compile": Variant(pt2_compile=True),
-    # Prompt chunks of at most 512 tokens beside the decodes: shorter mixed steps (ITL p99).
+    # Prompt chunks of at most 512 (256) tokens beside the decodes: shorter mixed steps (ITL p99).
     "step-tokens-512": Variant(max_step_tokens=512),
+    "step-tokens-256": Variant(max_step_tokens=256),
     # The engine for any transformers model (issue: ≥ 1.5× generate()), eager and compiled.
     "hf-transformers": Variant(deployment_framework="hf_transformers"),
     "hf-transformers-pt2": Variant(deployment_framework="hf_transformers", pt2_compile=True),

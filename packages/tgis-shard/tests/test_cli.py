@@ -82,22 +82,33 @@ def test_logs_are_json_lines_when_the_launcher_asks(capsys, monkeypatch):
     assert json.loads(line)["message"] == "rank 1 ready"
 
 
+@pytest.fixture(scope="module")
+def onnx_cache(model_dir, tmp_path_factory):
+    """``model_dir`` exported for hf_optimum_ort, as a user exports it."""
+    cache = tmp_path_factory.mktemp("cache")
+    assert main(["convert-to-onnx", str(model_dir), "--cache-dir", str(cache)]) == 0
+    return cache
+
+
 @pytest.mark.parametrize(
     ("model", "engine", "compiles"),
     [
         ("model_dir", "tgis_native", True),
         ("model_dir", "hf_transformers", True),
-        ("seq2seq_dir", "hf_transformers", False),  # encoder-decoders run eagerly on hf_transformers
+        ("seq2seq_dir", "hf_transformers", True),
+        ("model_dir", "hf_optimum_ort", False),  # ONNX Runtime runs its own graph
     ],
 )
 def test_serve_hands_pt2_compile_to_the_engine_and_says_when_it_runs_eagerly(
     request, monkeypatch, capsys, tmp_path, model, engine, compiles
 ):
     model_dir = request.getfixturevalue(model)
+    cache_dir = request.getfixturevalue("onnx_cache") if engine == "hf_optimum_ort" else tmp_path
+    capsys.readouterr()  # the export's output
     served = []
     monkeypatch.setattr("tgis_shard.server.serve", lambda engine, uds_path: served.append(engine))
     args = ["serve", str(model_dir), "--uds-path", str(tmp_path / "shard.sock"), "--deployment-framework", engine]
-    assert main([*args, "--pt2-compile", "--estimate-memory", "off", "--cache-dir", str(tmp_path)]) == 0
+    assert main([*args, "--pt2-compile", "--estimate-memory", "off", "--cache-dir", str(cache_dir)]) == 0
     (shard,) = served
     assert shard.ctx.pt2_compile
     assert shard.pt2_compile is compiles

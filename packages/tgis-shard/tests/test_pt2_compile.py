@@ -1,7 +1,8 @@
-"""PT2_COMPILE on tgis_native and hf_transformers: the compiled forward pass gives the eager
-engine's tokens and logprobs through a random serving mix (requests joining and leaving, prompt
-chunks beside decodes on tgis_native, one-row and many-row steps, contexts within one block and
-over several, caches outgrowing their room on hf_transformers, input-token details), and once the
+"""PT2_COMPILE on tgis_native and hf_transformers (causal, and encoder-decoder with relative and
+with absolute decoder positions): the compiled forward pass gives the eager engine's tokens and
+logprobs through a random serving mix (requests joining and leaving, prompt chunks beside decodes
+on tgis_native, one-row and many-row steps, one-token prompts, contexts within one block and over
+several, caches outgrowing their room on hf_transformers, input-token details), and once the
 warm-up ran, that mix compiles nothing new."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch._dynamo.utils import counters
 
 from tests.support.engines import StepDriver, cpu_context, native_engine, request
 from tests.support.ports import free_port
-from tests.support.tiny_models import build_tiny_causal_lm
+from tests.support.tiny_models import build_tiny_causal_lm, build_tiny_seq2seq_lm
 from tgis_proto.plugins import resolve
 from tgis_shard.engines.base import Engine
 
@@ -92,7 +93,13 @@ def _transformers_engine(model_dir, pt2_compile: bool) -> Engine:
     return engine
 
 
-def test_hf_transformers_compiled_forward_equals_eager_and_compiles_nothing_after_the_warm_up(model_dir):
+# T5's decoder derives positions from cache columns; BART's embeds each row's own (hooks).
+@pytest.mark.parametrize("arch", ["llama", "t5", "bart"])
+def test_hf_transformers_compiled_forward_equals_eager_and_compiles_nothing_after_the_warm_up(
+    arch, model_dir, tmp_path
+):
+    if arch != "llama":
+        model_dir = build_tiny_seq2seq_lm(tmp_path / arch, arch=arch, seed=6)
     compiled = _transformers_engine(model_dir, pt2_compile=True)
     before = _compiled_graphs()
     compiled.warm_up()

@@ -178,7 +178,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "pt2_compile",
         parse_bool,
-        "run the model's forward pass through torch.compile (tgis_native; hf_transformers causal LMs)",
+        "run the model's forward pass through torch.compile (tgis_native, hf_transformers)",
     ),
     Option("cuda_graphs", parse_bool, "replay decode steps from CUDA graphs (tgis_native on one GPU)"),
     Option(

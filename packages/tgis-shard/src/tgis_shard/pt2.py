@@ -43,3 +43,16 @@ def compile_model_forward(fn: F) -> F:
     under torch's own shape rules: under the relaxed ones above, Inductor cannot lower the slices
     of a cache that grows in place (``engines.kv_cache.RoomyLayer``)."""
     return torch.compile(fn, dynamic=True)  # type: ignore[return-value]
+
+
+def dense(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with the strides a new tensor of its shape has (a copy only where it has others).
+    A compiled pass guards on its inputs' strides, and ``contiguous()`` keeps a view whose size-1
+    dimensions make it count as contiguous with other strides."""
+    strides, step = [], 1
+    for size in reversed(tensor.shape):
+        strides.append(step)
+        step *= size
+    if tensor.stride() == tuple(reversed(strides)):
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)

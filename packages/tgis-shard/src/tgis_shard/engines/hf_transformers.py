@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from tgis_proto import shard_pb2 as pb
-from tgis_shard import memory, pt2
+from tgis_shard import memory
 from tgis_shard.engines import kv_cache
 from tgis_shard.engines.base import (
     Engine,
@@ -33,10 +33,9 @@ from tgis_shard.engines.base import (
     input_token_details,
     shard_info,
 )
-from tgis_shard.engines.padded import BatchState, PaddedEngine
+from tgis_shard.engines.padded import BatchState, PaddedEngine, kept_columns
 from tgis_shard.layers.embedding import EmbeddingOverrides
 from tgis_shard.prefixes import PromptPrefix
-from tgis_shard.progress import progress
 from tgis_shard.sampler import Choice, GeneratedToken, Sampler
 
 log = logging.getLogger(__name__)
@@ -56,7 +55,7 @@ class CausalLMBatch(BatchState):
         index = torch.tensor(rows, device=self.input_ids.device)
         mask = self.attention_mask[index]
         # Columns left of the longest remaining sequence hold only padding now.
-        keep_last = int(mask.sum(dim=1).max())
+        keep_last = kept_columns(int(mask.sum(dim=1).max()), mask.shape[1])
         kv_cache.select_rows(self.cache, index, keep_last)
         self.ids = [self.ids[i] for i in rows]
         self.input_ids = self.input_ids[index]
@@ -65,8 +64,6 @@ class CausalLMBatch(BatchState):
 
 
 class CausalLMEngine(PaddedEngine):
-    pt2_compile = True
-
     def __init__(
         self, model: PreTrainedModel, ctx: ShardContext, eos_token_ids: list[int], engine: str = "hf_transformers"
     ):
@@ -85,12 +82,7 @@ class CausalLMEngine(PaddedEngine):
         self._embeddings = model.get_input_embeddings()  # None where a graph embeds ids itself (ONNX)
         self.prefixes = ctx.prefix_store(self._embeddings.weight.shape[-1] if self._embeddings is not None else 0)
         self.sampler = Sampler(ctx.max_batch_size, model.config.vocab_size, eos_token_ids, ctx.device)
-        # PT2_COMPILE: the forward pass through torch.compile; warm_up compiles every kind of step.
-        self._compiled_forward = pt2.compile_model_forward(model.forward) if self._compiles else None
-
-    @property
-    def _compiles(self) -> bool:
-        return self.ctx.pt2_compile and self.pt2_compile
+        self._compiled_forward = self.compiled(model.forward)
 
     def prompt_prefix(self, prefix_id: str) -> PromptPrefix:
         return self.prefixes.get(prefix_id)
@@ -144,9 +136,7 @@ class CausalLMEngine(PaddedEngine):
         # A row is [padding, prompt prefix, input tokens]: the prefix is part of the sequence.
         prefix_lengths = [0 if p is None else len(p) for p in prefixes]
         lengths = [len(r.input_ids) + n for r, n in zip(requests, prefix_lengths, strict=True)]
-        # Compiled (PT2_COMPILE), a one-token prompt would be a kind of step of its own (torch
-        # specialises sizes of 1): it gets a padding column instead.
-        width = max(*lengths, 2 if self._compiles else 1)
+        width = max(*lengths, self.min_width)
         input_ids = torch.full((len(lengths), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(lengths), width), dtype=torch.long)
         for row, (request, length) in enumerate(zip(requests, lengths, strict=True)):
@@ -223,21 +213,6 @@ class CausalLMEngine(PaddedEngine):
 
     def memory_model(self) -> pb.MemoryModel | None:
         return padded_memory_model(self, self.model.config)
-
-    def warm_up(self) -> None:
-        """PT2_COMPILE: compiles the forward pass for every kind of step before requests wait for
-        it: a prefill and a decode of one row and of several (torch specialises sizes of 1). A
-        decode's cache has its room made before the pass (``kv_cache.reserve``), so growing it or
-        rebuilding it after requests joined or left is no kind of step of its own, nor are
-        one-token prompts (padded to two) or input-token details (the logits' positions are a
-        tensor)."""
-        if not self._compiles:
-            return
-        started = time.monotonic()
-        batches = progress(2, "PT2_COMPILE warm-up, kinds of step compiled", "batches", iterable=([3], [3, 5]))
-        for lengths in batches:
-            self.run_synthetic(lengths, decode_steps=2)
-        log.info("PT2_COMPILE: the forward pass compiled for each kind of step in %.1f s", time.monotonic() - started)
 
     @torch.inference_mode()
     def health_check(self) -> None:

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from tgis_shard import pt2
+
 # Positions a layer's buffers hold beyond its length by default: a copy every this many decode
 # steps instead of every step, for this much more memory per row.
 CACHE_ROOM_TOKENS = 64
@@ -148,6 +150,16 @@ def _replace(layer: DynamicLayer, keys: torch.Tensor, values: torch.Tensor) -> N
         layer.adopt(keys, values)
     else:
         layer.keys, layer.values = keys, values
+
+
+def make_dense(cache: DynamicCache) -> None:
+    """Every layer's keys and values laid out as new tensors are (``pt2.dense``): a compiled pass
+    (PT2_COMPILE) meets one layout whether the cache came from a projection, an index or a
+    concatenation, not a kind of step for each."""
+    for layer in _layers(cache):
+        keys, values = pt2.dense(layer.keys), pt2.dense(layer.values)
+        if keys is not layer.keys or values is not layer.values:
+            _replace(layer, keys, values)
 
 
 def select_rows(cache: DynamicCache, rows: torch.Tensor, keep_last: int) -> None:

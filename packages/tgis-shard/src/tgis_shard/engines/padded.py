@@ -9,15 +9,22 @@ that fails then has decoded nothing, and a step that fails leaves the batch as i
 
 from __future__ import annotations
 
+import logging
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
 
 import torch
 
 from tgis_proto import shard_pb2 as pb
+from tgis_shard import pt2
 from tgis_shard.engines import kv_cache
-from tgis_shard.engines.base import BatchLost, Engine, ScheduledWork
+from tgis_shard.engines.base import BatchLost, Engine, ScheduledWork, ShardContext
+from tgis_shard.progress import progress
 from tgis_shard.sampler import Choice, GeneratedToken, Sampler
+
+log = logging.getLogger(__name__)
 
 
 class BatchState(ABC):
@@ -45,11 +52,20 @@ class BatchState(ABC):
         """Drops every row but ``rows`` (a non-empty, proper subset, in batch order), in place."""
 
 
+def kept_columns(used: int, width: int) -> int:
+    """Columns a batch keeps of ``width`` when rows leave: the ``used`` ones that real tokens of the
+    remaining rows occupy, and never fewer than two where there were two: a compiled pass
+    (PT2_COMPILE) specialises sizes of 1, and a padding column costs next to nothing."""
+    return min(width, max(used, 2))
+
+
 class PaddedEngine(Engine):
     """The step protocol over a padded engine's batch mechanics: ``prefill``, ``concatenate``,
     ``decode``. Every request has a slot in ``sampler`` from its join to its leave."""
 
     chunked_prefill = False
+    pt2_compile = True
+    ctx: ShardContext
     sampler: Sampler
     # Positions each row's (self-attention) cache holds beyond its length, so that decode steps
     # append in place (kv_cache.RoomyLayer); the memory model reports them to the router.
@@ -59,6 +75,36 @@ class PaddedEngine(Engine):
         self._joining: dict[int, pb.Request] = {}  # joined, not prefilled yet
         self._running: BatchState | None = None
         self._prefilled: BatchState | None = None  # prefilled by the last step, merged by the next
+
+    @property
+    def compiles(self) -> bool:
+        """The model's forward pass runs through torch.compile (PT2_COMPILE, where the engine can)."""
+        return self.ctx.pt2_compile and self.pt2_compile
+
+    def compiled(self, forward: Callable[..., Any]) -> Callable[..., Any] | None:
+        """``forward`` compiled when the engine compiles (``warm_up`` then compiles every kind of
+        step); None otherwise."""
+        return pt2.compile_model_forward(forward) if self.compiles else None
+
+    @property
+    def min_width(self) -> int:
+        """The fewest columns a new batch's rows have: compiled, a one-token row would be a kind of
+        step of its own (torch specialises sizes of 1), so it gets a padding column instead."""
+        return 2 if self.compiles else 1
+
+    def warm_up(self) -> None:
+        """PT2_COMPILE: compiles the forward pass for every kind of step before requests wait for
+        it: a prefill and a decode of one row and of several (torch specialises sizes of 1). A
+        decode's cache has its room made before the pass (``kv_cache.reserve``), so growing it or
+        rebuilding it after requests joined or left is no kind of step of its own, nor are
+        one-token rows (``min_width``) or input-token details (a tensor of logits' positions)."""
+        if not self.compiles:
+            return
+        started = time.monotonic()
+        batches = progress(2, "PT2_COMPILE warm-up, kinds of step compiled", "batches", iterable=([3], [3, 5]))
+        for lengths in batches:
+            self.run_synthetic(lengths, decode_steps=2)
+        log.info("PT2_COMPILE: the forward pass compiled for each kind of step in %.1f s", time.monotonic() - started)
 
     @property
     def batch(self) -> BatchState | None:

@@ -28,10 +28,11 @@ from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput
 
 from tgis_proto import shard_pb2 as pb
+from tgis_shard import pt2
 from tgis_shard.engines import kv_cache
 from tgis_shard.engines.base import ShardContext, UnsupportedModelError, shard_info
 from tgis_shard.engines.hf_transformers import padded_memory_model
-from tgis_shard.engines.padded import BatchState, PaddedEngine
+from tgis_shard.engines.padded import BatchState, PaddedEngine, kept_columns
 from tgis_shard.layers.distributed import agree_with_rank0
 from tgis_shard.layers.embedding import EmbeddingOverrides
 from tgis_shard.prefixes import PromptPrefix
@@ -55,8 +56,8 @@ class Seq2SeqLMBatch(BatchState):
         decoder_mask = self.decoder_mask[index]
         # Encoder columns right of the longest remaining prompt, and decoder columns left of the
         # longest remaining decoder sequence, hold only padding now.
-        keep_first = int(encoder_mask.sum(dim=1).max())
-        keep_last = int(decoder_mask.sum(dim=1).max())
+        keep_first = kept_columns(int(encoder_mask.sum(dim=1).max()), encoder_mask.shape[1])
+        keep_last = kept_columns(int(decoder_mask.sum(dim=1).max()), decoder_mask.shape[1])
         kv_cache.select_rows(self.cache.self_attention_cache, index, keep_last)
         kv_cache.select_rows_right_padded(self.cache.cross_attention_cache, index, keep_first)
         self.ids = [self.ids[i] for i in rows]
@@ -139,6 +140,7 @@ class Seq2SeqLMEngine(PaddedEngine):
         hidden = self._embeddings.weight.shape[-1] if self._embeddings is not None else 0
         self.prefixes = ctx.prefix_store(hidden, encoder_decoder=True)
         self.sampler = Sampler(ctx.max_batch_size, self.vocab_size, eos_token_ids, ctx.device)
+        self._compiled_forward = self.compiled(model.forward)
 
     def prompt_prefix(self, prefix_id: str) -> PromptPrefix:
         if not self._takes_embeds:
@@ -169,14 +171,23 @@ class Seq2SeqLMEngine(PaddedEngine):
         """New decoder positions per row (``decoder_input_ids`` or ``decoder_inputs_embeds``);
         ``decoder_mask`` covers the cached and the new ones. Returns the last position's [batch, vocab] logits."""
         new = next(iter(decoder_input.values())).shape[1]
-        # A position counts the real decoder tokens before it.
-        positions = (decoder_mask.cumsum(dim=1) - 1).clamp(min=0)[:, -new:]
+        # A position counts the real decoder tokens before it; rows are left-padded, so the new
+        # columns' positions end at the row's count. (A tensor of its own: a view of the mask
+        # would have strides that vary with its width, a compiled step each under PT2_COMPILE.)
+        real = decoder_mask.sum(dim=1, keepdim=True)
+        positions = (real - new + torch.arange(new, device=decoder_mask.device)).clamp(min=0)
         kwargs: dict[str, object] = {self._cache_kwarg: cache}
         if self._takes_decoder_position_ids:
             kwargs["decoder_position_ids"] = positions
         row_positions = self._row_positions.use(positions) if self._row_positions is not None else nullcontext()
+        # A prompt prefix's decoder embeddings (rare) run eagerly: one kind of step fewer to compile.
+        compiled = self._compiled_forward if "decoder_input_ids" in decoder_input else None
+        if compiled is not None:
+            # Rows kept or merged leave views and copies of several layouts: compiled, one.
+            kv_cache.make_dense(cache.cross_attention_cache)
+            encoder_hidden, encoder_mask, decoder_mask = map(pt2.dense, (encoder_hidden, encoder_mask, decoder_mask))
         with row_positions:
-            out = self.model(
+            out = (compiled or self.model)(
                 encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden),
                 attention_mask=encoder_mask,
                 decoder_attention_mask=decoder_mask,
@@ -193,7 +204,7 @@ class Seq2SeqLMEngine(PaddedEngine):
         device = self.ctx.device
         starts = [0 if p is None else len(p) for p in prefixes]
         lengths = [start + len(r.input_ids) for start, r in zip(starts, requests, strict=True)]
-        input_ids = torch.full((len(lengths), max(lengths)), self.pad_token_id, dtype=torch.long)
+        input_ids = torch.full((len(lengths), max(*lengths, self.min_width)), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(input_ids)
         for row, (request, start, length) in enumerate(zip(requests, starts, lengths, strict=True)):
             input_ids[row, start:length] = torch.tensor(list(request.input_ids), dtype=torch.long)
@@ -210,7 +221,7 @@ class Seq2SeqLMEngine(PaddedEngine):
         """Left-padded decoder rows [decoder prefix, start token] and their mask."""
         device = self.ctx.device
         lengths = [1 + (0 if p is None else len(p)) for p in prefixes]
-        width = max(lengths)
+        width = max(*lengths, self.min_width)
         ids = torch.full((len(lengths), width), self.decoder_start_token_id, dtype=torch.long, device=device)
         mask = torch.zeros_like(ids)
         for row, length in enumerate(lengths):
@@ -285,6 +296,7 @@ class Seq2SeqLMEngine(PaddedEngine):
         ones = torch.ones((len(batch.ids), 1), dtype=batch.decoder_mask.dtype, device=self.ctx.device)
         decoder_mask = torch.cat([batch.decoder_mask, ones], dim=1)
         decoder_input = {"decoder_input_ids": batch.decoder_input_ids}
+        kv_cache.reserve(batch.cache.self_attention_cache, decoder_mask.shape[1])
         try:
             logits = self._decoder_step(
                 batch.encoder_hidden, batch.encoder_mask, decoder_input, decoder_mask, batch.cache
