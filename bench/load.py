@@ -171,6 +171,12 @@ def sweep(
         if observe:
             result["observed"] = (before, observe())
         results[streams] = result
+        # As each concurrency ends: a run cut off later (a device call's limit) keeps it.
+        print(
+            f"{streams} streams: {result['tokens_per_s']:.0f} tokens/s; time to first token "
+            f"{percentiles(result['ttft'])}; inter-token latency {percentiles(result['itl'])}",
+            flush=True,
+        )
     return results
 
 

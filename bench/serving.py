@@ -147,6 +147,7 @@ def generate_baseline(model_dir: Path, device: torch.device, dtype, concurrency:
             model.generate(ids, **options)
             _sync(device)
             rates[streams] = streams * new / (time.perf_counter() - started)
+            print(f"generate() of {streams}: {rates[streams]:.0f} tokens/s", flush=True)  # kept if cut off
     del model
     _free(device)
     return rates, cost
