@@ -56,7 +56,8 @@ class Variant:
     cuda_graphs: bool = True
     fused_kernels: bool = True
     pt2_compile: bool = False
-    max_step_tokens: int | None = None  # the router's budget per step (None: its default); the engine alone ignores it
+    # The router's budget of a step in which requests decode (None: its default); the engine alone ignores it.
+    max_step_tokens_while_decoding: int | None = None
 
     def launcher_options(self) -> list[str]:
         return [
@@ -72,9 +73,10 @@ VARIANTS = {
     "no-cuda-graphs": Variant(cuda_graphs=False),
     "no-fused-kernels": Variant(fused_kernels=False),
     "pt2-compile": Variant(pt2_compile=True),
-    # Prompt chunks of at most 512 (256) tokens beside the decodes: shorter mixed steps (ITL p99).
-    "step-tokens-512": Variant(max_step_tokens=512),
-    "step-tokens-256": Variant(max_step_tokens=256),
+    # Prompt chunks beside the decodes smaller (256) or as large as a step's (2048, as before the
+    # router's default of 512): how long mixed steps are against ITL p99 and throughput.
+    "decoding-step-tokens-256": Variant(max_step_tokens_while_decoding=256),
+    "decoding-step-tokens-2048": Variant(max_step_tokens_while_decoding=2048),
     # The engine for any transformers model (issue: ≥ 1.5× generate()), eager and compiled.
     "hf-transformers": Variant(deployment_framework="hf_transformers"),
     "hf-transformers-pt2": Variant(deployment_framework="hf_transformers", pt2_compile=True),
@@ -372,7 +374,11 @@ def _describe(variant: Variant, device: torch.device) -> str:
         f"CUDA graphs {'on' if variant.cuda_graphs and on_gpu else 'off'}, "
         f"fused kernels {'on' if variant.fused_kernels and on_gpu else 'off'}, "
         f"PT2_COMPILE {'on' if variant.pt2_compile else 'off'}"
-        + (f", MAX_STEP_TOKENS {variant.max_step_tokens}" if variant.max_step_tokens is not None else "")
+        + (
+            f", MAX_STEP_TOKENS_WHILE_DECODING {variant.max_step_tokens_while_decoding}"
+            if variant.max_step_tokens_while_decoding is not None
+            else ""
+        )
     )
 
 
@@ -456,7 +462,7 @@ def main() -> None:
         engine_steps: dict[Variant, list[InProcessStep]] = {}  # variants differing in router options share one
         for name in args.variants:
             variant = VARIANTS[name]
-            engine = replace(variant, max_step_tokens=None)
+            engine = replace(variant, max_step_tokens_while_decoding=None)
             if engine.deployment_framework != "tgis_native":
                 engine_steps[engine] = []  # the in-process measurement drives tgis_native only
             if engine not in engine_steps:

@@ -38,9 +38,11 @@ class Requests:
         return entry
 
 
-def paged(tokenizer, num_blocks: int, max_batch_size: int = 8, step_tokens: int = 64):
+def paged(
+    tokenizer, num_blocks: int, max_batch_size: int = 8, step_tokens: int = 64, decoding_step_tokens: int | None = None
+):
     queue = RequestQueue()
-    scheduler = PagedScheduler(queue, max_batch_size, BlockPool(num_blocks, BLOCK), step_tokens)
+    scheduler = PagedScheduler(queue, max_batch_size, BlockPool(num_blocks, BLOCK), step_tokens, decoding_step_tokens)
     return scheduler, Requests(tokenizer, queue)
 
 
@@ -104,6 +106,26 @@ def test_a_prompt_longer_than_the_step_budget_is_prefilled_in_chunks_after_the_d
         chunks.append(work_of(step)[long.id])
     assert chunks == [9, 9, 7, 1]  # the last one is its first decode
     assert [r.id for r in scheduler.running] == [short.id, long.id]
+    check_blocks(scheduler)
+
+
+def test_beside_decodes_a_step_takes_the_smaller_budget_and_alone_the_whole_one(tokenizer):
+    scheduler, requests = paged(tokenizer, num_blocks=64, max_batch_size=4, step_tokens=40, decoding_step_tokens=12)
+    first = requests.add(30)
+    assert work_of(run_step(scheduler)) == {first.id: 30}  # nothing decodes: the whole budget
+    second = requests.add(30)
+    chunks = []
+    while second.id not in work_of(step := run_step(scheduler)) or work_of(step)[second.id] > 1:
+        assert sum(work_of(step).values()) <= 12
+        chunks.append(work_of(step).get(second.id))
+    assert chunks == [11, 11, 8]  # beside one decode
+    # Three decodes and a budget of 4 (one block): the prompt still moves on by a block a step.
+    scheduler, requests = paged(tokenizer, num_blocks=64, max_batch_size=4, step_tokens=40, decoding_step_tokens=4)
+    running = [requests.add(2) for _ in range(3)]
+    run_step(scheduler)
+    late = requests.add(20)
+    step = run_step(scheduler)
+    assert work_of(step) == {**{r.id: 1 for r in running}, late.id: BLOCK}
     check_blocks(scheduler)
 
 

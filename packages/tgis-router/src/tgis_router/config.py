@@ -91,6 +91,7 @@ class LauncherConfig:
     batch_safety_margin: int = 20
     max_waiting_tokens: int = 24
     max_step_tokens: int = 2048
+    max_step_tokens_while_decoding: int = 512
     kv_cache_manager_num_gpu_blocks: int | None = None
     port: int = 3000
     grpc_port: int = 8033
@@ -156,6 +157,12 @@ OPTIONS: tuple[Option, ...] = (
         _positive_int,
         "tokens one step processes (decodes and prompt chunks); longer prompts are prefilled over several "
         "steps (tgis_native)",
+    ),
+    Option(
+        "max_step_tokens_while_decoding",
+        _positive_int,
+        "tokens of a step in which requests decode: prompt chunks beside the decodes stay this small so "
+        "that the decoding requests' tokens keep an even pace (tgis_native)",
     ),
     Option(
         "kv_cache_manager_num_gpu_blocks",

@@ -67,7 +67,13 @@ def create_scheduler(config: LauncherConfig, info: shard_pb.InfoResponse, queue:
         if not info.chunked_prefill:
             raise ValueError(f"the {info.engine} engine pages its KV cache but takes no chunked prefill")
         blocks = BlockPool(info.kv_cache.num_blocks, info.kv_cache.block_size)
-        return PagedScheduler(queue, config.max_batch_size, blocks, step_token_budget(config, info))
+        return PagedScheduler(
+            queue,
+            config.max_batch_size,
+            blocks,
+            step_token_budget(config, info),
+            config.max_step_tokens_while_decoding,
+        )
     admission = Admission(memory_model(info), admission_config(config))
     metrics.batch_weight_limit.set(admission.model.limit)
     return PaddedScheduler(queue, admission)

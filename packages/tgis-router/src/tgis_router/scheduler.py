@@ -264,11 +264,21 @@ class Scheduler:
 class PagedScheduler(Scheduler):
     """Block-paged KV cache owned here; chunked prefill; preemption when the cache is full."""
 
-    def __init__(self, queue: RequestQueue, max_batch_size: int, blocks: BlockPool, step_tokens: int):
+    def __init__(
+        self,
+        queue: RequestQueue,
+        max_batch_size: int,
+        blocks: BlockPool,
+        step_tokens: int,
+        decoding_step_tokens: int | None = None,
+    ):
+        """``step_tokens``: a step's budget; ``decoding_step_tokens``: the smaller one of a step in
+        which requests decode (None: the same)."""
         super().__init__(queue, max_batch_size)
         self.blocks = blocks
         # Every running request must be able to decode in one step, and a prompt must move on.
         self.step_tokens = max(step_tokens, max_batch_size + 1)
+        self.decoding_step_tokens = min(self.step_tokens, decoding_step_tokens or self.step_tokens)
         self._watermark = int(blocks.num_blocks * WATERMARK_FRACTION)
         self._preempted: dict[int, ScheduledRequest] = {}  # requeued requests, by id
 
@@ -283,13 +293,21 @@ class PagedScheduler(Scheduler):
     def _blocks_needed(self, request: ScheduledRequest, tokens: int) -> int:
         return max(0, blocks_for(request.computed + tokens, self.blocks.block_size) - len(request.blocks))
 
+    def _step_budget(self, decodes: int) -> int:
+        """Tokens a step may process. Beside decodes, prompt chunks stay small: the step's time is
+        how long every decoding request waits for its next token, and a long mixed step is the
+        inter-token latency's tail. Yet a prompt always moves on by a block at least."""
+        if not decodes:
+            return self.step_tokens
+        return min(self.step_tokens, max(self.decoding_step_tokens, decodes + self.blocks.block_size))
+
     def _plan(self, leaves: list[int], joins: list[ScheduledRequest]) -> list[Work]:
-        budget = self.step_tokens
         work: dict[int, Work] = {}
         preempted: set[int] = set()
         block_size = self.blocks.block_size
         decoding = [r for r in self.running if r.computed >= r.prompt_length]
         prompting = [r for r in self.running if r.computed < r.prompt_length]
+        budget = self._step_budget(len(decoding))
         # Decodes first (each needs at most one block), then prompts in admission order.
         for request in decoding:
             if request.id in preempted:

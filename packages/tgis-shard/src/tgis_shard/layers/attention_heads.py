@@ -48,18 +48,14 @@ class AttentionHeads:
     ) -> torch.Tensor:
         """Rotates q and k (when given cos/sin), writes k and v to the cache, attends over it:
         ``[tokens, heads × head_dim]``, ready for the row-parallel output projection."""
-        if rotary is None:
-            out = self._store_and_attend(q, k, v, cache, meta, alibi_slopes)
-        else:  # the rotation and the cache write in one kernel (on GPUs)
-            keys, values = cache.keys[self.layer], cache.values[self.layer]
-            q = fused.rotate_and_store(q, k, v, *rotary, keys, values, meta.slots)
-            out = self._attend(q, cache, meta, alibi_slopes)
+        if rotary is not None:
+            q, k = fused.rotate(q, k, *rotary)
+        out = self._store_and_attend(q, k, v, cache, meta, alibi_slopes)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
-    # Attention stays outside torch.compile (PT2_COMPILE): its kernels are compiled or hand-written
+    # Outside torch.compile (PT2_COMPILE): the attention kernels are compiled or hand-written
     # already, and the step's metadata (sizes, strides, block tables) would make compiled code
-    # guard on every new kind of step. The layers around it see only [tokens, ...] tensors (and
-    # the cache write, by slot).
+    # guard on every new kind of step. The layers around it see only [tokens, ...] tensors.
     @torch.compiler.disable
     def _store_and_attend(
         self,
@@ -71,10 +67,4 @@ class AttentionHeads:
         alibi_slopes: torch.Tensor | None,
     ) -> torch.Tensor:
         cache.store(self.layer, k, v, meta.slots)
-        return self._attend(q, cache, meta, alibi_slopes)
-
-    @torch.compiler.disable
-    def _attend(
-        self, q: torch.Tensor, cache: PagedKVCache, meta: AttentionMetadata, alibi_slopes: torch.Tensor | None
-    ) -> torch.Tensor:
         return paged_attention(q, cache, self.layer, meta, self.scale, alibi_slopes=alibi_slopes)

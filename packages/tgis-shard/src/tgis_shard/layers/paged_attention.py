@@ -108,17 +108,9 @@ class PagedKVCache:
 
     def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> None:
         """Writes this step's ``[T, kv_heads, head_dim]`` keys and values at ``slots`` ``[T]``."""
-        write_kv(self.keys[layer], self.values[layer], slots, keys, values)
-
-
-def write_kv(
-    key_cache: torch.Tensor, value_cache: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
-) -> None:
-    """Writes ``[T, kv_heads, head_dim]`` keys and values at ``slots`` ``[T]`` of one layer's cache
-    tensors (``PagedKVCache``'s layout), in place."""
-    flat = (-1, keys.shape[1], keys.shape[2])
-    key_cache.view(flat).index_copy_(0, slots, keys)
-    value_cache.view(flat).index_copy_(0, slots, values)
+        flat = (-1, self.num_kv_heads, self.head_dim)
+        self.keys[layer].view(flat).index_copy_(0, slots, keys)
+        self.values[layer].view(flat).index_copy_(0, slots, values)
 
 
 @dataclass(eq=False)

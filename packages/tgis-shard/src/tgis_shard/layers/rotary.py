@@ -20,7 +20,7 @@ def _rope_parameters(config: PretrainedConfig) -> dict:
 
 class RotaryEmbedding:
     """cos/sin tables by absolute position, for queries and keys [tokens, heads, head_dim]
-    (rotated by ``tgis_shard.layers.fused.rotate_and_store``)."""
+    (rotated by ``tgis_shard.layers.fused.rotate``)."""
 
     def __init__(self, config: PretrainedConfig, head_dim: int, device: torch.device):
         parameters = _rope_parameters(config)
