@@ -123,12 +123,13 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def generate_baseline(model_dir: Path, device: torch.device, dtype, concurrency: list[int], prompt: int, new: int):
-    """Plain transformers generate() at each concurrency (a batch of that many), and the model's cost."""
-    from transformers import AutoModelForCausalLM
+def model_cost(model_dir: Path, dtype) -> ModelCost:
+    """What the model's decode step reads, from its config (built on the meta device: no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    config = model.config
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     element = torch.empty((), dtype=dtype).element_size()
     embedding = model.get_input_embeddings().weight
     tied = model.get_output_embeddings().weight is embedding
@@ -136,7 +137,17 @@ def generate_baseline(model_dir: Path, device: torch.device, dtype, concurrency:
     if not tied:
         weight_bytes -= embedding.numel() * element
     head_dim = config.hidden_size // config.num_attention_heads
-    cost = ModelCost(weight_bytes, 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * element)
+    return ModelCost(weight_bytes, 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * element)
+
+
+def generate_baseline(
+    model_dir: Path, device: torch.device, dtype, concurrency: list[int], prompt: int, new: int
+) -> dict[int, float]:
+    """Plain transformers generate() at each concurrency (a batch of that many): tokens per second."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    config = model.config
     rates = {}
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -152,7 +163,7 @@ def generate_baseline(model_dir: Path, device: torch.device, dtype, concurrency:
             print(f"generate() of {streams}: {rates[streams]:.0f} tokens/s", flush=True)  # kept if cut off
     del model
     _free(device)
-    return rates, cost
+    return rates
 
 
 @dataclass(frozen=True)
@@ -405,7 +416,11 @@ def _table(
             f"| {_quantile(ttft, 50) * 1000:.0f} / {_quantile(ttft, 99) * 1000:.0f} ms "
             f"| {_quantile(itl, 50) * 1000:.1f} / {_quantile(itl, 99) * 1000:.1f} ms "
             f"| {roofline:,.0f} | {result['tokens_per_s'] / roofline:.2f} "
-            f"| {generate_rates[streams]:,.0f} | {result['tokens_per_s'] / generate_rates[streams]:.2f} "
+            + (
+                f"| {generate_rates[streams]:,.0f} | {result['tokens_per_s'] / generate_rates[streams]:.2f} "
+                if streams in generate_rates
+                else "| – | – "
+            )
             + (_in_process_cells(step, _quantile(itl, 50)) if step is not None else "| – | – | – |")
         )
     return lines
@@ -436,6 +451,9 @@ def main() -> None:
         default=["default"],
         help="engine configurations to serve one after the other, beside the same baselines",
     )
+    # A call that compares variants can leave out what they share, to fit the device's time.
+    parser.add_argument("--no-generate", action="store_true", help="leave out the generate() baseline")
+    parser.add_argument("--no-in-process", action="store_true", help="leave out the engine's steps in process")
     parser.add_argument("--record", type=Path, help="append the table, dated, to this file (bench/RESULTS.md)")
     parser.add_argument("--server-logs", type=Path, help="keep each variant's launcher log (router, shards) here")
     args = parser.parse_args()
@@ -449,8 +467,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         model_dir = build_random_model(Path(folder) / args.shape, SHAPES[args.shape], max_sequence_length, device)
         bandwidth = copy_bandwidth(device)
-        generate_rates, cost = generate_baseline(
-            model_dir, device, dtype, args.concurrency, args.prompt_tokens, args.new_tokens
+        cost = model_cost(model_dir, dtype)
+        generate_rates = (
+            {}
+            if args.no_generate
+            else generate_baseline(model_dir, device, dtype, args.concurrency, args.prompt_tokens, args.new_tokens)
         )
         lines = [
             f"{args.shape} shape, {dtype_name}, {args.prompt_tokens} prompt + {args.new_tokens} new tokens, "
@@ -463,7 +484,7 @@ def main() -> None:
         for name in args.variants:
             variant = VARIANTS[name]
             engine = replace(variant, max_step_tokens_while_decoding=None)
-            if engine.deployment_framework != "tgis_native":
+            if engine.deployment_framework != "tgis_native" or args.no_in_process:
                 engine_steps[engine] = []  # the in-process measurement drives tgis_native only
             if engine not in engine_steps:
                 engine_steps[engine] = in_process_decode_steps(
