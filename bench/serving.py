@@ -454,6 +454,9 @@ def main() -> None:
     # A call that compares variants can leave out what they share, to fit the device's time.
     parser.add_argument("--no-generate", action="store_true", help="leave out the generate() baseline")
     parser.add_argument("--no-in-process", action="store_true", help="leave out the engine's steps in process")
+    parser.add_argument(
+        "--no-server", action="store_true", help="the engine's steps in process only: a quick check on the device"
+    )
     parser.add_argument("--record", type=Path, help="append the table, dated, to this file (bench/RESULTS.md)")
     parser.add_argument("--server-logs", type=Path, help="keep each variant's launcher log (router, shards) here")
     args = parser.parse_args()
@@ -498,6 +501,8 @@ def main() -> None:
                     args.concurrency,
                 )
             steps = engine_steps[engine]
+            if args.no_server:
+                continue  # each in-process step was printed as measured
             served = serve(model_dir, args, dtype_name, variant, name)
             kernels = ", ".join(
                 f"{s.device_activities:,} at {s.rows}" for s in steps if s.device_activities is not None
