@@ -488,7 +488,7 @@ def main() -> None:
             variant = VARIANTS[name]
             engine = replace(variant, max_step_tokens_while_decoding=None)
             if engine.deployment_framework != "tgis_native" or args.no_in_process:
-                engine_steps[engine] = []  # the in-process measurement drives tgis_native only
+                engine_steps[engine] = []  # left out, or not tgis_native (the only engine it drives)
             if engine not in engine_steps:
                 engine_steps[engine] = in_process_decode_steps(
                     model_dir,
@@ -518,7 +518,7 @@ def main() -> None:
             print("\n".join(section), flush=True)  # each variant as it ends: a cut-off run keeps the rest
             lines += section
     table = "\n".join(lines)
-    if args.record:
+    if args.record and not args.no_server:  # a check in process only has no table to record
         command = "python3 bench/serving.py " + " ".join(sys.argv[1:])
         entry = f"\n## {datetime.date.today()} — serving bench ({machine})\n\n```shell\n{command}\n```\n\n{table}\n"
         with args.record.open("a") as record:
