@@ -1,7 +1,7 @@
 """The server as users meet it: a random-weight LLaMA of a real shape served by the real launcher
 (tgis_native; the ``hf-transformers*`` variants serve it on hf_transformers), closed-loop streaming
 clients at several concurrencies, fixed prompt and output lengths (EOS masked). In the same run,
-beside it: the device's copy bandwidth (the roofline a decode step can reach), tgis_native's own
+beside it: the device's copy bandwidth (the roofline a decode step can reach), the engine's own
 decode step in process (what the server adds on top of it), and plain transformers generate().
 Prints the table; with ``--record`` appends it, dated, with the command and the machine, to a
 results file (bench/RESULTS.md).
@@ -208,7 +208,7 @@ def in_process_decode_steps(
         cuda_graphs=variant.cuda_graphs,
         pt2_compile=variant.pt2_compile,
     )
-    engine = resolve(registry.engine("tgis_native").target)(ctx)
+    engine = resolve(registry.engine(variant.deployment_framework).target)(ctx)
     engine.warm_up()
     measured = []
     for rows in batch_sizes:
@@ -487,8 +487,8 @@ def main() -> None:
         for name in args.variants:
             variant = VARIANTS[name]
             engine = replace(variant, max_step_tokens_while_decoding=None)
-            if engine.deployment_framework != "tgis_native" or args.no_in_process:
-                engine_steps[engine] = []  # left out, or not tgis_native (the only engine it drives)
+            if args.no_in_process:
+                engine_steps[engine] = []
             if engine not in engine_steps:
                 engine_steps[engine] = in_process_decode_steps(
                     model_dir,
