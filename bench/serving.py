@@ -280,8 +280,12 @@ def _device_activities(
         _sync(device)
     if host_table:
         retries = torch.cuda.memory_stats(device).get("num_alloc_retries", 0) - retries
-        table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+        averages = profiler.key_averages()
+        table = averages.table(sort_by="self_cpu_time_total", row_limit=12)
         print(f"host time in the {host_table} ({retries} allocator retries):\n{table}", flush=True)
+        # And where the device's time goes (kernels inside a replayed graph count here too).
+        table = averages.table(sort_by="self_device_time_total", row_limit=15)
+        print(f"device time in the {host_table}:\n{table}", flush=True)
     events = [event for event in profiler.events() if event.device_type == DeviceType.CUDA]
     return sum(event.time_range.elapsed_us() for event in events) / 1e6, len(events)
 
