@@ -16,8 +16,12 @@
 # the next call skips the compilation (.torch-cache/ the same way, for torch.compile's kernels).
 # Then on the device: bash bench/gpu_checks.sh [tests|families|serving [serving.py options]]   (tests and serving by
 # default; results land in $OUT). Each stage fits one call's 10 minutes on its own.
+# STAGE_SECONDS=N stops each stage's Python after N seconds, where the call's own limit would cut
+# the script: the compiled caches still come back (without them the next call compiles again).
 set -uo pipefail
 stage=${1:-all}
+limit=()
+[[ -n ${STAGE_SECONDS:-} ]] && limit=(timeout "$STAGE_SECONDS")
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 PATH="/tmp/site/bin:$PATH"
@@ -41,16 +45,16 @@ if [[ $stage == tests || $stage == all ]]; then
   # shellcheck disable=SC2086  # the list splits into files on purpose
   # The CPU case of test_fused compiles for the CPU with the device image's torch, not the pinned
   # one CI checks it with (bit for bit there); the device checks the CUDA case.
-  python3 -m pytest -q -p no:cacheprovider -rs --show-capture=no ${GPU_TESTS:-$default_tests} \
+  "${limit[@]}" python3 -m pytest -q -p no:cacheprovider -rs --show-capture=no ${GPU_TESTS:-$default_tests} \
     --deselect "packages/tgis-shard/tests/test_fused.py::test_each_compiled_chain_equals_its_eager_ops[cpu]" \
     > "$out/gpu-tests.log" 2>&1
   tail -40 "$out/gpu-tests.log"
-  [[ -n ${GPU_TESTS:-} ]] || python3 bench/compile_warm_up.py > "$out/compile-warm-up.log" 2>&1
+  [[ -n ${GPU_TESTS:-} ]] || "${limit[@]}" python3 bench/compile_warm_up.py > "$out/compile-warm-up.log" 2>&1
   [[ -n ${GPU_TESTS:-} ]] || tail -15 "$out/compile-warm-up.log"
 fi
 # families: every model family against transformers on one GPU (and on two where there are two).
 if [[ $stage == families ]]; then
-  python3 -m pytest -q -p no:cacheprovider -rs -s --show-capture=no packages/tgis-models-*/tests/*_gpu.py \
+  "${limit[@]}" python3 -m pytest -q -p no:cacheprovider -rs -s --show-capture=no packages/tgis-models-*/tests/*_gpu.py \
     > "$out/family-tests.log" 2>&1
   grep -v '^$' "$out/family-tests.log" | tail -40
 fi
@@ -60,7 +64,7 @@ serving_args=("${@:2}")
 # The log fills as each variant ends, so a run cut off by the call's limit still brings back the rest.
 if [[ $stage == serving || $stage == all ]]; then
   # TORCH_LOGS: a compilation after the warm-up shows in the logs (the bench's and the shard's).
-  TORCH_LOGS=recompiles python3 bench/serving.py --shape 8b "${serving_args[@]}" --record "$out/serving.md" \
+  TORCH_LOGS=recompiles "${limit[@]}" python3 bench/serving.py --shape 8b "${serving_args[@]}" --record "$out/serving.md" \
     --server-logs "$out" > "$out/serving.log" 2>&1
   grep -v "it/s]" "$out/serving.log" | tail -60
 fi

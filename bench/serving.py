@@ -54,6 +54,7 @@ class Variant:
 
     deployment_framework: str = "tgis_native"
     cuda_graphs: bool = True
+    prompt_graphs: bool = False
     fused_kernels: bool = True
     pt2_compile: bool = False
     # The router's budget of a step in which requests decode (None: its default); the engine alone ignores it.
@@ -71,6 +72,7 @@ class Variant:
 VARIANTS = {
     "default": Variant(),
     "no-cuda-graphs": Variant(cuda_graphs=False),
+    "prompt-graphs": Variant(prompt_graphs=True),
     "no-fused-kernels": Variant(fused_kernels=False),
     "pt2-compile": Variant(pt2_compile=True),
     # Prompt chunks beside the decodes smaller (256) or as large as a step's (2048, as before the
@@ -206,6 +208,7 @@ def in_process_decode_steps(
         max_batch_size=max(batch_sizes),
         estimate_memory="off",
         cuda_graphs=variant.cuda_graphs,
+        prompt_graphs=variant.prompt_graphs,
         pt2_compile=variant.pt2_compile,
     )
     engine = resolve(registry.engine(variant.deployment_framework).target)(ctx)
@@ -386,7 +389,9 @@ def _describe(variant: Variant, device: torch.device) -> str:
     if variant.deployment_framework != "tgis_native":
         return f"{variant.deployment_framework}, PT2_COMPILE {'on' if variant.pt2_compile else 'off'}"
     return (
-        f"CUDA graphs {'on' if variant.cuda_graphs and on_gpu else 'off'}, "
+        f"CUDA graphs {'on' if variant.cuda_graphs and on_gpu else 'off'}"
+        + (" (prompt steps too)" if variant.cuda_graphs and variant.prompt_graphs and on_gpu else "")
+        + ", "
         f"fused kernels {'on' if variant.fused_kernels and on_gpu else 'off'}, "
         f"PT2_COMPILE {'on' if variant.pt2_compile else 'off'}"
         + (

@@ -171,6 +171,7 @@ def native_engine(
     attention_backend: str | None = None,
     prefix_store_path: Path | None = None,
     cuda_graphs: bool = True,
+    prompt_graphs: bool = False,
     pt2_compile: bool = False,
 ) -> Engine:
     """The tgis_native engine as one rank of ``world_size`` (process group on ``port``)."""
@@ -191,6 +192,7 @@ def native_engine(
         attention_backend=attention_backend,
         prefix_store_path=prefix_store_path,
         cuda_graphs=cuda_graphs,
+        prompt_graphs=prompt_graphs,
         pt2_compile=pt2_compile,
     )
     return create_native_engine(ctx)

@@ -1,6 +1,7 @@
-"""tgis_native's decode steps replayed from CUDA graphs give the eager engine's tokens and
-logprobs, and transformers' greedy tokens, while requests join and leave (the batch moves
-between graph sizes, padded). Skips without CUDA; bench/gpu_checks.sh runs it on the device."""
+"""tgis_native's decode steps replayed from CUDA graphs, and its steps with prompt chunks replayed
+in pieces around attention, give the eager engine's tokens and logprobs, and transformers' greedy
+tokens, while requests join and leave (the batch moves between graph sizes, padded). Skips
+without CUDA; bench/gpu_checks.sh runs it on the device."""
 
 from __future__ import annotations
 
@@ -44,7 +45,15 @@ def _decode_tokens(model_dir, prompt_ids, backend: str, dtype: torch.dtype, grap
     the outputs; the graph sizes replayed."""
     device = torch.device("cuda", 0)
     engine = native_engine(
-        0, 1, free_port(), model_dir, dtype, device=device, attention_backend=backend, cuda_graphs=graphs
+        0,
+        1,
+        free_port(),
+        model_dir,
+        dtype,
+        device=device,
+        attention_backend=backend,
+        cuda_graphs=graphs,
+        prompt_graphs=graphs,
     )
     engine.warm_up()
     replayed: list[int] = []
@@ -58,8 +67,18 @@ def _decode_tokens(model_dir, prompt_ids, backend: str, dtype: torch.dtype, grap
             return replay(bucket)
 
         engine._graphs.replay = counted
+        # Steps with prompt chunks replay their pieces (engines.prompt_graphs): counted as negative.
+        assert engine._prompt_graphs is not None
+        run_pieces = engine._prompt_graphs.run
+
+        def counted_pieces(input_ids, meta, bucket: int) -> torch.Tensor:
+            replayed.append(-bucket)
+            return run_pieces(input_ids, meta, bucket)
+
+        engine._prompt_graphs.run = counted_pieces
     else:
         assert engine._graphs is None
+        assert engine._prompt_graphs is None
     driver = start_then_join(engine, prompt_ids, logprobs=True)
     tokens = []
     for leaving in (2, 0, None):
@@ -81,7 +100,9 @@ def _decode_tokens(model_dir, prompt_ids, backend: str, dtype: torch.dtype, grap
 def test_graph_replays_equal_eager_steps_and_transformers(model_dir, prompt_ids, expected, backend, dtype):
     graph_tokens, outputs, replayed = _decode_tokens(model_dir, prompt_ids, backend, dtype, graphs=True)
     eager_tokens, _, _ = _decode_tokens(model_dir, prompt_ids, backend, dtype, graphs=False)
-    assert set(replayed) == {1, 2, 4}
+    assert {b for b in replayed if b > 0} == {1, 2, 4}
+    # Request 0's prompt alone, then 1's and 2's beside its decode.
+    assert len([b for b in replayed if b < 0]) == 2
     assert [t[:2] for t in graph_tokens] == [t[:2] for t in eager_tokens]
     tolerance = LOGPROB_TOLERANCE[dtype]
     assert [t[2] for t in graph_tokens] == pytest.approx([t[2] for t in eager_tokens], abs=tolerance)

@@ -107,6 +107,7 @@ class LauncherConfig:
     prompt_cache_size_mb: int = 512
     pt2_compile: bool = False
     cuda_graphs: bool = True
+    prompt_graphs: bool = False
     fused_kernels: bool = True
     estimate_memory: str = "auto"
     tgis_plugins: str | None = None
@@ -188,6 +189,11 @@ OPTIONS: tuple[Option, ...] = (
         "run the model's forward pass through torch.compile (tgis_native, hf_transformers)",
     ),
     Option("cuda_graphs", parse_bool, "replay decode steps from CUDA graphs (tgis_native on one GPU)"),
+    Option(
+        "prompt_graphs",
+        parse_bool,
+        "also replay steps with prompt chunks from CUDA graphs, in pieces around attention (not yet measured on a GPU)",
+    ),
     Option(
         "fused_kernels", parse_bool, "fuse norms, rotary and activations into one kernel each on GPUs (torch.compile)"
     ),

@@ -66,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
         help="run tgis_native's decode steps eagerly instead of replaying CUDA graphs",
     )
     serve.add_argument(
+        "--prompt-graphs",
+        action="store_true",
+        help="with CUDA graphs, also replay steps with prompt chunks from them, in pieces around attention",
+    )
+    serve.add_argument(
         "--no-fused-kernels",
         dest="fused_kernels",
         action="store_false",
@@ -177,6 +182,7 @@ def _serve(args: argparse.Namespace) -> None:
         prompt_cache_size_mb=args.prompt_cache_size_mb,
         kv_cache_blocks=args.kv_cache_blocks,
         cuda_graphs=args.cuda_graphs,
+        prompt_graphs=args.prompt_graphs,
         pt2_compile=args.pt2_compile,
         cache_dir=args.cache_dir,
     )

@@ -30,7 +30,9 @@ class NativeCausalLM(Protocol):
     ) -> torch.Tensor:
         """Runs the step's ``[tokens]`` ids at ``[tokens]`` positions through every layer, writing
         their keys and values into ``cache`` where ``meta`` says; returns the last layer's hidden
-        states ``[tokens, hidden]``, before the final norm."""
+        states ``[tokens, hidden]``, before the final norm. ``meta`` and ``cache`` are read only
+        through ``layers.attention_heads.AttentionHeads.attend``: on a GPU the engine replays the
+        rest of the pass from CUDA graphs captured with other metadata (``engines.prompt_graphs``)."""
         ...
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

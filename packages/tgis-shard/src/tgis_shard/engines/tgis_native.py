@@ -37,6 +37,7 @@ from tgis_shard.engines.base import (
 from tgis_shard.engines.cuda_graphs import DecodeGraphs, graph_buckets
 from tgis_shard.engines.decode_inputs import DecodeInputs
 from tgis_shard.engines.hf_transformers import eos_token_ids
+from tgis_shard.engines.prompt_graphs import MAX_GRAPHED_TOKENS, PromptGraphs, token_buckets
 from tgis_shard.engines.seq2seq import Seq2SeqLMEngine
 from tgis_shard.families import NativeCausalLM, supports_prompt_prefixes
 from tgis_shard.layers.distributed import TensorParallel, agree_with_rank0, init_tensor_parallel
@@ -176,6 +177,8 @@ class NativeEngine(Engine):
         self._forward = compile_dynamic(model.forward) if ctx.pt2_compile else model.forward
         self._compute_logits = compile_dynamic(model.compute_logits) if ctx.pt2_compile else model.compute_logits
         self._graphs: DecodeGraphs | None = None  # captured by warm_up on one GPU
+        self._prompt_graphs: PromptGraphs | None = None  # likewise, steps with prompt chunks
+        self._replay_prompts = True  # off while measuring what an eager step allocates
         self._graph_metas: dict[int, AttentionMetadata] = {}
         self._seqs: dict[int, _Sequence] = {}
         self._inputs_copied: torch.cuda.Event | None = None  # the last step's (see _wait_for_inputs_sent)
@@ -291,10 +294,7 @@ class NativeEngine(Engine):
         plan_attention(self.cache, meta)
         prepare_attention(self.cache, meta)
         self._inputs_sent()
-        overrides = self._embedding_overrides(rows)
-        # Without prefixes the keyword stays out: families that take no overrides serve the rest.
-        extra = {} if overrides is None else {"embedding_overrides": overrides}
-        hidden = self._forward(inputs.input_ids, meta.positions, self.cache, meta, **extra)
+        hidden = self._hidden_states(inputs.input_ids, meta, self._embedding_overrides(rows))
         if decode_only:  # every row samples
             logits = self._compute_logits(hidden)
             return inputs, logits, logits
@@ -306,6 +306,20 @@ class NativeEngine(Engine):
             return inputs, None, None
         logits = self._compute_logits(hidden[last_rows])
         return inputs, logits, logits
+
+    def _hidden_states(
+        self, input_ids: torch.Tensor, meta: AttentionMetadata, overrides: EmbeddingOverrides | None
+    ) -> torch.Tensor:
+        """The forward pass of a step the decode graphs do not hold: replayed in pieces where a
+        prompt-graph bucket holds its tokens, else op by op."""
+        graphs = self._prompt_graphs
+        if graphs is not None and overrides is None and self._replay_prompts:
+            bucket = graphs.bucket_for(input_ids.shape[0])
+            if bucket is not None:
+                return graphs.run(input_ids, meta, bucket)
+        # Without prefixes the keyword stays out: families that take no overrides serve the rest.
+        extra = {} if overrides is None else {"embedding_overrides": overrides}
+        return self._forward(input_ids, meta.positions, self.cache, meta, **extra)
 
     def _graph_bucket(self, rows: list[_Row]) -> int | None:
         """The captured batch size a decode-only step replays; None: the step runs eagerly."""
@@ -327,6 +341,22 @@ class NativeEngine(Engine):
         self._wait_for_inputs_sent()
         buckets = graph_buckets(self.ctx.max_batch_size)
         self._graphs = DecodeGraphs.capture(self._graph_step, buckets, self.ctx.device, self._prepare_graph)
+        if not self.ctx.prompt_graphs or self.ctx.pt2_compile:
+            return  # a compiled forward pass (PT2_COMPILE) is one graph already: not split at attention
+        graphs = PromptGraphs(self._forward, self.cache, self.ctx.device, SCRATCH_BLOCK * self.block_size)
+        # Capture runs a step of each bucket's size in free blocks: at most what the cache holds.
+        graphs.capture(token_buckets(min(MAX_GRAPHED_TOKENS, self.num_blocks * self.block_size)), self._capture_meta)
+        self._prompt_graphs = graphs
+
+    def _capture_meta(self, tokens: int) -> AttentionMetadata:
+        """A prompt step of ``tokens`` tokens in free blocks (the batch is empty), planned."""
+        longest = self.ctx.max_sequence_length - 1
+        lengths = [min(longest, tokens - start) for start in range(0, tokens, longest)]
+        blocks = self.synthetic_blocks(lengths)
+        meta = AttentionMetadata.build(lengths, lengths, [list(b) for b in blocks], self.block_size, self.ctx.device)
+        plan_attention(self.cache, meta)
+        prepare_attention(self.cache, meta)
+        return meta
 
     def _prepare_graph(self, rows: int) -> None:
         """Before the graph of ``rows`` rows is captured: its metadata over the persistent buffers
@@ -426,6 +456,14 @@ class NativeEngine(Engine):
         if self._inputs_copied is not None:
             self._inputs_copied.synchronize()
             self._inputs_copied = None
+
+    def measure_prefill(self, tokens: int) -> None:
+        """Op by op, as a step past the prompt graphs' buckets runs (their memory is held already)."""
+        self._replay_prompts = False
+        try:
+            super().measure_prefill(tokens)
+        finally:
+            self._replay_prompts = True
 
     def memory_model(self) -> pb.MemoryModel | None:
         """The preallocated cache is the limit, counted in whole blocks; prefill activations live

@@ -4,6 +4,8 @@ how they project and lay out their fused QKV; what follows the projection is wri
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +14,21 @@ from tgis_shard.layers import fused
 from tgis_shard.layers.paged_attention import AttentionMetadata, PagedKVCache, paged_attention
 
 Rotary = tuple[torch.Tensor, torch.Tensor]
+# What a layer's attention call becomes while a step runs in captured pieces
+# (``engines.prompt_graphs``): (heads, q, k, v, cache, meta, alibi_slopes) -> attention's output.
+AttentionSplit = Callable[..., torch.Tensor]
+_split: AttentionSplit | None = None
+
+
+@contextlib.contextmanager
+def split_at_attention(split: AttentionSplit) -> Iterator[None]:
+    """Inside, every layer's cache write and attention go to ``split`` instead."""
+    global _split
+    previous, _split = _split, split
+    try:
+        yield
+    finally:
+        _split = previous
 
 
 @dataclass(frozen=True)
@@ -66,5 +83,13 @@ class AttentionHeads:
         meta: AttentionMetadata,
         alibi_slopes: torch.Tensor | None,
     ) -> torch.Tensor:
+        if _split is not None:
+            return _split(self, q, k, v, cache, meta, alibi_slopes)
         cache.store(self.layer, k, v, meta.slots)
+        return self.attend_cached(q, cache, meta, alibi_slopes)
+
+    def attend_cached(
+        self, q: torch.Tensor, cache: PagedKVCache, meta: AttentionMetadata, alibi_slopes: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attention of rotated queries over the cache, which holds this step's keys and values."""
         return paged_attention(q, cache, self.layer, meta, self.scale, alibi_slopes=alibi_slopes)

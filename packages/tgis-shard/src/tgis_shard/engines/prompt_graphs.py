@@ -1,0 +1,202 @@
+"""Steps with prompt chunks replayed from CUDA graphs in pieces: everything but attention.
+
+Eagerly, a step with prompt chunks launches ~1,200 kernels, each with dispatcher or compiled
+code's host work in front of it: on an H100 (8B shape) a 128-token prompt took 46 ms on the host
+for 7 ms of device work, and at 128 streams every step mixing a prompt chunk into the decodes
+took ~54 ms. Only attention depends on how the step's tokens divide into sequences; every other
+kernel depends on the token count alone. So per token-count bucket the forward pass is captured
+as one graph per stretch between two attention calls, and a step pads to its bucket and replays
+them, with attention run eagerly between them over the step's own metadata: ~33 replays and 32
+attention calls instead of ~1,200 launches.
+
+The pieces hand over through fixed buffers around each attention call: inside the piece before
+it, the keys and values go to the cache at slots from a fixed buffer (a padding row's at the
+engine's scratch slot) and the rotated queries into a fixed buffer; attention's output comes back
+in another. A family's forward pass may read the step's metadata only through ``AttentionHeads``
+(the families here do): inside a graph it would be the capture's.
+
+The buckets share one memory pool, captured largest first (one step's pieces run before the
+next step's), apart from the decode graphs' pool.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from tgis_shard.layers import attention_heads
+from tgis_shard.layers.attention_heads import AttentionHeads
+from tgis_shard.layers.paged_attention import AttentionMetadata, PagedKVCache
+from tgis_shard.progress import progress
+
+log = logging.getLogger(__name__)
+
+# Above this many tokens a step's device work outlasts its host work (H100, 8B shape: ~45 ms of
+# matrix products at 2,048 tokens): it runs eagerly, without a graph's memory held for it.
+MAX_GRAPHED_TOKENS = 2048
+# Eager runs of each bucket before its capture: compiled kernels are built and the allocator
+# warmed outside the graph, as capture allows neither.
+WARM_RUNS = 2
+
+# The family's forward pass over fixed inputs: (input_ids, positions, cache, meta) -> hidden.
+Forward = Callable[[torch.Tensor, torch.Tensor, PagedKVCache, AttentionMetadata], torch.Tensor]
+
+
+def token_buckets(max_tokens: int = MAX_GRAPHED_TOKENS) -> list[int]:
+    """Token counts to capture: 16, 32, 64, then every multiple of 128 up to ``max_tokens``; a step
+    pads by at most 127 tokens (a quarter of its own from 128 tokens on)."""
+    return sorted({*(b for b in (16, 32, 64) if b < max_tokens), *range(128, max_tokens + 1, 128), max_tokens})
+
+
+@dataclass(frozen=True)
+class _Attention:
+    """One attention call between two pieces: whose heads, and what to pass them."""
+
+    heads: AttentionHeads
+    alibi_slopes: torch.Tensor | None
+    queries: torch.Tensor  # the fixed buffer the piece before fills
+    output: torch.Tensor  # the fixed buffer the piece after reads
+
+
+@dataclass(frozen=True)
+class _Bucket:
+    pieces: list[torch.cuda.CUDAGraph]
+    attention: list[_Attention]  # one fewer than pieces
+
+
+class PromptGraphs:
+    """The captured pieces of each token bucket; ``run`` replays a step through them."""
+
+    def __init__(self, forward: Forward, cache: PagedKVCache, device: torch.device, scratch_slot: int):
+        self._forward = forward
+        self._cache = cache
+        self._device = device
+        self._scratch_slot = scratch_slot
+        self._buckets: dict[int, _Bucket] = {}
+        self.buckets: list[int] = []
+        size = MAX_GRAPHED_TOKENS
+        self._input_ids = torch.zeros(size, dtype=torch.long, device=device)
+        self._positions = torch.zeros(size, dtype=torch.long, device=device)
+        self._slots = torch.full((size,), scratch_slot, dtype=torch.long, device=device)
+        self._hidden: torch.Tensor | None = None
+        # Per shape and dtype of a layer's queries and attention output: one buffer each, shared by
+        # every layer and bucket (one attention call at a time reads and writes them).
+        self._handover: dict[tuple, torch.Tensor] = {}
+
+    def bucket_for(self, tokens: int) -> int | None:
+        """The smallest captured token count holding ``tokens``; None when none does."""
+        index = bisect.bisect_left(self.buckets, tokens)
+        return self.buckets[index] if index < len(self.buckets) else None
+
+    def _buffer(self, role: str, like: torch.Tensor) -> torch.Tensor:
+        key = (role, tuple(like.shape[1:]), like.dtype)
+        if key not in self._handover:
+            self._handover[key] = torch.zeros(
+                (MAX_GRAPHED_TOKENS, *like.shape[1:]), dtype=like.dtype, device=self._device
+            )
+        return self._handover[key]
+
+    def _fill(self, input_ids: torch.Tensor, meta: AttentionMetadata, bucket: int) -> None:
+        """The step's tokens into the fixed inputs; padding rows write their keys to scratch."""
+        tokens = input_ids.shape[0]
+        self._input_ids[:tokens].copy_(input_ids)
+        self._positions[:tokens].copy_(meta.positions)
+        self._slots[:tokens].copy_(meta.slots)
+        self._slots[tokens:bucket].fill_(self._scratch_slot)
+
+    def _hand_over(
+        self, heads: AttentionHeads, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bucket: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The end of a piece: keys and values into the cache, the queries into their buffer."""
+        self._cache.store(heads.layer, keys, values, self._slots[:bucket])
+        buffer = self._buffer("queries", queries)
+        buffer[:bucket].copy_(queries)
+        return buffer, self._buffer("output", queries)
+
+    def _finish(self, hidden: torch.Tensor, bucket: int) -> torch.Tensor:
+        if self._hidden is None:
+            self._hidden = torch.zeros((MAX_GRAPHED_TOKENS, *hidden.shape[1:]), dtype=hidden.dtype, device=self._device)
+        self._hidden[:bucket].copy_(hidden)
+        return self._hidden
+
+    def run_uncaptured(self, input_ids: torch.Tensor, meta: AttentionMetadata, bucket: int) -> torch.Tensor:
+        """The step through the same buffers and padding as a replay, op by op: the warm runs
+        before a capture (and, on a CPU, a check of everything but the graphs)."""
+        tokens = input_ids.shape[0]
+        self._fill(input_ids, meta, bucket)
+
+        def attend(heads, q, k, v, cache, step_meta, alibi_slopes):
+            queries, output = self._hand_over(heads, q, k, v, bucket)
+            out = heads.attend_cached(queries[:tokens], cache, meta, alibi_slopes)
+            output[:tokens].copy_(out.view(tokens, *output.shape[1:]))
+            return output[:bucket]
+
+        with attention_heads.split_at_attention(attend):
+            hidden = self._forward(self._input_ids[:bucket], self._positions[:bucket], self._cache, meta)
+        return self._finish(hidden, bucket)[:tokens]
+
+    def _capture(self, bucket: int, meta: AttentionMetadata, pool: tuple | None) -> tuple[_Bucket, tuple]:
+        pieces = [torch.cuda.CUDAGraph()]
+        calls: list[_Attention] = []
+
+        def attend(heads, q, k, v, cache, step_meta, alibi_slopes):
+            queries, output = self._hand_over(heads, q, k, v, bucket)
+            pieces[-1].capture_end()
+            calls.append(_Attention(heads, alibi_slopes, queries, output))
+            pieces.append(torch.cuda.CUDAGraph())
+            pieces[-1].capture_begin(pool=pool or pieces[0].pool())
+            return output[:bucket]
+
+        side = torch.cuda.Stream(self._device)
+        side.wait_stream(torch.cuda.current_stream(self._device))
+        with torch.cuda.stream(side):
+            for _ in range(WARM_RUNS):
+                self.run_uncaptured(self._input_ids[:bucket].clone(), meta, bucket)
+            side.synchronize()
+            pieces[0].capture_begin(pool=pool)
+            with attention_heads.split_at_attention(attend):
+                hidden = self._forward(self._input_ids[:bucket], self._positions[:bucket], self._cache, meta)
+            self._finish(hidden, bucket)
+            pieces[-1].capture_end()
+        torch.cuda.current_stream(self._device).wait_stream(side)
+        return _Bucket(pieces, calls), pool or pieces[0].pool()
+
+    def capture(self, buckets: list[int], capture_meta: Callable[[int], AttentionMetadata]) -> None:
+        """Captures each bucket (largest first) over ``capture_meta(bucket)``: a step of that
+        many tokens in the scratch block, planned for the attention backend."""
+        started = time.monotonic()
+        reserved = torch.cuda.memory_reserved(self._device)
+        pool = None
+        for bucket in progress(
+            len(buckets), "capturing prompt graphs", "graphs", iterable=sorted(buckets, reverse=True)
+        ):
+            self._buckets[bucket], pool = self._capture(bucket, capture_meta(bucket), pool)
+        self.buckets = sorted(self._buckets)
+        torch.cuda.synchronize(self._device)
+        log.info(
+            "captured prompt-step graphs for %d token counts (%d-%d) in %.1f s, holding %.0f MiB",
+            len(self.buckets),
+            self.buckets[0],
+            self.buckets[-1],
+            time.monotonic() - started,
+            (torch.cuda.memory_reserved(self._device) - reserved) / 2**20,
+        )
+
+    def run(self, input_ids: torch.Tensor, meta: AttentionMetadata, bucket: int) -> torch.Tensor:
+        """The step's last-layer hidden states ``[tokens, hidden]``: its pieces replayed, its
+        attention (planned and prepared for ``meta`` already) run between them."""
+        tokens = input_ids.shape[0]
+        self._fill(input_ids, meta, bucket)
+        captured = self._buckets[bucket]
+        for piece, call in zip(captured.pieces, [*captured.attention, None], strict=True):
+            piece.replay()
+            if call is not None:
+                out = call.heads.attend_cached(call.queries[:tokens], self._cache, meta, call.alibi_slopes)
+                call.output[:tokens].copy_(out.view(tokens, *call.output.shape[1:]))
+        assert self._hidden is not None
+        return self._hidden[:tokens]

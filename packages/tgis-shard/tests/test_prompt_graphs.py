@@ -1,0 +1,52 @@
+"""Steps with prompt chunks through the prompt graphs' fixed buffers and padding
+(``engines.prompt_graphs``) give the hidden states of the plain forward pass and write the cache
+only at their own slots and the scratch block: here op by op, the path every capture's warm runs
+take. On CUDA the captured pieces replay it (test_cuda_graphs compares their tokens)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from tests.support.engines import native_engine
+from tests.support.ports import free_port
+from tests.support.tiny_models import build_tiny_causal_lm
+from tgis_shard.engines.prompt_graphs import PromptGraphs, token_buckets
+from tgis_shard.layers import attention_heads
+from tgis_shard.layers.paged_attention import AttentionMetadata, plan_attention, prepare_attention
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    model_dir = build_tiny_causal_lm(tmp_path_factory.mktemp("llama-pieces"), arch="llama", seed=3)
+    return native_engine(0, 1, free_port(), model_dir)
+
+
+def test_buckets_hold_every_token_count_up_to_the_largest():
+    buckets = token_buckets(2048)
+    assert buckets[:4] == [16, 32, 64, 128]
+    assert buckets[-1] == 2048
+    assert all(b - a <= 128 for a, b in itertools.pairwise(buckets))
+    assert token_buckets(100) == [16, 32, 64, 100]
+
+
+def test_a_step_through_the_buffers_equals_the_forward_pass(engine):
+    model, cache = engine.model, engine.cache
+    # A decode of a sequence with 6 tokens cached, and a 5-token prompt chunk after 3 cached ones.
+    meta = AttentionMetadata.build([1, 5], [7, 8], [[1], [2]], cache.block_size, "cpu")
+    plan_attention(cache, meta)
+    prepare_attention(cache, meta)
+    ids = torch.tensor([4, 9, 14, 3, 8, 21])
+    with torch.inference_mode():
+        expected = model.forward(ids, meta.positions, cache, meta)
+        keys = [k.clone() for k in cache.keys]
+        graphs = PromptGraphs(model.forward, cache, torch.device("cpu"), scratch_slot=0)
+        hidden = graphs.run_uncaptured(ids, meta, bucket=16)
+    torch.testing.assert_close(hidden, expected, rtol=1e-5, atol=1e-5)
+    assert hidden.shape == expected.shape
+    # The padding rows' keys went to the scratch block (0), the real ones where they were.
+    for before, after in zip(keys, cache.keys, strict=True):
+        torch.testing.assert_close(after[1:], before[1:], rtol=1e-5, atol=1e-5)
+    assert attention_heads._split is None  # attention is itself again after the step
