@@ -37,7 +37,7 @@ from tgis_shard.engines.base import (
 from tgis_shard.engines.cuda_graphs import DecodeGraphs, graph_buckets
 from tgis_shard.engines.decode_inputs import DecodeInputs
 from tgis_shard.engines.hf_transformers import eos_token_ids
-from tgis_shard.engines.prompt_graphs import MAX_GRAPHED_TOKENS, PromptGraphs, token_buckets
+from tgis_shard.engines.prompt_graphs import PromptGraphs, token_buckets
 from tgis_shard.engines.seq2seq import Seq2SeqLMEngine
 from tgis_shard.families import NativeCausalLM, supports_prompt_prefixes
 from tgis_shard.layers.distributed import TensorParallel, agree_with_rank0, init_tensor_parallel
@@ -337,21 +337,32 @@ class NativeEngine(Engine):
 
     @torch.inference_mode()
     def capture_graphs(self) -> None:
-        """Captures a decode graph per batch-size bucket up to MAX_BATCH_SIZE (after warm_up)."""
+        """Captures a decode graph per batch-size bucket up to MAX_BATCH_SIZE (after warm_up) and,
+        with PROMPT_GRAPHS, the pieces of a prompt step per token bucket."""
         self._wait_for_inputs_sent()
         buckets = graph_buckets(self.ctx.max_batch_size)
         self._graphs = DecodeGraphs.capture(self._graph_step, buckets, self.ctx.device, self._prepare_graph)
         if not self.ctx.prompt_graphs or self.ctx.pt2_compile:
             return  # a compiled forward pass (PT2_COMPILE) is one graph already: not split at attention
-        graphs = PromptGraphs(self._forward, self.cache, self.ctx.device, SCRATCH_BLOCK * self.block_size)
-        # Capture runs a step of each bucket's size in free blocks: at most what the cache holds.
-        graphs.capture(token_buckets(min(MAX_GRAPHED_TOKENS, self.num_blocks * self.block_size)), self._capture_meta)
-        self._prompt_graphs = graphs
+        # Capturing a bucket runs a step of its size in free blocks: only sizes the cache holds.
+        buckets = [
+            tokens
+            for tokens in token_buckets()
+            if sum(blocks_for(n, self.block_size) for n in self._capture_lengths(tokens)) <= self.num_blocks
+        ]
+        if buckets:
+            graphs = PromptGraphs(self._forward, self.cache, self.ctx.device, SCRATCH_BLOCK * self.block_size)
+            graphs.capture(buckets, self._capture_meta)
+            self._prompt_graphs = graphs
+
+    def _capture_lengths(self, tokens: int) -> list[int]:
+        """A prompt step of ``tokens`` tokens as sequences no longer than a request can be."""
+        longest = max(1, self.ctx.max_sequence_length - 1)
+        return [min(longest, tokens - start) for start in range(0, tokens, longest)]
 
     def _capture_meta(self, tokens: int) -> AttentionMetadata:
         """A prompt step of ``tokens`` tokens in free blocks (the batch is empty), planned."""
-        longest = self.ctx.max_sequence_length - 1
-        lengths = [min(longest, tokens - start) for start in range(0, tokens, longest)]
+        lengths = self._capture_lengths(tokens)
         blocks = self.synthetic_blocks(lengths)
         meta = AttentionMetadata.build(lengths, lengths, [list(b) for b in blocks], self.block_size, self.ctx.device)
         plan_attention(self.cache, meta)
