@@ -168,7 +168,7 @@ class PromptGraphs:
 
     def capture(self, buckets: list[int], capture_meta: Callable[[int], AttentionMetadata]) -> None:
         """Captures each bucket (largest first) over ``capture_meta(bucket)``: a step of that
-        many tokens in the scratch block, planned for the attention backend."""
+        many tokens in free blocks, planned for the attention backend."""
         started = time.monotonic()
         reserved = torch.cuda.memory_reserved(self._device)
         pool = None
