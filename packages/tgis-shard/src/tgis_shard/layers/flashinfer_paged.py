@@ -115,7 +115,19 @@ class FlashInferPlanner:
                 raise ValueError("only decode steps replay from CUDA graphs")
             wrapper = self._prefill
             query_indptr = torch.from_numpy(meta.host.cu_seqlens_q.astype(np.int32)).pin_memory()
-            wrapper.plan(query_indptr, indptr, indices, last_page_len, *geometry, causal=True, q_data_type=self.dtype)
+            # The context lengths too: the prefill plan derives them otherwise in pageable memory,
+            # and its copy of them to the device waits for the device.
+            context_lens = torch.from_numpy(meta.host.context_lens.astype(np.int32)).pin_memory()
+            wrapper.plan(
+                query_indptr,
+                indptr,
+                indices,
+                last_page_len,
+                *geometry,
+                causal=True,
+                q_data_type=self.dtype,
+                seq_lens=context_lens,
+            )
         self._active = wrapper
 
     def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
