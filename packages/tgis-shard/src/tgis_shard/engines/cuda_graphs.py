@@ -35,6 +35,12 @@ log = logging.getLogger(__name__)
 WARM_RUNS = 2
 
 
+def smallest_bucket(buckets: Sequence[int], size: int) -> int | None:
+    """The smallest of the sorted ``buckets`` holding ``size``; None when none does."""
+    index = bisect.bisect_left(buckets, size)
+    return buckets[index] if index < len(buckets) else None
+
+
 def graph_buckets(max_rows: int) -> list[int]:
     """Batch sizes to capture: 1, 2, 4, then every multiple of 8, and ``max_rows`` itself; a step
     pads to at most 7 rows more than it has."""
@@ -89,8 +95,7 @@ class DecodeGraphs:
 
     def bucket_for(self, rows: int) -> int | None:
         """The smallest captured batch size holding ``rows``; None when none does."""
-        index = bisect.bisect_left(self.buckets, rows)
-        return self.buckets[index] if index < len(self.buckets) else None
+        return smallest_bucket(self.buckets, rows)
 
     def replay(self, bucket: int) -> torch.Tensor:
         graph, logits = self._graphs[bucket]

@@ -21,7 +21,6 @@ next step's), apart from the decode graphs' pool.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tgis_shard.engines.cuda_graphs import smallest_bucket
 from tgis_shard.layers import attention_heads
 from tgis_shard.layers.attention_heads import AttentionHeads
 from tgis_shard.layers.paged_attention import AttentionMetadata, PagedKVCache
@@ -90,8 +90,7 @@ class PromptGraphs:
 
     def bucket_for(self, tokens: int) -> int | None:
         """The smallest captured token count holding ``tokens``; None when none does."""
-        index = bisect.bisect_left(self.buckets, tokens)
-        return self.buckets[index] if index < len(self.buckets) else None
+        return smallest_bucket(self.buckets, tokens)
 
     def _buffer(self, role: str, like: torch.Tensor) -> torch.Tensor:
         key = (role, tuple(like.shape[1:]), like.dtype)
@@ -118,6 +117,15 @@ class PromptGraphs:
         buffer[:bucket].copy_(queries)
         return buffer, self._buffer("output", queries)
 
+    def _attend_between(self, call: _Attention, meta: AttentionMetadata, tokens: int) -> None:
+        """The attention between two pieces, over the step's own metadata: the real rows only."""
+        out = call.heads.attend_cached(call.queries[:tokens], self._cache, meta, call.alibi_slopes)
+        call.output[:tokens].copy_(out.view(tokens, *call.output.shape[1:]))
+
+    def _padded_forward(self, meta: AttentionMetadata, bucket: int) -> torch.Tensor:
+        """The forward pass over the fixed inputs' first ``bucket`` rows."""
+        return self._forward(self._input_ids[:bucket], self._positions[:bucket], self._cache, meta)
+
     def _finish(self, hidden: torch.Tensor, bucket: int) -> torch.Tensor:
         if self._hidden is None:
             self._hidden = torch.zeros((MAX_GRAPHED_TOKENS, *hidden.shape[1:]), dtype=hidden.dtype, device=self._device)
@@ -131,13 +139,12 @@ class PromptGraphs:
         self._fill(input_ids, meta, bucket)
 
         def attend(heads, q, k, v, cache, step_meta, alibi_slopes):
-            queries, output = self._hand_over(heads, q, k, v, bucket)
-            out = heads.attend_cached(queries[:tokens], cache, meta, alibi_slopes)
-            output[:tokens].copy_(out.view(tokens, *output.shape[1:]))
-            return output[:bucket]
+            call = _Attention(heads, alibi_slopes, *self._hand_over(heads, q, k, v, bucket))
+            self._attend_between(call, meta, tokens)
+            return call.output[:bucket]
 
         with attention_heads.split_at_attention(attend):
-            hidden = self._forward(self._input_ids[:bucket], self._positions[:bucket], self._cache, meta)
+            hidden = self._padded_forward(meta, bucket)
         return self._finish(hidden, bucket)[:tokens]
 
     def _capture(self, bucket: int, meta: AttentionMetadata, pool: tuple | None) -> tuple[_Bucket, tuple]:
@@ -160,7 +167,7 @@ class PromptGraphs:
             side.synchronize()
             pieces[0].capture_begin(pool=pool)
             with attention_heads.split_at_attention(attend):
-                hidden = self._forward(self._input_ids[:bucket], self._positions[:bucket], self._cache, meta)
+                hidden = self._padded_forward(meta, bucket)
             self._finish(hidden, bucket)
             pieces[-1].capture_end()
         torch.cuda.current_stream(self._device).wait_stream(side)
@@ -196,7 +203,6 @@ class PromptGraphs:
         for piece, call in zip(captured.pieces, [*captured.attention, None], strict=True):
             piece.replay()
             if call is not None:
-                out = call.heads.attend_cached(call.queries[:tokens], self._cache, meta, call.alibi_slopes)
-                call.output[:tokens].copy_(out.view(tokens, *call.output.shape[1:]))
+                self._attend_between(call, meta, tokens)
         assert self._hidden is not None
         return self._hidden[:tokens]
