@@ -54,7 +54,7 @@ class Variant:
 
     deployment_framework: str = "tgis_native"
     cuda_graphs: bool = True
-    prompt_graphs: bool = False
+    prompt_graphs: bool = True
     fused_kernels: bool = True
     pt2_compile: bool = False
     # The router's budget of a step in which requests decode (None: its default); the engine alone ignores it.
@@ -72,7 +72,7 @@ class Variant:
 VARIANTS = {
     "default": Variant(),
     "no-cuda-graphs": Variant(cuda_graphs=False),
-    "prompt-graphs": Variant(prompt_graphs=True),
+    "no-prompt-graphs": Variant(prompt_graphs=False),
     "no-fused-kernels": Variant(fused_kernels=False),
     "pt2-compile": Variant(pt2_compile=True),
     # Prompt chunks beside the decodes smaller (256) or as large as a step's (2048, as before the

@@ -171,7 +171,7 @@ def native_engine(
     attention_backend: str | None = None,
     prefix_store_path: Path | None = None,
     cuda_graphs: bool = True,
-    prompt_graphs: bool = False,
+    prompt_graphs: bool = True,
     pt2_compile: bool = False,
 ) -> Engine:
     """The tgis_native engine as one rank of ``world_size`` (process group on ``port``)."""

@@ -6,6 +6,8 @@ runs those on the device)."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -96,9 +98,10 @@ def test_steps_launched_ahead_give_the_tokens_of_steps_run_one_by_one(model_dir,
 
 @pytest.mark.parametrize("backend", ["flex", pytest.param("flashinfer", marks=NEEDS_FLASHINFER)])
 @NEEDS_CUDA
-def test_steps_launch_without_waiting_for_the_device(model_dir, backend):
+def test_steps_launch_without_waiting_for_the_device(model_dir, backend, caplog):
     """Decode steps replayed from a graph, on either GPU backend; with FlashInfer, also a step in
     which a prompt joins the decodes (its metadata reaches the device through pinned memory)."""
+    caplog.set_level(logging.ERROR, logger="tgis_shard.steps")
     dtype = torch.bfloat16 if backend == "flashinfer" else torch.float32
     engine = native_engine(
         0, 1, free_port(), model_dir, dtype, device=torch.device("cuda", 0), attention_backend=backend
@@ -117,6 +120,9 @@ def test_steps_launch_without_waiting_for_the_device(model_dir, backend):
     finally:
         torch.cuda.set_sync_debug_mode(previous)
     tokens = [t.request_id for finish in pending for t in finish()]
+    # A launch that waited raised inside the step runner, which failed the step's prompt: its
+    # logged traceback names the waiting operation.
+    assert not driver.failures, "\n".join(r.getMessage() + "\n" + (r.exc_text or "") for r in caplog.records)
     assert tokens[:9] == [0, 1, 2] * 3
     if backend == "flashinfer":
         assert sorted(tokens[9:]) == [0, 1, 2, 3]

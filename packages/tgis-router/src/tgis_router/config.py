@@ -107,7 +107,7 @@ class LauncherConfig:
     prompt_cache_size_mb: int = 512
     pt2_compile: bool = False
     cuda_graphs: bool = True
-    prompt_graphs: bool = False
+    prompt_graphs: bool = True
     fused_kernels: bool = True
     estimate_memory: str = "auto"
     tgis_plugins: str | None = None
@@ -192,7 +192,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "prompt_graphs",
         parse_bool,
-        "also replay steps with prompt chunks from CUDA graphs, in pieces around attention (not yet measured on a GPU)",
+        "also replay steps with prompt chunks from CUDA graphs, in pieces around attention",
     ),
     Option(
         "fused_kernels", parse_bool, "fuse norms, rotary and activations into one kernel each on GPUs (torch.compile)"

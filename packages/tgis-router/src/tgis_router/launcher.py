@@ -198,8 +198,8 @@ def shard_serve_args(config: LauncherConfig, model_dir: str, max_sequence_length
         args += ["--kv-cache-blocks", str(config.kv_cache_manager_num_gpu_blocks)]
     if not config.cuda_graphs:
         args.append("--no-cuda-graphs")
-    if config.prompt_graphs:
-        args.append("--prompt-graphs")
+    if not config.prompt_graphs:
+        args.append("--no-prompt-graphs")
     if not config.fused_kernels:
         args.append("--no-fused-kernels")
     if config.pt2_compile:

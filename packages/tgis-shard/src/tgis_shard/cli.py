@@ -66,9 +66,10 @@ def _parser() -> argparse.ArgumentParser:
         help="run tgis_native's decode steps eagerly instead of replaying CUDA graphs",
     )
     serve.add_argument(
-        "--prompt-graphs",
-        action="store_true",
-        help="with CUDA graphs, also replay steps with prompt chunks from them, in pieces around attention",
+        "--no-prompt-graphs",
+        dest="prompt_graphs",
+        action="store_false",
+        help="run tgis_native's steps with prompt chunks eagerly instead of replaying them in CUDA-graph pieces",
     )
     serve.add_argument(
         "--no-fused-kernels",

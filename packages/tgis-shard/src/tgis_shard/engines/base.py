@@ -50,7 +50,7 @@ class ShardContext:
     """Where converted files live (``text-generation-server --cache-dir``): ONNX exports among them."""
     cuda_graphs: bool = True
     """tgis_native on one GPU replays decode steps from CUDA graphs (CUDA_GRAPHS)."""
-    prompt_graphs: bool = False
+    prompt_graphs: bool = True
     """With ``cuda_graphs``, steps with prompt chunks replay in pieces too (PROMPT_GRAPHS)."""
     pt2_compile: bool = False
     """The model's forward pass runs through torch.compile (PT2_COMPILE), on engines that can."""
