@@ -12,8 +12,11 @@
 #     cuda-tile==1.7.0 einops==0.8.2 nvidia-cudnn-frontend==1.32.0 nvidia-cutlass-dsl==4.8.1 \
 #     nvidia-cutlass-dsl-libs-base==4.8.1 nvidia-ml-py==13.615.71 tabulate==0.10.0
 # FlashInfer JIT-compiles its kernels into .fi-cache/ (FLASHINFER_WORKSPACE_BASE); the compiled
-# ones come back as $OUT/fi-cache.tgz: unpacked here and carried (`carry: [".whl", ".fi-cache"]`),
-# the next call skips the compilation (.torch-cache/ the same way, for torch.compile's kernels).
+# ones come back as $OUT/fi-cache.txz: copied to .fi-cache.txz here and carried
+# (`carry: [".whl", ".fi-cache.txz", ".torch-cache.txz"]`), the next call skips the compilation
+# (.torch-cache.txz the same way, for torch.compile's kernels). xz, not gzip: a file comes back
+# only under 16 MiB and the carried tree must stay under 64 MiB (the torch cache: 13 MB gzipped,
+# 3.4 MB as xz).
 # Then on the device: bash bench/gpu_checks.sh [tests|families|serving [serving.py options]]   (tests and serving by
 # default; results land in $OUT). Each stage fits one call's 10 minutes on its own.
 # STAGE_SECONDS=N stops each stage's Python after N seconds, where the call's own limit would cut
@@ -26,13 +29,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   || exit 1
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 PATH="/tmp/site/bin:$PATH"
 export FLASHINFER_WORKSPACE_BASE="$PWD/.fi-cache"
-# torch.compile's kernels (the fused chains, PT2_COMPILE) likewise: back as $OUT/torch-cache.tgz.
+# torch.compile's kernels (the fused chains, PT2_COMPILE) likewise: back as $OUT/torch-cache.txz.
 export TORCHINDUCTOR_CACHE_DIR="$PWD/.torch-cache/inductor" TRITON_CACHE_DIR="$PWD/.torch-cache/triton"
 out=${OUT:-/tmp/gpu-checks}
 mkdir -p "$out" "$FLASHINFER_WORKSPACE_BASE" "$TORCHINDUCTOR_CACHE_DIR" "$TRITON_CACHE_DIR"
-# Or carried packed, where the unpacked caches would pass the carry limit (64 MiB).
-[[ -f .fi-cache.tgz ]] && tar -xzf .fi-cache.tgz -C "$FLASHINFER_WORKSPACE_BASE"
-[[ -f .torch-cache.tgz ]] && tar -xzf .torch-cache.tgz -C .torch-cache
+# Carried packed (tar finds the compression itself), where the unpacked caches would pass the carry limit.
+for packed in .fi-cache.t?z; do [[ -f $packed ]] && tar -xf "$packed" -C "$FLASHINFER_WORKSPACE_BASE"; done
+for packed in .torch-cache.t?z; do [[ -f $packed ]] && tar -xf "$packed" -C .torch-cache; done
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
 python3 -c 'import torch, transformers, grpc, google.protobuf as p; print(torch.__version__, transformers.__version__, grpc.__version__, p.__version__)' \
   | tee -a "$out/gpu.txt"
@@ -65,8 +68,10 @@ serving_args=("${@:2}")
 if [[ $stage == serving || $stage == all ]]; then
   # TORCH_LOGS: a compilation after the warm-up shows in the logs (the bench's and the shard's).
   TORCH_LOGS=recompiles "${limit[@]}" python3 bench/serving.py --shape 8b "${serving_args[@]}" --record "$out/serving.md" \
-    --server-logs "$out" > "$out/serving.log" 2>&1
+    --server-logs "$out/server-logs" > "$out/serving.log" 2>&1
   grep -v "it/s]" "$out/serving.log" | tail -60
+  # At most 8 files come back from a call: the launchers' logs as one.
+  tar -czf "$out/server-logs.tgz" -C "$out" server-logs 2>/dev/null && rm -rf "$out/server-logs"
 fi
-tar -czf "$out/fi-cache.tgz" -C "$FLASHINFER_WORKSPACE_BASE" . 2>/dev/null && ls -la "$out/fi-cache.tgz"
-tar -czf "$out/torch-cache.tgz" -C .torch-cache . 2>/dev/null && ls -la "$out/torch-cache.tgz"
+tar -cJf "$out/fi-cache.txz" -C "$FLASHINFER_WORKSPACE_BASE" . 2>/dev/null && ls -la "$out/fi-cache.txz"
+tar -cJf "$out/torch-cache.txz" -C .torch-cache . 2>/dev/null && ls -la "$out/torch-cache.txz"

@@ -311,22 +311,20 @@ def serve(model_dir: Path, args: argparse.Namespace, dtype_name: str, variant: V
     # An 8B model's PT2_COMPILE warm-up on hf_transformers compiles the whole model four times;
     # other starts keep the usual wait, so a hung one leaves the device call time for the rest.
     ready_timeout_s = 900.0 if variant.pt2_compile else READY_TIMEOUT_S
-    with launcher(model_dir, *options, env=env, ready_timeout_s=ready_timeout_s) as server:
-        address = f"localhost:{server.grpc_port}"
+    log_file = None
+    if args.server_logs is not None:
+        args.server_logs.mkdir(parents=True, exist_ok=True)
+        log_file = args.server_logs / f"{name}.log"
+    with launcher(model_dir, *options, env=env, ready_timeout_s=ready_timeout_s, log_file=log_file) as server:
         metrics_url = f"http://localhost:{server.http_port}/metrics"
-        try:
-            return sweep(
-                address,
-                args.concurrency,
-                args.rounds,
-                args.prompt_tokens,
-                args.new_tokens,
-                lambda: step_sums(metrics_url),
-            )
-        finally:
-            if args.server_logs is not None:
-                args.server_logs.mkdir(parents=True, exist_ok=True)
-                (args.server_logs / f"{name}.log").write_text(server.log())
+        return sweep(
+            f"localhost:{server.grpc_port}",
+            args.concurrency,
+            args.rounds,
+            args.prompt_tokens,
+            args.new_tokens,
+            lambda: step_sums(metrics_url),
+        )
 
 
 # The router's step series (tgis_router.metrics): per method, steps and seconds.

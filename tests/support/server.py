@@ -81,12 +81,14 @@ def launcher(
     env: Mapping[str, str] | None = None,
     executable: str | None = None,
     ready_timeout_s: float = READY_TIMEOUT_S,
+    log_file: Path | None = None,
 ) -> Iterator[RunningServer]:
     """Runs the launcher on ``model`` (None: the embedded default) with free ports and one torch
-    thread per shard, since the test machine's 2 cores are shared by every process."""
+    thread per shard, since the test machine's 2 cores are shared by every process. Its output
+    goes to ``log_file`` when given (kept, and written as it comes, even if the caller is killed)."""
     grpc_port, http_port = free_port(), free_port()
     workdir = Path(tempfile.mkdtemp(prefix="tgis-test-"))
-    log_file = workdir / "launcher.log"
+    log_file = log_file or workdir / "launcher.log"
     full_env = {
         **os.environ,
         "SHARD_TORCH_THREADS": "1",
