@@ -42,7 +42,7 @@ python3 -c 'import torch, transformers, grpc, google.protobuf as p; print(torch.
 if [[ $stage == tests || $stage == all ]]; then
   # GPU_TESTS: a narrower list of test files (the compile warm-up bench then stays out).
   default_tests="packages/tgis-shard/tests/test_steps.py packages/tgis-shard/tests/test_paged_attention.py
-    packages/tgis-shard/tests/test_memory_gpu.py packages/tgis-shard/tests/test_cuda_graphs.py
+    packages/tgis-shard/tests/test_memory_gpu.py packages/tgis-shard/tests/test_cuda_graphs.py packages/tgis-shard/tests/test_prompt_graphs.py
     packages/tgis-shard/tests/test_pt2_compile.py packages/tgis-shard/tests/test_fused.py
     packages/tgis-shard/tests/test_launch_ahead.py"
   # shellcheck disable=SC2086  # the list splits into files on purpose

@@ -50,3 +50,31 @@ def test_a_step_through_the_buffers_equals_the_forward_pass(engine):
     for before, after in zip(keys, cache.keys, strict=True):
         torch.testing.assert_close(after[1:], before[1:], rtol=1e-5, atol=1e-5)
     assert attention_heads._split is None  # attention is itself again after the step
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_bucket_whose_warm_runs_run_out_of_memory_is_left_to_eager_steps(tmp_path, monkeypatch):
+    model_dir = build_tiny_causal_lm(tmp_path / "llama", arch="llama", seed=3)
+    device = torch.device("cuda", 0)
+    engine = native_engine(0, 1, free_port(), model_dir, device=device, attention_backend="torch")
+    model, cache = engine.model, engine.cache
+    graphs = PromptGraphs(model.forward, cache, device, scratch_slot=0)
+    run_uncaptured = graphs.run_uncaptured
+
+    def short_of_memory(input_ids, meta, bucket):
+        if bucket == 32:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return run_uncaptured(input_ids, meta, bucket)
+
+    monkeypatch.setattr(graphs, "run_uncaptured", short_of_memory)
+    with torch.inference_mode():
+        graphs.capture([16, 32], engine._capture_meta)
+        assert graphs.buckets == [16]
+        assert graphs.bucket_for(20) is None  # such a step runs eagerly
+        meta = AttentionMetadata.build([1, 5], [7, 8], [[1], [2]], cache.block_size, device)
+        plan_attention(cache, meta)
+        prepare_attention(cache, meta)
+        ids = torch.tensor([4, 9, 14, 3, 8, 21], device=device)
+        expected = model.forward(ids, meta.positions, cache, meta)
+        hidden = graphs.run(ids, meta, bucket=16)
+    torch.testing.assert_close(hidden, expected, rtol=1e-4, atol=1e-4)

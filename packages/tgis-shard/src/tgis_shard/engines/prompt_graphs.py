@@ -147,6 +147,16 @@ class PromptGraphs:
             hidden = self._padded_forward(meta, bucket)
         return self._finish(hidden, bucket)[:tokens]
 
+    def _warm(self, bucket: int, meta: AttentionMetadata, side: torch.cuda.Stream) -> None:
+        """The bucket's warm runs on ``side``; then the blocks they used go back to the device, so
+        that the capture's pool can take them (``torch.cuda.graph`` does the same)."""
+        side.wait_stream(torch.cuda.current_stream(self._device))
+        with torch.cuda.stream(side):
+            for _ in range(WARM_RUNS):
+                self.run_uncaptured(self._input_ids[:bucket].clone(), meta, bucket)
+        side.synchronize()
+        torch.cuda.empty_cache()
+
     def _capture(
         self, bucket: int, meta: AttentionMetadata, pool: tuple | None, side: torch.cuda.Stream
     ) -> tuple[_Bucket, tuple]:
@@ -163,9 +173,6 @@ class PromptGraphs:
 
         side.wait_stream(torch.cuda.current_stream(self._device))
         with torch.cuda.stream(side):
-            for _ in range(WARM_RUNS):
-                self.run_uncaptured(self._input_ids[:bucket].clone(), meta, bucket)
-            side.synchronize()
             pieces[0].capture_begin(pool=pool)
             with attention_heads.split_at_attention(attend):
                 hidden = self._padded_forward(meta, bucket)
@@ -176,30 +183,41 @@ class PromptGraphs:
 
     def capture(self, buckets: list[int], capture_meta: Callable[[int], AttentionMetadata]) -> None:
         """Captures each bucket (largest first) over ``capture_meta(bucket)``: a step of that
-        many tokens in free blocks, planned for the attention backend."""
+        many tokens in free blocks, planned for the attention backend. A bucket whose warm runs
+        do not fit in the memory the KV cache left is skipped: steps of its size run eagerly."""
         started = time.monotonic()
         reserved = torch.cuda.memory_reserved(self._device)
         pool = None
-        # One stream for every bucket's warm runs: the allocator reuses a block only on the stream
-        # that freed it, and unlike ``torch.cuda.graph`` a bare ``capture_begin`` empties no cache
-        # first, so a stream per bucket kept each one's activations (the 8B shape's 19 buckets
-        # left 5.8 GiB reserved on an H100).
-        side = torch.cuda.Stream(self._device)
+        side = torch.cuda.Stream(self._device)  # the warm runs' and the captures' stream
+        too_large = []
         for bucket in progress(
             len(buckets), "capturing prompt graphs", "graphs", iterable=sorted(buckets, reverse=True)
         ):
-            self._buckets[bucket], pool = self._capture(bucket, capture_meta(bucket), pool, side)
+            meta = capture_meta(bucket)
+            try:
+                self._warm(bucket, meta, side)
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                too_large.append(bucket)
+                continue
+            self._buckets[bucket], pool = self._capture(bucket, meta, pool, side)
         self.buckets = sorted(self._buckets)
         torch.cuda.synchronize(self._device)
-        torch.cuda.empty_cache()  # the warm runs' cached blocks: what stays is the graphs' pool
-        log.info(
-            "captured prompt-step graphs for %d token counts (%d-%d) in %.1f s, holding %.0f MiB",
-            len(self.buckets),
-            self.buckets[0],
-            self.buckets[-1],
-            time.monotonic() - started,
-            (torch.cuda.memory_reserved(self._device) - reserved) / 2**20,
-        )
+        if too_large:
+            log.warning(
+                "steps of %s tokens with prompt chunks run eagerly: their prompt graphs do not fit in the memory "
+                "the KV cache leaves (KV_CACHE_MANAGER_NUM_GPU_BLOCKS lower leaves more)",
+                ", ".join(map(str, sorted(too_large))),
+            )
+        if self.buckets:
+            log.info(
+                "captured prompt-step graphs for %d token counts (%d-%d) in %.1f s, holding %.0f MiB",
+                len(self.buckets),
+                self.buckets[0],
+                self.buckets[-1],
+                time.monotonic() - started,
+                (torch.cuda.memory_reserved(self._device) - reserved) / 2**20,
+            )
 
     def run(self, input_ids: torch.Tensor, meta: AttentionMetadata, bucket: int) -> torch.Tensor:
         """The step's last-layer hidden states ``[tokens, hidden]``: its pieces replayed, its

@@ -353,7 +353,7 @@ class NativeEngine(Engine):
         if buckets:
             graphs = PromptGraphs(self._forward, self.cache, self.ctx.device, SCRATCH_BLOCK * self.block_size)
             graphs.capture(buckets, self._capture_meta)
-            self._prompt_graphs = graphs
+            self._prompt_graphs = graphs if graphs.buckets else None
 
     def _capture_lengths(self, tokens: int) -> list[int]:
         """A prompt step of ``tokens`` tokens as sequences no longer than a request can be."""
