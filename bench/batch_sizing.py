@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.random_model import SHAPES, build_random_model
+from bench.random_model import SHAPES, random_model
 from tgis_proto import shard_pb2 as pb
 from tgis_proto.plugins import resolve
 from tgis_router.admission import Admission, AdmissionConfig, Candidate, Running, memory_model, projected_peak
@@ -192,7 +192,7 @@ def main() -> None:
     configure_cuda_allocator()
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as folder:
-        model_dir = build_random_model(Path(folder) / args.shape, SHAPES[args.shape], args.max_sequence_length, device)
+        model_dir = random_model(Path(folder), args.shape, args.max_sequence_length, device)
         registry = shard_registry(None)
         ctx = ShardContext(
             model_dir=model_dir,

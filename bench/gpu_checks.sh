@@ -67,11 +67,12 @@ serving_args=("${@:2}")
 # The log fills as each variant ends, so a run cut off by the call's limit still brings back the rest.
 if [[ $stage == serving || $stage == all ]]; then
   # TORCH_LOGS: a compilation after the warm-up shows in the logs (the bench's and the shard's).
-  TORCH_LOGS=recompiles "${limit[@]}" python3 bench/serving.py --shape 8b "${serving_args[@]}" --record "$out/serving.md" \
-    --server-logs "$out/server-logs" > "$out/serving.log" 2>&1
+  # The model folder outlives the stage: the next serving stage of the call reuses it.
+  TORCH_LOGS=recompiles "${limit[@]}" python3 bench/serving.py --shape 8b --model-folder /tmp/bench-models "${serving_args[@]}" \
+    --record "$out/serving.md" --server-logs /tmp/server-logs >> "$out/serving.log" 2>&1
   grep -v "it/s]" "$out/serving.log" | tail -60
-  # At most 8 files come back from a call: the launchers' logs as one.
-  tar -czf "$out/server-logs.tgz" -C "$out" server-logs 2>/dev/null && rm -rf "$out/server-logs"
+  # At most 8 files come back from a call: the launchers' logs (every serving stage's) as one.
+  tar -czf "$out/server-logs.tgz" -C /tmp server-logs 2>/dev/null
 fi
 tar -cJf "$out/fi-cache.txz" -C "$FLASHINFER_WORKSPACE_BASE" . 2>/dev/null && ls -la "$out/fi-cache.txz"
 tar -cJf "$out/torch-cache.txz" -C .torch-cache . 2>/dev/null && ls -la "$out/torch-cache.txz"

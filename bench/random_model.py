@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -54,4 +55,19 @@ def build_random_model(dest: Path, shape: dict, max_sequence_length: int, device
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    return dest
+
+
+def random_model(folder: Path, shape_name: str, max_sequence_length: int, device: torch.device) -> Path:
+    """The random model of that shape in ``folder``: the one an earlier run saved there, else built
+    (the 8B shape takes a minute to write; the stages of one device call share it)."""
+    dtype = "bf16" if device.type == "cuda" else "fp32"
+    dest = folder / f"{shape_name}-{max_sequence_length}-{dtype}"
+    if dest.is_dir():
+        return dest
+    # Saved under another name first: a run stopped mid-save leaves no model to reuse.
+    partial = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    build_random_model(partial, SHAPES[shape_name], max_sequence_length, device)
+    partial.rename(dest)
     return dest

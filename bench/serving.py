@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.load import sweep  # noqa: E402
-from bench.random_model import SHAPES, build_random_model  # noqa: E402
+from bench.random_model import SHAPES, random_model  # noqa: E402
 from tests.support.engines import StepDriver, request  # noqa: E402
 from tests.support.server import READY_TIMEOUT_S, launcher  # noqa: E402
 from tgis_proto.plugins import resolve  # noqa: E402
@@ -464,6 +464,9 @@ def main() -> None:
     parser.add_argument(
         "--no-server", action="store_true", help="the engine's steps in process only: a quick check on the device"
     )
+    parser.add_argument(
+        "--model-folder", type=Path, help="keep the random model here, or reuse the one an earlier run kept"
+    )
     parser.add_argument("--record", type=Path, help="append the table, dated, to this file (bench/RESULTS.md)")
     parser.add_argument("--server-logs", type=Path, help="keep each variant's launcher log (router, shards) here")
     args = parser.parse_args()
@@ -475,7 +478,7 @@ def main() -> None:
     )
     max_sequence_length = args.prompt_tokens + args.new_tokens + 8
     with tempfile.TemporaryDirectory() as folder:
-        model_dir = build_random_model(Path(folder) / args.shape, SHAPES[args.shape], max_sequence_length, device)
+        model_dir = random_model(args.model_folder or Path(folder), args.shape, max_sequence_length, device)
         bandwidth = copy_bandwidth(device)
         cost = model_cost(model_dir, dtype)
         generate_rates = (
