@@ -173,6 +173,7 @@ def native_engine(
     cuda_graphs: bool = True,
     prompt_graphs: bool = True,
     pt2_compile: bool = False,
+    kv_cache_blocks: int | None = None,
 ) -> Engine:
     """The tgis_native engine as one rank of ``world_size`` (process group on ``port``)."""
     from tgis_shard.engines.tgis_native import create_engine as create_native_engine
@@ -194,6 +195,7 @@ def native_engine(
         cuda_graphs=cuda_graphs,
         prompt_graphs=prompt_graphs,
         pt2_compile=pt2_compile,
+        kv_cache_blocks=kv_cache_blocks,
     )
     return create_native_engine(ctx)
 

@@ -116,6 +116,17 @@ def _weight_bytes(rank: int, world_size: int, port: int, model_dir: str) -> int:
     return sum(p.numel() * p.element_size() for p in engine.model.parameters())
 
 
+def _cache_blocks_on_rank(rank: int, world_size: int, port: int, model_dir: str) -> int:
+    # Each rank sized for a different cache, as two GPUs with different free memory would size it.
+    engine = native_engine(rank, world_size, port, model_dir, kv_cache_blocks=48 - 8 * rank)
+    return engine.info().kv_cache.num_blocks
+
+
+def check_ranks_agree_on_the_smallest_cache(model_dir: Path) -> None:
+    """The router plans blocks with rank 0's size for every rank: all ranks take the smallest."""
+    assert run_ranks(_cache_blocks_on_rank, 2, str(model_dir)) == [40, 40]
+
+
 def check_each_rank_holds_about_half(model_dir: Path) -> None:
     """Replicated norms and row-parallel biases put each rank a little over half."""
     full = sum(p.numel() * p.element_size() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())

@@ -10,6 +10,7 @@ from tests.support.engines import check_one_batch_equals_reference, native_engin
 from tests.support.native_checks import (
     check_each_rank_holds_about_half,
     check_prefixes_equal_transformers,
+    check_ranks_agree_on_the_smallest_cache,
     check_sharded_equals_transformers,
 )
 from tests.support.tiny_models import build_tiny_causal_lm
@@ -55,6 +56,10 @@ def test_flex_attention_engine_equals_transformers_after_its_warm_up(tmp_path):
     # FlexAttention runs eagerly on a CPU: the GPU's compiled kernel sees the same masks.
     model_dir = build_tiny_causal_lm(tmp_path / "llama", arch="llama")
     check_sharded_equals_transformers(model_dir, 2, attention_backend="flex")
+
+
+def test_ranks_sized_for_different_caches_all_take_the_smallest(tmp_path):
+    check_ranks_agree_on_the_smallest_cache(build_tiny_causal_lm(tmp_path / "llama", arch="llama"))
 
 
 def test_each_rank_holds_about_half_the_weights(tmp_path):

@@ -42,6 +42,7 @@ def _collectives(rank: int, world_size: int, port: int) -> None:
         assert torch.equal(tp.all_gather(mine, dim=0), torch.cat(everyone, dim=0))
         # A transposed view is not contiguous; the gather must still see its logical layout.
         assert torch.equal(tp.all_gather(mine.t(), dim=1), torch.cat([t.t() for t in everyone], dim=1))
+        assert tp.min_over_ranks(10 + 5 * (world_size - rank)) == 15
     finally:
         shutdown()
     assert not dist.is_initialized()
@@ -71,6 +72,7 @@ def test_a_single_rank_needs_no_process_group_and_its_collectives_are_identities
     x = torch.arange(6.0).reshape(2, 3)
     assert tp.all_reduce(x) is x
     assert tp.all_gather(x, dim=0) is x
+    assert tp.min_over_ranks(7) == 7
     shutdown()  # nothing to tear down; must not raise
 
 

@@ -497,7 +497,7 @@ class NativeEngine(Engine):
             # Activations live outside the cache: cap prefill tokens by what stays free, counting
             # the quadratic part at a full-length prompt.
             per_token = linear + quadratic * settings.max_sequence_length
-            model.max_prefill_tokens = max(tokens, int(free // max(per_token, 1.0)))
+            model.max_prefill_tokens = self.tp.min_over_ranks(max(tokens, int(free // max(per_token, 1.0))))
             model.measured = True
         return model
 
@@ -586,7 +586,7 @@ def create_engine(ctx: ShardContext) -> Engine:
         return Seq2SeqLMEngine(model, ctx, eos_token_ids(ctx.model_dir, config), engine="tgis_native")
     backend = ctx.attention_backend or choose_backend(ctx.device, ctx.dtype, model.head_dim, model.uses_alibi)
     block_size = BLOCK_SIZES[backend]
-    blocks = _cache_blocks(ctx, model, block_size)
+    blocks = tp.min_over_ranks(_cache_blocks(ctx, model, block_size))
     if blocks < blocks_for(ctx.max_sequence_length, block_size):
         raise UnsupportedModelError(
             f"the KV cache holds {blocks * block_size} tokens, less than one sequence of MAX_SEQUENCE_LENGTH "

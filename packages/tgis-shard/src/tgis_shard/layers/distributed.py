@@ -31,6 +31,16 @@ class TensorParallel:
             dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.group)
         return x
 
+    def min_over_ranks(self, value: int) -> int:
+        """The smallest of the ranks' ``value``: sizes each rank measures on its own device (its KV
+        cache, its prefill cap) must agree, since the router plans with one of them for all."""
+        if self.world_size == 1:
+            return value
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" else None
+        smallest = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN, group=self.group)
+        return int(smallest.item())
+
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Concatenates every rank's ``x`` (all of one shape) along ``dim`` in rank order.
 
