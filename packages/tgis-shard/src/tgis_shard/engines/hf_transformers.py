@@ -34,6 +34,7 @@ from tgis_shard.engines.base import (
     shard_info,
 )
 from tgis_shard.engines.padded import BatchState, PaddedEngine, kept_columns
+from tgis_shard.layers.distributed import SINGLE, TensorParallel
 from tgis_shard.layers.embedding import EmbeddingOverrides
 from tgis_shard.prefixes import PromptPrefix
 from tgis_shard.sampler import Choice, GeneratedToken, Sampler
@@ -228,9 +229,10 @@ def _causal(state: BatchState) -> CausalLMBatch:
     return state
 
 
-def padded_memory_model(engine: PaddedEngine, config: object) -> pb.MemoryModel | None:
+def padded_memory_model(engine: PaddedEngine, config: object, tp: TensorParallel = SINGLE) -> pb.MemoryModel | None:
     """Memory of engines whose batches pad to the longest request and grow a dynamic cache with
-    the engine's ``cache_room_tokens`` positions of room per row."""
+    the engine's ``cache_room_tokens`` positions of room per row; under tensor parallelism the
+    limit of the rank with the least memory."""
     ctx = engine.ctx
     cache_room_tokens = engine.cache_room_tokens
     settings = ctx.memory_settings
@@ -250,7 +252,7 @@ def padded_memory_model(engine: PaddedEngine, config: object) -> pb.MemoryModel 
     # The config's count is the floor: a small probe can miss transients that grow with the batch.
     counted = memory.config_decode_bytes_per_token(config, ctx.dtype) / ctx.world_size
     return pb.MemoryModel(
-        limit_bytes=memory.free_bytes_for_batches(ctx.device, settings),
+        limit_bytes=tp.min_over_ranks(int(memory.free_bytes_for_batches(ctx.device, settings))),
         bytes_per_token=max(decode, counted),
         prefill_bytes_per_token=linear,
         prefill_quadratic_bytes=quadratic,

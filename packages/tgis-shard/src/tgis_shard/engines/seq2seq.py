@@ -33,7 +33,7 @@ from tgis_shard.engines import kv_cache
 from tgis_shard.engines.base import ShardContext, UnsupportedModelError, shard_info
 from tgis_shard.engines.hf_transformers import padded_memory_model
 from tgis_shard.engines.padded import BatchState, PaddedEngine, kept_columns
-from tgis_shard.layers.distributed import agree_with_rank0
+from tgis_shard.layers.distributed import SINGLE, TensorParallel, agree_with_rank0
 from tgis_shard.layers.embedding import EmbeddingOverrides
 from tgis_shard.prefixes import PromptPrefix
 from tgis_shard.sampler import Choice, GeneratedToken, Sampler
@@ -108,11 +108,18 @@ class _RowPositions:
 
 class Seq2SeqLMEngine(PaddedEngine):
     def __init__(
-        self, model: PreTrainedModel, ctx: ShardContext, eos_token_ids: list[int], engine: str = "hf_transformers"
+        self,
+        model: PreTrainedModel,
+        ctx: ShardContext,
+        eos_token_ids: list[int],
+        engine: str = "hf_transformers",
+        tp: TensorParallel = SINGLE,
     ):
         super().__init__()
-        # ``model`` may also be a tensor-parallel model with the same interface (tgis_native's T5).
+        # ``model`` may also be a tensor-parallel model with the same interface (tgis_native's T5):
+        # ``tp`` is then its rank's group.
         self.model = model
+        self.tp = tp
         self.engine = engine
         self.ctx = ctx
         self.eos_token_ids = eos_token_ids
@@ -314,7 +321,7 @@ class Seq2SeqLMEngine(PaddedEngine):
         return tokens
 
     def memory_model(self) -> pb.MemoryModel | None:
-        return padded_memory_model(self, self.model.config)
+        return padded_memory_model(self, self.model.config, self.tp)
 
     @torch.inference_mode()
     def health_check(self) -> None:

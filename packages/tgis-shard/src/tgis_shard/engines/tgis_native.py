@@ -583,7 +583,7 @@ def create_engine(ctx: ShardContext) -> Engine:
     with Weights(ctx.model_dir, tp, ctx.dtype, ctx.device) as weights:
         model = build(config, weights, tp)
     if getattr(config, "is_encoder_decoder", False):
-        return Seq2SeqLMEngine(model, ctx, eos_token_ids(ctx.model_dir, config), engine="tgis_native")
+        return Seq2SeqLMEngine(model, ctx, eos_token_ids(ctx.model_dir, config), engine="tgis_native", tp=tp)
     backend = ctx.attention_backend or choose_backend(ctx.device, ctx.dtype, model.head_dim, model.uses_alibi)
     block_size = BLOCK_SIZES[backend]
     blocks = tp.min_over_ranks(_cache_blocks(ctx, model, block_size))
