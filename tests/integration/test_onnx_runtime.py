@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.support.ports import free_port
+from tests.support.ports import free_ports
 from tests.support.server import launcher, launcher_command
 from tests.support.tiny_models import build_tiny_causal_lm, reference_texts
 from tgis_proto import generation_pb2 as fmaas
@@ -52,14 +52,8 @@ def test_smollm2_on_onnx_runtime_equals_transformers(server, expected):
 def test_a_model_without_an_export_is_refused_at_start_with_the_command_that_makes_one(tmp_path):
     model = build_tiny_causal_lm(tmp_path / "llama", arch="llama")
     command = [*launcher_command(), "--model-name", str(model), "--deployment-framework", "hf_optimum_ort"]
-    command += [
-        "--shard-uds-path",
-        str(tmp_path / "shard"),
-        "--grpc-port",
-        str(free_port()),
-        "--port",
-        str(free_port()),
-    ]
+    grpc_port, http_port = free_ports(2)
+    command += ["--shard-uds-path", str(tmp_path / "shard"), "--grpc-port", str(grpc_port), "--port", str(http_port)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert f"no ONNX export of {model} (of this version of tgis): make one with " in result.stderr

@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.support.ports import free_port
+from tests.support.ports import free_ports
 from tgis_proto import generation_pb2_grpc as fmaas_grpc
 
 READY_TIMEOUT_S = 300.0
@@ -86,7 +86,7 @@ def launcher(
     """Runs the launcher on ``model`` (None: the embedded default) with free ports and one torch
     thread per shard, since the test machine's 2 cores are shared by every process. Its output
     goes to ``log_file`` when given (kept, and written as it comes, even if the caller is killed)."""
-    grpc_port, http_port = free_port(), free_port()
+    grpc_port, http_port = free_ports(2)
     workdir = Path(tempfile.mkdtemp(prefix="tgis-test-"))
     log_file = log_file or workdir / "launcher.log"
     full_env = {
