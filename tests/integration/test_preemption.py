@@ -11,7 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from transformers import AutoTokenizer
 
-from tests.support.server import free_port, launcher
+from tests.support.ports import free_port
+from tests.support.server import launcher
 from tests.support.tiny_models import build_tiny_causal_lm, reference_texts
 from tgis_proto import generation_pb2 as fmaas
 

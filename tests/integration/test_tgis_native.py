@@ -9,8 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from transformers import AutoTokenizer
 
+from tests.support.ports import free_port
 from tests.support.prefixes import reference_greedy_with_prefix, save_peft_prefix
-from tests.support.server import free_port, launcher
+from tests.support.server import launcher
 from tests.support.tiny_models import build_tiny_causal_lm, reference_texts
 from tgis_proto import generation_pb2 as fmaas
 
