@@ -101,7 +101,7 @@ def test_steps_launched_ahead_give_the_tokens_of_steps_run_one_by_one(model_dir,
 def test_steps_launch_without_waiting_for_the_device(model_dir, backend, caplog):
     """Decode steps replayed from a graph, on either GPU backend; with FlashInfer, also a step in
     which a prompt joins the decodes (its metadata reaches the device through pinned memory)."""
-    caplog.set_level(logging.ERROR, logger="tgis_shard.steps")
+    caplog.set_level(logging.WARNING, logger="tgis_shard.steps")  # a failed join, a failed launch
     dtype = torch.bfloat16 if backend == "flashinfer" else torch.float32
     engine = native_engine(
         0, 1, free_port(), model_dir, dtype, device=torch.device("cuda", 0), attention_backend=backend
