@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tgis_shard.engines.cuda_graphs import smallest_bucket
+from tgis_shard.engines.cuda_graphs import WARM_RUNS, smallest_bucket
 from tgis_shard.layers import attention_heads
 from tgis_shard.layers.attention_heads import AttentionHeads
 from tgis_shard.layers.paged_attention import AttentionMetadata, PagedKVCache
@@ -39,9 +39,6 @@ log = logging.getLogger(__name__)
 # Above this many tokens a step's device work outlasts its host work (H100, 8B shape: ~45 ms of
 # matrix products at 2,048 tokens): it runs eagerly, without a graph's memory held for it.
 MAX_GRAPHED_TOKENS = 2048
-# Eager runs of each bucket before its capture: compiled kernels are built and the allocator
-# warmed outside the graph, as capture allows neither.
-WARM_RUNS = 2
 
 # The family's forward pass over fixed inputs: (input_ids, positions, cache, meta) -> hidden.
 Forward = Callable[[torch.Tensor, torch.Tensor, PagedKVCache, AttentionMetadata], torch.Tensor]
