@@ -19,6 +19,7 @@ from tests.support.engines import NEW_TOKENS, PROMPTS, StepDriver, native_engine
 from tests.support.prefixes import PREFIXES, check_prefix_outputs, run_prefix_scenario, save_prefixes
 from tests.support.ranks import run_ranks
 from tests.support.tiny_models import reference_greedy
+from tgis_shard.layers.flashinfer_paged import flashinfer_available
 
 LOGPROB_TOLERANCE = 1e-4  # float32 on CPU: the sharded sums only reorder additions
 GPU_NEW_TOKENS = 12
@@ -32,6 +33,12 @@ GPU_COUNTS = [
         n, id=f"{n}gpu", marks=pytest.mark.skipif(torch.cuda.device_count() < n, reason=f"needs {n} CUDA devices")
     )
     for n in (1, 2)
+]
+# Attention backends a rotary family's GPU checks run on: FlashInfer (the default where it is
+# installed, for head sizes 64, 128 and 256) and FlexAttention (ALiBi, other head sizes).
+GPU_BACKENDS = [
+    pytest.param("flashinfer", marks=pytest.mark.skipif(not flashinfer_available(), reason="needs flashinfer")),
+    "flex",
 ]
 
 
@@ -137,10 +144,22 @@ def check_each_rank_holds_about_half(model_dir: Path) -> None:
 
 
 def _gpu_scenario(
-    rank: int, world_size: int, port: int, model_dir: str, ids, dtype: torch.dtype, store: str | None
+    rank: int,
+    world_size: int,
+    port: int,
+    model_dir: str,
+    ids,
+    dtype: torch.dtype,
+    store: str | None,
+    backend: str | None,
 ) -> dict:
+    # One model per process, as in a shard: graphs compiled for another model's cache count
+    # against FlexAttention's recompile limit.
+    torch._dynamo.reset()
     device = torch.device(f"cuda:{rank}")
-    engine = native_engine(rank, world_size, port, model_dir, dtype, device, prefix_store_path=store and Path(store))
+    engine = native_engine(
+        rank, world_size, port, model_dir, dtype, device, backend, prefix_store_path=store and Path(store)
+    )
     engine.warm_up()
     prefix_ids = {i: PREFIXES[i][0] for i in PREFIXES} if store else {}
     driver = StepDriver(engine)
@@ -185,19 +204,21 @@ def _gpu_reference(
 
 
 def check_gpus_match_transformers(
-    model_dir: Path, dtype: torch.dtype, gpus: int, prefix_store: Path | None = None
+    model_dir: Path, dtype: torch.dtype, gpus: int, prefix_store: Path | None = None, backend: str | None = None
 ) -> None:
-    """TP=``gpus`` (over NCCL from 2) against transformers on one GPU; a divergence is allowed only
-    at a near-tie. With ``prefix_store``, requests 0 and 2 carry the prefix scenario's PEFT prompt
-    prefixes."""
+    """TP=``gpus`` (over NCCL from 2) against transformers on one GPU, with CUDA graphs for decode
+    and prompt steps and the ``backend``'s attention (None: the engine's choice); a divergence
+    is allowed only at a near-tie. With ``prefix_store``, requests 0 and 2 carry the prefix
+    scenario's PEFT prompt prefixes."""
     ids = prompt_ids(model_dir)
     prefixes: dict[int, torch.Tensor] = {}
     if prefix_store is not None:
         saved = save_prefixes(model_dir, prefix_store)
         prefixes = {i: saved[name] for i, (name, _) in PREFIXES.items()}
     store = str(prefix_store) if prefix_store is not None else None
-    results = run_ranks(_gpu_scenario, gpus, str(model_dir), ids, dtype, store)
+    results = run_ranks(_gpu_scenario, gpus, str(model_dir), ids, dtype, store, backend)
     assert all(r["outputs"] == results[0]["outputs"] for r in results)
+    assert backend is None or results[0]["backend"] == backend
     print(f"{model_dir.name} {dtype} on {gpus} GPUs: attention backend {results[0]['backend']}")
     for i, (ref_tokens, ref_logits) in enumerate(_gpu_reference(model_dir, ids, dtype, prefixes)):
         assert_close_to_reference(

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.support.native_checks import GPU_COUNTS, check_gpus_match_transformers
+from tests.support.native_checks import GPU_BACKENDS, GPU_COUNTS, check_gpus_match_transformers
 from tests.support.tiny_models import build_tiny_causal_lm
 
-SHAPE = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8}
+SHAPE = {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8}  # heads of 64, as FlashInfer takes
 CONFIGS = {
     # Grouped KV heads with rotary positions: flash-attn's GQA path where it is installed.
     "falcon-40b": {**SHAPE, "new_decoder_architecture": True, "num_kv_heads": 2},
@@ -27,5 +27,8 @@ def model_dir(request, tmp_path_factory):
 
 @pytest.mark.parametrize("gpus", GPU_COUNTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_falcon_on_gpus_matches_transformers(model_dir, dtype, gpus):
-    check_gpus_match_transformers(model_dir, dtype, gpus)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_falcon_on_gpus_matches_transformers(model_dir, dtype, gpus, backend, request):
+    if backend == "flashinfer" and CONFIGS[request.node.callspec.params["model_dir"]].get("alibi"):
+        pytest.skip("FlashInfer serves no ALiBi: FlexAttention does")
+    check_gpus_match_transformers(model_dir, dtype, gpus, backend=backend)

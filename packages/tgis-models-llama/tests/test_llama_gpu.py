@@ -8,20 +8,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.support.native_checks import GPU_COUNTS, check_gpus_match_transformers
+from tests.support.native_checks import GPU_BACKENDS, GPU_COUNTS, check_gpus_match_transformers
 from tests.support.tiny_models import build_tiny_causal_lm
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    shape = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2}
+    # Heads of 64: a size FlashInfer's kernels take.
+    shape = {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2}
     return build_tiny_causal_lm(tmp_path_factory.mktemp("llama-gpu"), arch="llama", **shape)
 
 
 @pytest.mark.parametrize("gpus", GPU_COUNTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_llama_on_gpus_matches_transformers(model_dir, dtype, gpus):
-    check_gpus_match_transformers(model_dir, dtype, gpus)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_llama_on_gpus_matches_transformers(model_dir, dtype, gpus, backend):
+    check_gpus_match_transformers(model_dir, dtype, gpus, backend=backend)
 
 
 @pytest.mark.parametrize("gpus", GPU_COUNTS)

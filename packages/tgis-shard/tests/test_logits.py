@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.generation.logits_process import (
     ExponentialDecayLengthPenalty,
     MinNewTokensLengthLogitsProcessor,
@@ -277,3 +278,54 @@ def test_plain_greedy_rows_take_the_argmax_of_half_precision_logits_as_float32_w
     # One row that wants details sends the whole step through the float32 path, with the same tokens.
     detailed = _sampler(*plain[:2], _request(3))
     assert detailed.choose(logits, [1, 2, 3]).token_ids.tolist() == choice.token_ids.tolist()
+
+
+class _DeviceOps(TorchDispatchMode):
+    """Records the name of each op that runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        blocking_copy = func is torch.ops.aten._to_copy.default and not kwargs.get("non_blocking", False)
+        self.ops.append(f"{func} (blocking)" if blocking_copy else str(func))
+        return func(*args, **kwargs)
+
+
+# What a GPU runs without waiting for its queue: views, fills of a scalar, non-blocking copies.
+_NON_WAITING_OPS = {
+    "aten.select.int",
+    "aten.fill_.Scalar",
+    "aten.index_fill_.int_Scalar",
+    "aten._to_copy.default",
+    "aten.zeros.default",
+    "aten.lift_fresh.default",
+}
+
+
+def test_a_request_joins_without_a_copy_that_waits_for_the_device():
+    """A join comes while the step before it runs (launched ahead): its parameters reach the
+    device as fills and non-blocking copies, so the host never waits for that step. On a GPU,
+    ``tensor[slot] = value`` copies the value from pageable host memory, which waits; the meta
+    device stands in for the GPU, where the same assignment shows as a scalar tensor copied in."""
+    sampler = Sampler(4, VOCAB, [EOS], torch.device("meta"))
+    chooser = pb.NextTokenChooser(
+        sample=True,
+        temperature=0.7,
+        top_k=5,
+        top_p=0.9,
+        typical_p=0.8,
+        seed=11,
+        repetition_penalty=1.3,
+        length_penalty=True,
+        length_penalty_start=3,
+        length_penalty_decay=1.1,
+        min_new_tokens=2,
+    )
+    penalised = pb.Request(id=1, input_ids=[5, 6, 7], chooser=chooser, resumed_tokens=1)
+    with _DeviceOps() as device_ops:
+        sampler.add(penalised, penalised.input_ids)
+    assert device_ops.ops, "the meta device's ops are seen"
+    assert set(device_ops.ops) <= _NON_WAITING_OPS, device_ops.ops

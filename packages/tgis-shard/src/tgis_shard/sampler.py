@@ -33,6 +33,7 @@ from tgis_shard.logits import (
     top_tokens,
     typical_p,
 )
+from tgis_shard.staging import ids_to_device, to_device
 
 _U64 = 1 << 64
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -265,15 +266,17 @@ class Sampler:
             self._seed: params.seed,
             self._generated: request.resumed_tokens,
         }
+        # fill_ takes the value as a kernel argument; ``tensor[slot] = value`` copies it from
+        # pageable host memory, which waits for the step the device is still running.
         for tensor, value in values.items():
-            tensor[slot] = value
+            tensor[slot].fill_(value)
         if params.repetition_penalty != 1.0:
             if self._seen is None:
                 self._seen = torch.zeros((self.capacity, self.vocab_size), dtype=torch.bool, device=self.device)
-            self._seen[slot] = False
+            self._seen[slot].fill_(False)
             ids = [i for i in history if 0 <= i < self.vocab_size]
             if ids:
-                self._seen[slot, torch.tensor(ids, dtype=torch.long, device=self.device)] = True
+                self._seen[slot].index_fill_(0, ids_to_device(ids, self.device), True)
         host = {
             "sample": params.sample,
             "temperature": params.temperature != 1.0,
@@ -310,7 +313,7 @@ class Sampler:
         if host_slots is None:
             host_slots = np.fromiter((self._slots[r] for r in request_ids), dtype=np.int64, count=len(request_ids))
         if slots is None:
-            slots = torch.from_numpy(host_slots).to(self.device)
+            slots = to_device(torch.from_numpy(host_slots), self.device)
         host = {name: values[host_slots] for name, values in self._host.items()}
         masks_eos = bool((host["generated"] < host["min_new_tokens"]).any())
         penalises_length = bool(host["length_penalty"].any())

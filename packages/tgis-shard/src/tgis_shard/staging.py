@@ -15,9 +15,9 @@ import torch
 def to_device(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``tensor`` (on the host) on ``device``, as ``dtype``; to a GPU in a copy that does not block."""
     tensor = tensor if dtype is None else tensor.to(dtype)
-    if torch.device(device).type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
+    if torch.device(device).type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def ids_to_device(values: list[int], device: torch.device | str) -> torch.Tensor:
