@@ -205,6 +205,7 @@ def main() -> None:
             registry=registry,
             max_batch_size=args.max_batch_size,
             batch_safety_margin=args.safety_margin,
+            hf_paged=False,  # hf_transformers' padded batches, which this bench sizes
         )
         engine = resolve(registry.engine(args.engine).target)(ctx)
         info = engine.info()

@@ -44,7 +44,7 @@ if [[ $stage == tests || $stage == all ]]; then
   default_tests="packages/tgis-shard/tests/test_steps.py packages/tgis-shard/tests/test_paged_attention.py
     packages/tgis-shard/tests/test_memory_gpu.py packages/tgis-shard/tests/test_cuda_graphs.py packages/tgis-shard/tests/test_prompt_graphs.py
     packages/tgis-shard/tests/test_pt2_compile.py packages/tgis-shard/tests/test_fused.py
-    packages/tgis-shard/tests/test_launch_ahead.py"
+    packages/tgis-shard/tests/test_launch_ahead.py packages/tgis-shard/tests/test_hf_paged.py"
   # shellcheck disable=SC2086  # the list splits into files on purpose
   # The CPU case of test_fused compiles for the CPU with the device image's torch, not the pinned
   # one CI checks it with (bit for bit there); the device checks the CUDA case.

@@ -46,6 +46,7 @@ def probe(engine_name: str, model_dir: Path) -> None:
         max_batch_size=64,
         master_addr="127.0.0.1",
         master_port=29533,
+        hf_paged=False,  # hf_transformers' padded memory model
     )
     started = time.monotonic()
     engine = resolve(registry.engine(engine_name).target)(ctx)

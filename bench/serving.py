@@ -57,6 +57,7 @@ class Variant:
     prompt_graphs: bool = True
     fused_kernels: bool = True
     pt2_compile: bool = False
+    hf_paged_cache: bool = True  # hf_transformers on the paged cache where the model allows
     # The router's budget of a step in which requests decode (None: its default); the engine alone ignores it.
     max_step_tokens_while_decoding: int | None = None
 
@@ -82,6 +83,8 @@ VARIANTS = {
     # The engine for any transformers model (issue: ≥ 1.5× generate()), eager and compiled.
     "hf-transformers": Variant(deployment_framework="hf_transformers"),
     "hf-transformers-pt2": Variant(deployment_framework="hf_transformers", pt2_compile=True),
+    # transformers' own padded batches and dynamic cache (HF_PAGED_CACHE=false), as before the paged path.
+    "hf-transformers-padded": Variant(deployment_framework="hf_transformers", hf_paged_cache=False),
 }
 
 
@@ -209,6 +212,7 @@ def in_process_decode_steps(
         estimate_memory="off",
         cuda_graphs=variant.cuda_graphs,
         prompt_graphs=variant.prompt_graphs,
+        hf_paged=variant.hf_paged_cache,
         pt2_compile=variant.pt2_compile,
     )
     engine = resolve(registry.engine(variant.deployment_framework).target)(ctx)
@@ -385,7 +389,8 @@ def step_breakdown(served: dict[int, dict]) -> list[str]:
 def _describe(variant: Variant, device: torch.device) -> str:
     on_gpu = device.type == "cuda"
     if variant.deployment_framework != "tgis_native":
-        return f"{variant.deployment_framework}, PT2_COMPILE {'on' if variant.pt2_compile else 'off'}"
+        paged = "" if variant.hf_paged_cache else ", HF_PAGED_CACHE off"
+        return f"{variant.deployment_framework}{paged}, PT2_COMPILE {'on' if variant.pt2_compile else 'off'}"
     return (
         f"CUDA graphs {'on' if variant.cuda_graphs and on_gpu else 'off'}"
         + (" (prompt steps too)" if variant.cuda_graphs and variant.prompt_graphs and on_gpu else "")

@@ -174,10 +174,10 @@ def native_engine(
     prompt_graphs: bool = True,
     pt2_compile: bool = False,
     kv_cache_blocks: int | None = None,
+    engine: str = "tgis_native",
 ) -> Engine:
-    """The tgis_native engine as one rank of ``world_size`` (process group on ``port``)."""
-    from tgis_shard.engines.tgis_native import create_engine as create_native_engine
-
+    """The tgis_native engine (or another paged ``engine``: hf_transformers on a GPU) as one rank
+    of ``world_size`` (process group on ``port``)."""
     ctx = ShardContext(
         model_dir=Path(model_dir),
         model_type="test",
@@ -197,7 +197,7 @@ def native_engine(
         pt2_compile=pt2_compile,
         kv_cache_blocks=kv_cache_blocks,
     )
-    return create_native_engine(ctx)
+    return resolve(ctx.registry.engine(engine).target)(ctx)
 
 
 def check_one_batch_equals_reference(

@@ -152,13 +152,14 @@ def _gpu_scenario(
     dtype: torch.dtype,
     store: str | None,
     backend: str | None,
+    engine_name: str,
 ) -> dict:
     # One model per process, as in a shard: graphs compiled for another model's cache count
     # against FlexAttention's recompile limit.
     torch._dynamo.reset()
     device = torch.device(f"cuda:{rank}")
     engine = native_engine(
-        rank, world_size, port, model_dir, dtype, device, backend, prefix_store_path=store and Path(store)
+        rank, world_size, port, model_dir, dtype, device, backend, store and Path(store), engine=engine_name
     )
     engine.warm_up()
     prefix_ids = {i: PREFIXES[i][0] for i in PREFIXES} if store else {}
@@ -204,19 +205,24 @@ def _gpu_reference(
 
 
 def check_gpus_match_transformers(
-    model_dir: Path, dtype: torch.dtype, gpus: int, prefix_store: Path | None = None, backend: str | None = None
+    model_dir: Path,
+    dtype: torch.dtype,
+    gpus: int,
+    prefix_store: Path | None = None,
+    backend: str | None = None,
+    engine: str = "tgis_native",
 ) -> None:
     """TP=``gpus`` (over NCCL from 2) against transformers on one GPU, with CUDA graphs for decode
-    and prompt steps and the ``backend``'s attention (None: the engine's choice); a divergence
-    is allowed only at a near-tie. With ``prefix_store``, requests 0 and 2 carry the prefix
-    scenario's PEFT prompt prefixes."""
+    and prompt steps and the ``backend``'s attention (None: the engine's choice), on tgis_native
+    or another paged ``engine``; a divergence is allowed only at a near-tie. With
+    ``prefix_store``, requests 0 and 2 carry the prefix scenario's PEFT prompt prefixes."""
     ids = prompt_ids(model_dir)
     prefixes: dict[int, torch.Tensor] = {}
     if prefix_store is not None:
         saved = save_prefixes(model_dir, prefix_store)
         prefixes = {i: saved[name] for i, (name, _) in PREFIXES.items()}
     store = str(prefix_store) if prefix_store is not None else None
-    results = run_ranks(_gpu_scenario, gpus, str(model_dir), ids, dtype, store, backend)
+    results = run_ranks(_gpu_scenario, gpus, str(model_dir), ids, dtype, store, backend, engine)
     assert all(r["outputs"] == results[0]["outputs"] for r in results)
     assert backend is None or results[0]["backend"] == backend
     print(f"{model_dir.name} {dtype} on {gpus} GPUs: attention backend {results[0]['backend']}")

@@ -76,16 +76,24 @@ def test_engine_options_reach_every_shard_s_serve_command():
     assert "--no-cuda-graphs" not in plain
     assert "--no-prompt-graphs" not in plain
     assert "--no-fused-kernels" not in plain
+    assert "--no-hf-paged-cache" not in plain
     assert plain[plain.index("--uds-path") + 1].endswith("-1")
     environ = {
         "PT2_COMPILE": "true",
         "CUDA_GRAPHS": "false",
         "PROMPT_GRAPHS": "false",
         "FUSED_KERNELS": "false",
+        "HF_PAGED_CACHE": "false",
         "KV_CACHE_MANAGER_NUM_GPU_BLOCKS": "64",
     }
     args = shard_serve_args(parse_config([], environ=environ), "/model", 256, rank=0)
-    assert {"--pt2-compile", "--no-cuda-graphs", "--no-prompt-graphs", "--no-fused-kernels"} <= set(args)
+    assert {
+        "--pt2-compile",
+        "--no-cuda-graphs",
+        "--no-prompt-graphs",
+        "--no-fused-kernels",
+        "--no-hf-paged-cache",
+    } <= set(args)
     assert args[args.index("--kv-cache-blocks") + 1] == "64"
 
 

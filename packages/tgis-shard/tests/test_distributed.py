@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
@@ -10,18 +9,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.support.ports import free_port
 from tgis_shard.layers.distributed import SINGLE, TensorParallel, init_tensor_parallel, shutdown
 
 WORLD_SIZE = 2
 # A lost peer must fail the collective well before the test's own deadline.
 COLLECTIVE_TIMEOUT_S = 10
 TEST_DEADLINE_S = 60
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _collectives(rank: int, world_size: int, port: int) -> None:
@@ -50,7 +44,7 @@ def _collectives(rank: int, world_size: int, port: int) -> None:
 
 def test_two_gloo_ranks_sum_with_all_reduce_and_concatenate_in_rank_order_with_all_gather() -> None:
     context = mp.start_processes(
-        _collectives, args=(WORLD_SIZE, _free_port()), nprocs=WORLD_SIZE, join=False, start_method="spawn"
+        _collectives, args=(WORLD_SIZE, free_port()), nprocs=WORLD_SIZE, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + TEST_DEADLINE_S
     try:

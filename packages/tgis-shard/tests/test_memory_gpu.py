@@ -37,6 +37,7 @@ def test_decode_of_another_batch_shape_stays_within_the_reported_bytes_per_token
         max_sequence_length=1024,
         registry=shard_registry(None),
         max_batch_size=16,
+        hf_paged=False,  # the padded engine's memory model
     )
     engine = create_engine(ctx)
     model = engine.memory_model()

@@ -1,9 +1,9 @@
-"""PT2_COMPILE on tgis_native and hf_transformers (causal, and encoder-decoder with relative and
-with absolute decoder positions): the compiled forward pass gives the eager engine's tokens and
-logprobs through a random serving mix (requests joining and leaving, prompt chunks beside decodes
-on tgis_native, one-row and many-row steps, one-token prompts, contexts within one block and over
-several, caches outgrowing their room on hf_transformers, input-token details), and once the
-warm-up ran, that mix compiles nothing new."""
+"""PT2_COMPILE on tgis_native and hf_transformers (on the paged cache; and padded: causal, and
+encoder-decoder with relative and with absolute decoder positions): the compiled forward pass
+gives the eager engine's tokens and logprobs through a random serving mix (requests joining and
+leaving, prompt chunks beside decodes on the paged cache, one-row and many-row steps, one-token
+prompts, contexts within one block and over several, caches outgrowing their room on padded
+hf_transformers, input-token details), and once the warm-up ran, that mix compiles nothing new."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from tests.support.ports import free_port
 from tests.support.tiny_models import build_tiny_causal_lm, build_tiny_seq2seq_lm
 from tgis_proto.plugins import resolve
 from tgis_shard.engines.base import Engine
+from tgis_shard.engines.tgis_native import NativeEngine
 
 STEPS = 60
 # The compiled pass fuses and reorders arithmetic: sums round differently, far below this in
@@ -37,6 +38,13 @@ def model_dir(tmp_path_factory):
     # Heads of 128, which FlashInfer is built for on a GPU.
     shape = {"hidden_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1}
     return build_tiny_causal_lm(tmp_path_factory.mktemp("llama-pt2"), arch="llama", seed=6, **shape)
+
+
+@pytest.fixture(autouse=True)
+def one_model_per_process():
+    """As in a shard, which compiles one model: what earlier tests compiled for other models
+    counts against torch's recompile limit of code they share (transformers' decorators)."""
+    torch._dynamo.reset()
 
 
 def _compiled_graphs() -> int:
@@ -67,17 +75,29 @@ def _serve_mix(
     return tokens
 
 
+# hf_transformers on the paged cache (engines.hf_paged): the whole of transformers' decoder
+# compiled, around our attention function. On the CPU it takes that path with a backend asked for.
+@pytest.mark.parametrize("engine_name", ["tgis_native", "hf_transformers"])
 @pytest.mark.parametrize(("device", "dtype"), DEVICES)
-def test_compiled_forward_equals_eager_and_compiles_nothing_after_the_warm_up(model_dir, device, dtype):
+def test_compiled_forward_equals_eager_and_compiles_nothing_after_the_warm_up(model_dir, device, dtype, engine_name):
     device = torch.device(device, 0) if device == "cuda" else torch.device(device)
-    compiled = native_engine(0, 1, free_port(), model_dir, dtype, device=device, pt2_compile=True)
+    backend = "torch" if device.type == "cpu" else None
+
+    def paged_engine(pt2_compile: bool) -> Engine:
+        engine = native_engine(
+            0, 1, free_port(), model_dir, dtype, device, backend, pt2_compile=pt2_compile, engine=engine_name
+        )
+        assert isinstance(engine, NativeEngine)
+        return engine
+
+    compiled = paged_engine(pt2_compile=True)
     before = _compiled_graphs()
     compiled.warm_up()
     after_warm_up = _compiled_graphs()
     assert after_warm_up > before
     tokens = _serve_mix(compiled, seed=3)
     assert _compiled_graphs() == after_warm_up
-    eager = native_engine(0, 1, free_port(), model_dir, dtype, device=device)
+    eager = paged_engine(pt2_compile=False)
     eager.warm_up()
     expected = _serve_mix(eager, seed=3)
     assert len(tokens) > STEPS / 2
@@ -86,7 +106,7 @@ def test_compiled_forward_equals_eager_and_compiles_nothing_after_the_warm_up(mo
 
 
 def _transformers_engine(model_dir, pt2_compile: bool) -> Engine:
-    ctx = cpu_context(model_dir, pt2_compile=pt2_compile, max_batch_size=8)
+    ctx = cpu_context(model_dir, pt2_compile=pt2_compile, max_batch_size=8, hf_paged=False)
     engine = resolve(ctx.registry.engine("hf_transformers").target)(ctx)
     # Little room in the caches (kv_cache.RoomyLayer): the mix outgrows it again and again.
     engine.cache_room_tokens = 3

@@ -29,7 +29,7 @@ def engine(request, model_dir) -> FaultyEngine:
     name, _, device_type = request.param.partition("-")
     device = torch.device(device_type, 0) if device_type else torch.device("cpu")
     if name == "hf_transformers":
-        ctx = cpu_context(model_dir, device=device)
+        ctx = cpu_context(model_dir, device=device, hf_paged=False)  # the padded engine on CUDA too
         return FaultyEngine(resolve(ctx.registry.engine(name).target)(ctx))
     # The torch attention backend on CUDA too: these steps test bookkeeping, not kernels.
     return FaultyEngine(native_engine(0, 1, free_port(), model_dir, device=device, attention_backend="torch"))

@@ -109,6 +109,7 @@ class LauncherConfig:
     cuda_graphs: bool = True
     prompt_graphs: bool = True
     fused_kernels: bool = True
+    hf_paged_cache: bool = True
     estimate_memory: str = "auto"
     tgis_plugins: str | None = None
     json_output: bool = False
@@ -188,7 +189,7 @@ OPTIONS: tuple[Option, ...] = (
         parse_bool,
         "run the model's forward pass through torch.compile (tgis_native, hf_transformers)",
     ),
-    Option("cuda_graphs", parse_bool, "replay decode steps from CUDA graphs (tgis_native on one GPU)"),
+    Option("cuda_graphs", parse_bool, "replay decode steps from CUDA graphs (paged engines on one GPU)"),
     Option(
         "prompt_graphs",
         parse_bool,
@@ -196,6 +197,11 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "fused_kernels", parse_bool, "fuse norms, rotary and activations into one kernel each on GPUs (torch.compile)"
+    ),
+    Option(
+        "hf_paged_cache",
+        parse_bool,
+        "hf_transformers on a GPU: causal LMs that take transformers' attention functions run on the paged KV cache",
     ),
     Option("estimate_memory", str, "auto, manual or off"),
     Option("tgis_plugins", str, "comma-separated allow-list of installed plugins to load"),

@@ -72,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
         help="run tgis_native's steps with prompt chunks eagerly instead of replaying them in CUDA-graph pieces",
     )
     serve.add_argument(
+        "--no-hf-paged-cache",
+        dest="hf_paged",
+        action="store_false",
+        help="run hf_transformers' causal LMs in left-padded batches in transformers' cache, never on the paged cache",
+    )
+    serve.add_argument(
         "--no-fused-kernels",
         dest="fused_kernels",
         action="store_false",
@@ -184,6 +190,7 @@ def _serve(args: argparse.Namespace) -> None:
         kv_cache_blocks=args.kv_cache_blocks,
         cuda_graphs=args.cuda_graphs,
         prompt_graphs=args.prompt_graphs,
+        hf_paged=args.hf_paged,
         pt2_compile=args.pt2_compile,
         cache_dir=args.cache_dir,
     )

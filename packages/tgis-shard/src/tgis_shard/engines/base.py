@@ -41,6 +41,10 @@ class ShardContext:
     batch_safety_margin: int = 20
     attention_backend: str | None = None
     """Paged attention backend of tgis_native (flash, flex, torch); None: the fastest that runs."""
+    hf_paged: bool = True
+    """HF_PAGED_CACHE: hf_transformers runs a causal LM on the paged cache where it can
+    (engines.hf_paged) on a GPU, or where ``attention_backend`` is set; False: padded batches in
+    transformers' cache."""
     prefix_store_path: Path | None = None
     """Folder of prompt prefixes (PREFIX_STORE_PATH); None: requests naming one are refused."""
     prompt_cache_size_mb: int = 512

@@ -20,12 +20,13 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     DynamicCache,
     GenerationConfig,
+    PretrainedConfig,
     PreTrainedModel,
 )
 
 from tgis_proto import shard_pb2 as pb
 from tgis_shard import memory
-from tgis_shard.engines import kv_cache
+from tgis_shard.engines import hf_paged, kv_cache
 from tgis_shard.engines.base import (
     Engine,
     ShardContext,
@@ -286,6 +287,19 @@ def create_sdpa_engine(ctx: ShardContext) -> Engine:
     return _load_engine(ctx, "hf_optimum_bt", attn_implementation="sdpa")
 
 
+def _pages_its_cache(ctx: ShardContext, config: PretrainedConfig) -> bool:
+    """A causal LM runs on the paged cache (``engines.hf_paged``) on a GPU, or wherever an
+    attention backend of ours is asked for, unless transformers' model cannot; the log says which."""
+    if not ctx.hf_paged or (ctx.device.type != "cuda" and ctx.attention_backend is None):
+        return False
+    reason = hf_paged.unsupported(config, ctx.max_sequence_length)
+    if reason is None:
+        log.info("hf_transformers: the model runs on the paged KV cache with tgis_native's steps")
+        return True
+    log.info("hf_transformers: padded batches in transformers' own cache, not the paged cache: %s", reason)
+    return False
+
+
 def _load_engine(ctx: ShardContext, engine: str, attn_implementation: str | None = None) -> Engine:
     if ctx.world_size != 1:
         raise UnsupportedModelError(
@@ -293,6 +307,9 @@ def _load_engine(ctx: ShardContext, engine: str, attn_implementation: str | None
         )
     config = AutoConfig.from_pretrained(ctx.model_dir, local_files_only=True)
     seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    paged = not seq2seq and attn_implementation is None and _pages_its_cache(ctx, config)
+    if paged:
+        attn_implementation = hf_paged.ATTENTION
     auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     options = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     started = time.monotonic()
@@ -306,6 +323,11 @@ def _load_engine(ctx: ShardContext, engine: str, attn_implementation: str | None
     model = model.to(ctx.device).eval()
     log.info("loaded %s in %.1f s", ctx.model_dir, time.monotonic() - started)
     eos = eos_token_ids(ctx.model_dir, config)
+    if paged:
+        # Imported here: tgis_native imports this module.
+        from tgis_shard.engines.tgis_native import paged_engine
+
+        return paged_engine(ctx, hf_paged.TransformersPagedLM(model), SINGLE, config, type(model).__name__, engine)
     if seq2seq:
         # Imported here: the seq2seq engine reuses this module's helpers.
         from tgis_shard.engines.seq2seq import Seq2SeqLMEngine

@@ -153,7 +153,9 @@ class NativeEngine(Engine):
         config: PretrainedConfig,
         cache: PagedKVCache,
         eos_token_ids: list[int],
+        name: str = "tgis_native",
     ):
+        self.name = name  # the engine the shard reports (hf_transformers runs on this one too)
         self.model = model
         self.ctx = ctx
         self.tp = tp
@@ -198,7 +200,7 @@ class NativeEngine(Engine):
             model_kind=pb.DECODER_ONLY,
             vocab_size=self.config.vocab_size,
             batch_padding=False,
-            name="tgis_native",
+            name=self.name,
             kv_cache=pb.KVCacheLayout(num_blocks=self.num_blocks, block_size=self.block_size),
         )
 
@@ -584,6 +586,19 @@ def create_engine(ctx: ShardContext) -> Engine:
         model = build(config, weights, tp)
     if getattr(config, "is_encoder_decoder", False):
         return Seq2SeqLMEngine(model, ctx, eos_token_ids(ctx.model_dir, config), engine="tgis_native", tp=tp)
+    return paged_engine(ctx, model, tp, config, family.model_type)
+
+
+def paged_engine(
+    ctx: ShardContext,
+    model: NativeCausalLM,
+    tp: TensorParallel,
+    config: PretrainedConfig,
+    description: str,
+    name: str = "tgis_native",
+) -> NativeEngine:
+    """The engine of a decoder-only ``model`` over a paged KV cache sized for this device and
+    agreed by every rank; ``description`` names the model in the log."""
     backend = ctx.attention_backend or choose_backend(ctx.device, ctx.dtype, model.head_dim, model.uses_alibi)
     block_size = BLOCK_SIZES[backend]
     blocks = tp.min_over_ranks(_cache_blocks(ctx, model, block_size))
@@ -607,9 +622,9 @@ def create_engine(ctx: ShardContext) -> Engine:
         "rank %d/%d: %s KV cache of %d blocks × %d tokens (%s attention)",
         tp.rank,
         tp.world_size,
-        family.model_type,
+        description,
         blocks,
         block_size,
         backend,
     )
-    return NativeEngine(model, ctx, tp, config, cache, eos_token_ids(ctx.model_dir, config))
+    return NativeEngine(model, ctx, tp, config, cache, eos_token_ids(ctx.model_dir, config), name)

@@ -37,10 +37,11 @@ class AttentionHeads:
     num_heads: int  # on this rank
     num_kv_heads: int  # on this rank (replicated when fewer than the ranks)
     head_dim: int
+    softmax_scale: float | None = None  # None: 1 / sqrt(head_dim)
 
     @property
     def scale(self) -> float:
-        return self.head_dim**-0.5
+        return self.head_dim**-0.5 if self.softmax_scale is None else self.softmax_scale
 
     def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``[tokens, (heads + 2 kv_heads) × head_dim]`` laid out [q | k | v] → per-head views."""
