@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AttentionInterface, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AttentionInterface, PretrainedConfig, PreTrainedModel
 
 from tgis_shard.families import SupportsPromptPrefixes
 from tgis_shard.layers.attention_heads import AttentionHeads
@@ -76,7 +76,7 @@ AttentionInterface.register(ATTENTION, _paged_attention)
 def unsupported(config: PretrainedConfig, max_sequence_length: int) -> str | None:
     """Why a causal LM of this config cannot run on the paged cache for sequences of up to
     ``max_sequence_length`` tokens; None when it can."""
-    model_class = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
     if model_class is None:
         return f"transformers has no causal LM for model_type {config.model_type!r}"
     if not getattr(model_class, "_supports_attention_backend", False):

@@ -529,7 +529,15 @@ class NativeEngine(Engine):
             )
         # Tensor parallel steps stay eager: their all-reduces are not captured yet.
         if self.ctx.cuda_graphs and self.ctx.device.type == "cuda" and self.tp.world_size == 1:
-            self.capture_graphs()
+            try:
+                self.capture_graphs()
+            except Exception as e:
+                # hf_transformers runs transformers' own forward pass here, which may read the
+                # device from the host somewhere: the start fails saying what to turn off.
+                hint = "CUDA_GRAPHS=false runs the steps eagerly"
+                if self.name == "hf_transformers":
+                    hint += "; HF_PAGED_CACHE=false keeps transformers' padded batches"
+                raise RuntimeError(f"capturing {self.name}'s steps as CUDA graphs failed: {e} ({hint})") from e
 
     @torch.inference_mode()
     def health_check(self) -> None:
