@@ -11,6 +11,7 @@ import torch
 from tgis_proto import shard_pb2 as pb
 from tgis_proto.plugins import resolve
 from tgis_shard.engines.base import Engine, ShardContext, UnsupportedModelError
+from tgis_shard.layers.flashinfer_paged import flashinfer_available
 from tgis_shard.registry import shard_registry
 from tgis_shard.sampler import GeneratedToken
 from tgis_shard.steps import StepRunner
@@ -18,6 +19,8 @@ from tgis_shard.steps import StepRunner
 # Prompts of different lengths (one a single token), shared by the engine tests.
 PROMPTS = ["Hello there, general", "A", "The quick brown fox jumps over the lazy dog and then"]
 NEW_TOKENS = 8
+# FlashInfer's cases (half precision on a GPU) where it is installed.
+NEEDS_FLASHINFER = pytest.mark.skipif(not flashinfer_available(), reason="needs flashinfer")
 
 
 def cpu_context(model_dir: Path, **overrides: object) -> ShardContext:

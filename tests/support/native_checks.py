@@ -15,11 +15,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.support.engines import NEW_TOKENS, PROMPTS, StepDriver, native_engine, request
+from tests.support.engines import NEEDS_FLASHINFER, NEW_TOKENS, PROMPTS, StepDriver, native_engine, request
 from tests.support.prefixes import PREFIXES, check_prefix_outputs, run_prefix_scenario, save_prefixes
 from tests.support.ranks import run_ranks
 from tests.support.tiny_models import reference_greedy
-from tgis_shard.layers.flashinfer_paged import flashinfer_available
 
 LOGPROB_TOLERANCE = 1e-4  # float32 on CPU: the sharded sums only reorder additions
 GPU_NEW_TOKENS = 12
@@ -37,7 +36,7 @@ GPU_COUNTS = [
 # Attention backends a rotary family's GPU checks run on: FlashInfer (the default where it is
 # installed, for head sizes 64, 128 and 256) and FlexAttention (ALiBi, other head sizes).
 GPU_BACKENDS = [
-    pytest.param("flashinfer", marks=pytest.mark.skipif(not flashinfer_available(), reason="needs flashinfer")),
+    pytest.param("flashinfer", marks=NEEDS_FLASHINFER),
     "flex",
 ]
 

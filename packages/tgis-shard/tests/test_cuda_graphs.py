@@ -10,18 +10,16 @@ import itertools
 import pytest
 import torch
 
-from tests.support.engines import native_engine, start_then_join
+from tests.support.engines import NEEDS_FLASHINFER, native_engine, start_then_join
 from tests.support.ports import free_port
 from tests.support.tiny_models import build_tiny_causal_lm
 from tgis_shard.engines.cuda_graphs import graph_buckets
-from tgis_shard.layers.flashinfer_paged import flashinfer_available
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 # A padded graph batch multiplies other matrix shapes than the eager step, so sums may round
 # differently: far below this in float32, at bfloat16's resolution in bfloat16.
 LOGPROB_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2}
-NEEDS_FLASHINFER = pytest.mark.skipif(not flashinfer_available(), reason="needs flashinfer")
 
 
 @pytest.fixture(scope="module")
