@@ -7,6 +7,11 @@ serving cache's free list would after a while.
 
     python3 bench/attention_backends.py [--batch 1 32 128 --context 2048 --heads 32 --kv-heads 8 --head-dim 128]
 
+A mixed step (``--mixed``: decodes over ``--mixed-context`` tokens each, then prompts joining
+them, as the engine lays out a step in which requests join running ones) is timed too; for
+FlashInfer both ways: the decodes through its decode kernel apart from the prompts (what the
+engine does) and everything through its prefill kernel.
+
 FlashInfer (where installed) plans each step on the host once, before its layers run; the plan is
 made outside the timed call, as the engine makes it once per step for every layer, and its host
 time is printed beside it.
@@ -67,8 +72,17 @@ def median_ms(fn: Callable[[], object], repeats: int = 30) -> float:
 def run(backend: str, args: argparse.Namespace, query_len: int, batch: int) -> tuple[float, float]:
     """Milliseconds of one layer's attention for ``batch`` sequences of ``args.context`` tokens,
     and of the step's host-side preparation (FlashInfer's plan; FlexAttention's block mask)."""
+    return run_step(backend, args, [query_len] * batch, [args.context] * batch)
+
+
+def run_step(
+    backend: str, args: argparse.Namespace, query_lens: list[int], contexts: list[int], decodes_apart: bool = True
+) -> tuple[float, float]:
+    """``run`` for a step of any layout: sequence b has ``query_lens[b]`` new tokens at the end
+    of ``contexts[b]``."""
     block_size = BLOCK_SIZES[backend]
-    per_seq = blocks_for(args.context, block_size)
+    per_seq = blocks_for(max(contexts), block_size)
+    batch = len(query_lens)
     num_blocks = per_seq * batch
     cache = PagedKVCache(
         1,
@@ -86,14 +100,17 @@ def run(backend: str, args: argparse.Namespace, query_len: int, batch: int) -> t
     blocks = list(range(num_blocks))
     random.Random(0).shuffle(blocks)
     tables = [blocks[i * per_seq : (i + 1) * per_seq] for i in range(batch)]
-    meta = AttentionMetadata.build([query_len] * batch, [args.context] * batch, tables, block_size, "cuda")
+    meta = AttentionMetadata.build(query_lens, contexts, tables, block_size, "cuda")
     torch.cuda.synchronize()
     started = time.perf_counter()
-    plan_attention(cache, meta)
+    if cache.planner is not None:
+        cache.planner.plan(meta, decodes_apart=decodes_apart)
+    else:
+        plan_attention(cache, meta)
     prepare_attention(cache, meta)
     torch.cuda.synchronize()
     prepared_ms = (time.perf_counter() - started) * 1e3
-    query = torch.randn(batch * query_len, args.heads, args.head_dim, dtype=args.dtype, device="cuda")
+    query = torch.randn(sum(query_lens), args.heads, args.head_dim, dtype=args.dtype, device="cuda")
     return median_ms(lambda: paged_attention(query, cache, 0, meta, args.head_dim**-0.5)), prepared_ms
 
 
@@ -106,6 +123,12 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--dtype", type=lambda name: getattr(torch, name), default=torch.bfloat16)
+    parser.add_argument(
+        "--mixed", type=int, nargs=2, default=[128, 4], metavar=("DECODES", "PROMPTS"), help="a mixed step's make-up"
+    )
+    parser.add_argument("--mixed-context", type=int, default=200, help="tokens cached per decode of the mixed step")
+    parser.add_argument("--mixed-prompt", type=int, default=128, help="tokens per prompt of the mixed step")
+    parser.add_argument("--backends", nargs="+", help="installed backends to time (torch, flex, flash, flashinfer)")
     args = parser.parse_args()
 
     prefill_flops = 2 * 2 * args.prefill_batch * args.heads * args.head_dim * args.context**2 / 2
@@ -113,7 +136,7 @@ def main() -> None:
         f"{torch.cuda.get_device_name()} | {args.dtype} | heads {args.heads}/{args.kv_heads} × {args.head_dim}"
         f" | context {args.context} | prefill: {args.prefill_batch} × {args.context}"
     )
-    backends = available_backends()
+    backends = [b for b in available_backends() if args.backends is None or b in args.backends]
     for batch in args.batch:
         kv_bytes = 2 * batch * args.context * args.kv_heads * args.head_dim * args.dtype.itemsize
         roofline = kv_bytes / HBM_BYTES_PER_S * 1e3
@@ -123,7 +146,8 @@ def main() -> None:
             baseline = baseline or decode
             print(
                 f"decode {batch:4d} × {args.context} ({kv_bytes / 2**20:6.0f} MiB KV) {backend:10s}"
-                f" {decode * 1e3:8.1f} µs ({roofline / decode:5.2f} of HBM roofline, {baseline / decode:6.2f}× torch)"
+                f" {decode * 1e3:8.1f} µs ({roofline / decode:5.2f} of HBM roofline,"
+                f" {baseline / decode:6.2f}× {backends[0]})"
                 f" | host preparation {plan * 1e3:7.1f} µs"
             )
     baseline = None
@@ -132,9 +156,25 @@ def main() -> None:
         baseline = baseline or prefill
         print(
             f"prefill {args.prefill_batch} × {args.context} {backend:10s} {prefill:7.2f} ms"
-            f" ({prefill_flops / prefill / 1e9:6.1f} TFLOP/s, {baseline / prefill:5.2f}× torch)"
+            f" ({prefill_flops / prefill / 1e9:6.1f} TFLOP/s, {baseline / prefill:5.2f}× {backends[0]})"
             f" | host preparation {plan * 1e3:7.1f} µs"
         )
+    mixed_step(args, backends)
+
+
+def mixed_step(args: argparse.Namespace, backends: list[str]) -> None:
+    """A step of decodes with prompts joining them, each backend (FlashInfer both ways)."""
+    decodes, prompts = args.mixed
+    query_lens = [1] * decodes + [args.mixed_prompt] * prompts
+    contexts = [args.mixed_context] * decodes + [args.mixed_prompt] * prompts
+    title = f"mixed {decodes} decodes × {args.mixed_context} + {prompts} prompts × {args.mixed_prompt}"
+    ways = [(backend, True) for backend in backends]
+    if "flashinfer" in backends:
+        ways.append(("flashinfer", False))
+    for backend, apart in ways:
+        took, plan = run_step(backend, args, query_lens, contexts, decodes_apart=apart)
+        how = "" if backend != "flashinfer" else (" (decodes apart)" if apart else " (one prefill call)")
+        print(f"{title} {backend + how:32s} {took * 1e3:8.1f} µs | host preparation {plan * 1e3:7.1f} µs")
 
 
 if __name__ == "__main__":

@@ -41,11 +41,15 @@ from bench.random_model import SHAPES, random_model  # noqa: E402
 from tests.support.engines import StepDriver, request  # noqa: E402
 from tests.support.server import READY_TIMEOUT_S, launcher  # noqa: E402
 from tgis_proto.plugins import resolve  # noqa: E402
+from tgis_router.config import LauncherConfig  # noqa: E402
 from tgis_shard.engines.base import ShardContext  # noqa: E402
 from tgis_shard.layers import fused  # noqa: E402
 from tgis_shard.registry import shard_registry  # noqa: E402
 
 IN_PROCESS_DECODE_STEPS = 20
+IN_PROCESS_MIXED_STEPS = 5
+# The router's budget of prompt tokens beside running decodes (its default), for the in-process mixed step.
+DECODING_STEP_TOKENS = LauncherConfig.max_step_tokens_while_decoding
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,11 @@ class InProcessStep:
     device_activities: int | None  # kernels, copies and fills the device runs for one step
     prefill_seconds: float  # wall time of one step prefilling every row's prompt, first token on the host
     prefill_device_seconds: float | None  # the device busy inside such a step
+    # A step in which prompts join the ``rows`` decodes, as many as the router's budget beside
+    # decodes takes (MAX_STEP_TOKENS_WHILE_DECODING): its wall time one by one and its device busy.
+    mixed_prompts: int = 0
+    mixed_seconds: float | None = None
+    mixed_device_seconds: float | None = None
 
 
 def in_process_decode_steps(
@@ -199,6 +208,7 @@ def in_process_decode_steps(
     steps = max(1, min(IN_PROCESS_DECODE_STEPS, new - 2))
     registry = shard_registry(None)
     fused.enable(variant.fused_kernels)  # what the shard's command line sets for its process
+    joining = max(1, DECODING_STEP_TOKENS // prompt)  # prompts a mixed step takes beside the decodes
     ctx = ShardContext(
         model_dir=model_dir,
         model_type="llama",
@@ -208,7 +218,7 @@ def in_process_decode_steps(
         world_size=1,
         max_sequence_length=max_sequence_length,
         registry=registry,
-        max_batch_size=max(batch_sizes),
+        max_batch_size=max(batch_sizes) + joining,
         estimate_memory="off",
         cuda_graphs=variant.cuda_graphs,
         prompt_graphs=variant.prompt_graphs,
@@ -219,7 +229,8 @@ def in_process_decode_steps(
     engine.warm_up()
     measured = []
     for rows in batch_sizes:
-        measured.append(_measure_decode(engine, rows, prompt, steps, first_id=2 * len(measured) * max(batch_sizes) + 1))
+        step = _measure_decode(engine, rows, prompt, steps, first_id=3 * len(measured) * max(batch_sizes) + 1)
+        measured.append(step)
         print(f"in process, {variant}: {measured[-1]}", flush=True)  # a run cut off later keeps it
     # The server's shard needs the device's memory: nothing may hold the engine on.
     collected = weakref.ref(engine)
@@ -263,11 +274,34 @@ def _measure_decode(engine, rows: int, prompt: int, steps: int, first_id: int) -
     pending()
     ahead = (time.perf_counter() - started) / steps
     busy, activities = _device_activities(driver.step, device, host_table=f"decode step of {rows} rows")
+    joining = max(1, DECODING_STEP_TOKENS // prompt)
+    mixed, mixed_busy = _measure_mixed(driver, range(first_id + 2 * rows, first_id + 2 * rows + joining), prompt)
     driver.leave(*ids)
     driver.step()  # lets them go
     if driver.failures:
         raise RuntimeError(f"the in-process steps failed: {driver.failures[:3]}")
-    return InProcessStep(rows, statistics.median(times), ahead, busy, activities, prefill, prefill_busy)
+    return InProcessStep(
+        rows, statistics.median(times), ahead, busy, activities, prefill, prefill_busy, joining, mixed, mixed_busy
+    )
+
+
+def _measure_mixed(driver: StepDriver, joiners: range, prompt: int) -> tuple[float, float | None]:
+    """Steps in which the ``joiners``' prompts join the decodes running on ``driver`` (each
+    leaves after its prompt's step): median wall time, and the device busy in one such step."""
+    device = driver.engine.ctx.device
+    times = []
+    for repeat in range(IN_PROCESS_MIXED_STEPS + 1):
+        ids = [rid + repeat * len(joiners) * 1000 for rid in joiners]
+        driver.join(*(request(rid, [7] * prompt, 1) for rid in ids))
+        if repeat == IN_PROCESS_MIXED_STEPS:
+            busy, _ = _device_activities(driver.step, device, host_table=f"step of decodes + {len(ids)} prompts")
+        else:
+            _sync(device)
+            started = time.perf_counter()
+            driver.step()
+            times.append(time.perf_counter() - started)
+        driver.leave(*ids)
+    return statistics.median(times), busy
 
 
 def _device_activities(
@@ -438,6 +472,20 @@ def _table(
     return lines
 
 
+def _mixed_steps(steps: list[InProcessStep], prompt: int) -> list[str]:
+    """The in-process steps in which prompts join the decodes: what the server's mixed steps cost."""
+    lines = []
+    for step in steps:
+        if step.mixed_seconds is None:
+            continue
+        busy = "" if step.mixed_device_seconds is None else f" (device busy {step.mixed_device_seconds * 1000:.2f} ms)"
+        lines.append(
+            f"- in process, {step.rows} decodes + {step.mixed_prompts} prompts of {prompt} tokens: "
+            f"{step.mixed_seconds * 1000:.2f} ms one by one{busy}"
+        )
+    return ["", "Steps with prompts joining the decodes, in process:", *lines] if lines else []
+
+
 def _in_process_cells(step: InProcessStep, itl_p50: float) -> str:
     busy = "" if step.device_seconds is None else f" ({step.device_seconds * 1000:.2f} ms)"
     prefill_busy = "" if step.prefill_device_seconds is None else f" ({step.prefill_device_seconds * 1000:.1f} ms)"
@@ -530,6 +578,7 @@ def main() -> None:
             ]
             section += _table(served, {s.rows: s for s in steps}, cost, bandwidth, context, generate_rates)
             section += ["", "Steps the server ran (the router's metrics):", *step_breakdown(served)]
+            section += _mixed_steps(steps, args.prompt_tokens)
             print("\n".join(section), flush=True)  # each variant as it ends: a cut-off run keeps the rest
             lines += section
     table = "\n".join(lines)

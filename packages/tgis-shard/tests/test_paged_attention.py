@@ -13,7 +13,7 @@ import torch
 
 from tgis_shard.layers import flex_paged
 from tgis_shard.layers import paged_attention as paged_attention_module
-from tgis_shard.layers.flashinfer_paged import flashinfer_available, pages_of
+from tgis_shard.layers.flashinfer_paged import flashinfer_available, leading_decodes, pages_of, split_pages
 from tgis_shard.layers.paged_attention import (
     BLOCK_SIZES,
     AttentionMetadata,
@@ -364,6 +364,21 @@ def test_flashinfer_pages_list_each_sequences_blocks_its_context_covers() -> Non
     assert indices.tolist() == [7, 2, 9, 4, 5, 6]
     assert last_page_len.tolist() == [3, 1, 8]
     assert indptr.dtype == indices.dtype == last_page_len.dtype == np.int32
+
+
+@pytest.mark.parametrize(("query_lens", "expected"), [([1, 1, 5, 1], 2), ([4, 1], 0), ([1, 1, 1], 3), ([1, 9], 1)])
+def test_flashinfer_runs_the_decodes_leading_a_step_apart(query_lens: list[int], expected: int) -> None:
+    cu_seqlens_q = np.cumsum([0, *query_lens])
+    assert leading_decodes(cu_seqlens_q) == expected
+
+
+def test_flashinfer_page_lists_split_between_the_decodes_and_the_prompt_chunks() -> None:
+    # Two decodes (17 and 16 tokens of context), then a prompt of 3 tokens.
+    meta = AttentionMetadata.build([1, 1, 3], [17, 16, 3], [[2, 9, 4], [5, 6], [7]], block_size=8, device="cpu")
+    assert meta.host is not None
+    decodes, prompts = split_pages(pages_of(meta.host, block_size=8), leading_decodes(meta.host.cu_seqlens_q))
+    assert [a.tolist() for a in decodes] == [[0, 3, 5], [2, 9, 4, 5, 6], [1, 8]]
+    assert [a.tolist() for a in prompts] == [[0, 1], [7], [3]]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not flashinfer_available(), reason="needs CUDA and flashinfer")
