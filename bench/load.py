@@ -65,15 +65,20 @@ def prompt(rng: random.Random, words: int) -> str:
 
 
 async def one_request(
-    stub: fmaas_grpc.GenerationServiceStub, text: str, max_new_tokens: int, prompt_tokens: int = 0
+    stub: fmaas_grpc.GenerationServiceStub,
+    text: str,
+    max_new_tokens: int,
+    prompt_tokens: int = 0,
+    token_details: bool = True,
 ) -> Sample:
-    """``prompt_tokens``: the prompt is cut to its last this many tokens (a text at least as long)."""
+    """``prompt_tokens``: the prompt is cut to its last this many tokens (a text at least as long).
+    ``token_details``: each message carries its token's details (then every token is a message)."""
     request = fmaas.SingleGenerationRequest(
         request=fmaas.GenerationRequest(text=text),
         params=fmaas.Parameters(
             stopping=fmaas.StoppingCriteria(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens),
             # One message per token, even where a token adds no text yet: every gap is measured.
-            response=fmaas.ResponseOptions(generated_tokens=True),
+            response=fmaas.ResponseOptions(generated_tokens=token_details),
             truncate_input_tokens=prompt_tokens,
         ),
     )

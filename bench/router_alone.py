@@ -6,6 +6,15 @@ no time, and how long the shard sits idle between two steps (the router's turn-a
 step takes ``--step-ms``. The clients run in a separate process on the same cores.
 
     python3 bench/router_alone.py --streams 128 --seconds 10 --step-ms 0 5
+
+With ``--prompt-tokens`` and ``--prompt-token-ms`` the fake shard takes a device's time for the
+steps the serving bench runs on a GPU: a step costs ``--step-ms`` plus ``--prompt-token-ms`` per
+prompt token in it (the steps in which prompts join the decodes last longer), and the table gives
+the inter-token latency the clients see against the fake shard's own step times: what the router
+adds to the tail.
+
+    python3 bench/router_alone.py --streams 128 --seconds 10 --step-ms 8.6 --prompt-tokens 128 \
+        --max-new-tokens 128 --prompt-token-ms 0.0208
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import statistics
 import sys
 import time
@@ -23,23 +33,29 @@ sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
 
+from bench.load import one_request, prompt  # noqa: E402
 from tests.support.fake_shard import FakeShards  # noqa: E402
 from tests.support.router_in_process import RouterInProcess  # noqa: E402
 from tgis_proto import generation_pb2 as fmaas  # noqa: E402
 from tgis_proto import generation_pb2_grpc as fmaas_grpc  # noqa: E402
 from tgis_proto import shard_pb2 as pb  # noqa: E402
+from tgis_router.config import LauncherConfig  # noqa: E402
 
 PROMPT = "The lighthouse keeper climbed the spiral stairs every evening at dusk."
 MAX_BATCH_SIZE = 256
 
 
 class TimedShards(FakeShards):
-    """Records how long the shard waits between the end of one step and the start of the next."""
+    """Records how long the shard waits between the end of one step and the start of the next,
+    and how long each step takes: ``step_delay`` plus ``prompt_token_delay`` per prompt token."""
 
-    def __init__(self, step_delay: float, kv_cache: pb.KVCacheLayout | None):
+    def __init__(self, step_delay: float, kv_cache: pb.KVCacheLayout | None, prompt_token_delay: float = 0.0):
         super().__init__(step_delay=step_delay, kv_cache=kv_cache, record_steps=False, check_protocol=False)
         self.idle_gaps: list[float] = []
+        self.step_times: list[float] = []
         self._last_end: float | None = None
+        self._decode_delay = step_delay
+        self._prompt_token_delay = prompt_token_delay
         self.step_count = 0
 
     async def _run(self, request):
@@ -47,20 +63,22 @@ class TimedShards(FakeShards):
         started = time.perf_counter()
         if self._last_end is not None:
             self.idle_gaps.append(started - self._last_end)
+        # A decode is one token; more is a prompt chunk.
+        prompt_tokens = sum(n for n in request.num_tokens if n > 1)
+        self.step_delay = self._decode_delay + self._prompt_token_delay * prompt_tokens
         try:
             return await super()._run(request)
         finally:
             self._last_end = time.perf_counter()
+            self.step_times.append(self._last_end - started)
             self.step_count += 1
 
 
-async def _clients(address: str, streams: int, seconds: float, max_new_tokens: int) -> dict:
-    params = fmaas.Parameters(
-        stopping=fmaas.StoppingCriteria(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
-    )
-    request = fmaas.SingleGenerationRequest(request=fmaas.GenerationRequest(text=PROMPT), params=params)
-    tokens = 0
-    calls = 0
+async def _clients(address: str, streams: int, seconds: float, max_new_tokens: int, prompt_tokens: int) -> dict:
+    """Closed-loop streams for ``seconds``; with ``prompt_tokens``, each prompt is cut to that many."""
+    rng = random.Random(0)
+    text = prompt(rng, 2 * prompt_tokens) if prompt_tokens else PROMPT
+    tokens, calls, inter_token = 0, 0, []
     async with grpc.aio.insecure_channel(address) as channel:
         stub = fmaas_grpc.GenerationServiceStub(channel)
         await stub.ModelInfo(fmaas.ModelInfoRequest(), wait_for_ready=True)
@@ -69,24 +87,32 @@ async def _clients(address: str, streams: int, seconds: float, max_new_tokens: i
         async def one_client() -> None:
             nonlocal tokens, calls
             while time.monotonic() < deadline:
-                last = 0
-                async for message in stub.GenerateStream(request):
-                    last = message.generated_token_count or last
-                tokens += last
+                # Sentence prompts keep the requests of the issue-11 rows (no token details);
+                # cut prompts are the serving bench's requests.
+                sample = await one_request(stub, text, max_new_tokens, prompt_tokens, token_details=prompt_tokens > 0)
+                if sample.error is not None:
+                    raise RuntimeError(sample.error)
+                tokens += sample.tokens
                 calls += 1
+                inter_token.extend(sample.inter_token)
 
         started = time.monotonic()
         await asyncio.gather(*(one_client() for _ in range(streams)))
         elapsed = time.monotonic() - started
-    return {"tokens": tokens, "calls": calls, "seconds": elapsed}
+    return {"tokens": tokens, "calls": calls, "seconds": elapsed, **_p50_p99("itl", inter_token)}
 
 
-async def _serve(
-    tokenizer_file: Path, step_ms: float, streams: int, seconds: float, max_new_tokens: int, padded: bool
-) -> dict:
+def _p50_p99(name: str, seconds: list[float]) -> dict[str, float]:
+    if len(seconds) < 2:
+        return {f"{name}_p50_ms": float("nan"), f"{name}_p99_ms": float("nan")}
+    q = statistics.quantiles(seconds, n=100, method="inclusive")
+    return {f"{name}_p50_ms": q[49] * 1000, f"{name}_p99_ms": q[98] * 1000}
+
+
+async def _serve(tokenizer_file: Path, step_ms: float, args: argparse.Namespace) -> dict:
     # A paged engine's shard (tgis_native, the fast path) with room for every stream, or a padded one's.
-    kv_cache = None if padded else pb.KVCacheLayout(num_blocks=streams * 64, block_size=16)
-    shards = TimedShards(step_ms / 1000, kv_cache)
+    kv_cache = None if args.padded else pb.KVCacheLayout(num_blocks=args.streams * 64, block_size=16)
+    shards = TimedShards(step_ms / 1000, kv_cache, args.prompt_token_ms / 1000)
     router = RouterInProcess(
         tokenizer_file,
         shards,
@@ -95,28 +121,25 @@ async def _serve(
         max_sequence_length=4096,
         max_new_tokens=1024,
         eos_token_ids=frozenset({2}),  # SmolLM2's <|im_end|>; the fake shard never sends it
+        decoding_step_tokens=args.decoding_step_tokens,
     )
     async with router:
         client = await asyncio.create_subprocess_exec(
             sys.executable,
             __file__,
-            "--client",
-            router.address,
-            "--streams",
-            str(streams),
-            "--seconds",
-            str(seconds),
-            "--max-new-tokens",
-            str(max_new_tokens),
+            *("--client", router.address, "--streams", str(args.streams), "--seconds", str(args.seconds)),
+            *("--max-new-tokens", str(args.max_new_tokens), "--prompt-tokens", str(args.prompt_tokens)),
             stdout=asyncio.subprocess.PIPE,
         )
         out, _ = await client.communicate()
     result = json.loads(out.decode().strip().splitlines()[-1])
-    gaps_ms = sorted(g * 1000 for g in shards.idle_gaps[len(shards.idle_gaps) // 10 :])  # past the ramp-up
+    past_ramp_up = len(shards.idle_gaps) // 10
+    gaps_ms = sorted(g * 1000 for g in shards.idle_gaps[past_ramp_up:])
     result.update(
         steps=shards.step_count,
         idle_p50_ms=statistics.median(gaps_ms) if gaps_ms else float("nan"),
         idle_p90_ms=gaps_ms[int(len(gaps_ms) * 0.9)] if gaps_ms else float("nan"),
+        **_p50_p99("step", shards.step_times[past_ramp_up:]),
     )
     return result
 
@@ -128,27 +151,42 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--step-ms", type=float, nargs="+", default=[0.0, 5.0], help="fake shard step times")
     parser.add_argument("--padded", action="store_true", help="a padded engine's scheduler (dynamic batch sizing)")
+    parser.add_argument("--prompt-tokens", type=int, default=0, help="prompt length (0: one sentence)")
+    parser.add_argument("--prompt-token-ms", type=float, default=0.0, help="fake shard time per prompt token in a step")
+    parser.add_argument(
+        "--decoding-step-tokens",
+        type=int,
+        default=LauncherConfig.max_step_tokens_while_decoding,
+        help="the router's MAX_STEP_TOKENS_WHILE_DECODING (its default unless given)",
+    )
     parser.add_argument("--client", metavar="ADDRESS", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
-        print(json.dumps(asyncio.run(_clients(args.client, args.streams, args.seconds, args.max_new_tokens))))
+        result = asyncio.run(_clients(args.client, args.streams, args.seconds, args.max_new_tokens, args.prompt_tokens))
+        print(json.dumps(result))
         return
     from tgis_shard.embedded import DEFAULT_MODEL
     from tgis_shard.model_files import default_cache_dir, resolve_model_dir
 
     tokenizer_file = Path(resolve_model_dir(DEFAULT_MODEL, None, default_cache_dir())) / "tokenizer.json"
     scheduler = "padded (dynamic batch sizing)" if args.padded else "paged (router-owned KV blocks)"
+    prompts = f"prompts of {args.prompt_tokens} tokens" if args.prompt_tokens else "one-sentence prompts"
     print(
-        f"{args.streams} streaming clients, {args.max_new_tokens} tokens each, {args.seconds:.0f} s per row, "
-        f"{scheduler} scheduler"
+        f"{args.streams} streaming clients, {prompts}, {args.max_new_tokens} tokens each, {args.seconds:.0f} s per "
+        f"row, {scheduler} scheduler (at most {args.decoding_step_tokens} prompt tokens beside decodes); a step "
+        f"takes the step time + {args.prompt_token_ms:g} ms per prompt token"
     )
-    print("| shard step | tokens/s | calls | steps | steps/s | shard idle between steps p50 / p90 |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| shard step | tokens/s | calls | steps | steps/s | shard idle between steps p50 / p90 "
+        "| shard step p50 / p99 | ITL at the clients p50 / p99 |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for step_ms in args.step_ms:
-        r = asyncio.run(_serve(tokenizer_file, step_ms, args.streams, args.seconds, args.max_new_tokens, args.padded))
+        r = asyncio.run(_serve(tokenizer_file, step_ms, args))
         print(
             f"| {step_ms:g} ms | {r['tokens'] / r['seconds']:,.0f} | {r['calls']} | {r['steps']} | "
-            f"{r['steps'] / r['seconds']:,.0f} | {r['idle_p50_ms']:.2f} / {r['idle_p90_ms']:.2f} ms |"
+            f"{r['steps'] / r['seconds']:,.0f} | {r['idle_p50_ms']:.2f} / {r['idle_p90_ms']:.2f} ms "
+            f"| {r['step_p50_ms']:.1f} / {r['step_p99_ms']:.1f} ms | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} ms |"
         )
 
 
