@@ -375,6 +375,10 @@ _STEP_SUMS = {
 }
 
 
+# The router's ITL histogram bucket that splits the tail off (its buckets: 5, 10, 25, 50 ms, ...).
+_ITL_TAIL_FROM_S = 0.025
+
+
 def step_sums(metrics_url: str) -> dict[tuple[str, str], float]:
     """(method, what) -> running total, from the router's metrics."""
     with urllib.request.urlopen(metrics_url, timeout=10) as response:
@@ -382,6 +386,10 @@ def step_sums(metrics_url: str) -> dict[tuple[str, str], float]:
     sums: dict[tuple[str, str], float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
+            if sample.name == "tgi_request_inter_token_latency_bucket":
+                if float(sample.labels["le"]) == _ITL_TAIL_FROM_S:
+                    sums[("", "gaps_in_time")] = sample.value
+                continue
             what = _STEP_SUMS.get(sample.name)
             if what is not None:
                 key = (sample.labels.get("method", ""), what)
@@ -411,9 +419,18 @@ def step_breakdown(served: dict[int, dict]) -> list[str]:
         period = result["elapsed_s"] / total * 1000 if total else float("nan")
         gaps = after.get(("", "gaps"), 0.0) - before.get(("", "gaps"), 0.0)
         gap_seconds = after.get(("", "gap_seconds"), 0.0) - before.get(("", "gap_seconds"), 0.0)
-        # The same gaps at the router and at the clients: what the clients' own threads add.
-        itl = f"mean ITL {gap_seconds / gaps * 1000:.2f} ms at the router" if gaps else "no ITL at the router"
-        itl += f", {statistics.fmean(result['itl']) * 1000:.2f} ms at the clients" if result["itl"] else ""
+        # The same gaps at the router and at the clients: what the clients' own threads add; and
+        # the share of them past the tail bound at each, where the tail comes in.
+        in_time = after.get(("", "gaps_in_time"), 0.0) - before.get(("", "gaps_in_time"), 0.0)
+        tail = f"{_ITL_TAIL_FROM_S * 1000:.0f} ms"
+        itl = (
+            f"mean ITL {gap_seconds / gaps * 1000:.2f} ms at the router ({(gaps - in_time) / gaps:.2%} over {tail})"
+            if gaps
+            else "no ITL at the router"
+        )
+        if result["itl"]:
+            late = sum(gap > _ITL_TAIL_FROM_S for gap in result["itl"]) / len(result["itl"])
+            itl += f", {statistics.fmean(result['itl']) * 1000:.2f} ms at the clients ({late:.2%} over {tail})"
         lines.append(
             f"- {streams} streams, {result['elapsed_s']:.2f} s, {period:.2f} ms per step, {itl}: " + "; ".join(parts)
         )
