@@ -39,6 +39,9 @@ GPU_BACKENDS = [
     pytest.param("flashinfer", marks=NEEDS_FLASHINFER),
     "flex",
 ]
+# A LLaMA-layout model for the GPU checks: heads of 128, the 8B shape's, so that FlashInfer
+# compiles one set of kernels per dtype for the tests and the serving bench in a device call.
+GPU_LLAMA_SHAPE = {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2}
 
 
 def prompt_ids(model_dir: Path) -> list[list[int]]:

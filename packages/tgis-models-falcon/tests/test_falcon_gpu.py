@@ -11,7 +11,8 @@ import torch
 from tests.support.native_checks import GPU_BACKENDS, GPU_COUNTS, check_gpus_match_transformers
 from tests.support.tiny_models import build_tiny_causal_lm
 
-SHAPE = {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8}  # heads of 64, as FlashInfer takes
+# Heads of 128, as the GPU checks' LLaMA (tests.support.native_checks.GPU_LLAMA_SHAPE).
+SHAPE = {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4}
 CONFIGS = {
     # Grouped KV heads with rotary positions: flash-attn's GQA path where it is installed.
     "falcon-40b": {**SHAPE, "new_decoder_architecture": True, "num_kv_heads": 2},

@@ -8,15 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.support.native_checks import GPU_BACKENDS, GPU_COUNTS, check_gpus_match_transformers
+from tests.support.native_checks import GPU_BACKENDS, GPU_COUNTS, GPU_LLAMA_SHAPE, check_gpus_match_transformers
 from tests.support.tiny_models import build_tiny_causal_lm
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    # Heads of 64: a size FlashInfer's kernels take.
-    shape = {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2}
-    return build_tiny_causal_lm(tmp_path_factory.mktemp("llama-gpu"), arch="llama", **shape)
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("llama-gpu"), arch="llama", **GPU_LLAMA_SHAPE)
 
 
 @pytest.mark.parametrize("gpus", GPU_COUNTS)

@@ -19,7 +19,7 @@ from tests.support.engines import (
     request,
     start_then_join,
 )
-from tests.support.native_checks import GPU_BACKENDS, check_gpus_match_transformers
+from tests.support.native_checks import GPU_BACKENDS, GPU_LLAMA_SHAPE, check_gpus_match_transformers
 from tests.support.prefixes import check_prefix_outputs, run_prefix_scenario, save_prefixes
 from tests.support.tiny_models import build_tiny_causal_lm
 from tgis_proto.plugins import resolve
@@ -144,7 +144,6 @@ def test_a_model_it_cannot_serve_stays_on_padded_batches(tmp_path, caplog):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_on_a_gpu_with_graphs_equals_transformers(tmp_path_factory, backend, dtype):
     """Decode and prompt steps replayed from CUDA graphs over the attention function, on
-    FlashInfer (heads of 64) and FlexAttention, against transformers on the GPU."""
-    shape = {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2}
-    model_dir = build_tiny_causal_lm(tmp_path_factory.mktemp("llama-gpu"), arch="llama", **shape)
+    FlashInfer and FlexAttention, against transformers on the GPU."""
+    model_dir = build_tiny_causal_lm(tmp_path_factory.mktemp("llama-gpu"), arch="llama", **GPU_LLAMA_SHAPE)
     check_gpus_match_transformers(model_dir, dtype, 1, backend=backend, engine="hf_transformers")

@@ -15,6 +15,7 @@ from tests.support.ports import free_port
 from tests.support.tiny_models import build_tiny_causal_lm
 from tgis_shard.engines.prompt_graphs import PromptGraphs, token_buckets
 from tgis_shard.layers import attention_heads
+from tgis_shard.layers.embedding import EmbeddingOverrides
 from tgis_shard.layers.paged_attention import AttentionMetadata, plan_attention, prepare_attention
 
 
@@ -52,6 +53,26 @@ def test_a_step_through_the_buffers_equals_the_forward_pass(engine):
     assert attention_heads._split is None  # attention is itself again after the step
 
 
+def test_prompt_prefix_embeddings_go_through_the_buffers_and_leave_no_trace(engine):
+    model, cache = engine.model, engine.cache
+    # A 6-token prompt whose first 3 positions are a prompt prefix's, beside a decode.
+    meta = AttentionMetadata.build([1, 6], [4, 6], [[3], [4]], cache.block_size, "cpu")
+    plan_attention(cache, meta)
+    prepare_attention(cache, meta)
+    ids = torch.tensor([4, 0, 0, 0, 8, 21, 5])
+    prefix = EmbeddingOverrides(torch.tensor([1, 2, 3]), torch.randn(3, model.hidden_size) * 0.1)
+    with torch.inference_mode():
+        width = (model.hidden_size, torch.float32)
+        graphs = PromptGraphs(model.forward, cache, torch.device("cpu"), scratch_slot=0, prefix_embeddings=width)
+        expected = model.forward(ids, meta.positions, cache, meta, embedding_overrides=prefix)
+        hidden = graphs.run_uncaptured(ids, meta, bucket=16, overrides=prefix)
+        torch.testing.assert_close(hidden, expected, rtol=1e-5, atol=1e-5)
+        # The next step without a prefix looks every embedding up again.
+        plain = model.forward(ids, meta.positions, cache, meta)
+        assert not torch.allclose(plain, expected, rtol=1e-3, atol=1e-3)  # the prefix changed the pass
+        torch.testing.assert_close(graphs.run_uncaptured(ids, meta, bucket=16), plain, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_bucket_whose_warm_runs_run_out_of_memory_is_left_to_eager_steps(tmp_path, monkeypatch):
     model_dir = build_tiny_causal_lm(tmp_path / "llama", arch="llama", seed=3)
@@ -61,10 +82,10 @@ def test_a_bucket_whose_warm_runs_run_out_of_memory_is_left_to_eager_steps(tmp_p
     graphs = PromptGraphs(model.forward, cache, device, scratch_slot=0)
     run_uncaptured = graphs.run_uncaptured
 
-    def short_of_memory(input_ids, meta, bucket):
+    def short_of_memory(input_ids, meta, bucket, overrides=None):
         if bucket == 32:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return run_uncaptured(input_ids, meta, bucket)
+        return run_uncaptured(input_ids, meta, bucket, overrides)
 
     monkeypatch.setattr(graphs, "run_uncaptured", short_of_memory)
     with torch.inference_mode():

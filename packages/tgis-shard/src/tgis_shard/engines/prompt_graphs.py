@@ -9,6 +9,10 @@ as one graph per stretch between two attention calls, and a step pads to its buc
 them, with attention run eagerly between them over the step's own metadata: ~33 replays and 32
 attention calls instead of ~1,200 launches.
 
+A step whose prompts start with prompt prefixes replays them too: the prefixes' embeddings go
+into a fixed buffer, and a fixed mask says which rows take them (``EmbeddingOverrides`` in its
+mask form, applied inside the first piece).
+
 The pieces hand over through fixed buffers around each attention call: inside the piece before
 it, the keys and values go to the cache at slots from a fixed buffer (a padding row's at the
 engine's scratch slot) and the rotated queries into a fixed buffer; attention's output comes back
@@ -31,6 +35,7 @@ import torch
 from tgis_shard.engines.cuda_graphs import WARM_RUNS, smallest_bucket
 from tgis_shard.layers import attention_heads
 from tgis_shard.layers.attention_heads import AttentionHeads
+from tgis_shard.layers.embedding import EmbeddingOverrides
 from tgis_shard.layers.paged_attention import AttentionMetadata, PagedKVCache
 from tgis_shard.progress import progress
 
@@ -69,7 +74,16 @@ class _Bucket:
 class PromptGraphs:
     """The captured pieces of each token bucket; ``run`` replays a step through them."""
 
-    def __init__(self, forward: Forward, cache: PagedKVCache, device: torch.device, scratch_slot: int):
+    def __init__(
+        self,
+        forward: Forward,
+        cache: PagedKVCache,
+        device: torch.device,
+        scratch_slot: int,
+        prefix_embeddings: tuple[int, torch.dtype] | None = None,
+    ):
+        """``prefix_embeddings``: the width and dtype of the model's word embeddings where it takes
+        prompt prefixes (its forward pass then takes ``embedding_overrides``); None where not."""
         self._forward = forward
         self._cache = cache
         self._device = device
@@ -80,6 +94,13 @@ class PromptGraphs:
         self._input_ids = torch.zeros(size, dtype=torch.long, device=device)
         self._positions = torch.zeros(size, dtype=torch.long, device=device)
         self._slots = torch.full((size,), scratch_slot, dtype=torch.long, device=device)
+        self._overrides: EmbeddingOverrides | None = None  # the mask and the embeddings, fixed
+        if prefix_embeddings is not None:
+            width, dtype = prefix_embeddings
+            self._overrides = EmbeddingOverrides(
+                torch.zeros(size, dtype=torch.bool, device=device),
+                torch.zeros(size, width, dtype=dtype, device=device),
+            )
         self._hidden: torch.Tensor | None = None
         # Per shape and dtype of a layer's queries and attention output: one buffer each, shared by
         # every layer and bucket (one attention call at a time reads and writes them).
@@ -97,13 +118,27 @@ class PromptGraphs:
             )
         return self._handover[key]
 
-    def _fill(self, input_ids: torch.Tensor, meta: AttentionMetadata, bucket: int) -> None:
+    @property
+    def takes_prefixes(self) -> bool:
+        return self._overrides is not None
+
+    def _fill(
+        self, input_ids: torch.Tensor, meta: AttentionMetadata, bucket: int, overrides: EmbeddingOverrides | None
+    ) -> None:
         """The step's tokens into the fixed inputs; padding rows write their keys to scratch."""
         tokens = input_ids.shape[0]
         self._input_ids[:tokens].copy_(input_ids)
         self._positions[:tokens].copy_(meta.positions)
         self._slots[:tokens].copy_(meta.slots)
         self._slots[tokens:bucket].fill_(self._scratch_slot)
+        if self._overrides is not None:
+            mask, values = self._overrides.rows, self._overrides.values
+            mask[:bucket].fill_(False)
+            if overrides is not None:
+                mask.index_fill_(0, overrides.rows, True)
+                values.index_copy_(0, overrides.rows, overrides.values.to(values.dtype))
+        elif overrides is not None:
+            raise ValueError("these prompt graphs were captured for a model without prompt prefixes")
 
     def _hand_over(
         self, heads: AttentionHeads, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bucket: int
@@ -121,7 +156,11 @@ class PromptGraphs:
 
     def _padded_forward(self, meta: AttentionMetadata, bucket: int) -> torch.Tensor:
         """The forward pass over the fixed inputs' first ``bucket`` rows."""
-        return self._forward(self._input_ids[:bucket], self._positions[:bucket], self._cache, meta)
+        ids, positions = self._input_ids[:bucket], self._positions[:bucket]
+        if self._overrides is None:
+            return self._forward(ids, positions, self._cache, meta)
+        mask, values = self._overrides.rows[:bucket], self._overrides.values[:bucket]
+        return self._forward(ids, positions, self._cache, meta, embedding_overrides=EmbeddingOverrides(mask, values))
 
     def _finish(self, hidden: torch.Tensor, bucket: int) -> torch.Tensor:
         if self._hidden is None:
@@ -129,11 +168,17 @@ class PromptGraphs:
         self._hidden[:bucket].copy_(hidden)
         return self._hidden
 
-    def run_uncaptured(self, input_ids: torch.Tensor, meta: AttentionMetadata, bucket: int) -> torch.Tensor:
+    def run_uncaptured(
+        self,
+        input_ids: torch.Tensor,
+        meta: AttentionMetadata,
+        bucket: int,
+        overrides: EmbeddingOverrides | None = None,
+    ) -> torch.Tensor:
         """The step through the same buffers and padding as a replay, op by op: the warm runs
         before a capture (and, on a CPU, a check of everything but the graphs)."""
         tokens = input_ids.shape[0]
-        self._fill(input_ids, meta, bucket)
+        self._fill(input_ids, meta, bucket, overrides)
 
         def attend(heads, q, k, v, cache, step_meta, alibi_slopes):
             call = _Attention(heads, alibi_slopes, *self._hand_over(heads, q, k, v, bucket))
@@ -216,11 +261,18 @@ class PromptGraphs:
                 (torch.cuda.memory_reserved(self._device) - reserved) / 2**20,
             )
 
-    def run(self, input_ids: torch.Tensor, meta: AttentionMetadata, bucket: int) -> torch.Tensor:
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        meta: AttentionMetadata,
+        bucket: int,
+        overrides: EmbeddingOverrides | None = None,
+    ) -> torch.Tensor:
         """The step's last-layer hidden states ``[tokens, hidden]``: its pieces replayed, its
-        attention (planned and prepared for ``meta`` already) run between them."""
+        attention (planned and prepared for ``meta`` already) run between them; ``overrides``:
+        its prompt prefixes' embeddings (index form)."""
         tokens = input_ids.shape[0]
-        self._fill(input_ids, meta, bucket)
+        self._fill(input_ids, meta, bucket, overrides)
         captured = self._buckets[bucket]
         for piece, call in zip(captured.pieces, [*captured.attention, None], strict=True):
             piece.replay()

@@ -315,10 +315,10 @@ class NativeEngine(Engine):
         """The forward pass of a step the decode graphs do not hold: replayed in pieces where a
         prompt-graph bucket holds its tokens, else op by op."""
         graphs = self._prompt_graphs
-        if graphs is not None and overrides is None and self._replay_prompts:
+        if graphs is not None and self._replay_prompts:
             bucket = graphs.bucket_for(input_ids.shape[0])
             if bucket is not None:
-                return graphs.run(input_ids, meta, bucket)
+                return graphs.run(input_ids, meta, bucket, overrides)
         # Without prefixes the keyword stays out: families that take no overrides serve the rest.
         extra = {} if overrides is None else {"embedding_overrides": overrides}
         return self._forward(input_ids, meta.positions, self.cache, meta, **extra)
@@ -353,7 +353,8 @@ class NativeEngine(Engine):
             if sum(blocks_for(n, self.block_size) for n in self._capture_lengths(tokens)) <= self.num_blocks
         ]
         if buckets:
-            graphs = PromptGraphs(self._forward, self.cache, self.ctx.device, SCRATCH_BLOCK * self.block_size)
+            prefixes = (self.model.hidden_size, self.ctx.dtype) if self._takes_prefixes else None
+            graphs = PromptGraphs(self._forward, self.cache, self.ctx.device, SCRATCH_BLOCK * self.block_size, prefixes)
             graphs.capture(buckets, self._capture_meta)
             self._prompt_graphs = graphs if graphs.buckets else None
 

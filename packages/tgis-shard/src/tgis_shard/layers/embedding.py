@@ -16,10 +16,14 @@ from tgis_shard.weights import Weights
 @dataclass(frozen=True)
 class EmbeddingOverrides:
     """Token rows of a step whose word embeddings are given instead of looked up: the learned
-    embeddings of prompt prefixes. A model family applies them right after its word embedding."""
+    embeddings of prompt prefixes. A model family applies them right after its word embedding.
 
-    rows: torch.Tensor  # [k] indices into the step's tokens
-    values: torch.Tensor  # [k, hidden]
+    ``rows`` are the indices of the overridden tokens and ``values`` their embeddings, one each;
+    or, where the tensors must keep their size from step to step (a CUDA graph's fixed buffers),
+    ``rows`` is a boolean mask over every token and ``values`` has a row for every token."""
+
+    rows: torch.Tensor  # [k] indices into the step's tokens, or a [tokens] bool mask
+    values: torch.Tensor  # [k, hidden], or [tokens, hidden] with a mask
 
     @classmethod
     def at(
@@ -36,6 +40,8 @@ class EmbeddingOverrides:
     def apply(self, embedded: torch.Tensor) -> torch.Tensor:
         """``embedded``: [tokens, hidden], or a padded [rows, columns, hidden] batch."""
         flat = embedded.reshape(-1, embedded.shape[-1])
+        if self.rows.dtype == torch.bool:
+            return torch.where(self.rows[:, None], self.values.to(flat.dtype), flat).view_as(embedded)
         return flat.index_put((self.rows,), self.values.to(flat.dtype)).view_as(embedded)
 
 
