@@ -118,10 +118,6 @@ class PromptGraphs:
             )
         return self._handover[key]
 
-    @property
-    def takes_prefixes(self) -> bool:
-        return self._overrides is not None
-
     def _fill(
         self, input_ids: torch.Tensor, meta: AttentionMetadata, bucket: int, overrides: EmbeddingOverrides | None
     ) -> None:
