@@ -83,6 +83,7 @@ VARIANTS = {
     # Prompt chunks beside the decodes smaller (256) or as large as a step's (2048, as before the
     # router's default of 512): how long mixed steps are against ITL p99 and throughput.
     "decoding-step-tokens-256": Variant(max_step_tokens_while_decoding=256),
+    "decoding-step-tokens-384": Variant(max_step_tokens_while_decoding=384),
     "decoding-step-tokens-2048": Variant(max_step_tokens_while_decoding=2048),
     # The engine for any transformers model (issue: ≥ 1.5× generate()), eager and compiled.
     "hf-transformers": Variant(deployment_framework="hf_transformers"),
