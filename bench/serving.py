@@ -80,7 +80,7 @@ VARIANTS = {
     "no-prompt-graphs": Variant(prompt_graphs=False),
     "no-fused-kernels": Variant(fused_kernels=False),
     "pt2-compile": Variant(pt2_compile=True),
-    # Prompt chunks beside the decodes smaller (256) or as large as a step's (2048, as before the
+    # Prompt chunks beside the decodes smaller (256, 384) or as large as a step's (2048, as before the
     # router's default of 512): how long mixed steps are against ITL p99 and throughput.
     "decoding-step-tokens-256": Variant(max_step_tokens_while_decoding=256),
     "decoding-step-tokens-384": Variant(max_step_tokens_while_decoding=384),
