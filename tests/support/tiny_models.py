@@ -169,6 +169,30 @@ _CAUSAL_SPECS: dict[str, _ArchSpec] = {
             "max_position_embeddings": MAX_POSITIONS,
         },
     ),
+    # LLaMA's layout with sliding-window attention (pass ``sliding_window``), and Qwen2's, whose
+    # ``layer_types`` mix sliding-window and full-attention layers.
+    "mistral": _ArchSpec(
+        transformers.MistralConfig,
+        {
+            "hidden_size": HIDDEN_SIZE,
+            "intermediate_size": _FFN,
+            "num_hidden_layers": NUM_LAYERS,
+            "num_attention_heads": NUM_HEADS,
+            "num_key_value_heads": NUM_KV_HEADS,
+            "max_position_embeddings": MAX_POSITIONS,
+        },
+    ),
+    "qwen2": _ArchSpec(
+        transformers.Qwen2Config,
+        {
+            "hidden_size": HIDDEN_SIZE,
+            "intermediate_size": _FFN,
+            "num_hidden_layers": NUM_LAYERS,
+            "num_attention_heads": NUM_HEADS,
+            "num_key_value_heads": NUM_KV_HEADS,
+            "max_position_embeddings": MAX_POSITIONS,
+        },
+    ),
     "gpt2": _ArchSpec(
         transformers.GPT2Config,
         {

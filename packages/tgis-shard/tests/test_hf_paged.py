@@ -9,10 +9,11 @@ import logging
 
 import pytest
 import torch
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoTokenizer
 
 from tests.support.engines import (
     NEW_TOKENS,
+    PROMPTS,
     StepDriver,
     check_one_batch_equals_reference,
     cpu_context,
@@ -21,17 +22,18 @@ from tests.support.engines import (
 )
 from tests.support.native_checks import GPU_BACKENDS, GPU_LLAMA_SHAPE, check_gpus_match_transformers
 from tests.support.prefixes import check_prefix_outputs, run_prefix_scenario, save_prefixes
-from tests.support.tiny_models import build_tiny_causal_lm
+from tests.support.tiny_models import build_tiny_causal_lm, reference_greedy
 from tgis_proto.plugins import resolve
-from tgis_shard.engines.hf_paged import ATTENTION, unsupported
+from tgis_shard.engines.hf_paged import ATTENTION, hides_keys, unsupported
 from tgis_shard.engines.tgis_native import NativeEngine
+from tgis_shard.layers.attention_heads import AttentionHeads
 
 # Rotary (llama, gpt_neox) and learned positions (gpt2, opt): each reads the positions given.
 ARCHS = ["llama", "gpt2", "gpt_neox", "opt"]
 
 
-def paged_engine(model_dir, **settings):
-    ctx = cpu_context(model_dir, attention_backend="torch", max_batch_size=4, **settings)
+def paged_engine(model_dir, backend="torch", **settings):
+    ctx = cpu_context(model_dir, attention_backend=backend, max_batch_size=4, **settings)
     return resolve(ctx.registry.engine("hf_transformers").target)(ctx)
 
 
@@ -100,8 +102,7 @@ def test_prompt_prefixes_equal_transformers_on_prefix_then_prompt_embeddings(mod
     ("arch", "why"),
     [
         ("bloom", "does not take transformers' attention functions"),
-        ("mistral", "sliding window (4096 < MAX_SEQUENCE_LENGTH 8192)"),
-        ("gemma2", "sliding window (4096 < MAX_SEQUENCE_LENGTH 8192)"),
+        ("gemma2", "soft-caps"),
         ("cohere", "scales its logits"),
     ],
 )
@@ -109,10 +110,44 @@ def test_models_it_cannot_serve_say_why(arch, why):
     assert why in unsupported(AutoConfig.for_model(arch), 8192)
 
 
-def test_a_sliding_window_no_shorter_than_the_longest_sequence_is_full_attention():
-    assert unsupported(AutoConfig.for_model("mistral"), 4096) is None
-    # Gemma 2's window would not cut either; its soft-capped attention scores still refuse it.
-    assert "soft-caps" in unsupported(AutoConfig.for_model("gemma2"), 4096)
+# Windows of 5 tokens: the prompts (up to 14 tokens) and their 8 new tokens outgrow them.
+WINDOWED = {
+    "mistral": {"sliding_window": 5},
+    "qwen2": {"use_sliding_window": True, "sliding_window": 5, "layer_types": ["sliding_attention", "full_attention"]},
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "flex"])
+@pytest.mark.parametrize("arch", list(WINDOWED))
+def test_sliding_windows_equal_transformers(arch, backend, tmp_path):
+    model_dir = build_tiny_causal_lm(tmp_path, arch=arch, **WINDOWED[arch])
+    assert unsupported(AutoConfig.from_pretrained(model_dir), 64) is None
+    engine = paged_engine(model_dir, backend)
+    assert engine.model.uses_sliding_window
+    windows = {heads.sliding_window for heads in _layers_heads(engine, model_dir)}
+    assert windows == ({5} if arch == "mistral" else {5, None})
+    prompt_ids = [AutoTokenizer.from_pretrained(model_dir)(p).input_ids for p in PROMPTS]
+    expected = reference_greedy(model_dir, PROMPTS, NEW_TOKENS)
+    check_one_batch_equals_reference(engine, prompt_ids, expected, chunk=3)
+
+
+def _layers_heads(engine, model_dir) -> list[AttentionHeads]:
+    """Each layer's heads, made by a step of one token."""
+    driver = StepDriver(engine)
+    driver.join(request(99, [5], 1))
+    driver.step()
+    driver.leave(99)
+    driver.step()
+    return list(engine.model._heads.values())
+
+
+def test_a_sliding_window_no_shorter_than_the_longest_sequence_hides_no_key():
+    mistral = AutoConfig.for_model("mistral")  # a window of 4,096 tokens
+    assert not hides_keys(mistral, 4096)
+    assert hides_keys(mistral, 8192)
+    assert unsupported(mistral, 8192) is None
+    # Qwen2's window is off unless use_sliding_window says so.
+    assert not hides_keys(AutoConfig.for_model("qwen2", sliding_window=16), 64)
 
 
 @pytest.mark.parametrize(
@@ -147,3 +182,10 @@ def test_on_a_gpu_with_graphs_equals_transformers(tmp_path_factory, backend, dty
     FlashInfer and FlexAttention, against transformers on the GPU."""
     model_dir = build_tiny_causal_lm(tmp_path_factory.mktemp("llama-gpu"), arch="llama", **GPU_LLAMA_SHAPE)
     check_gpus_match_transformers(model_dir, dtype, 1, backend=backend, engine="hf_transformers")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sliding_windows_on_a_gpu_with_graphs_equal_transformers(tmp_path):
+    """The windowed layers' FlexAttention masks inside the decode graphs, beside full-attention layers."""
+    model_dir = build_tiny_causal_lm(tmp_path, arch="qwen2", **GPU_LLAMA_SHAPE, **WINDOWED["qwen2"])
+    check_gpus_match_transformers(model_dir, torch.bfloat16, 1, backend="flex", engine="hf_transformers")

@@ -314,6 +314,8 @@ def test_backend_is_the_fastest_installed_on_cuda_and_torch_elsewhere(
     # FlashInfer brings its own ALiBi slopes, which a rank's slice of heads would get wrong.
     with_alibi = expected if expected != "flashinfer" else "flex"
     assert choose_backend("cuda", torch.bfloat16, 128, alibi=True) == with_alibi
+    # Nor does its plan take a sliding window.
+    assert choose_backend("cuda", torch.bfloat16, 128, sliding_window=True) == with_alibi
     assert choose_backend("cpu", torch.bfloat16, 128) == "torch"
     # Head sizes the fused kernels don't take; flash-attn only runs half precision.
     assert choose_backend("cuda", torch.bfloat16, 20) == "torch"

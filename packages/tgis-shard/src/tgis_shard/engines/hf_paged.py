@@ -6,10 +6,12 @@ batch size, slower than generate()). A model whose attention goes through transf
 ``AttentionInterface`` takes an attention function of ours instead (``ATTENTION``): it writes the
 step's keys and values into the paged cache where the router's block tables say and attends
 with this device's kernels (FlashInfer, FlexAttention, torch) through the families'
-``AttentionHeads``. transformers builds no mask for an attention function it does not know, so
-the pass is ragged like a family's: one row of every token of the step, positions given. The
-rest is tgis_native's engine: chunked prompts, steps launched ahead, CUDA graphs for decode and
-prompt steps (the pass reads the step's metadata only in attention).
+``AttentionHeads``, each layer with the sliding window transformers hands it (a model whose
+windows hide keys runs on a backend with windows: flash-attn, FlexAttention or torch).
+transformers builds no mask for an attention function it does not know, so the pass is ragged
+like a family's: one row of every token of the step, positions given. The rest is tgis_native's
+engine: chunked prompts, steps launched ahead, CUDA graphs for decode and prompt steps (the pass
+reads the step's metadata only in attention).
 
 Models it cannot serve this way (``unsupported``) stay on the padded engine.
 """
@@ -41,6 +43,7 @@ class _Step:
     cache: PagedKVCache
     meta: AttentionMetadata
     heads: dict[int, AttentionHeads]  # by layer, made on first use from the shapes it is given
+    longest: int  # tokens in the longest sequence: a sliding window no shorter hides no key
 
 
 # Outside torch.compile (PT2_COMPILE) as a whole, as AttentionHeads' own call: compiled, the
@@ -63,7 +66,11 @@ def _paged_attention(
     layer = module.layer_idx
     heads = step.heads.get(layer)
     if heads is None:
-        heads = AttentionHeads(layer, query.shape[1], key.shape[1], query.shape[-1], scaling)
+        # transformers hands each layer its window (None for full attention): the last
+        # ``window`` keys, the token's own included, as our backends count them.
+        window = kwargs.get("sliding_window")
+        window = window if isinstance(window, int) and window < step.longest else None
+        heads = AttentionHeads(layer, query.shape[1], key.shape[1], query.shape[-1], scaling, window)
         step.heads[layer] = heads
     q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
     out = heads.attend(q, k, v, step.cache, step.meta)
@@ -83,10 +90,6 @@ def unsupported(config: PretrainedConfig, max_sequence_length: int) -> str | Non
         return f"{model_class.__name__} does not take transformers' attention functions"
     if getattr(config, "alibi", False):
         return "its attention adds ALiBi biases"
-    # A window no shorter than the longest sequence never hides a key (Mistral 7B v0.1's 4,096).
-    window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True) and window < max_sequence_length:
-        return f"its attention has a sliding window ({window} < MAX_SEQUENCE_LENGTH {max_sequence_length})"
     layer_types = getattr(config, "layer_types", None) or ()
     if any(t not in ("full_attention", "sliding_attention") for t in layer_types):
         return f"its layers are not all full or sliding-window attention ({sorted(set(layer_types))})"
@@ -102,16 +105,29 @@ def unsupported(config: PretrainedConfig, max_sequence_length: int) -> str | Non
     return None
 
 
+def hides_keys(config: PretrainedConfig, max_sequence_length: int) -> bool:
+    """Whether some layer's sliding window is shorter than the longest sequence (Mistral 7B
+    v0.1's 4,096 tokens is not, up to 4,096): then FlashInfer, whose plan has no window, stays out."""
+    window = getattr(config, "sliding_window", None)
+    if not window or window >= max_sequence_length or not getattr(config, "use_sliding_window", True):
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    return not layer_types or "sliding_attention" in layer_types
+
+
 class TransformersPagedLM(nn.Module, SupportsPromptPrefixes):
     """A transformers causal LM loaded with ``attn_implementation=ATTENTION``, as a family's
-    model (``families.NativeCausalLM``) on one rank."""
+    model (``families.NativeCausalLM``) on one rank, for sequences of up to ``max_sequence_length``
+    tokens."""
 
     uses_alibi = False
 
-    def __init__(self, model: PreTrainedModel):
+    def __init__(self, model: PreTrainedModel, max_sequence_length: int):
         super().__init__()
         config = model.config
         self.model = model
+        self.max_sequence_length = max_sequence_length
+        self.uses_sliding_window = hides_keys(config, max_sequence_length)
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
         self.num_layers = config.num_hidden_layers
@@ -137,7 +153,7 @@ class TransformersPagedLM(nn.Module, SupportsPromptPrefixes):
             inputs_embeds=embedded[None],
             position_ids=positions[None],
             use_cache=False,
-            **{_STEP: _Step(cache, meta, self._heads)},
+            **{_STEP: _Step(cache, meta, self._heads, self.max_sequence_length)},
         )
         return out.last_hidden_state[0]
 

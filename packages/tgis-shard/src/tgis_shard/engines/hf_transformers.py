@@ -327,7 +327,8 @@ def _load_engine(ctx: ShardContext, engine: str, attn_implementation: str | None
         # Imported here: tgis_native imports this module.
         from tgis_shard.engines.tgis_native import paged_engine
 
-        return paged_engine(ctx, hf_paged.TransformersPagedLM(model), SINGLE, config, type(model).__name__, engine)
+        paged_lm = hf_paged.TransformersPagedLM(model, ctx.max_sequence_length)
+        return paged_engine(ctx, paged_lm, SINGLE, config, type(model).__name__, engine)
     if seq2seq:
         # Imported here: the seq2seq engine reuses this module's helpers.
         from tgis_shard.engines.seq2seq import Seq2SeqLMEngine

@@ -608,7 +608,8 @@ def paged_engine(
 ) -> NativeEngine:
     """The engine of a decoder-only ``model`` over a paged KV cache sized for this device and
     agreed by every rank; ``description`` names the model in the log."""
-    backend = ctx.attention_backend or choose_backend(ctx.device, ctx.dtype, model.head_dim, model.uses_alibi)
+    windowed = getattr(model, "uses_sliding_window", False)  # families have none; transformers' models may
+    backend = ctx.attention_backend or choose_backend(ctx.device, ctx.dtype, model.head_dim, model.uses_alibi, windowed)
     block_size = BLOCK_SIZES[backend]
     blocks = tp.min_over_ranks(_cache_blocks(ctx, model, block_size))
     if blocks < blocks_for(ctx.max_sequence_length, block_size):

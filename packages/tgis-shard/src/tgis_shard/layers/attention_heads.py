@@ -38,6 +38,7 @@ class AttentionHeads:
     num_kv_heads: int  # on this rank (replicated when fewer than the ranks)
     head_dim: int
     softmax_scale: float | None = None  # None: 1 / sqrt(head_dim)
+    sliding_window: int | None = None  # each token sees this many keys, itself included; None: all
 
     @property
     def scale(self) -> float:
@@ -93,4 +94,6 @@ class AttentionHeads:
         self, q: torch.Tensor, cache: PagedKVCache, meta: AttentionMetadata, alibi_slopes: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Attention of rotated queries over the cache, which holds this step's keys and values."""
-        return paged_attention(q, cache, self.layer, meta, self.scale, alibi_slopes=alibi_slopes)
+        return paged_attention(
+            q, cache, self.layer, meta, self.scale, alibi_slopes=alibi_slopes, sliding_window=self.sliding_window
+        )

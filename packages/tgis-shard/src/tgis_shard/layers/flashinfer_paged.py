@@ -24,7 +24,8 @@ tensors, FlashInfer's "NHD" layout.
 
 Not covered, so ``choose_backend`` does not pick this backend for them: ALiBi (FlashInfer derives
 its own slopes from the head count, which a tensor-parallel rank's slice of heads breaks) and
-sliding windows (a plan has one window; no family served here uses one).
+sliding windows shorter than the longest sequence (a plan has one window, where a model may mix
+windowed and full layers; hf_transformers' windowed models run on FlexAttention instead).
 """
 
 from __future__ import annotations

@@ -262,13 +262,15 @@ def _flex_available() -> bool:
     return True
 
 
-def choose_backend(device: torch.device | str, dtype: torch.dtype, head_dim: int, alibi: bool = False) -> str:
-    """The fastest backend that runs here: flash-attn, else FlashInfer (without ALiBi), else
-    FlexAttention on CUDA, else torch."""
+def choose_backend(
+    device: torch.device | str, dtype: torch.dtype, head_dim: int, alibi: bool = False, sliding_window: bool = False
+) -> str:
+    """The fastest backend that runs here: flash-attn, else FlashInfer (without ALiBi or sliding
+    windows), else FlexAttention on CUDA, else torch."""
     fused = torch.device(device).type == "cuda" and head_dim % 8 == 0 and 16 <= head_dim <= FUSED_MAX_HEAD_DIM
     if fused and dtype in _HALF_DTYPES and _flash_attn() is not None:
         return "flash"
-    if fused and dtype in _HALF_DTYPES and not alibi and _flashinfer_serves(head_dim):
+    if fused and dtype in _HALF_DTYPES and not alibi and not sliding_window and _flashinfer_serves(head_dim):
         return "flashinfer"
     if fused and _flex_available():
         return "flex"
