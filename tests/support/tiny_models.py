@@ -157,42 +157,22 @@ class _ArchSpec:
 
 _FFN = 4 * HIDDEN_SIZE
 
+# LLaMA's configuration keys, which Mistral and Qwen2 share.
+_LLAMA_LAYOUT = {
+    "hidden_size": HIDDEN_SIZE,
+    "intermediate_size": _FFN,
+    "num_hidden_layers": NUM_LAYERS,
+    "num_attention_heads": NUM_HEADS,
+    "num_key_value_heads": NUM_KV_HEADS,
+    "max_position_embeddings": MAX_POSITIONS,
+}
+
 _CAUSAL_SPECS: dict[str, _ArchSpec] = {
-    "llama": _ArchSpec(
-        transformers.LlamaConfig,
-        {
-            "hidden_size": HIDDEN_SIZE,
-            "intermediate_size": _FFN,
-            "num_hidden_layers": NUM_LAYERS,
-            "num_attention_heads": NUM_HEADS,
-            "num_key_value_heads": NUM_KV_HEADS,
-            "max_position_embeddings": MAX_POSITIONS,
-        },
-    ),
+    "llama": _ArchSpec(transformers.LlamaConfig, _LLAMA_LAYOUT),
     # LLaMA's layout with sliding-window attention (pass ``sliding_window``), and Qwen2's, whose
     # ``layer_types`` mix sliding-window and full-attention layers.
-    "mistral": _ArchSpec(
-        transformers.MistralConfig,
-        {
-            "hidden_size": HIDDEN_SIZE,
-            "intermediate_size": _FFN,
-            "num_hidden_layers": NUM_LAYERS,
-            "num_attention_heads": NUM_HEADS,
-            "num_key_value_heads": NUM_KV_HEADS,
-            "max_position_embeddings": MAX_POSITIONS,
-        },
-    ),
-    "qwen2": _ArchSpec(
-        transformers.Qwen2Config,
-        {
-            "hidden_size": HIDDEN_SIZE,
-            "intermediate_size": _FFN,
-            "num_hidden_layers": NUM_LAYERS,
-            "num_attention_heads": NUM_HEADS,
-            "num_key_value_heads": NUM_KV_HEADS,
-            "max_position_embeddings": MAX_POSITIONS,
-        },
-    ),
+    "mistral": _ArchSpec(transformers.MistralConfig, _LLAMA_LAYOUT),
+    "qwen2": _ArchSpec(transformers.Qwen2Config, _LLAMA_LAYOUT),
     "gpt2": _ArchSpec(
         transformers.GPT2Config,
         {
