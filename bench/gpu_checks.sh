@@ -40,15 +40,18 @@ nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
 python3 -c 'import torch, transformers, grpc, google.protobuf as p; print(torch.__version__, transformers.__version__, grpc.__version__, p.__version__)' \
   | tee -a "$out/gpu.txt"
 if [[ $stage == tests || $stage == all ]]; then
-  # GPU_TESTS: a narrower list of test files (the compile warm-up bench then stays out).
+  # GPU_TESTS: a narrower list of test files (the compile warm-up bench then stays out);
+  # GPU_TESTS_K: a pytest -k expression over them (its own variable: it has spaces).
   default_tests="packages/tgis-shard/tests/test_steps.py packages/tgis-shard/tests/test_paged_attention.py
     packages/tgis-shard/tests/test_memory_gpu.py packages/tgis-shard/tests/test_cuda_graphs.py packages/tgis-shard/tests/test_prompt_graphs.py
     packages/tgis-shard/tests/test_pt2_compile.py packages/tgis-shard/tests/test_fused.py
     packages/tgis-shard/tests/test_launch_ahead.py packages/tgis-shard/tests/test_hf_paged.py"
+  select=()
+  [[ -n ${GPU_TESTS_K:-} ]] && select=(-k "$GPU_TESTS_K")
   # shellcheck disable=SC2086  # the list splits into files on purpose
   # The CPU case of test_fused compiles for the CPU with the device image's torch, not the pinned
   # one CI checks it with (bit for bit there); the device checks the CUDA case.
-  "${limit[@]}" python3 -m pytest -q -p no:cacheprovider -rs --show-capture=no ${GPU_TESTS:-$default_tests} \
+  "${limit[@]}" python3 -m pytest -q -p no:cacheprovider -rs --show-capture=no ${GPU_TESTS:-$default_tests} "${select[@]}" \
     --deselect "packages/tgis-shard/tests/test_fused.py::test_each_compiled_chain_equals_its_eager_ops[cpu]" \
     > "$out/gpu-tests.log" 2>&1
   tail -40 "$out/gpu-tests.log"
