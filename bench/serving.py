@@ -230,7 +230,8 @@ def in_process_decode_steps(
     engine.warm_up()
     measured = []
     for rows in batch_sizes:
-        step = _measure_decode(engine, rows, prompt, steps, first_id=3 * len(measured) * max(batch_sizes) + 1)
+        first_id = 3 * len(measured) * max(batch_sizes) + 1
+        step = _measure_decode(engine, rows, prompt, steps, joining, first_id)
         measured.append(step)
         print(f"in process, {variant}: {measured[-1]}", flush=True)  # a run cut off later keeps it
     # The server's shard needs the device's memory: nothing may hold the engine on.
@@ -242,7 +243,7 @@ def in_process_decode_steps(
     return measured
 
 
-def _measure_decode(engine, rows: int, prompt: int, steps: int, first_id: int) -> InProcessStep:
+def _measure_decode(engine, rows: int, prompt: int, steps: int, joining: int, first_id: int) -> InProcessStep:
     """A batch of ``rows`` requests on ``engine``: the step prefilling their prompts (profiled on
     one batch, timed on another), then decode steps one by one, then each step launched before
     the last one's tokens are awaited (as the server runs them)."""
@@ -275,7 +276,6 @@ def _measure_decode(engine, rows: int, prompt: int, steps: int, first_id: int) -
     pending()
     ahead = (time.perf_counter() - started) / steps
     busy, activities = _device_activities(driver.step, device, host_table=f"decode step of {rows} rows")
-    joining = max(1, DECODING_STEP_TOKENS // prompt)
     mixed, mixed_busy = _measure_mixed(driver, range(first_id + 2 * rows, first_id + 2 * rows + joining), prompt)
     driver.leave(*ids)
     driver.step()  # lets them go

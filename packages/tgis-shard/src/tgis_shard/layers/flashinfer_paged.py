@@ -127,7 +127,6 @@ class FlashInferPlanner:
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD", use_tensor_cores=True)
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
         self._graph_decodes: dict[int, Any] = {}
-        self._geometry = (num_heads, num_kv_heads, head_dim, block_size)
         self._active: _Plan | None = None
 
     def plan(self, meta: AttentionMetadata, graph_rows: int | None = None, decodes_apart: bool = True) -> None:
@@ -152,28 +151,23 @@ class FlashInferPlanner:
         self._plan_prefill(cu_seqlens_q, meta.host.context_lens[decodes:], prompt_pages)
         self._active = _Plan(self._prefill, self._decode if decodes else None, decodes)
 
-    def _plan_decode(self, wrapper: Any, pages: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
-        # Host arrays in pinned memory, the indices on the device already: FlashInfer copies host
-        # page indices into a graph's buffers with a copy that blocks (see tgis_shard.staging).
+    def _staged(self, pages: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[torch.Tensor | int, ...]:
+        """A plan's page lists and the geometry after them: host arrays in pinned memory, the
+        indices on the device already (FlashInfer copies host page indices into a graph's buffers
+        with a copy that blocks; see tgis_shard.staging)."""
         indptr, indices, last_page_len = (torch.from_numpy(a) for a in pages)
-        wrapper.plan(
-            indptr.pin_memory(),
-            to_device(indices, self.device),
-            last_page_len.pin_memory(),
-            *self._geometry,
-            q_data_type=self.dtype,
-        )
+        lists = (indptr.pin_memory(), to_device(indices, self.device), last_page_len.pin_memory())
+        return (*lists, self.num_heads, self.num_kv_heads, self.head_dim, self.block_size)
+
+    def _plan_decode(self, wrapper: Any, pages: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+        wrapper.plan(*self._staged(pages), q_data_type=self.dtype)
 
     def _plan_prefill(
         self, cu_seqlens_q: np.ndarray, context_lens: np.ndarray, pages: tuple[np.ndarray, np.ndarray, np.ndarray]
     ) -> None:
-        indptr, indices, last_page_len = (torch.from_numpy(a) for a in pages)
         self._prefill.plan(
             torch.from_numpy(cu_seqlens_q.astype(np.int32)).pin_memory(),
-            indptr.pin_memory(),
-            to_device(indices, self.device),
-            last_page_len.pin_memory(),
-            *self._geometry,
+            *self._staged(pages),
             causal=True,
             q_data_type=self.dtype,
             # The context lengths too: the prefill plan derives them otherwise in pageable memory,
