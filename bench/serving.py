@@ -373,6 +373,9 @@ _STEP_SUMS = {
     "tgi_batch_inference_tokproc_duration_sum": "hand_out",  # the router handing the tokens out
     "tgi_request_inter_token_latency_count": "gaps",  # between two tokens of a request, at the router
     "tgi_request_inter_token_latency_sum": "gap_seconds",
+    # A run at the KV cache's limit: requests preempted (the cache ran full) and any that failed.
+    "tgi_request_preemptions_total": "preemptions",
+    "tgi_request_failure_total": "failures",
 }
 
 
@@ -432,6 +435,9 @@ def step_breakdown(served: dict[int, dict]) -> list[str]:
         if result["itl"]:
             late = sum(gap > _ITL_TAIL_FROM_S for gap in result["itl"]) / len(result["itl"])
             itl += f", {statistics.fmean(result['itl']) * 1000:.2f} ms at the clients ({late:.2%} over {tail})"
+        for what in ("preemptions", "failures"):
+            count = after.get(("", what), 0.0) - before.get(("", what), 0.0)
+            itl += f", {count:,.0f} {what}" if count else ""
         lines.append(
             f"- {streams} streams, {result['elapsed_s']:.2f} s, {period:.2f} ms per step, {itl}: " + "; ".join(parts)
         )

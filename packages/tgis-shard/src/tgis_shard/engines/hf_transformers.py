@@ -328,7 +328,9 @@ def _load_engine(ctx: ShardContext, engine: str, attn_implementation: str | None
         from tgis_shard.engines.tgis_native import paged_engine
 
         paged_lm = hf_paged.TransformersPagedLM(model, ctx.max_sequence_length)
-        return paged_engine(ctx, paged_lm, SINGLE, config, type(model).__name__, engine)
+        # Transformers' forward pass may read the device from the host somewhere, which a capture refuses.
+        fallback = "HF_PAGED_CACHE=false keeps transformers' padded batches"
+        return paged_engine(ctx, paged_lm, SINGLE, config, type(model).__name__, engine, capture_hint=fallback)
     if seq2seq:
         # Imported here: the seq2seq engine reuses this module's helpers.
         from tgis_shard.engines.seq2seq import Seq2SeqLMEngine

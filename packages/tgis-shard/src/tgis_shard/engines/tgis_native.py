@@ -154,8 +154,11 @@ class NativeEngine(Engine):
         cache: PagedKVCache,
         eos_token_ids: list[int],
         name: str = "tgis_native",
+        capture_hint: str = "",
     ):
         self.name = name  # the engine the shard reports (hf_transformers runs on this one too)
+        # What else a failed graph capture can be worked around with (the start fails saying it).
+        self._capture_hint = capture_hint
         self.model = model
         self.ctx = ctx
         self.tp = tp
@@ -533,11 +536,7 @@ class NativeEngine(Engine):
             try:
                 self.capture_graphs()
             except Exception as e:
-                # hf_transformers runs transformers' own forward pass here, which may read the
-                # device from the host somewhere: the start fails saying what to turn off.
-                hint = "CUDA_GRAPHS=false runs the steps eagerly"
-                if self.name == "hf_transformers":
-                    hint += "; HF_PAGED_CACHE=false keeps transformers' padded batches"
+                hint = "; ".join(filter(None, ["CUDA_GRAPHS=false runs the steps eagerly", self._capture_hint]))
                 raise RuntimeError(f"capturing {self.name}'s steps as CUDA graphs failed: {e} ({hint})") from e
 
     @torch.inference_mode()
@@ -605,9 +604,11 @@ def paged_engine(
     config: PretrainedConfig,
     description: str,
     name: str = "tgis_native",
+    capture_hint: str = "",
 ) -> NativeEngine:
     """The engine of a decoder-only ``model`` over a paged KV cache sized for this device and
-    agreed by every rank; ``description`` names the model in the log."""
+    agreed by every rank; ``description`` names the model in the log, ``capture_hint`` what
+    else than CUDA_GRAPHS=false avoids a graph capture that fails."""
     windowed = getattr(model, "uses_sliding_window", False)  # families have none; transformers' models may
     backend = ctx.attention_backend or choose_backend(ctx.device, ctx.dtype, model.head_dim, model.uses_alibi, windowed)
     block_size = BLOCK_SIZES[backend]
@@ -637,4 +638,4 @@ def paged_engine(
         block_size,
         backend,
     )
-    return NativeEngine(model, ctx, tp, config, cache, eos_token_ids(ctx.model_dir, config), name)
+    return NativeEngine(model, ctx, tp, config, cache, eos_token_ids(ctx.model_dir, config), name, capture_hint)
