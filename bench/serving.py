@@ -209,7 +209,7 @@ def in_process_decode_steps(
     steps = max(1, min(IN_PROCESS_DECODE_STEPS, new - 2))
     registry = shard_registry(None)
     fused.enable(variant.fused_kernels)  # what the shard's command line sets for its process
-    joining = max(1, DECODING_STEP_TOKENS // prompt)  # prompts a mixed step takes beside the decodes
+    joining = max(1, DECODING_STEP_TOKENS // prompt)  # the most prompts a mixed step takes
     ctx = ShardContext(
         model_dir=model_dir,
         model_type="llama",
@@ -231,7 +231,7 @@ def in_process_decode_steps(
     measured = []
     for rows in batch_sizes:
         first_id = 3 * len(measured) * max(batch_sizes) + 1
-        step = _measure_decode(engine, rows, prompt, steps, joining, first_id)
+        step = _measure_decode(engine, rows, prompt, steps, _prompts_beside(rows, prompt), first_id)
         measured.append(step)
         print(f"in process, {variant}: {measured[-1]}", flush=True)  # a run cut off later keeps it
     # The server's shard needs the device's memory: nothing may hold the engine on.
@@ -241,6 +241,11 @@ def in_process_decode_steps(
     if collected() is not None:
         raise RuntimeError(f"the in-process engine is still referenced: {gc.get_referrers(collected())}")
     return measured
+
+
+def _prompts_beside(decodes: int, prompt: int) -> int:
+    """Prompts the router's step takes beside ``decodes``: its budget counts the decodes too."""
+    return max(1, (DECODING_STEP_TOKENS - decodes) // prompt)
 
 
 def _measure_decode(engine, rows: int, prompt: int, steps: int, joining: int, first_id: int) -> InProcessStep:
