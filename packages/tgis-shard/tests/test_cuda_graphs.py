@@ -59,10 +59,13 @@ def _decode_tokens(model_dir, prompt_ids, backend: str, dtype: torch.dtype, grap
         assert engine._graphs is not None
         assert engine._graphs.buckets == [1, 2, 4, 8]
         replay = engine._graphs.replay
+        logits_at: set[int] = set()  # where each replay's logits start: one buffer for every bucket
 
         def counted(bucket: int) -> torch.Tensor:
             replayed.append(bucket)
-            return replay(bucket)
+            logits = replay(bucket)
+            logits_at.add(logits.data_ptr())
+            return logits
 
         engine._graphs.replay = counted
         # Steps with prompt chunks replay their pieces (engines.prompt_graphs): counted as negative.
@@ -84,6 +87,8 @@ def _decode_tokens(model_dir, prompt_ids, backend: str, dtype: torch.dtype, grap
             tokens += [(t.request_id, t.token_id, t.logprob) for t in driver.step()]
         if leaving is not None:
             driver.leave(leaving)
+    if graphs:
+        assert len(logits_at) == 1
     return tokens, driver.outputs, replayed
 
 
