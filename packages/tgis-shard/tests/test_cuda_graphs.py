@@ -72,9 +72,9 @@ def _decode_tokens(model_dir, prompt_ids, backend: str, dtype: torch.dtype, grap
         assert engine._prompt_graphs is not None
         run_pieces = engine._prompt_graphs.run
 
-        def counted_pieces(input_ids, meta, bucket: int) -> torch.Tensor:
+        def counted_pieces(input_ids, meta, bucket: int, overrides=None) -> torch.Tensor:
             replayed.append(-bucket)
-            return run_pieces(input_ids, meta, bucket)
+            return run_pieces(input_ids, meta, bucket, overrides)
 
         engine._prompt_graphs.run = counted_pieces
     else:

@@ -13,7 +13,14 @@ import torch
 
 from tgis_shard.layers import flex_paged
 from tgis_shard.layers import paged_attention as paged_attention_module
-from tgis_shard.layers.flashinfer_paged import flashinfer_available, leading_decodes, pages_of, split_pages
+from tgis_shard.layers.flashinfer_paged import (
+    WORKSPACE_BYTES,
+    decode_graph_workspace_bytes,
+    flashinfer_available,
+    leading_decodes,
+    pages_of,
+    split_pages,
+)
 from tgis_shard.layers.paged_attention import (
     BLOCK_SIZES,
     AttentionMetadata,
@@ -381,6 +388,16 @@ def test_flashinfer_page_lists_split_between_the_decodes_and_the_prompt_chunks()
     decodes, prompts = split_pages(pages_of(meta.host, block_size=8), leading_decodes(meta.host.cu_seqlens_q))
     assert [a.tolist() for a in decodes] == [[0, 3, 5], [2, 9, 4, 5, 6], [1, 8]]
     assert [a.tolist() for a in prompts] == [[0, 1], [7], [3]]
+
+
+def test_a_decode_graphs_workspace_holds_what_flashinfer_asked_for_at_4096_rows() -> None:
+    # On an H100 (132 multiprocessors), capturing the 8B shape's decode graph of 4,096 rows failed:
+    # "Buffer overflow when allocating memory for batch_prefill_tmp_v with size 1341915136".
+    tmp_v = 1_341_915_136
+    assert tmp_v < decode_graph_workspace_bytes(32, 8, 128, 4096, sms=132) < 1.1 * tmp_v
+    # The served batch sizes of the bench fit the shared workspace; 512 rows do not.
+    assert decode_graph_workspace_bytes(32, 8, 128, 128, sms=132) <= WORKSPACE_BYTES
+    assert decode_graph_workspace_bytes(32, 8, 128, 512, sms=132) > WORKSPACE_BYTES
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not flashinfer_available(), reason="needs CUDA and flashinfer")

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from tgis_shard.layers.paged_attention import AttentionMetadata, HostLayout
 
 # FlashInfer's recommended scratch for split-KV partial results, shared by every wrapper (steps run
-# one at a time).
+# one at a time) unless a decode graph needs more (``decode_graph_workspace_bytes``).
 WORKSPACE_BYTES = 128 * 2**20
 # Head sizes FlashInfer's kernels are built for.
 HEAD_DIMS = (64, 128, 256)
@@ -71,6 +71,21 @@ def pages_of(host: HostLayout, block_size: int) -> tuple[np.ndarray, np.ndarray,
     indices = host.block_tables[np.arange(width) < pages[:, None]].astype(np.int32)
     last_page_len = context - (pages - 1) * block_size
     return indptr, indices, last_page_len
+
+
+def decode_graph_workspace_bytes(num_heads: int, num_kv_heads: int, head_dim: int, rows: int, sms: int) -> int:
+    """Split-KV scratch a decode graph of ``rows`` rows asks for on a device of ``sms``
+    multiprocessors. The decode kernel with tensor cores plans as a prefill; in CUDA-graph mode the
+    plan reserves partial outputs (values and log-sum-exps, float32) for the most query tiles any
+    step of that many rows could have: its tile holds 16 rows of heads sharing a KV head (64 past 16
+    query heads per KV head, 128 past 64 below head size 256), and every row may start a tile. On an
+    H100, 32 × 128 heads over 8 KV heads at 4,096 rows: 1.35 GB, past WORKSPACE_BYTES from 405
+    rows on. (FlashInfer's scheduler.cuh, PrefillPlan.)"""
+    group = num_heads // num_kv_heads
+    tile = 128 if group > 64 and head_dim < 256 else 64 if group > 16 else 16
+    tiles = -(-rows * group // tile) + rows - 1
+    padded = max(tiles, 2 * sms // num_kv_heads)  # two CTAs per multiprocessor split the rest
+    return num_heads * padded * tile * (head_dim + 1) * 4 + 2**20  # + alignment of each part
 
 
 def leading_decodes(cu_seqlens_q: np.ndarray) -> int:
@@ -127,6 +142,9 @@ class FlashInferPlanner:
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD", use_tensor_cores=True)
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
         self._graph_decodes: dict[int, Any] = {}
+        # A decode graph larger than WORKSPACE_BYTES holds: one buffer, grown for the largest first
+        # (graphs are captured largest first); a graph captured with an older one keeps it alive.
+        self._graph_workspace = self._workspace
         self._active: _Plan | None = None
 
     def plan(self, meta: AttentionMetadata, graph_rows: int | None = None, decodes_apart: bool = True) -> None:
@@ -194,8 +212,12 @@ class FlashInferPlanner:
     def _graph_decode(self, rows: int) -> Any:
         """The decode wrapper of a graph of ``rows`` rows: its page lists live in fixed buffers."""
         if rows not in self._graph_decodes:
+            sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+            needed = decode_graph_workspace_bytes(self.num_heads, self.num_kv_heads, self.head_dim, rows, sms)
+            if needed > self._graph_workspace.numel():
+                self._graph_workspace = torch.zeros(needed, dtype=torch.uint8, device=self.device)
             self._graph_decodes[rows] = self._flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                self._workspace,
+                self._graph_workspace,
                 "NHD",
                 use_cuda_graph=True,
                 use_tensor_cores=True,
