@@ -18,7 +18,7 @@ from transformers.generation.logits_process import (
 
 from tgis_proto import shard_pb2 as pb
 from tgis_shard import logits as lp
-from tgis_shard.sampler import Sampler, uniform
+from tgis_shard.sampler import Sampler, every_path, sampling_peak_bytes, uniform
 
 VOCAB = 64
 EOS = 1
@@ -329,3 +329,26 @@ def test_a_request_joins_without_a_copy_that_waits_for_the_device():
         sampler.add(penalised, penalised.input_ids)
     assert device_ops.ops, "the meta device's ops are seen"
     assert set(device_ops.ops) <= _NON_WAITING_OPS, device_ops.ops
+
+
+def test_the_requests_that_size_sampling_take_every_path_of_a_step():
+    requests = every_path(3)
+    sampler = _sampler(*requests)
+    # What choose decides its paths from: every flag on for every row.
+    for name, values in sampler._host.items():
+        if name != "generated":
+            assert values[: len(requests)].all(), name
+    tokens = sampler.choose(torch.randn(3, VOCAB), [r.id for r in requests]).to_host().result()
+    assert [len(t.top_tokens) for t in tokens] == [10, 10, 10]
+    assert all(t.logprob < 0 and t.rank >= 1 for t in tokens)
+    assert (
+        sampling_peak_bytes(3, VOCAB, torch.float32, torch.device("cpu")) == 0
+    )  # the CPU cache is not sized from free memory
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sampling_on_a_gpu_needs_at_least_its_logits_and_a_sort_of_them():
+    rows, vocab = 64, 32000
+    peak = sampling_peak_bytes(rows, vocab, torch.bfloat16, torch.device("cuda", 0))
+    # bf16 logits, the bool penalty table, float32 values and int64 indices of top-p's sort.
+    assert peak >= rows * vocab * (2 + 1 + 12)

@@ -373,3 +373,47 @@ class Sampler:
         if self._seen is not None:
             self._seen[slots, token_ids] = True
         self._host["generated"][host_slots] += 1
+
+
+def every_path(count: int) -> list[pb.Request]:
+    """``count`` requests that take every path of ``Sampler.choose`` at once: each warper of
+    sampling, both penalties, min_new_tokens and token details."""
+    chooser = pb.NextTokenChooser(
+        sample=True,
+        temperature=0.7,
+        top_k=50,
+        top_p=0.9,
+        typical_p=0.9,
+        repetition_penalty=1.2,
+        length_penalty=True,
+        length_penalty_decay=1.1,
+        min_new_tokens=2,
+    )
+    details = pb.TokenDetailOptions(logprobs=True, ranks=True, top_n=10)
+    return [
+        pb.Request(id=i, input_ids=[1 + i % 2], max_new_tokens=4, chooser=chooser, details=details)
+        for i in range(count)
+    ]
+
+
+def sampling_peak_bytes(rows: int, vocab_size: int, dtype: torch.dtype, device: torch.device) -> int:
+    """What a step of ``rows`` rows needs on a GPU beside the model's forward pass to sample: its
+    logits, the repetition penalty's per-slot table, and the float32 work of ``choose`` with every
+    path taken (measured on random logits; a top-p sort alone is 12 bytes a logit). The KV cache
+    leaves it free; 0 off CUDA, where the cache is not sized from free memory."""
+    if device.type != "cuda":
+        return 0
+    sampler = Sampler(rows, vocab_size, [0], device)
+    requests = every_path(rows)
+    for request in requests:
+        sampler.add(request, request.input_ids)
+    logits = torch.randn(rows, vocab_size, device=device).to(dtype)
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    sampler.choose(logits, [r.id for r in requests]).to_host().result()
+    work = torch.cuda.max_memory_allocated(device) - before
+    del sampler, logits
+    torch.cuda.empty_cache()
+    seen = rows * vocab_size  # bool, allocated by the first request with a repetition penalty
+    return work + rows * vocab_size * dtype.itemsize + seen

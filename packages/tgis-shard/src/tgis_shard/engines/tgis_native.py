@@ -55,7 +55,7 @@ from tgis_shard.layers.paged_attention import (
 from tgis_shard.prefixes import PrefixesUnsupportedError, PromptPrefix
 from tgis_shard.progress import progress
 from tgis_shard.pt2 import compile_dynamic
-from tgis_shard.sampler import GeneratedToken, Sampler
+from tgis_shard.sampler import GeneratedToken, Sampler, sampling_peak_bytes
 from tgis_shard.staging import ids_to_device, to_device
 from tgis_shard.weights import Weights
 
@@ -551,14 +551,20 @@ class NativeEngine(Engine):
             raise RuntimeError("health check forward pass produced non-finite logits")
 
 
-def _cache_blocks(ctx: ShardContext, model: NativeCausalLM, block_size: int) -> int:
+def _cache_blocks(ctx: ShardContext, model: NativeCausalLM, block_size: int, vocab_size: int) -> int:
     """Blocks for requests: KV_CACHE_MANAGER_NUM_GPU_BLOCKS when set; else on a GPU what fits in
-    the memory left after the weights, on the CPU max batch × max length."""
+    the memory left after the weights and what sampling MAX_BATCH_SIZE rows takes, on the CPU max
+    batch × max length."""
     if ctx.kv_cache_blocks:
         return ctx.kv_cache_blocks
     if ctx.device.type == "cuda":
-        # The prompt-prefix cache fills up later.
-        free = memory.device_free_bytes(ctx.device) - ctx.memory_settings.reserved_bytes
+        # The prompt-prefix cache fills up later; sampling takes float32 work over the vocabulary
+        # for every row (measured for MAX_BATCH_SIZE rows: at large ones, gigabytes).
+        free = (
+            memory.device_free_bytes(ctx.device)
+            - ctx.memory_settings.reserved_bytes
+            - sampling_peak_bytes(ctx.max_batch_size, vocab_size, ctx.dtype, ctx.device)
+        )
         element = torch.empty((), dtype=ctx.dtype).element_size()
         per_block = 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * element
         return max(1, int(max(0, free) * GPU_CACHE_FRACTION) // per_block)
@@ -612,7 +618,7 @@ def paged_engine(
     windowed = getattr(model, "uses_sliding_window", False)  # families have none; transformers' models may
     backend = ctx.attention_backend or choose_backend(ctx.device, ctx.dtype, model.head_dim, model.uses_alibi, windowed)
     block_size = BLOCK_SIZES[backend]
-    blocks = tp.min_over_ranks(_cache_blocks(ctx, model, block_size))
+    blocks = tp.min_over_ranks(_cache_blocks(ctx, model, block_size, config.vocab_size))
     if blocks < blocks_for(ctx.max_sequence_length, block_size):
         raise UnsupportedModelError(
             f"the KV cache holds {blocks * block_size} tokens, less than one sequence of MAX_SEQUENCE_LENGTH "
