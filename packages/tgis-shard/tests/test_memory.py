@@ -74,3 +74,17 @@ def test_a_configured_prefix_store_reserves_prompt_cache_size_mb(tmp_path):
     ctx = cpu_context(tmp_path, prompt_cache_size_mb=64)
     assert ctx.memory_settings.reserved_bytes == 0  # no PREFIX_STORE_PATH: nothing to cache
     assert replace(ctx, prefix_store_path=tmp_path).memory_settings.reserved_bytes == 64 * 2**20
+
+
+def test_a_batch_too_large_to_sample_refuses_to_start_saying_what_to_lower(tmp_path, monkeypatch):
+    from tgis_shard.engines import tgis_native
+    from tgis_shard.engines.base import UnsupportedModelError
+
+    def out_of_memory(*args: object) -> int:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    # The cache of a GPU is sized from what sampling leaves; measuring it is the first device work.
+    monkeypatch.setattr(tgis_native, "sampling_peak_bytes", out_of_memory)
+    ctx = cpu_context(tmp_path, device=torch.device("cuda", 0), max_batch_size=4096)
+    with pytest.raises(UnsupportedModelError, match="MAX_BATCH_SIZE 4096 rows of a 128256-token vocabulary"):
+        tgis_native._cache_blocks(ctx, model=None, block_size=16, vocab_size=128256)

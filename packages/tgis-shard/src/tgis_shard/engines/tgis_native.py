@@ -560,11 +560,14 @@ def _cache_blocks(ctx: ShardContext, model: NativeCausalLM, block_size: int, voc
     if ctx.device.type == "cuda":
         # The prompt-prefix cache fills up later; sampling takes float32 work over the vocabulary
         # for every row (measured for MAX_BATCH_SIZE rows: at large ones, gigabytes).
-        free = (
-            memory.device_free_bytes(ctx.device)
-            - ctx.memory_settings.reserved_bytes
-            - sampling_peak_bytes(ctx.max_batch_size, vocab_size, ctx.dtype, ctx.device)
-        )
+        try:
+            sampling = sampling_peak_bytes(ctx.max_batch_size, vocab_size, ctx.dtype, ctx.device)
+        except torch.OutOfMemoryError as e:
+            raise UnsupportedModelError(
+                f"sampling MAX_BATCH_SIZE {ctx.max_batch_size} rows of a {vocab_size}-token vocabulary needs more "
+                "memory than the weights leave; lower MAX_BATCH_SIZE"
+            ) from e
+        free = memory.device_free_bytes(ctx.device) - ctx.memory_settings.reserved_bytes - sampling
         element = torch.empty((), dtype=ctx.dtype).element_size()
         per_block = 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * element
         return max(1, int(max(0, free) * GPU_CACHE_FRACTION) // per_block)
