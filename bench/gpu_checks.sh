@@ -24,7 +24,8 @@
 set -uo pipefail
 stage=${1:-all}
 limit=()
-[[ -n ${STAGE_SECONDS:-} ]] && limit=(timeout "$STAGE_SECONDS")
+# SIGINT first: pytest then prints the failures so far (SIGTERM would lose them); killed 20 s later.
+[[ -n ${STAGE_SECONDS:-} ]] && limit=(timeout -s INT -k 20 "$STAGE_SECONDS")
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 PATH="/tmp/site/bin:$PATH"
