@@ -341,9 +341,8 @@ def test_the_requests_that_size_sampling_take_every_path_of_a_step():
     tokens = sampler.choose(torch.randn(3, VOCAB), [r.id for r in requests]).to_host().result()
     assert [len(t.top_tokens) for t in tokens] == [10, 10, 10]
     assert all(t.logprob < 0 and t.rank >= 1 for t in tokens)
-    assert (
-        sampling_peak_bytes(3, VOCAB, torch.float32, torch.device("cpu")) == 0
-    )  # the CPU cache is not sized from free memory
+    # The CPU's cache is not sized from free memory.
+    assert sampling_peak_bytes(3, VOCAB, torch.float32, torch.device("cpu")) == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
