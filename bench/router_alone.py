@@ -42,7 +42,6 @@ from tgis_proto import shard_pb2 as pb  # noqa: E402
 from tgis_router.config import LauncherConfig  # noqa: E402
 
 PROMPT = "The lighthouse keeper climbed the spiral stairs every evening at dusk."
-MAX_BATCH_SIZE = 256
 
 
 class TimedShards(FakeShards):
@@ -116,8 +115,8 @@ async def _serve(tokenizer_file: Path, step_ms: float, args: argparse.Namespace)
     router = RouterInProcess(
         tokenizer_file,
         shards,
-        max_concurrent=4 * MAX_BATCH_SIZE,
-        max_batch_size=MAX_BATCH_SIZE,
+        max_concurrent=4 * args.max_batch_size,
+        max_batch_size=args.max_batch_size,
         max_sequence_length=4096,
         max_new_tokens=1024,
         eos_token_ids=frozenset({2}),  # SmolLM2's <|im_end|>; the fake shard never sends it
@@ -150,6 +149,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--step-ms", type=float, nargs="+", default=[0.0, 5.0], help="fake shard step times")
+    parser.add_argument("--max-batch-size", type=int, default=256, help="the router's MAX_BATCH_SIZE")
     parser.add_argument("--padded", action="store_true", help="a padded engine's scheduler (dynamic batch sizing)")
     parser.add_argument("--prompt-tokens", type=int, default=0, help="prompt length (0: one sentence)")
     parser.add_argument("--prompt-token-ms", type=float, default=0.0, help="fake shard time per prompt token in a step")
@@ -173,7 +173,8 @@ def main() -> None:
     prompts = f"prompts of {args.prompt_tokens} tokens" if args.prompt_tokens else "one-sentence prompts"
     print(
         f"{args.streams} streaming clients, {prompts}, {args.max_new_tokens} tokens each, {args.seconds:.0f} s per "
-        f"row, {scheduler} scheduler (at most {args.decoding_step_tokens} prompt tokens beside decodes); a step "
+        f"row, {scheduler} scheduler of at most {args.max_batch_size} rows (at most {args.decoding_step_tokens} "
+        "prompt tokens beside decodes); a step "
         f"takes the step time + {args.prompt_token_ms:g} ms per prompt token"
     )
     print(

@@ -12,7 +12,7 @@ from tests.support.ports import free_port
 from tgis_proto import generation_pb2_grpc as fmaas_grpc
 from tgis_router.admission import Admission, AdmissionConfig, MemoryModel
 from tgis_router.batcher import Batcher
-from tgis_router.grpc_server import GenerationService, ModelFacts
+from tgis_router.grpc_server import GenerationService, ModelFacts, generation_server
 from tgis_router.health import GenerationHealth
 from tgis_router.kv_blocks import BlockPool
 from tgis_router.prefixes import PrefixLengths
@@ -45,6 +45,7 @@ class RouterInProcess:
         decoding_step_tokens: int | None = None,
     ):
         self.shards = shards
+        self.max_concurrent = max_concurrent
         self.tokenizer = TokenizerPool(tokenizer_file, workers=1)
         queue = RequestQueue()
         self.service = GenerationService(
@@ -66,7 +67,7 @@ class RouterInProcess:
         self.address = f"localhost:{free_port()}"
 
     async def __aenter__(self) -> RouterInProcess:
-        self.server = grpc.aio.server()
+        self.server = generation_server(self.max_concurrent)
         fmaas_grpc.add_GenerationServiceServicer_to_server(self.service, self.server)
         self.server.add_insecure_port(self.address)
         await self.server.start()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -183,3 +184,33 @@ def test_each_request_logs_one_line_with_tgis_wording_timings_and_correlation_id
     entry = json.loads(JsonFormatter().format(first))
     assert entry["correlation_id"] == "job-42"
     assert entry["message"] == first.getMessage()
+
+
+def test_a_burst_of_calls_past_grpcs_default_backlog_is_answered_not_cancelled(tokenizer_file):
+    # gRPC's core cancels, with no message, a call arriving while 3,000 others wait for the
+    # application (from 1,000 on, at random): the router's event loop is held while a burst
+    # arrives, so every call of it waits.
+    burst = 3_100
+
+    async def main() -> None:
+        async with RouterInProcess(tokenizer_file, FakeShards(), max_concurrent=burst, max_batch_size=256) as service:
+            with grpc.insecure_channel(service.address) as channel:
+                generate = channel.unary_unary(
+                    "/fmaas.GenerationService/Generate",
+                    request_serializer=fmaas.BatchedGenerationRequest.SerializeToString,
+                    response_deserializer=fmaas.BatchedGenerationResponse.FromString,
+                )
+                calls = [generate.future(_batch(["hello"], _params(max_new_tokens=1))) for _ in range(burst)]
+                time.sleep(2)  # holds the router's loop: the burst waits in gRPC's backlog
+                answers = await asyncio.gather(*(asyncio.to_thread(_outcome, call) for call in calls))
+        assert [a for a in answers if a != "OK"] == []
+
+    asyncio.run(main())
+
+
+def _outcome(call: grpc.Future) -> str:
+    try:
+        call.result(timeout=60)
+    except grpc.RpcError as e:
+        return f"{e.code().name}: {e.details()}"
+    return "OK"

@@ -24,6 +24,27 @@ from tgis_router.validation import Limits, validate_input, validate_params
 
 log = logging.getLogger(__name__)
 
+# Calls beyond the generation calls in flight that may wait to be picked up at once (health
+# checks, ModelInfo, Tokenize).
+_SPARE_PENDING_CALLS = 256
+
+
+def generation_server(max_concurrent_requests: int) -> grpc.aio.Server:
+    """A gRPC server whose backlog lets MAX_CONCURRENT_REQUESTS calls wait to be picked up.
+
+    gRPC's core cancels a call that arrives while more than 1,000 others wait for the
+    application to pick them up (every one past 3,000): a burst of streams then ends CANCELLED,
+    with no message and before the router sees it. With the backlog above the router's own
+    limit, a call past MAX_CONCURRENT_REQUESTS gets the router's RESOURCE_EXHAUSTED instead.
+    """
+    backlog = max_concurrent_requests + _SPARE_PENDING_CALLS
+    return grpc.aio.server(
+        options=[
+            ("grpc.server.max_pending_requests", backlog),
+            ("grpc.server.max_pending_requests_hard_limit", backlog),
+        ]
+    )
+
 
 @dataclass(frozen=True)
 class ModelFacts:

@@ -19,7 +19,7 @@ from tgis_router import metrics
 from tgis_router.admission import Admission, AdmissionConfig, memory_model
 from tgis_router.batcher import Batcher
 from tgis_router.config import LauncherConfig
-from tgis_router.grpc_server import GenerationService, ModelFacts
+from tgis_router.grpc_server import GenerationService, ModelFacts, generation_server
 from tgis_router.health import GenerationHealth
 from tgis_router.http_server import start_http_server
 from tgis_router.kv_blocks import BlockPool
@@ -121,7 +121,7 @@ async def run_router(
     health_state = GenerationHealth(shards)
     batcher_task = asyncio.create_task(Batcher(shards, queue, scheduler, health_state).run(), name="batcher")
 
-    server = grpc.aio.server()
+    server = generation_server(config.max_concurrent_requests)
     fmaas_grpc.add_GenerationServiceServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
