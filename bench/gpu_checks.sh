@@ -78,5 +78,11 @@ if [[ $stage == serving || $stage == all ]]; then
   # At most 8 files come back from a call: the launchers' logs (every serving stage's) as one.
   tar -czf "$out/server-logs.tgz" -C /tmp server-logs 2>/dev/null
 fi
-tar -cJf "$out/fi-cache.txz" -C "$FLASHINFER_WORKSPACE_BASE" . 2>/dev/null && ls -la "$out/fi-cache.txz"
-tar -cJf "$out/torch-cache.txz" -C .torch-cache . 2>/dev/null && ls -la "$out/torch-cache.txz"
+# Every stage ends by packing the caches (the run command need not): each archive is written
+# under another name and renamed once whole, so a call cut off while packing brings back the last
+# whole one, not a truncated one the next call cannot unpack. xz on every core (-T0).
+pack() {
+  XZ_OPT=-T0 tar -cJf "$out/$1.part" -C "$2" . 2>/dev/null && mv "$out/$1.part" "$out/$1" && ls -la "$out/$1"
+}
+pack fi-cache.txz "$FLASHINFER_WORKSPACE_BASE"
+pack torch-cache.txz .torch-cache

@@ -5,8 +5,12 @@ lookups wait for nothing."""
 from __future__ import annotations
 
 import asyncio
+import time
+
+import grpc
 
 from tgis_proto import shard_pb2 as pb
+from tgis_proto import shard_pb2_grpc as pb_grpc
 from tgis_router.shard_client import ShardClient
 
 
@@ -61,3 +65,32 @@ def test_steps_go_out_at_once_numbered_and_barriers_wait_for_everything_before_t
     assert log.index((0, "start", "Reset")) > log.index((1, "end", "Forward"))
     assert log.index((0, "start", "Step2")) > log.index((1, "end", "Reset"))
     assert log.index((0, "start", "Ping")) < log.index((0, "end", "Step0"))
+
+
+class _InfoOnly(pb_grpc.ShardServiceServicer):
+    async def Info(self, request, context):
+        return pb.InfoResponse()
+
+
+def test_a_shard_that_starts_serving_late_is_seen_within_a_second_or_so(tmp_path):
+    # gRPC's own reconnect backoff after ~10 s of refused connects is ~6 s: the launcher would
+    # see the shard several seconds after its socket appeared.
+    socket = tmp_path / "shard-0"
+    serving_after_s = 10.0
+
+    async def main() -> float:
+        client = ShardClient([str(socket)])
+        info = asyncio.ensure_future(client.info())
+        await asyncio.sleep(serving_after_s)
+        server = grpc.aio.server()
+        pb_grpc.add_ShardServiceServicer_to_server(_InfoOnly(), server)
+        server.add_insecure_port(f"unix://{socket}")
+        await server.start()
+        started = time.monotonic()
+        await asyncio.wait_for(info, 30)
+        seen_after = time.monotonic() - started
+        await client.close()
+        await server.stop(grace=None)
+        return seen_after
+
+    assert asyncio.run(main()) < 2.5

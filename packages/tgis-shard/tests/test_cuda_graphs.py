@@ -1,7 +1,7 @@
 """tgis_native's decode steps replayed from CUDA graphs, and its steps with prompt chunks replayed
 in pieces around attention, give the eager engine's tokens and logprobs, and transformers' greedy
-tokens, while requests join and leave (the batch moves between graph sizes, padded). Skips
-without CUDA; bench/gpu_checks.sh runs it on the device."""
+tokens, while requests join and leave (the batch moves between graph sizes, padded). The
+replays skip without CUDA; bench/gpu_checks.sh runs them on the device."""
 
 from __future__ import annotations
 
@@ -15,8 +15,6 @@ from tests.support.ports import free_port
 from tests.support.tiny_models import build_tiny_causal_lm
 from tgis_shard.engines.cuda_graphs import graph_buckets
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
 # A padded graph batch multiplies other matrix shapes than the eager step, so sums may round
 # differently: far below this in float32, at bfloat16's resolution in bfloat16.
 LOGPROB_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2}
@@ -29,13 +27,19 @@ def model_dir(tmp_path_factory):
     return build_tiny_causal_lm(tmp_path_factory.mktemp("llama-graphs"), arch="llama", seed=4, **shape)
 
 
-def test_buckets_hold_every_batch_size_with_at_most_seven_rows_of_padding():
+def test_buckets_pad_by_at_most_seven_rows_up_to_256_and_a_sixteenth_past_it():
     assert graph_buckets(1) == [1]
     assert graph_buckets(12) == [1, 2, 4, 8, 12]
     buckets = graph_buckets(256)
     assert buckets[:5] == [1, 2, 4, 8, 16]
     assert buckets[-1] == 256
     assert all(b - a <= 8 for a, b in itertools.pairwise(buckets))
+    buckets = graph_buckets(4096)
+    assert buckets[-1] == 4096
+    assert set(graph_buckets(256)) <= set(buckets)
+    # The largest batch a bucket pads is one more than the bucket below it.
+    assert all((b - a - 1) / (a + 1) < 1 / 16 for a, b in itertools.pairwise(buckets) if a >= 256)
+    assert len(buckets) < 100  # multiples of 8: 515 graphs, 101 s of capture on an H100
 
 
 def _decode_tokens(model_dir, prompt_ids, backend: str, dtype: torch.dtype, graphs: bool):
@@ -92,6 +96,7 @@ def _decode_tokens(model_dir, prompt_ids, backend: str, dtype: torch.dtype, grap
     return tokens, driver.outputs, replayed
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(
     ("backend", "dtype"),
     [

@@ -23,7 +23,15 @@ from tgis_proto import shard_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 
-_CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+_CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", -1),
+    ("grpc.max_receive_message_length", -1),
+    # A shard's socket appears only after its warm-up and graph capture (minutes on a GPU). gRPC
+    # retries a failed connect after a backoff that grows to 2 minutes, so the launcher saw a
+    # shard that had long been serving up to that late (80 s at MAX_BATCH_SIZE 4,096 on an H100);
+    # a local socket is cheap to retry each second.
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 
 async def _rank0(results: Awaitable[list[T]]) -> T:
