@@ -108,7 +108,9 @@ def launcher(
     ]
     with open(log_file, "wb") as log:
         process = subprocess.Popen(command, env=full_env, stdout=log, stderr=subprocess.STDOUT)
-    channel = grpc.insecure_channel(f"localhost:{grpc_port}")
+    # Connects are refused until the router is up; gRPC's reconnect backoff (growing to 2 min)
+    # would see it seconds late, so retry each half second as the polling does.
+    channel = grpc.insecure_channel(f"localhost:{grpc_port}", options=[("grpc.max_reconnect_backoff_ms", 500)])
     try:
         _wait_ready(process, channel, log_file, ready_timeout_s)
         yield RunningServer(process, grpc_port, http_port, channel, fmaas_grpc.GenerationServiceStub(channel), log_file)
