@@ -7,6 +7,7 @@ hadolint and installs every package; deploy_model.sh --dry-run prints the overla
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -95,7 +96,7 @@ def test_the_three_model_overlays_and_every_patch_exist():
     assert {p.name for p in OVERLAYS} == {"smollm2", "llama-3-8b-tp2", "flan-t5-xl"}
     assert {p.name for p in COMPONENTS} == {
         *(f"gpus-{n}" for n in (1, 2, 4, 8)),
-        *("shm", "pvc", "limits", "read-only-root", "pt2-compile", "cpu"),
+        *("shm", "pvc", "limits", "read-only-root", "pt2-compile", "cpu", "compile-cache"),
     }
 
 
@@ -174,6 +175,21 @@ def test_read_only_root_leaves_tmp_writable_and_pt2_compile_waits_longer_to_star
     (compiled,) = _deployment(renderings["component pt2-compile"])["spec"]["template"]["spec"]["containers"]
     assert {"name": "PT2_COMPILE", "value": "true"} in compiled["env"]
     assert compiled["startupProbe"]["failureThreshold"] > base["startupProbe"]["failureThreshold"]
+
+
+def test_compile_cache_keeps_every_cache_the_image_points_at_on_a_claim(renderings):
+    docs = renderings["component compile-cache"]
+    pod = _deployment(docs)["spec"]["template"]["spec"]
+    (server,) = pod["containers"]
+    mount = next(m for m in server["volumeMounts"] if m["name"] == "compile-cache")
+    (volume,) = (v for v in pod["volumes"] if v["name"] == "compile-cache")
+    claim = volume["persistentVolumeClaim"]["claimName"]
+    (pvc,) = (d for d in docs if d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == claim)
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # shared by every replica
+    caches = ("XDG_CACHE_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "FLASHINFER_WORKSPACE_BASE")
+    image_env = dict(re.findall(r"\b([A-Z_]+)=(\S+)", (DEPLOYMENT / "Containerfile").read_text()))
+    for name in caches:
+        assert Path(image_env[name]).is_relative_to(mount["mountPath"]), name
 
 
 def test_llama_overlay_runs_two_shards_with_shared_memory_for_nccl(renderings):
