@@ -37,7 +37,7 @@ def test_buckets_pad_by_at_most_seven_rows_up_to_256_and_a_sixteenth_past_it():
     buckets = graph_buckets(4096)
     assert buckets[-1] == 4096
     assert set(graph_buckets(256)) <= set(buckets)
-    # The largest batch a bucket pads is one more than the bucket below it.
+    # The batch a bucket pads most has one row more than the bucket below it.
     assert all((b - a - 1) / (a + 1) < 1 / 16 for a, b in itertools.pairwise(buckets) if a >= 256)
     assert len(buckets) < 100  # multiples of 8: 515 graphs, 101 s of capture on an H100
 
