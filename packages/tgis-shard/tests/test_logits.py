@@ -18,6 +18,7 @@ from transformers.generation.logits_process import (
 
 from tgis_proto import shard_pb2 as pb
 from tgis_shard import logits as lp
+from tgis_shard import sampler as sampler_module
 from tgis_shard.sampler import Sampler, every_path, sampling_peak_bytes, uniform
 
 VOCAB = 64
@@ -345,9 +346,50 @@ def test_the_requests_that_size_sampling_take_every_path_of_a_step():
     assert sampling_peak_bytes(3, VOCAB, torch.float32, torch.device("cpu")) == 0
 
 
+class _LargestPerLogitResult(TorchDispatchMode):
+    """Records the most rows of any tensor with a value per logit (scores, sorts, masks) an op makes."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else [out]:
+            if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[-1] == VOCAB:
+                self.rows = max(self.rows, t.shape[0])
+        return out
+
+
+def test_rows_in_chunks_choose_what_the_whole_step_would(monkeypatch):
+    """Past CHUNK_LOGITS the chain runs over chunks of rows: the same tokens and details, and
+    its work per logit never spans more rows than a chunk."""
+    requests = [*every_path(4), _request(4), _request(5, sample=True, seed=11, top_k=3), _request(6, top_p=0.5)]
+    ids = [r.id for r in requests]
+    logits = torch.randn(len(requests), VOCAB, generator=torch.Generator().manual_seed(5)) * 3
+    whole = _sampler(*requests, capacity=8).choose(logits, ids).to_host().result()
+    monkeypatch.setattr(sampler_module, "CHUNK_LOGITS", 2 * VOCAB)
+    chunked_sampler = _sampler(*requests, capacity=8)
+    with _LargestPerLogitResult() as work:
+        choice = chunked_sampler.choose(logits, ids)
+    assert choice.to_host().result() == whole
+    assert work.rows == 2
+    assert len({t.token_id for t in whole}) > 1
+    assert all(t.top_tokens and t.rank >= 1 for t in whole[:4])  # details, chunk by chunk
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_sampling_on_a_gpu_needs_at_least_its_logits_and_a_sort_of_them():
     rows, vocab = 64, 32000
     peak = sampling_peak_bytes(rows, vocab, torch.bfloat16, torch.device("cuda", 0))
     # bf16 logits, the bool penalty table, float32 values and int64 indices of top-p's sort.
     assert peak >= rows * vocab * (2 + 1 + 12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sampling_thousands_of_rows_on_a_gpu_needs_one_chunk_of_work():
+    rows, vocab = 2048, 128256  # 16 chunks of a LLaMA-3 vocabulary
+    peak = sampling_peak_bytes(rows, vocab, torch.bfloat16, torch.device("cuda", 0))
+    # Logits and the penalty table for every row, float32 work for one chunk: ~1.6 GB of the
+    # ~11 GB the whole batch at once held (~40 bytes a logit).
+    assert peak <= rows * vocab * (2 + 1) + 64 * sampler_module.CHUNK_LOGITS

@@ -119,6 +119,18 @@ class TokenDetails:
     top_ids: torch.Tensor | None  # [rows, m], best first; may include ties beyond n
     top_logprobs: torch.Tensor | None
 
+    @staticmethod
+    def joined(parts: Sequence[TokenDetails]) -> TokenDetails:
+        """The details of consecutive chunks of a step's rows as one (the chunks share a top width)."""
+        top_ids = [p.top_ids for p in parts if p.top_ids is not None]
+        top_logprobs = [p.top_logprobs for p in parts if p.top_logprobs is not None]
+        return TokenDetails(
+            torch.cat([p.logprobs for p in parts]),
+            torch.cat([p.ranks for p in parts]),
+            torch.cat(top_ids) if top_ids else None,
+            torch.cat(top_logprobs) if top_logprobs else None,
+        )
+
 
 def token_details(logprobs: torch.Tensor, token_ids: torch.Tensor, top_n: int) -> TokenDetails:
     chosen = logprobs.gather(1, token_ids.unsqueeze(1))

@@ -39,6 +39,9 @@ _U64 = 1 << 64
 _GOLDEN = 0x9E3779B97F4A7C15
 _MIX1 = 0xBF58476D1CE4E5B9
 _MIX2 = 0x94D049BB133111EB
+# Logits a step processes in float32 at once (a chunk of rows): ~1.3 GB of work at ~40 bytes a
+# logit, 256 rows of a 128k vocabulary; at 4,096 rows the whole batch at once would hold ~20 GB.
+CHUNK_LOGITS = 1 << 25
 
 
 def _signed(value: int) -> int:
@@ -118,6 +121,39 @@ class _Params:
     @property
     def wants_details(self) -> bool:
         return self.logprobs or self.ranks or self.top_n > 0
+
+
+@dataclass(frozen=True)
+class _Chain:
+    """What a step's processor chain runs, decided for all its rows on the host."""
+
+    masks_eos: bool
+    penalises_length: bool
+    penalises_repetition: bool
+    samples: bool
+    temperature: bool
+    top_k: int  # the largest top_k of the rows; 0: none
+    top_p: bool
+    typical_p: bool
+    top_n: int | None  # the widest top_n asked for; None: no row wants details
+
+    @classmethod
+    def of(cls, host: dict[str, np.ndarray], penalises_repetition: bool) -> _Chain | None:
+        """None when the step is plain greedy: nothing to adjust, no details."""
+        samples = bool(host["sample"].any())
+        chain = cls(
+            masks_eos=bool((host["generated"] < host["min_new_tokens"]).any()),
+            penalises_length=bool(host["length_penalty"].any()),
+            penalises_repetition=penalises_repetition,
+            samples=samples,
+            temperature=samples and bool(host["temperature"].any()),
+            top_k=int(host["top_k"].max()) if samples else 0,
+            top_p=samples and bool(host["top_p"].any()),
+            typical_p=samples and bool(host["typical_p"].any()),
+            top_n=int(host["top_n"].max()) if host["details"].any() else None,
+        )
+        plain = not (chain.masks_eos or chain.penalises_length or penalises_repetition or samples)
+        return None if plain and chain.top_n is None else chain
 
 
 class Choice:
@@ -315,19 +351,32 @@ class Sampler:
         if slots is None:
             slots = to_device(torch.from_numpy(host_slots), self.device)
         host = {name: values[host_slots] for name, values in self._host.items()}
-        masks_eos = bool((host["generated"] < host["min_new_tokens"]).any())
-        penalises_length = bool(host["length_penalty"].any())
-        penalises_repetition = self._seen is not None and bool(host["repetition"].any())
-        sampling = bool(host["sample"].any())
-        details = bool(host["details"].any())
-        if not (masks_eos or penalises_length or penalises_repetition or sampling or details):
+        chain = _Chain.of(host, penalises_repetition=self._seen is not None and bool(host["repetition"].any()))
+        if chain is None:
             # Greedy rows with nothing to adjust: the argmax of the model's own logits (upcasting
             # half precision is exact, so the choice is the float32 one) without a float32 copy.
             return Choice(self, list(request_ids), host_slots, slots, logits.argmax(dim=-1))
+        # The chain's float32 work is ~40 bytes a logit; rows in chunks bound it at thousands of rows.
+        rows = max(1, CHUNK_LOGITS // logits.shape[-1])
+        parts = [self._chain(logits[i : i + rows], slots[i : i + rows], chain) for i in range(0, len(slots), rows)]
+        token_ids, details = parts[0]
+        if len(parts) > 1:
+            token_ids = torch.cat([ids for ids, _ in parts])
+            details = TokenDetails.joined([d for _, d in parts if d is not None]) if details else None
+        choice = Choice(self, list(request_ids), host_slots, slots, token_ids)
+        if details is not None:
+            choice.details = details
+            choice.top_n = host["top_n"].tolist()
+        return choice
+
+    def _chain(
+        self, logits: torch.Tensor, slots: torch.Tensor, chain: _Chain
+    ) -> tuple[torch.Tensor, TokenDetails | None]:
+        """The processors, the choice and its details for some rows of a step."""
         scores = logits.float().clone()
-        if masks_eos:
+        if chain.masks_eos:
             scores = mask_eos(scores, self.eos_token_ids, self._generated[slots] < self._min_new_tokens[slots])
-        if penalises_length:
+        if chain.penalises_length:
             scores = length_penalty(
                 scores,
                 self.eos_token_ids,
@@ -336,28 +385,27 @@ class Sampler:
                 self._length_decay[slots],
                 self._length_enabled[slots],
             )
-        if penalises_repetition:
+        if chain.penalises_repetition:
+            assert self._seen is not None
             scores = repetition_penalty(scores, self._seen[slots], self._repetition[slots])
-        if sampling:
-            scores = self._warp(scores, slots, host)
+        if chain.samples:
+            scores = self._warp(scores, slots, chain)
         token_ids = scores.argmax(dim=-1)
-        if sampling:
+        if chain.samples:
             token_ids = torch.where(self._sample[slots], self._draw(scores, slots), token_ids)
-        choice = Choice(self, list(request_ids), host_slots, slots, token_ids)
-        if details:
-            choice.details = token_details(scores.log_softmax(dim=-1), token_ids, int(host["top_n"].max()))
-            choice.top_n = host["top_n"].tolist()
-        return choice
+        details = None
+        if chain.top_n is not None:
+            details = token_details(scores.log_softmax(dim=-1), token_ids, chain.top_n)
+        return token_ids, details
 
-    def _warp(self, scores: torch.Tensor, slots: torch.Tensor, host: dict[str, np.ndarray]) -> torch.Tensor:
-        if host["temperature"].any():
+    def _warp(self, scores: torch.Tensor, slots: torch.Tensor, chain: _Chain) -> torch.Tensor:
+        if chain.temperature:
             scores = temperature(scores, self._temperature[slots])
-        largest = int(host["top_k"].max())
-        if largest:
-            scores = top_k(scores, self._top_k[slots], largest)
-        if host["top_p"].any():
+        if chain.top_k:
+            scores = top_k(scores, self._top_k[slots], chain.top_k)
+        if chain.top_p:
             scores = top_p(scores, self._top_p[slots])
-        if host["typical_p"].any():
+        if chain.typical_p:
             scores = typical_p(scores, self._typical_p[slots])
         return scores
 
