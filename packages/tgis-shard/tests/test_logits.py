@@ -390,6 +390,6 @@ def test_sampling_on_a_gpu_needs_at_least_its_logits_and_a_sort_of_them():
 def test_sampling_thousands_of_rows_on_a_gpu_needs_one_chunk_of_work():
     rows, vocab = 2048, 128256  # 16 chunks of a LLaMA-3 vocabulary
     peak = sampling_peak_bytes(rows, vocab, torch.bfloat16, torch.device("cuda", 0))
-    # Logits and the penalty table for every row, float32 work for one chunk: ~1.6 GB of the
-    # ~11 GB the whole batch at once held (~40 bytes a logit).
+    # Logits and the penalty table for every row, float32 work for one chunk (~25 bytes a logit):
+    # ~1.6 GB, where the whole batch at once held ~7 GB.
     assert peak <= rows * vocab * (2 + 1) + 64 * sampler_module.CHUNK_LOGITS
