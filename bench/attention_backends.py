@@ -6,6 +6,7 @@ as TFLOP/s of the causal attention products. Blocks are handed out in shuffled o
 serving cache's free list would after a while.
 
     python3 bench/attention_backends.py [--batch 1 32 128 --context 2048 --heads 32 --kv-heads 8 --head-dim 128]
+    python3 bench/attention_backends.py --batch 1 8 32 128 --graph-decode 192 2048   # decode graphs' plans
 
 A mixed step (``--mixed``: decodes over ``--mixed-context`` tokens each, then prompts joining
 them, as the engine lays out a step in which requests join running ones) is timed too; for
@@ -76,10 +77,17 @@ def run(backend: str, args: argparse.Namespace, query_len: int, batch: int) -> t
 
 
 def run_step(
-    backend: str, args: argparse.Namespace, query_lens: list[int], contexts: list[int], decodes_apart: bool = True
+    backend: str,
+    args: argparse.Namespace,
+    query_lens: list[int],
+    contexts: list[int],
+    decodes_apart: bool = True,
+    graph_rows: int | None = None,
+    unsplit: bool = False,
 ) -> tuple[float, float]:
     """``run`` for a step of any layout: sequence b has ``query_lens[b]`` new tokens at the end
-    of ``contexts[b]``."""
+    of ``contexts[b]``. ``graph_rows``: FlashInfer's plan for the decode graph of that many rows
+    (run outside a graph: the same kernel), its sequences read whole when ``unsplit``."""
     block_size = BLOCK_SIZES[backend]
     per_seq = blocks_for(max(contexts), block_size)
     batch = len(query_lens)
@@ -104,7 +112,8 @@ def run_step(
     torch.cuda.synchronize()
     started = time.perf_counter()
     if cache.planner is not None:
-        cache.planner.plan(meta, decodes_apart=decodes_apart)
+        cache.planner.unsplit_graph_rows = graph_rows if unsplit else None
+        cache.planner.plan(meta, graph_rows, decodes_apart=decodes_apart)
     else:
         plan_attention(cache, meta)
     prepare_attention(cache, meta)
@@ -129,7 +138,17 @@ def main() -> None:
     parser.add_argument("--mixed-context", type=int, default=200, help="tokens cached per decode of the mixed step")
     parser.add_argument("--mixed-prompt", type=int, default=128, help="tokens per prompt of the mixed step")
     parser.add_argument("--backends", nargs="+", help="installed backends to time (torch, flex, flash, flashinfer)")
+    parser.add_argument(
+        "--graph-decode",
+        type=int,
+        nargs="*",
+        metavar="CONTEXT",
+        help="only FlashInfer's decode-graph plans at these contexts (default: --context): split-KV against unsplit",
+    )
     args = parser.parse_args()
+    if args.graph_decode is not None:
+        graph_decodes(args, args.graph_decode or [args.context])
+        return
 
     prefill_flops = 2 * 2 * args.prefill_batch * args.heads * args.head_dim * args.context**2 / 2
     print(
@@ -160,6 +179,24 @@ def main() -> None:
             f" | host preparation {plan * 1e3:7.1f} µs"
         )
     mixed_step(args, backends)
+
+
+def graph_decodes(args: argparse.Namespace, contexts: list[int]) -> None:
+    """FlashInfer's decode of a CUDA graph's bucket per batch size and context: split-KV (the
+    sequences' keys spread over tiles, then merged) against each sequence read whole."""
+    print(f"{torch.cuda.get_device_name()} | {args.dtype} | heads {args.heads}/{args.kv_heads} × {args.head_dim}")
+    for context in contexts:
+        for batch in args.batch:
+            kv_bytes = 2 * batch * context * args.kv_heads * args.head_dim * args.dtype.itemsize
+            split, unsplit = (
+                run_step("flashinfer", args, [1] * batch, [context] * batch, graph_rows=batch, unsplit=whole)[0]
+                for whole in (False, True)
+            )
+            print(
+                f"graph decode {batch:4d} × {context:5d} ({kv_bytes / 2**20:7.1f} MiB KV):"
+                f" split-KV {split * 1e3:7.1f} µs ({kv_bytes / split / 1e9:5.2f} TB/s), unsplit {unsplit * 1e3:7.1f} µs"
+                f" ({kv_bytes / unsplit / 1e9:5.2f} TB/s): unsplit {split / unsplit:4.2f}× split-KV"
+            )
 
 
 def mixed_step(args: argparse.Namespace, backends: list[str]) -> None:

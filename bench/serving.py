@@ -540,6 +540,11 @@ def main() -> None:
         default=["default"],
         help="engine configurations to serve one after the other, beside the same baselines",
     )
+    parser.add_argument(
+        "--decoding-step-tokens",
+        type=int,
+        help="every variant's MAX_STEP_TOKENS_WHILE_DECODING (larger: a larger batch, up to the KV cache's limit)",
+    )
     # A call that compares variants can leave out what they share, to fit the device's time.
     parser.add_argument("--no-generate", action="store_true", help="leave out the generate() baseline")
     parser.add_argument("--no-in-process", action="store_true", help="leave out the engine's steps in process")
@@ -578,6 +583,8 @@ def main() -> None:
         engine_steps: dict[Variant, list[InProcessStep]] = {}  # variants differing in router options share one
         for name in args.variants:
             variant = VARIANTS[name]
+            if args.decoding_step_tokens:
+                variant = replace(variant, max_step_tokens_while_decoding=args.decoding_step_tokens)
             engine = replace(variant, max_step_tokens_while_decoding=None)
             if args.no_in_process:
                 engine_steps[engine] = []

@@ -187,5 +187,8 @@ def test_on_a_gpu_with_graphs_equals_transformers(tmp_path_factory, backend, dty
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_sliding_windows_on_a_gpu_with_graphs_equal_transformers(tmp_path):
     """The windowed layers' FlexAttention masks inside the decode graphs, beside full-attention layers."""
-    model_dir = build_tiny_causal_lm(tmp_path, arch="qwen2", **GPU_LLAMA_SHAPE, **WINDOWED["qwen2"])
+    # Windowed and full layers alternate over the GPU shape's layers.
+    layer_types = ["sliding_attention", "full_attention"] * (GPU_LLAMA_SHAPE["num_hidden_layers"] // 2)
+    windowed = {**WINDOWED["qwen2"], "layer_types": layer_types}
+    model_dir = build_tiny_causal_lm(tmp_path, arch="qwen2", **GPU_LLAMA_SHAPE, **windowed)
     check_gpus_match_transformers(model_dir, torch.bfloat16, 1, backend="flex", engine="hf_transformers")

@@ -425,6 +425,32 @@ def test_flashinfer_backend_on_cuda_matches_reference(heads: int, kv_heads: int,
         engine.step({"a": 1, "c": 1, "d": 1}, atol=2e-2)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or not flashinfer_available(), reason="needs CUDA and flashinfer")
+@pytest.mark.parametrize("unsplit", [False, True], ids=["split-kv", "unsplit"])
+def test_flashinfer_decode_graph_plans_equal_the_torch_backend(unsplit: bool) -> None:
+    """The decode wrapper of a graph's bucket, its sequences' keys split over tiles or read whole."""
+    heads, kv_heads, head_dim, block_size = 8, 2, 128, BLOCK_SIZES["flashinfer"]
+    contexts = [1, 15, 16, 17, 200, 333, 700, 1000]
+    pages = [blocks_for(c, block_size) for c in contexts]
+    blocks = list(range(sum(pages)))
+    random.Random(0).shuffle(blocks)
+    tables = [blocks[sum(pages[:i]) : sum(pages[: i + 1])] for i in range(len(contexts))]
+    cache = PagedKVCache(
+        1, len(blocks), block_size, kv_heads, head_dim, torch.bfloat16, "cuda", backend="flashinfer", num_heads=heads
+    )
+    assert cache.planner is not None
+    cache.planner.unsplit_graph_rows = len(contexts) if unsplit else None
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    cache.keys[0].copy_(torch.randn(cache.keys[0].shape, generator=generator, device="cuda"))
+    cache.values[0].copy_(torch.randn(cache.values[0].shape, generator=generator, device="cuda"))
+    meta = AttentionMetadata.build([1] * len(contexts), contexts, tables, block_size, "cuda")
+    plan_attention(cache, meta, graph_rows=len(contexts))
+    query = torch.randn(len(contexts), heads, head_dim, generator=generator, device="cuda", dtype=torch.bfloat16)
+    graph_plan = paged_attention(query, cache, 0, meta, head_dim**-0.5)
+    reference = paged_attention(query, cache, 0, meta, head_dim**-0.5, backend="torch")
+    torch.testing.assert_close(graph_plan, reference, rtol=0, atol=2e-2)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("alibi", [False, True], ids=["plain", "alibi"])

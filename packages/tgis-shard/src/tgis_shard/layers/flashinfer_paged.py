@@ -48,6 +48,10 @@ if TYPE_CHECKING:
 WORKSPACE_BYTES = 128 * 2**20
 # Head sizes FlashInfer's kernels are built for.
 HEAD_DIMS = (64, 128, 256)
+# Decode graphs of at least this many rows read each sequence's keys and values whole, in one
+# tile per KV head, instead of split over tiles merged afterwards (FlashInfer's split-KV). None:
+# every graph splits (a graph's plan reserves splits for the longest contexts it may meet).
+UNSPLIT_GRAPH_ROWS: int | None = None
 
 
 @functools.cache
@@ -142,6 +146,7 @@ class FlashInferPlanner:
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD", use_tensor_cores=True)
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
         self._graph_decodes: dict[int, Any] = {}
+        self.unsplit_graph_rows = UNSPLIT_GRAPH_ROWS
         # A decode graph larger than WORKSPACE_BYTES holds: one buffer, grown for the largest first
         # (graphs are captured largest first); a graph captured with an older one keeps it alive.
         self._graph_workspace = self._workspace
@@ -156,7 +161,7 @@ class FlashInferPlanner:
         pages = pages_of(meta.host, self.block_size)
         if meta.max_q == 1:
             wrapper = self._decode if graph_rows is None else self._graph_decode(graph_rows)
-            self._plan_decode(wrapper, pages)
+            self._plan_decode(wrapper, pages, unsplit=graph_rows is not None and self._unsplit(graph_rows))
             self._active = _Plan(wrapper)
             return
         if graph_rows is not None:
@@ -177,8 +182,14 @@ class FlashInferPlanner:
         lists = (indptr.pin_memory(), to_device(indices, self.device), last_page_len.pin_memory())
         return (*lists, self.num_heads, self.num_kv_heads, self.head_dim, self.block_size)
 
-    def _plan_decode(self, wrapper: Any, pages: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
-        wrapper.plan(*self._staged(pages), q_data_type=self.dtype)
+    def _plan_decode(
+        self, wrapper: Any, pages: tuple[np.ndarray, np.ndarray, np.ndarray], unsplit: bool = False
+    ) -> None:
+        wrapper.plan(*self._staged(pages), q_data_type=self.dtype, disable_split_kv=unsplit)
+
+    def _unsplit(self, graph_rows: int) -> bool:
+        """Whether the decode graph of ``graph_rows`` rows reads each sequence whole (no split-KV)."""
+        return self.unsplit_graph_rows is not None and graph_rows >= self.unsplit_graph_rows
 
     def _plan_prefill(
         self, cu_seqlens_q: np.ndarray, context_lens: np.ndarray, pages: tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -214,7 +225,8 @@ class FlashInferPlanner:
         if rows not in self._graph_decodes:
             sms = torch.cuda.get_device_properties(self.device).multi_processor_count
             needed = decode_graph_workspace_bytes(self.num_heads, self.num_kv_heads, self.head_dim, rows, sms)
-            if needed > self._graph_workspace.numel():
+            # A graph that reads each sequence whole keeps no partial outputs.
+            if not self._unsplit(rows) and needed > self._graph_workspace.numel():
                 self._graph_workspace = torch.zeros(needed, dtype=torch.uint8, device=self.device)
             self._graph_decodes[rows] = self._flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 self._graph_workspace,
