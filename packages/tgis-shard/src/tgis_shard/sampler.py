@@ -358,7 +358,9 @@ class Sampler:
             return Choice(self, list(request_ids), host_slots, slots, logits.argmax(dim=-1))
         # The chain's float32 work is ~25 bytes a logit; rows in chunks bound it at thousands of rows.
         rows = max(1, CHUNK_LOGITS // logits.shape[-1])
-        parts = [self._chain(logits[i : i + rows], slots[i : i + rows], chain) for i in range(0, len(slots), rows)]
+        parts = [
+            self._choose_rows(logits[i : i + rows], slots[i : i + rows], chain) for i in range(0, len(slots), rows)
+        ]
         token_ids, details = parts[0]
         if len(parts) > 1:
             token_ids = torch.cat([ids for ids, _ in parts])
@@ -369,7 +371,7 @@ class Sampler:
             choice.top_n = host["top_n"].tolist()
         return choice
 
-    def _chain(
+    def _choose_rows(
         self, logits: torch.Tensor, slots: torch.Tensor, chain: _Chain
     ) -> tuple[torch.Tensor, TokenDetails | None]:
         """The processors, the choice and its details for some rows of a step."""
