@@ -280,6 +280,8 @@ def _measure_decode(engine, rows: int, prompt: int, steps: int, joining: int, fi
         pending = launched
     pending()
     ahead = (time.perf_counter() - started) / steps
+    if device.type == "cuda":
+        _print_idle_gaps(driver, device, rows)
     busy, activities = _device_activities(driver.step, device, host_table=f"decode step of {rows} rows")
     mixed, mixed_busy = _measure_mixed(driver, range(first_id + 2 * rows, first_id + 2 * rows + joining), prompt)
     driver.leave(*ids)
@@ -335,6 +337,48 @@ def _device_activities(
         print(f"device time in the {host_table}:\n{table}", flush=True)
     events = [event for event in profiler.events() if event.device_type == DeviceType.CUDA]
     return sum(event.time_range.elapsed_us() for event in events) / 1e6, len(events)
+
+
+IDLE_GAP_STEPS = 8
+
+
+def idle_gaps(spans: list[tuple[str, float, float]]) -> dict[str, list[float]]:
+    """The device's idle gaps among ``spans`` (name, start, end of each kernel or copy), keyed
+    by the names of the span it last finished and the one that ends the gap."""
+    gaps: dict[str, list[float]] = {}
+    ordered = sorted(spans, key=lambda span: span[1])
+    last, busy_until = ("", float("-inf"))
+    for name, start, end in ordered:
+        if last and start > busy_until:
+            gaps.setdefault(f"{last[:40]} → {name[:40]}", []).append(start - busy_until)
+        if end > busy_until:
+            last, busy_until = name, end
+    return gaps
+
+
+def _print_idle_gaps(driver: StepDriver, device: torch.device, rows: int) -> None:
+    """Where the device waits while steps run launched ahead (as the server runs them): its idle
+    time between one kernel or copy and the next, summed by the pair around each gap."""
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        pending = driver.launch()
+        for _ in range(IDLE_GAP_STEPS - 1):
+            launched = driver.launch()
+            pending()
+            pending = launched
+        pending()
+        _sync(device)
+    spans = [
+        (e.name, e.time_range.start, e.time_range.end) for e in profiler.events() if e.device_type == DeviceType.CUDA
+    ]
+    gaps = idle_gaps(spans)
+    total = sum(sum(g) for g in gaps.values())
+    print(
+        f"device idle between kernels, {rows} rows, {IDLE_GAP_STEPS} steps launched ahead: "
+        f"{total / IDLE_GAP_STEPS:.0f} µs a step; the largest:",
+        flush=True,
+    )
+    for pair, idle in sorted(gaps.items(), key=lambda item: -sum(item[1]))[:8]:
+        print(f"  {sum(idle) / IDLE_GAP_STEPS:7.1f} µs a step ({len(idle)} × {statistics.median(idle):.1f} µs): {pair}")
 
 
 def _quantile(values: list[float], q: int) -> float:

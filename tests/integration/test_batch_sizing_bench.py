@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.serving import idle_gaps
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -63,3 +65,14 @@ def test_serving_bench_measures_the_server_beside_its_baselines() -> None:
         assert float(row[8].split()[0]) > 0
         assert float(row[9]) > 0
     assert "CUDA graphs off" in out  # no GPU here
+
+
+def test_the_serving_bench_sums_the_device_s_idle_gaps_by_what_surrounds_them() -> None:
+    spans = [
+        ("graph kernel", 0.0, 10.0),
+        ("overlapping", 5.0, 12.0),  # ends after the first: the gap after it starts at 12
+        ("copy", 15.0, 16.0),
+        ("graph kernel", 16.0, 20.0),  # back to back: no gap
+        ("copy", 22.5, 23.0),
+    ]
+    assert idle_gaps(spans) == {"overlapping → copy": [3.0], "graph kernel → copy": [2.5]}
