@@ -35,8 +35,14 @@ export TORCHINDUCTOR_CACHE_DIR="$PWD/.torch-cache/inductor" TRITON_CACHE_DIR="$P
 out=${OUT:-/tmp/gpu-checks}
 mkdir -p "$out" "$FLASHINFER_WORKSPACE_BASE" "$TORCHINDUCTOR_CACHE_DIR" "$TRITON_CACHE_DIR"
 # Carried packed (tar finds the compression itself), where the unpacked caches would pass the carry limit.
-for packed in .fi-cache.t?z; do [[ -f $packed ]] && tar -xf "$packed" -C "$FLASHINFER_WORKSPACE_BASE"; done
-for packed in .torch-cache.t?z; do [[ -f $packed ]] && tar -xf "$packed" -C .torch-cache; done
+# Once per machine: a later stage of the same call finds the caches its earlier stages grew, and
+# unpacking the carried archives again would put back older files over them.
+unpack() {
+  [[ -f $1 && ! -f $2/.unpacked ]] || return 0
+  tar -xf "$1" -C "$2" && touch "$2/.unpacked"
+}
+for packed in .fi-cache.t?z; do unpack "$packed" "$FLASHINFER_WORKSPACE_BASE"; done
+for packed in .torch-cache.t?z; do unpack "$packed" .torch-cache; done
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
 python3 -c 'import torch, transformers, grpc, google.protobuf as p; print(torch.__version__, transformers.__version__, grpc.__version__, p.__version__)' \
   | tee -a "$out/gpu.txt"
@@ -82,7 +88,8 @@ fi
 # under another name and renamed once whole, so a call cut off while packing brings back the last
 # whole one, not a truncated one the next call cannot unpack. xz on every core (-T0).
 pack() {
-  XZ_OPT=-T0 tar -cJf "$out/$1.part" -C "$2" . 2>/dev/null && mv "$out/$1.part" "$out/$1" && ls -la "$out/$1"
+  XZ_OPT=-T0 tar -cJf "$out/$1.part" --exclude=./.unpacked -C "$2" . 2>/dev/null && mv "$out/$1.part" "$out/$1" \
+    && ls -la "$out/$1"
 }
 pack fi-cache.txz "$FLASHINFER_WORKSPACE_BASE"
 pack torch-cache.txz .torch-cache
