@@ -273,12 +273,7 @@ def _measure_decode(engine, rows: int, prompt: int, steps: int, joining: int, fi
         times.append(time.perf_counter() - started)
     _sync(device)
     started = time.perf_counter()
-    pending = driver.launch()
-    for _ in range(steps - 1):
-        launched = driver.launch()
-        pending()
-        pending = launched
-    pending()
+    _launch_ahead(driver, steps)
     ahead = (time.perf_counter() - started) / steps
     if device.type == "cuda":
         _print_idle_gaps(driver, device, rows)
@@ -291,6 +286,17 @@ def _measure_decode(engine, rows: int, prompt: int, steps: int, joining: int, fi
     return InProcessStep(
         rows, statistics.median(times), ahead, busy, activities, prefill, prefill_busy, joining, mixed, mixed_busy
     )
+
+
+def _launch_ahead(driver: StepDriver, steps: int) -> None:
+    """``steps`` decode steps as the server runs them: each launched before the last one's tokens
+    are awaited."""
+    pending = driver.launch()
+    for _ in range(steps - 1):
+        launched = driver.launch()
+        pending()
+        pending = launched
+    pending()
 
 
 def _measure_mixed(driver: StepDriver, joiners: range, prompt: int) -> tuple[float, float | None]:
@@ -360,12 +366,7 @@ def _print_idle_gaps(driver: StepDriver, device: torch.device, rows: int) -> Non
     """Where the device waits while steps run launched ahead (as the server runs them): its idle
     time between one kernel or copy and the next, summed by the pair around each gap."""
     with profile(activities=[ProfilerActivity.CUDA]) as profiler:
-        pending = driver.launch()
-        for _ in range(IDLE_GAP_STEPS - 1):
-            launched = driver.launch()
-            pending()
-            pending = launched
-        pending()
+        _launch_ahead(driver, IDLE_GAP_STEPS)
         _sync(device)
     spans = [
         (e.name, e.time_range.start, e.time_range.end) for e in profiler.events() if e.device_type == DeviceType.CUDA
