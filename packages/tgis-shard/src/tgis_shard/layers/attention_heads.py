@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tgis_shard.layers import fused
+from tgis_shard.layers import fused, kv_write
 from tgis_shard.layers.paged_attention import AttentionMetadata, PagedKVCache, paged_attention
 
 Rotary = tuple[torch.Tensor, torch.Tensor]
@@ -67,9 +67,12 @@ class AttentionHeads:
     ) -> torch.Tensor:
         """Rotates q and k (when given cos/sin), writes k and v to the cache, attends over it:
         ``[tokens, heads × head_dim]``, ready for the row-parallel output projection."""
-        if rotary is not None:
+        # On GPUs the cache write rotates (one kernel); a step captured in pieces writes in its
+        # own piece, and a PT2_COMPILE graph compiles the rotation with the layer around it.
+        if rotary is not None and (not kv_write.applies(k, rotary[0]) or _split is not None):
             q, k = fused.rotate(q, k, *rotary)
-        out = self._store_and_attend(q, k, v, cache, meta, alibi_slopes)
+            rotary = None
+        out = self._store_and_attend(q, k, v, cache, meta, rotary, alibi_slopes)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
     # Outside torch.compile (PT2_COMPILE): the attention kernels are compiled or hand-written
@@ -83,11 +86,15 @@ class AttentionHeads:
         v: torch.Tensor,
         cache: PagedKVCache,
         meta: AttentionMetadata,
+        rotary: Rotary | None,
         alibi_slopes: torch.Tensor | None,
     ) -> torch.Tensor:
         if _split is not None:
             return _split(self, q, k, v, cache, meta, alibi_slopes)
-        cache.store(self.layer, k, v, meta.slots)
+        if rotary is None:
+            cache.store(self.layer, k, v, meta.slots)
+        else:
+            q = cache.rotate_and_store(self.layer, q, k, v, rotary, meta.slots)
         return self.attend_cached(q, cache, meta, alibi_slopes)
 
     def attend_cached(

@@ -41,6 +41,12 @@ def enable(enabled: bool) -> None:
     _enabled = enabled
 
 
+def runs_fused(tensor: object) -> bool:
+    """Whether a step on ``tensor`` runs the fused kernels: on, on CUDA, and not inside a
+    PT2_COMPILE graph (which compiles the plain definitions itself)."""
+    return _enabled and isinstance(tensor, torch.Tensor) and tensor.is_cuda and not torch.compiler.is_compiling()
+
+
 class _FusedOnCuda(Generic[P, R]):
     """``fn``, compiled when called with CUDA tensors (see the module's docstring)."""
 
@@ -53,8 +59,7 @@ class _FusedOnCuda(Generic[P, R]):
         return torch.compile(self.fn, options={"emulate_precision_casts": True})
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        first = args[0]
-        if _enabled and isinstance(first, torch.Tensor) and first.is_cuda and not torch.compiler.is_compiling():
+        if runs_fused(args[0]):
             return self.compiled(*args, **kwargs)
         return self.fn(*args, **kwargs)
 

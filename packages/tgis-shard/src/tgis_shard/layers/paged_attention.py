@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tgis_shard.layers import fused, kv_write
 from tgis_shard.staging import to_device
 
 if TYPE_CHECKING:
@@ -107,10 +108,33 @@ class PagedKVCache:
             )
 
     def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> None:
-        """Writes this step's ``[T, kv_heads, head_dim]`` keys and values at ``slots`` ``[T]``."""
+        """Writes this step's ``[T, kv_heads, head_dim]`` keys and values at ``slots`` ``[T]``
+        (one kernel on GPUs: ``kv_write``)."""
+        if kv_write.applies(keys) and values.stride(-1) == 1:
+            kv_write.write(keys, values, self.keys[layer], self.values[layer], slots)
+            return
         flat = (-1, self.num_kv_heads, self.head_dim)
         self.keys[layer].view(flat).index_copy_(0, slots, keys)
         self.values[layer].view(flat).index_copy_(0, slots, values)
+
+    def rotate_and_store(
+        self,
+        layer: int,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        slots: torch.Tensor,
+    ) -> torch.Tensor:
+        """``store`` of the keys rotated by ``rotary`` (cos, sin ``[T, head_dim]``); returns the
+        queries rotated the same way. One kernel on GPUs, with the rotation of ``fused.rotate``."""
+        if kv_write.applies(keys, rotary[0]) and kv_write.applies(queries) and values.stride(-1) == 1:
+            rotated = kv_write.write(keys, values, self.keys[layer], self.values[layer], slots, queries, rotary)
+            assert rotated is not None
+            return rotated
+        queries, keys = fused.rotate(queries, keys, *rotary)
+        self.store(layer, keys, values, slots)
+        return queries
 
 
 @dataclass(eq=False)
