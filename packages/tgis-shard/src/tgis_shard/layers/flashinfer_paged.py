@@ -147,6 +147,9 @@ class FlashInferPlanner:
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
         self._graph_decodes: dict[int, Any] = {}
         self.unsplit_graph_rows = UNSPLIT_GRAPH_ROWS
+        # Decode graphs' kernel: with tensor cores (grouped heads as one tile's rows, planned as a
+        # prefill) or FlashInfer's CUDA-core decode kernel; the bench times both.
+        self.graph_tensor_cores = True
         # A decode graph larger than WORKSPACE_BYTES holds: one buffer, grown for the largest first
         # (graphs are captured largest first); a graph captured with an older one keeps it alive.
         self._graph_workspace = self._workspace
@@ -232,7 +235,7 @@ class FlashInferPlanner:
                 self._graph_workspace,
                 "NHD",
                 use_cuda_graph=True,
-                use_tensor_cores=True,
+                use_tensor_cores=self.graph_tensor_cores,
                 paged_kv_indptr_buffer=torch.zeros(rows + 1, dtype=torch.int32, device=self.device),
                 # Real rows own distinct blocks; each padding row lists the scratch block once.
                 paged_kv_indices_buffer=torch.zeros(self.num_blocks + rows, dtype=torch.int32, device=self.device),
