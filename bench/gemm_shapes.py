@@ -5,7 +5,7 @@ At these row counts each product is bound by reading its weight, so the printed 
 bytes over time (compare with the device's copy bandwidth). Weights rotate over copies larger
 together than the L2 cache, as a step's 32 layers would.
 
-    python3 bench/gemm_shapes.py [--rows 1 8 32 128] [--hidden 4096 --intermediate 14336 --heads 32 --kv-heads 8 --head-dim 128 --vocab 128256]
+    python3 bench/gemm_shapes.py [--rows 1 8 32 128]   # the 8B shape; --hidden, --heads, ... for others
 """
 
 from __future__ import annotations
