@@ -115,7 +115,7 @@ def run_step(
     started = time.perf_counter()
     if cache.planner is not None:
         cache.planner.unsplit_graph_rows = graph_rows if unsplit else None
-        cache.planner.graph_tensor_cores = tensor_cores
+        cache.planner.tensor_core_graph_rows = 0 if tensor_cores else batch + 1
         cache.planner.plan(meta, graph_rows, decodes_apart=decodes_apart)
     else:
         plan_attention(cache, meta)

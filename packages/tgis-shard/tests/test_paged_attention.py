@@ -426,9 +426,14 @@ def test_flashinfer_backend_on_cuda_matches_reference(heads: int, kv_heads: int,
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not flashinfer_available(), reason="needs CUDA and flashinfer")
-@pytest.mark.parametrize("unsplit", [False, True], ids=["split-kv", "unsplit"])
-def test_flashinfer_decode_graph_plans_equal_the_torch_backend(unsplit: bool) -> None:
-    """The decode wrapper of a graph's bucket, its sequences' keys split over tiles or read whole."""
+@pytest.mark.parametrize(
+    ("unsplit", "tensor_cores"),
+    [(False, True), (True, True), (False, False)],
+    ids=["split-kv", "unsplit", "cuda-cores"],
+)
+def test_flashinfer_decode_graph_plans_equal_the_torch_backend(unsplit: bool, tensor_cores: bool) -> None:
+    """The decode wrapper of a graph's bucket, its sequences' keys split over tiles or read whole,
+    on tensor cores or on FlashInfer's CUDA-core decode kernel."""
     heads, kv_heads, head_dim, block_size = 8, 2, 128, BLOCK_SIZES["flashinfer"]
     contexts = [1, 15, 16, 17, 200, 333, 700, 1000]
     pages = [blocks_for(c, block_size) for c in contexts]
@@ -440,6 +445,7 @@ def test_flashinfer_decode_graph_plans_equal_the_torch_backend(unsplit: bool) ->
     )
     assert cache.planner is not None
     cache.planner.unsplit_graph_rows = len(contexts) if unsplit else None
+    cache.planner.tensor_core_graph_rows = 1 if tensor_cores else len(contexts) + 1
     generator = torch.Generator(device="cuda").manual_seed(0)
     cache.keys[0].copy_(torch.randn(cache.keys[0].shape, generator=generator, device="cuda"))
     cache.values[0].copy_(torch.randn(cache.values[0].shape, generator=generator, device="cuda"))

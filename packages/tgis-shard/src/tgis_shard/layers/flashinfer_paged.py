@@ -52,6 +52,10 @@ HEAD_DIMS = (64, 128, 256)
 # tile per KV head, instead of split over tiles merged afterwards (FlashInfer's split-KV). None:
 # every graph splits (a graph's plan reserves splits for the longest contexts it may meet).
 UNSPLIT_GRAPH_ROWS: int | None = None
+# Decode graphs of at least this many rows run the decode kernel with tensor cores (a KV head's
+# grouped query heads as one tile's rows, planned as a prefill); smaller ones FlashInfer's
+# CUDA-core decode kernel, whose split-KV scratch fits WORKSPACE_BYTES at any batch size.
+TENSOR_CORE_GRAPH_ROWS = 1
 
 
 @functools.cache
@@ -147,9 +151,7 @@ class FlashInferPlanner:
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
         self._graph_decodes: dict[int, Any] = {}
         self.unsplit_graph_rows = UNSPLIT_GRAPH_ROWS
-        # Decode graphs' kernel: with tensor cores (grouped heads as one tile's rows, planned as a
-        # prefill) or FlashInfer's CUDA-core decode kernel; the bench times both.
-        self.graph_tensor_cores = True
+        self.tensor_core_graph_rows = TENSOR_CORE_GRAPH_ROWS
         # A decode graph larger than WORKSPACE_BYTES holds: one buffer, grown for the largest first
         # (graphs are captured largest first); a graph captured with an older one keeps it alive.
         self._graph_workspace = self._workspace
@@ -228,14 +230,15 @@ class FlashInferPlanner:
         if rows not in self._graph_decodes:
             sms = torch.cuda.get_device_properties(self.device).multi_processor_count
             needed = decode_graph_workspace_bytes(self.num_heads, self.num_kv_heads, self.head_dim, rows, sms)
+            tensor_cores = rows >= self.tensor_core_graph_rows
             # A graph that reads each sequence whole keeps no partial outputs.
-            if not self._unsplit(rows) and needed > self._graph_workspace.numel():
+            if tensor_cores and not self._unsplit(rows) and needed > self._graph_workspace.numel():
                 self._graph_workspace = torch.zeros(needed, dtype=torch.uint8, device=self.device)
             self._graph_decodes[rows] = self._flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 self._graph_workspace,
                 "NHD",
                 use_cuda_graph=True,
-                use_tensor_cores=self.graph_tensor_cores,
+                use_tensor_cores=tensor_cores,
                 paged_kv_indptr_buffer=torch.zeros(rows + 1, dtype=torch.int32, device=self.device),
                 # Real rows own distinct blocks; each padding row lists the scratch block once.
                 paged_kv_indices_buffer=torch.zeros(self.num_blocks + rows, dtype=torch.int32, device=self.device),
