@@ -339,7 +339,10 @@ def test_the_requests_that_size_sampling_take_every_path_of_a_step():
     for name, values in sampler._host.items():
         if name != "generated":
             assert values[: len(requests)].all(), name
-    tokens = sampler.choose(torch.randn(3, VOCAB), [r.id for r in requests]).to_host().result()
+    # Nearly flat logits: every warper keeps more than the 10 top tokens asked for (on peaked
+    # random ones, top_p and typical_p at 0.9 sometimes kept fewer).
+    logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(0)) * 0.1
+    tokens = sampler.choose(logits, [r.id for r in requests]).to_host().result()
     assert [len(t.top_tokens) for t in tokens] == [10, 10, 10]
     assert all(t.logprob < 0 and t.rank >= 1 for t in tokens)
     # The CPU's cache is not sized from free memory.
@@ -393,3 +396,23 @@ def test_sampling_thousands_of_rows_on_a_gpu_needs_one_chunk_of_work():
     # Logits and the penalty table for every row, float32 work for one chunk (~25 bytes a logit):
     # ~1.6 GB, where the whole batch at once held ~7 GB.
     assert peak <= rows * vocab * (2 + 1) + 64 * sampler_module.CHUNK_LOGITS
+
+
+def test_greedy_rows_that_only_mask_eos_choose_on_the_logits_own_precision():
+    """min_new_tokens with nothing else to adjust and no details (every request of the serving
+    bench): EOS is masked on a copy in the logits' dtype, not a float32 one, with float32's tokens."""
+    requests = [_request(1, min_new_tokens=2), _request(2, min_new_tokens=2), _request(3)]
+    for request in requests:
+        request.ClearField("details")
+    sampler = _sampler(*requests)
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(3, VOCAB, generator=g) * 4).bfloat16()
+    logits[:, EOS] = logits.max() + 1  # EOS leads every row
+    expected = logits.float()
+    expected[:2, EOS] = float("-inf")  # below min_new_tokens
+    with _DeviceOps() as ops:
+        choice = sampler.choose(logits, [1, 2, 3])
+    assert choice.token_ids.tolist() == expected.argmax(dim=-1).tolist()
+    assert int(choice.token_ids[2]) == EOS
+    assert not [op for op in ops.ops if "_to_copy" in op]  # no float32 copy of the logits
+    assert torch.equal(logits[:, EOS], torch.full((3,), logits.max(), dtype=torch.bfloat16))  # untouched

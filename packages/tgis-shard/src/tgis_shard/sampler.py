@@ -155,6 +155,13 @@ class _Chain:
         plain = not (chain.masks_eos or chain.penalises_length or penalises_repetition or samples)
         return None if plain and chain.top_n is None else chain
 
+    @property
+    def keeps_precision(self) -> bool:
+        """Greedy rows that only mask EOS, without details: masking and the argmax give the same
+        tokens on the logits' own dtype (upcasting is exact), on a copy half the size of float32's."""
+        adjusts = self.penalises_length or self.penalises_repetition or self.samples
+        return self.masks_eos and not adjusts and self.top_n is None
+
 
 class Choice:
     """The tokens a step chose: applied to the requests' state only by ``commit``, so a step that
@@ -375,7 +382,8 @@ class Sampler:
         self, logits: torch.Tensor, slots: torch.Tensor, chain: _Chain
     ) -> tuple[torch.Tensor, TokenDetails | None]:
         """The processors, the choice and its details for some rows of a step."""
-        scores = logits.float().clone()
+        # A copy: the processors work in place, and the logits may be a graph's output buffer.
+        scores = logits.clone() if chain.keeps_precision else logits.to(torch.float32, copy=True)
         if chain.masks_eos:
             scores = mask_eos(scores, self.eos_token_ids, self._generated[slots] < self._min_new_tokens[slots])
         if chain.penalises_length:
