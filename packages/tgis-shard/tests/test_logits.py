@@ -87,6 +87,12 @@ def test_min_new_tokens_matches_transformers(scores):
         processor = MinNewTokensLengthLogitsProcessor(3, minimum, EOS)
         ids = torch.cat([prompt, torch.ones((1, n), dtype=torch.long) * 5], dim=1)
         assert torch.equal(ours[row], processor(ids, scores[row : row + 1].clone())[0])
+    # Every row below its minimum: the same as each row's test passed.
+    everywhere = torch.ones(len(generated), dtype=torch.bool)
+    assert torch.equal(
+        lp.mask_eos(scores.clone(), torch.tensor([EOS]), None),
+        lp.mask_eos(scores.clone(), torch.tensor([EOS]), everywhere),
+    )
 
 
 def test_length_penalty_matches_transformers_exponential_decay(scores):

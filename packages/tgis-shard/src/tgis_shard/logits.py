@@ -23,10 +23,12 @@ TOP_N_TIE_FACTOR = 4
 # Processors: each takes [batch, vocab] scores and per-row [batch] parameters.
 
 
-def mask_eos(scores: torch.Tensor, eos_token_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """EOS cannot be chosen in ``rows`` (those below their min_new_tokens)."""
+def mask_eos(scores: torch.Tensor, eos_token_ids: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """EOS cannot be chosen in ``rows`` (those below their min_new_tokens); None: in any row."""
     if eos_token_ids.numel() == 0:
         return scores
+    if rows is None:
+        return scores.index_fill_(1, eos_token_ids, NEG_INF)
     eos_scores = scores[:, eos_token_ids]
     scores[:, eos_token_ids] = torch.where(rows.unsqueeze(1), NEG_INF, eos_scores)
     return scores

@@ -128,6 +128,7 @@ class _Chain:
     """What a step's processor chain runs, decided for all its rows on the host."""
 
     masks_eos: bool
+    masks_every_eos: bool  # every row is below its min_new_tokens: no per-row test on the device
     penalises_length: bool
     penalises_repetition: bool
     samples: bool
@@ -141,8 +142,10 @@ class _Chain:
     def of(cls, host: dict[str, np.ndarray], penalises_repetition: bool) -> _Chain | None:
         """None when the step is plain greedy: nothing to adjust, no details."""
         samples = bool(host["sample"].any())
+        below_minimum = host["generated"] < host["min_new_tokens"]
         chain = cls(
-            masks_eos=bool((host["generated"] < host["min_new_tokens"]).any()),
+            masks_eos=bool(below_minimum.any()),
+            masks_every_eos=bool(below_minimum.all()),
             penalises_length=bool(host["length_penalty"].any()),
             penalises_repetition=penalises_repetition,
             samples=samples,
@@ -385,7 +388,8 @@ class Sampler:
         # A copy: the processors work in place, and the logits may be a graph's output buffer.
         scores = logits.clone() if chain.keeps_precision else logits.to(torch.float32, copy=True)
         if chain.masks_eos:
-            scores = mask_eos(scores, self.eos_token_ids, self._generated[slots] < self._min_new_tokens[slots])
+            rows = None if chain.masks_every_eos else self._generated[slots] < self._min_new_tokens[slots]
+            scores = mask_eos(scores, self.eos_token_ids, rows)
         if chain.penalises_length:
             scores = length_penalty(
                 scores,
