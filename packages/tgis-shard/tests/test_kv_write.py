@@ -47,7 +47,7 @@ def _plain(q, k, v, rotary, slots, cache: PagedKVCache) -> torch.Tensor:
 @pytest.mark.parametrize("tokens", [1, 13, 32])
 def test_the_gpu_kernel_writes_the_bits_of_the_plain_ops(tokens, head_dim, dtype):
     q, k, v, rotary, slots = _step(tokens, head_dim, dtype, "cuda")
-    assert kv_write.applies(k, rotary[0])
+    assert kv_write.applies(k, v, q, cos=rotary[0])
     expected, got = _cache(head_dim, dtype, "cuda"), _cache(head_dim, dtype, "cuda")
     want = _plain(q, k, v, rotary, slots, expected)
     have = got.rotate_and_store(0, q, k, v, rotary, slots)
@@ -65,17 +65,17 @@ def test_the_gpu_kernel_writes_the_bits_of_the_plain_ops(tokens, head_dim, dtype
 
 @needs_cuda
 def test_turned_off_the_gpu_write_runs_the_plain_ops():
-    _q, k, _v, rotary, _slots = _step(3, 64, torch.bfloat16, "cuda")
+    q, k, v, rotary, _slots = _step(3, 64, torch.bfloat16, "cuda")
     fused.enable(False)
     try:
-        assert not kv_write.applies(k, rotary[0])
+        assert not kv_write.applies(k, v, q, cos=rotary[0])
     finally:
         fused.enable(True)
 
 
 def test_on_a_cpu_the_write_rotates_and_stores_with_the_plain_ops():
     q, k, v, rotary, slots = _step(5, 64, torch.bfloat16, "cpu")
-    assert not kv_write.applies(k, rotary[0])
+    assert not kv_write.applies(k, v, q, cos=rotary[0])
     expected, got = _cache(64, torch.bfloat16, "cpu"), _cache(64, torch.bfloat16, "cpu")
     want = _plain(q, k, v, rotary, slots, expected)
     have = got.rotate_and_store(0, q, k, v, rotary, slots)

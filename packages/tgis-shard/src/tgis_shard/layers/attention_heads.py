@@ -69,7 +69,7 @@ class AttentionHeads:
         ``[tokens, heads × head_dim]``, ready for the row-parallel output projection."""
         # On GPUs the cache write rotates (one kernel); a step captured in pieces writes in its
         # own piece, and a PT2_COMPILE graph compiles the rotation with the layer around it.
-        if rotary is not None and (not kv_write.applies(k, rotary[0]) or _split is not None):
+        if rotary is not None and (not kv_write.applies(k, v, q, cos=rotary[0]) or _split is not None):
             q, k = fused.rotate(q, k, *rotary)
             rotary = None
         out = self._store_and_attend(q, k, v, cache, meta, rotary, alibi_slopes)

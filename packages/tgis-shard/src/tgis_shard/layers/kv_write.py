@@ -26,12 +26,13 @@ except ImportError:  # CPU installs: the callers' plain ops run instead
     triton = None
 
 
-def applies(keys: torch.Tensor, cos: torch.Tensor | None = None) -> bool:
+def applies(*heads: torch.Tensor, cos: torch.Tensor | None = None) -> bool:
     """Whether the kernel serves this layer's step: on a GPU with Triton and fused kernels on,
-    heads contiguous in their last dimension, rotary tables (when given) as wide as a head."""
-    if not (fused.runs_fused(keys) and triton is not None) or keys.stride(-1) != 1:
+    every one of ``heads`` (keys, values, queries: ``[T, heads, head_dim]``) contiguous in its
+    last dimension, rotary tables (when given) as wide as a head."""
+    if not (fused.runs_fused(heads[0]) and triton is not None) or any(h.stride(-1) != 1 for h in heads):
         return False
-    return cos is None or (cos.shape[-1] == keys.shape[-1] and cos.stride(-1) == 1)
+    return cos is None or (cos.shape[-1] == heads[0].shape[-1] and cos.stride(-1) == 1)
 
 
 if triton is not None:

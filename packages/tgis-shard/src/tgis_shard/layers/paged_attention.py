@@ -110,7 +110,7 @@ class PagedKVCache:
     def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> None:
         """Writes this step's ``[T, kv_heads, head_dim]`` keys and values at ``slots`` ``[T]``
         (one kernel on GPUs: ``kv_write``)."""
-        if kv_write.applies(keys) and values.stride(-1) == 1:
+        if kv_write.applies(keys, values):
             kv_write.write(keys, values, self.keys[layer], self.values[layer], slots)
             return
         flat = (-1, self.num_kv_heads, self.head_dim)
@@ -128,7 +128,7 @@ class PagedKVCache:
     ) -> torch.Tensor:
         """``store`` of the keys rotated by ``rotary`` (cos, sin ``[T, head_dim]``); returns the
         queries rotated the same way. One kernel on GPUs, with the rotation of ``fused.rotate``."""
-        if kv_write.applies(keys, rotary[0]) and kv_write.applies(queries) and values.stride(-1) == 1:
+        if kv_write.applies(keys, values, queries, cos=rotary[0]):
             rotated = kv_write.write(keys, values, self.keys[layer], self.values[layer], slots, queries, rotary)
             assert rotated is not None
             return rotated
