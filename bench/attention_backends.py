@@ -70,6 +70,22 @@ def median_ms(fn: Callable[[], object], repeats: int = 30) -> float:
     return statistics.median(times)
 
 
+def replayed_ms(fn: Callable[[], object], calls: int = 20) -> float:
+    """Milliseconds of one ``fn`` call replayed from a CUDA graph of ``calls`` of them, as a decode
+    graph runs it: the device's time without the host's launches (which a single timed call of a
+    ~10 µs kernel mostly measures)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # the first call outside the capture (lazy initialisation)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return median_ms(graph.replay) / calls
+
+
 def run(backend: str, args: argparse.Namespace, query_len: int, batch: int) -> tuple[float, float]:
     """Milliseconds of one layer's attention for ``batch`` sequences of ``args.context`` tokens,
     and of the step's host-side preparation (FlashInfer's plan; FlexAttention's block mask)."""
@@ -87,9 +103,9 @@ def run_step(
     tensor_cores: bool = True,
 ) -> tuple[float, float]:
     """``run`` for a step of any layout: sequence b has ``query_lens[b]`` new tokens at the end
-    of ``contexts[b]``. ``graph_rows``: FlashInfer's plan for the decode graph of that many rows
-    (run outside a graph: the same kernel), its sequences read whole when ``unsplit``, on CUDA
-    cores instead of tensor cores without ``tensor_cores``."""
+    of ``contexts[b]``. ``graph_rows``: FlashInfer's plan for the decode graph of that many rows,
+    replayed from a CUDA graph, its sequences read whole when ``unsplit``, on CUDA cores instead
+    of tensor cores without ``tensor_cores``."""
     block_size = BLOCK_SIZES[backend]
     per_seq = blocks_for(max(contexts), block_size)
     batch = len(query_lens)
@@ -123,7 +139,8 @@ def run_step(
     torch.cuda.synchronize()
     prepared_ms = (time.perf_counter() - started) * 1e3
     query = torch.randn(sum(query_lens), args.heads, args.head_dim, dtype=args.dtype, device="cuda")
-    return median_ms(lambda: paged_attention(query, cache, 0, meta, args.head_dim**-0.5)), prepared_ms
+    timed = median_ms if graph_rows is None else replayed_ms
+    return timed(lambda: paged_attention(query, cache, 0, meta, args.head_dim**-0.5)), prepared_ms
 
 
 def main() -> None:

@@ -58,7 +58,7 @@ if [[ $stage == tests || $stage == all ]]; then
   # shellcheck disable=SC2086  # the list splits into files on purpose
   # The CPU case of test_fused compiles for the CPU with the device image's torch, not the pinned
   # one CI checks it with (bit for bit there); the device checks the CUDA case.
-  "${limit[@]}" python3 -m pytest -q -p no:cacheprovider -rs --show-capture=no ${GPU_TESTS:-$default_tests} "${select[@]}" \
+  "${limit[@]}" python3 -m pytest -q -p no:cacheprovider -rfEs --tb=short --show-capture=no ${GPU_TESTS:-$default_tests} "${select[@]}" \
     --deselect "packages/tgis-shard/tests/test_fused.py::test_each_compiled_chain_equals_its_eager_ops[cpu]" \
     > "$out/gpu-tests.log" 2>&1
   tail -40 "$out/gpu-tests.log"

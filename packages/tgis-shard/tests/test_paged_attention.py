@@ -427,34 +427,58 @@ def test_flashinfer_backend_on_cuda_matches_reference(heads: int, kv_heads: int,
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not flashinfer_available(), reason="needs CUDA and flashinfer")
 @pytest.mark.parametrize(
+    "contexts",
+    [[1, 15, 16, 17, 200, 333, 700, 1000], [4096], [2048, 2048, 5000, 1, 17, 8000, 100, 3000]],
+    ids=["mixed", "one-long", "long-batch"],
+)
+@pytest.mark.parametrize(
     ("unsplit", "tensor_cores"),
     [(False, True), (True, True), (False, False)],
     ids=["split-kv", "unsplit", "cuda-cores"],
 )
-def test_flashinfer_decode_graph_plans_equal_the_torch_backend(unsplit: bool, tensor_cores: bool) -> None:
-    """The decode wrapper of a graph's bucket, its sequences' keys split over tiles or read whole,
+def test_flashinfer_decode_graph_plans_equal_the_torch_backend(
+    contexts: list[int], unsplit: bool, tensor_cores: bool
+) -> None:
+    """The decode wrapper of a graph's bucket as the engine runs it: captured in a CUDA graph over
+    padding rows (one token each in a scratch block), then planned for the step's contexts, as
+    long as a request may be, and replayed; its sequences' keys split over tiles or read whole,
     on tensor cores or on FlashInfer's CUDA-core decode kernel."""
     heads, kv_heads, head_dim, block_size = 8, 2, 128, BLOCK_SIZES["flashinfer"]
-    contexts = [1, 15, 16, 17, 200, 333, 700, 1000]
+    rows = len(contexts)
     pages = [blocks_for(c, block_size) for c in contexts]
     blocks = list(range(sum(pages)))
     random.Random(0).shuffle(blocks)
-    tables = [blocks[sum(pages[:i]) : sum(pages[: i + 1])] for i in range(len(contexts))]
+    tables = [blocks[sum(pages[:i]) : sum(pages[: i + 1])] for i in range(rows)]
+    scratch = len(blocks)
     cache = PagedKVCache(
-        1, len(blocks), block_size, kv_heads, head_dim, torch.bfloat16, "cuda", backend="flashinfer", num_heads=heads
+        1, scratch + 1, block_size, kv_heads, head_dim, torch.bfloat16, "cuda", backend="flashinfer", num_heads=heads
     )
     assert cache.planner is not None
-    cache.planner.unsplit_graph_rows = len(contexts) if unsplit else None
-    cache.planner.tensor_core_graph_rows = 1 if tensor_cores else len(contexts) + 1
+    cache.planner.unsplit_graph_rows = rows if unsplit else None
+    cache.planner.tensor_core_graph_rows = 1 if tensor_cores else rows + 1
     generator = torch.Generator(device="cuda").manual_seed(0)
     cache.keys[0].copy_(torch.randn(cache.keys[0].shape, generator=generator, device="cuda"))
     cache.values[0].copy_(torch.randn(cache.values[0].shape, generator=generator, device="cuda"))
-    meta = AttentionMetadata.build([1] * len(contexts), contexts, tables, block_size, "cuda")
-    plan_attention(cache, meta, graph_rows=len(contexts))
-    query = torch.randn(len(contexts), heads, head_dim, generator=generator, device="cuda", dtype=torch.bfloat16)
-    graph_plan = paged_attention(query, cache, 0, meta, head_dim**-0.5)
+    query = torch.zeros(rows, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(query)
+
+    padding = AttentionMetadata.build([1] * rows, [1] * rows, [[scratch]] * rows, block_size, "cuda")
+    plan_attention(cache, padding, graph_rows=rows)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        paged_attention(query, cache, 0, padding, head_dim**-0.5)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out.copy_(paged_attention(query, cache, 0, padding, head_dim**-0.5))
+
+    meta = AttentionMetadata.build([1] * rows, contexts, tables, block_size, "cuda")
+    query.copy_(torch.randn(query.shape, generator=generator, device="cuda", dtype=torch.bfloat16))
+    plan_attention(cache, meta, graph_rows=rows)
+    graph.replay()
     reference = paged_attention(query, cache, 0, meta, head_dim**-0.5, backend="torch")
-    torch.testing.assert_close(graph_plan, reference, rtol=0, atol=2e-2)
+    torch.testing.assert_close(out, reference, rtol=0, atol=2e-2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -9,6 +9,8 @@ a key head and writes it and its value head to the token's cache slot.
 
 Rounding is eager's: in half precision each product of the rotation and their sum are rounded
 as PyTorch rounds them, so the cache holds the same bits as ``fused.rotate`` + ``index_copy_``.
+That needs Triton's floating-point fusion off: with it the compiler contracts a product and the
+sum into one fused multiply-add (``fma.rn.bf16`` / ``fma.rn.f32``), which skips a rounding.
 Used on CUDA tensors with Triton installed and FUSED_KERNELS on (``fused.runs_fused``); the
 caller falls back to the plain ops elsewhere.
 """
@@ -142,5 +144,6 @@ def write(
             HEAD_DIM=head_dim,
             BLOCK=triton.next_power_of_2(head_dim),
             num_warps=1 if head_dim <= 128 else 2,
+            enable_fp_fusion=False,  # eager's roundings (see the module's docstring)
         )
     return None if rotary is None else out
