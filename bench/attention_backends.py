@@ -99,13 +99,11 @@ def run_step(
     contexts: list[int],
     decodes_apart: bool = True,
     graph_rows: int | None = None,
-    unsplit: bool = False,
     tensor_cores: bool = True,
 ) -> tuple[float, float]:
     """``run`` for a step of any layout: sequence b has ``query_lens[b]`` new tokens at the end
     of ``contexts[b]``. ``graph_rows``: FlashInfer's plan for the decode graph of that many rows,
-    replayed from a CUDA graph, its sequences read whole when ``unsplit``, on CUDA cores instead
-    of tensor cores without ``tensor_cores``."""
+    replayed from a CUDA graph, on CUDA cores instead of tensor cores without ``tensor_cores``."""
     block_size = BLOCK_SIZES[backend]
     per_seq = blocks_for(max(contexts), block_size)
     batch = len(query_lens)
@@ -130,7 +128,6 @@ def run_step(
     torch.cuda.synchronize()
     started = time.perf_counter()
     if cache.planner is not None:
-        cache.planner.unsplit_graph_rows = graph_rows if unsplit else None
         cache.planner.tensor_core_graph_rows = 0 if tensor_cores else batch + 1
         cache.planner.plan(meta, graph_rows, decodes_apart=decodes_apart)
     else:
@@ -163,7 +160,7 @@ def main() -> None:
         type=int,
         nargs="*",
         metavar="CONTEXT",
-        help="only FlashInfer's decode-graph plans at these contexts (default: --context): split-KV against unsplit",
+        help="only FlashInfer's decode-graph plans at these contexts (default: --context): tensor against CUDA cores",
     )
     args = parser.parse_args()
     if args.graph_decode is not None:
@@ -202,24 +199,20 @@ def main() -> None:
 
 
 def graph_decodes(args: argparse.Namespace, contexts: list[int]) -> None:
-    """FlashInfer's decode of a CUDA graph's bucket per batch size and context: split-KV (the
-    sequences' keys spread over tiles, then merged) against each sequence read whole, and the
-    tensor-core kernel against the CUDA-core one."""
+    """FlashInfer's decode of a CUDA graph's bucket per batch size and context, replayed: the
+    tensor-core kernel (the engine's) against the CUDA-core one."""
     print(f"{torch.cuda.get_device_name()} | {args.dtype} | heads {args.heads}/{args.kv_heads} × {args.head_dim}")
     for context in contexts:
         for batch in args.batch:
             kv_bytes = 2 * batch * context * args.kv_heads * args.head_dim * args.dtype.itemsize
-            split, unsplit, cuda_cores = (
-                run_step(
-                    "flashinfer", args, [1] * batch, [context] * batch, graph_rows=batch, unsplit=whole, tensor_cores=tc
-                )[0]
-                for whole, tc in ((False, True), (True, True), (False, False))
+            tensor_cores, cuda_cores = (
+                run_step("flashinfer", args, [1] * batch, [context] * batch, graph_rows=batch, tensor_cores=tc)[0]
+                for tc in (True, False)
             )
             print(
                 f"graph decode {batch:4d} × {context:5d} ({kv_bytes / 2**20:7.1f} MiB KV):"
-                f" split-KV {split * 1e3:7.1f} µs ({kv_bytes / split / 1e9:5.2f} TB/s), unsplit {unsplit * 1e3:7.1f} µs"
-                f" ({kv_bytes / unsplit / 1e9:5.2f} TB/s): unsplit {split / unsplit:4.2f}× split-KV;"
-                f" CUDA cores {cuda_cores * 1e3:7.1f} µs ({split / cuda_cores:4.2f}× split-KV)"
+                f" tensor cores {tensor_cores * 1e3:7.1f} µs ({kv_bytes / tensor_cores / 1e9:5.2f} TB/s),"
+                f" CUDA cores {cuda_cores * 1e3:7.1f} µs ({tensor_cores / cuda_cores:4.2f}× tensor cores)"
             )
 
 

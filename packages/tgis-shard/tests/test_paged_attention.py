@@ -431,18 +431,12 @@ def test_flashinfer_backend_on_cuda_matches_reference(heads: int, kv_heads: int,
     [[1, 15, 16, 17, 200, 333, 700, 1000], [4096], [2048, 2048, 5000, 1, 17, 8000, 100, 3000]],
     ids=["mixed", "one-long", "long-batch"],
 )
-@pytest.mark.parametrize(
-    ("unsplit", "tensor_cores"),
-    [(False, True), (True, True), (False, False)],
-    ids=["split-kv", "unsplit", "cuda-cores"],
-)
-def test_flashinfer_decode_graph_plans_equal_the_torch_backend(
-    contexts: list[int], unsplit: bool, tensor_cores: bool
-) -> None:
+@pytest.mark.parametrize("tensor_cores", [True, False], ids=["tensor-cores", "cuda-cores"])
+def test_flashinfer_decode_graph_plans_equal_the_torch_backend(contexts: list[int], tensor_cores: bool) -> None:
     """The decode wrapper of a graph's bucket as the engine runs it: captured in a CUDA graph over
     padding rows (one token each in a scratch block), then planned for the step's contexts, as
-    long as a request may be, and replayed; its sequences' keys split over tiles or read whole,
-    on tensor cores or on FlashInfer's CUDA-core decode kernel."""
+    long as a request may be, and replayed; on tensor cores or on FlashInfer's CUDA-core decode
+    kernel."""
     heads, kv_heads, head_dim, block_size = 8, 2, 128, BLOCK_SIZES["flashinfer"]
     rows = len(contexts)
     pages = [blocks_for(c, block_size) for c in contexts]
@@ -454,7 +448,6 @@ def test_flashinfer_decode_graph_plans_equal_the_torch_backend(
         1, scratch + 1, block_size, kv_heads, head_dim, torch.bfloat16, "cuda", backend="flashinfer", num_heads=heads
     )
     assert cache.planner is not None
-    cache.planner.unsplit_graph_rows = rows if unsplit else None
     cache.planner.tensor_core_graph_rows = 1 if tensor_cores else rows + 1
     generator = torch.Generator(device="cuda").manual_seed(0)
     cache.keys[0].copy_(torch.randn(cache.keys[0].shape, generator=generator, device="cuda"))

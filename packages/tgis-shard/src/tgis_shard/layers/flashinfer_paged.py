@@ -48,10 +48,6 @@ if TYPE_CHECKING:
 WORKSPACE_BYTES = 128 * 2**20
 # Head sizes FlashInfer's kernels are built for.
 HEAD_DIMS = (64, 128, 256)
-# Decode graphs of at least this many rows read each sequence's keys and values whole, in one
-# tile per KV head, instead of split over tiles merged afterwards (FlashInfer's split-KV). None:
-# every graph splits (a graph's plan reserves splits for the longest contexts it may meet).
-UNSPLIT_GRAPH_ROWS: int | None = None
 # Decode graphs of at least this many rows run the decode kernel with tensor cores (a KV head's
 # grouped query heads as one tile's rows, planned as a prefill); smaller ones FlashInfer's
 # CUDA-core decode kernel, whose split-KV scratch fits WORKSPACE_BYTES at any batch size.
@@ -150,7 +146,6 @@ class FlashInferPlanner:
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD", use_tensor_cores=True)
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
         self._graph_decodes: dict[int, Any] = {}
-        self.unsplit_graph_rows = UNSPLIT_GRAPH_ROWS
         self.tensor_core_graph_rows = TENSOR_CORE_GRAPH_ROWS
         # A decode graph larger than WORKSPACE_BYTES holds: one buffer, grown for the largest first
         # (graphs are captured largest first); a graph captured with an older one keeps it alive.
@@ -166,7 +161,7 @@ class FlashInferPlanner:
         pages = pages_of(meta.host, self.block_size)
         if meta.max_q == 1:
             wrapper = self._decode if graph_rows is None else self._graph_decode(graph_rows)
-            self._plan_decode(wrapper, pages, unsplit=graph_rows is not None and self._unsplit(graph_rows))
+            self._plan_decode(wrapper, pages)
             self._active = _Plan(wrapper)
             return
         if graph_rows is not None:
@@ -187,14 +182,8 @@ class FlashInferPlanner:
         lists = (indptr.pin_memory(), to_device(indices, self.device), last_page_len.pin_memory())
         return (*lists, self.num_heads, self.num_kv_heads, self.head_dim, self.block_size)
 
-    def _plan_decode(
-        self, wrapper: Any, pages: tuple[np.ndarray, np.ndarray, np.ndarray], unsplit: bool = False
-    ) -> None:
-        wrapper.plan(*self._staged(pages), q_data_type=self.dtype, disable_split_kv=unsplit)
-
-    def _unsplit(self, graph_rows: int) -> bool:
-        """Whether the decode graph of ``graph_rows`` rows reads each sequence whole (no split-KV)."""
-        return self.unsplit_graph_rows is not None and graph_rows >= self.unsplit_graph_rows
+    def _plan_decode(self, wrapper: Any, pages: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+        wrapper.plan(*self._staged(pages), q_data_type=self.dtype)
 
     def _plan_prefill(
         self, cu_seqlens_q: np.ndarray, context_lens: np.ndarray, pages: tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -226,13 +215,20 @@ class FlashInferPlanner:
         return out
 
     def _graph_decode(self, rows: int) -> Any:
-        """The decode wrapper of a graph of ``rows`` rows: its page lists live in fixed buffers."""
+        """The decode wrapper of a graph of ``rows`` rows: its page lists live in fixed buffers.
+
+        Its plans split keys over tiles (FlashInfer's split-KV, merged afterwards) even where no
+        sequence needs it: in CUDA-graph mode the tensor-core plan launches a fixed grid, max(two
+        CTAs per multiprocessor, the most tiles a step could have) per KV head, and only a split
+        plan masks the CTAs past the step's work. Unsplit (``disable_split_kv``), they run on
+        request indices the plan never wrote, from uninitialised pinned memory (FlashInfer
+        0.6.12: scheduler.cuh PrefillPlan; prefill.cuh reads ``block_valid_mask`` only when split).
+        """
         if rows not in self._graph_decodes:
             sms = torch.cuda.get_device_properties(self.device).multi_processor_count
             needed = decode_graph_workspace_bytes(self.num_heads, self.num_kv_heads, self.head_dim, rows, sms)
             tensor_cores = rows >= self.tensor_core_graph_rows
-            # A graph that reads each sequence whole keeps no partial outputs.
-            if tensor_cores and not self._unsplit(rows) and needed > self._graph_workspace.numel():
+            if tensor_cores and needed > self._graph_workspace.numel():
                 self._graph_workspace = torch.zeros(needed, dtype=torch.uint8, device=self.device)
             self._graph_decodes[rows] = self._flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 self._graph_workspace,
