@@ -116,6 +116,27 @@ def test_length_penalty_keeps_a_masked_eos_masked(scores):
     assert torch.isneginf(out[:, EOS]).all()
 
 
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("vocab", [128256, 32000, 50257, 96], ids=lambda v: f"vocab{v}")
+def test_row_argmax_is_the_first_maximum_of_each_row(vocab: int, dtype: torch.dtype, device: str) -> None:
+    g = torch.Generator().manual_seed(vocab)
+    # Few distinct values: every row ties many times, in different parts of the row.
+    scores = torch.randint(0, 4, (6, vocab), generator=g).to(device, dtype)
+    scores[1] = lp.NEG_INF
+    scores[2, -1] = 9  # the maximum in the last part
+    scores[3, vocab // 3] = float("nan")  # argmax takes NaN as the maximum
+    scores[4, 0] = 9
+    assert torch.equal(lp.row_argmax(scores), scores.argmax(dim=-1))
+    # Rows of a wider buffer (a step's last positions) and no rows at all.
+    wide = torch.randint(0, 4, (3, 2 * vocab), generator=g).to(device, dtype)[:, :vocab]
+    assert torch.equal(lp.row_argmax(wide), wide.argmax(dim=-1))
+    assert lp.row_argmax(scores[:0]).shape == (0,)
+
+
 def _request(rid: int, resumed_tokens: int = 0, **chooser) -> pb.Request:
     details = pb.TokenDetailOptions(logprobs=True, ranks=True, top_n=3)
     return pb.Request(

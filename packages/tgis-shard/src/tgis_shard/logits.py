@@ -17,6 +17,26 @@ import torch
 NEG_INF = float("-inf")
 # TGIS returns ties at the n-th top score, up to this many times n tokens.
 TOP_N_TIE_FACTOR = 4
+# ``row_argmax`` reduces each row in up to this many parts at once.
+ARGMAX_PARTS = 256
+
+
+def row_argmax(scores: torch.Tensor) -> torch.Tensor:
+    """``scores.argmax(dim=-1)`` of ``[rows, vocab]`` scores (the first maximum of each row), in
+    two passes over parts of each row. One reduction along a 128k-token row keeps few of a GPU's
+    multiprocessors busy: on an H100 it took 28 µs for one row and 41 µs for 128 (0.8 TB/s);
+    the rows' parts reduce side by side, then each row's part maxima. The parts are as many as
+    divide the vocabulary, up to ``ARGMAX_PARTS``; a vocabulary no power of two divides takes one."""
+    rows, vocab = scores.shape
+    parts = ARGMAX_PARTS
+    while vocab % parts:
+        parts //= 2
+    if parts == 1 or scores.stride(-1) != 1:  # the parts are views of each row
+        return scores.argmax(dim=-1)
+    width = vocab // parts
+    maxima, within = scores.view(rows, parts, width).max(dim=-1)  # first maximum of each part
+    part = maxima.argmax(dim=-1, keepdim=True)  # the first part holding the row's maximum
+    return within.gather(-1, part).squeeze(-1).add_(part.squeeze(-1), alpha=width)
 
 
 # --------------------------------------------------------------------------------------------

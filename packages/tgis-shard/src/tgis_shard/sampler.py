@@ -26,6 +26,7 @@ from tgis_shard.logits import (
     length_penalty,
     mask_eos,
     repetition_penalty,
+    row_argmax,
     temperature,
     token_details,
     top_k,
@@ -365,7 +366,7 @@ class Sampler:
         if chain is None:
             # Greedy rows with nothing to adjust: the argmax of the model's own logits (upcasting
             # half precision is exact, so the choice is the float32 one) without a float32 copy.
-            return Choice(self, list(request_ids), host_slots, slots, logits.argmax(dim=-1))
+            return Choice(self, list(request_ids), host_slots, slots, row_argmax(logits))
         # The chain's float32 work is ~25 bytes a logit; rows in chunks bound it at thousands of rows.
         rows = max(1, CHUNK_LOGITS // logits.shape[-1])
         parts = [
@@ -404,7 +405,7 @@ class Sampler:
             scores = repetition_penalty(scores, self._seen[slots], self._repetition[slots])
         if chain.samples:
             scores = self._warp(scores, slots, chain)
-        token_ids = scores.argmax(dim=-1)
+        token_ids = row_argmax(scores)
         if chain.samples:
             token_ids = torch.where(self._sample[slots], self._draw(scores, slots), token_ids)
         details = None
