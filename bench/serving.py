@@ -379,7 +379,10 @@ def _print_idle_gaps(driver: StepDriver, device: torch.device, rows: int) -> Non
         flush=True,
     )
     for pair, idle in sorted(gaps.items(), key=lambda item: -sum(item[1]))[:8]:
-        print(f"  {sum(idle) / IDLE_GAP_STEPS:7.1f} µs a step ({len(idle)} × {statistics.median(idle):.1f} µs): {pair}")
+        print(
+            f"  {sum(idle) / IDLE_GAP_STEPS:7.1f} µs a step ({len(idle)} × median {statistics.median(idle):.1f} µs,"
+            f" longest {max(idle):.1f} µs): {pair}"
+        )
 
 
 def _quantile(values: list[float], q: int) -> float:
