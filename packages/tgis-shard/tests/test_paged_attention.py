@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from tgis_shard.engines.cuda_graphs import DecodeGraphs
 from tgis_shard.layers import flex_paged
 from tgis_shard.layers import paged_attention as paged_attention_module
 from tgis_shard.layers.flashinfer_paged import (
@@ -453,23 +454,20 @@ def test_flashinfer_decode_graph_plans_equal_the_torch_backend(contexts: list[in
     cache.keys[0].copy_(torch.randn(cache.keys[0].shape, generator=generator, device="cuda"))
     cache.values[0].copy_(torch.randn(cache.values[0].shape, generator=generator, device="cuda"))
     query = torch.zeros(rows, heads, head_dim, device="cuda", dtype=torch.bfloat16)
-    out = torch.empty_like(query)
 
+    # Captured by the engine's own capture, planned as it plans a bucket: over padding rows.
     padding = AttentionMetadata.build([1] * rows, [1] * rows, [[scratch]] * rows, block_size, "cuda")
-    plan_attention(cache, padding, graph_rows=rows)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        paged_attention(query, cache, 0, padding, head_dim**-0.5)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out.copy_(paged_attention(query, cache, 0, padding, head_dim**-0.5))
+    graphs = DecodeGraphs.capture(
+        lambda _rows: paged_attention(query, cache, 0, padding, head_dim**-0.5),
+        [rows],
+        query.device,
+        lambda _rows: plan_attention(cache, padding, graph_rows=rows),
+    )
 
     meta = AttentionMetadata.build([1] * rows, contexts, tables, block_size, "cuda")
     query.copy_(torch.randn(query.shape, generator=generator, device="cuda", dtype=torch.bfloat16))
     plan_attention(cache, meta, graph_rows=rows)
-    graph.replay()
+    out = graphs.replay(rows)
     reference = paged_attention(query, cache, 0, meta, head_dim**-0.5, backend="torch")
     torch.testing.assert_close(out, reference, rtol=0, atol=2e-2)
 
