@@ -9,6 +9,7 @@ scores.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ import torch
 NEG_INF = float("-inf")
 # TGIS returns ties at the n-th top score, up to this many times n tokens.
 TOP_N_TIE_FACTOR = 4
-# ``row_argmax`` reduces each row in up to this many parts at once.
+# ``row_argmax`` reduces each row in up to this many parts at once (a power of two).
 ARGMAX_PARTS = 256
 
 
@@ -28,9 +29,7 @@ def row_argmax(scores: torch.Tensor) -> torch.Tensor:
     the rows' parts reduce side by side, then each row's part maxima. The parts are as many as
     divide the vocabulary, up to ``ARGMAX_PARTS``; a vocabulary no power of two divides takes one."""
     rows, vocab = scores.shape
-    parts = ARGMAX_PARTS
-    while vocab % parts:
-        parts //= 2
+    parts = math.gcd(vocab, ARGMAX_PARTS)  # the largest power of two dividing both
     if parts == 1 or scores.stride(-1) != 1:  # the parts are views of each row
         return scores.argmax(dim=-1)
     width = vocab // parts
