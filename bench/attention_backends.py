@@ -100,10 +100,12 @@ def run_step(
     decodes_apart: bool = True,
     graph_rows: int | None = None,
     tensor_cores: bool = True,
+    decode_kernel: bool = False,
 ) -> tuple[float, float]:
     """``run`` for a step of any layout: sequence b has ``query_lens[b]`` new tokens at the end
     of ``contexts[b]``. ``graph_rows``: FlashInfer's plan for the decode graph of that many rows,
-    replayed from a CUDA graph, on CUDA cores instead of tensor cores without ``tensor_cores``."""
+    replayed from a CUDA graph, on CUDA cores instead of tensor cores without ``tensor_cores``;
+    ``decode_kernel``: a step of decodes through tgis's Triton kernel (DECODE_KERNEL) instead."""
     block_size = BLOCK_SIZES[backend]
     per_seq = blocks_for(max(contexts), block_size)
     batch = len(query_lens)
@@ -118,6 +120,7 @@ def run_step(
         "cuda",
         backend=backend,
         num_heads=args.heads,
+        decode_kernel=decode_kernel,
     )
     cache.keys[0].normal_()
     cache.values[0].normal_()
@@ -127,7 +130,7 @@ def run_step(
     meta = AttentionMetadata.build(query_lens, contexts, tables, block_size, "cuda")
     torch.cuda.synchronize()
     started = time.perf_counter()
-    if cache.planner is not None:
+    if cache.planner is not None and not cache.decode_kernel:
         cache.planner.tensor_core_graph_rows = 0 if tensor_cores else batch + 1
         cache.planner.plan(meta, graph_rows, decodes_apart=decodes_apart)
     else:
@@ -199,20 +202,22 @@ def main() -> None:
 
 
 def graph_decodes(args: argparse.Namespace, contexts: list[int]) -> None:
-    """FlashInfer's decode of a CUDA graph's bucket per batch size and context, replayed: the
-    tensor-core kernel (the engine's) against the CUDA-core one."""
+    """A CUDA graph's decode per batch size and context, replayed: FlashInfer's tensor-core kernel
+    (the engine's default) against its CUDA-core one and tgis's Triton kernel (DECODE_KERNEL)."""
     print(f"{torch.cuda.get_device_name()} | {args.dtype} | heads {args.heads}/{args.kv_heads} × {args.head_dim}")
     for context in contexts:
         for batch in args.batch:
             kv_bytes = 2 * batch * context * args.kv_heads * args.head_dim * args.dtype.itemsize
-            tensor_cores, cuda_cores = (
-                run_step("flashinfer", args, [1] * batch, [context] * batch, graph_rows=batch, tensor_cores=tc)[0]
-                for tc in (True, False)
-            )
+            step = {"args": args, "query_lens": [1] * batch, "contexts": [context] * batch, "graph_rows": batch}
+            tensor_cores, cuda_cores = (run_step("flashinfer", **step, tensor_cores=tc)[0] for tc in (True, False))
+            triton_kernel = run_step("flashinfer", **step, decode_kernel=True)[0]
             print(
                 f"graph decode {batch:4d} × {context:5d} ({kv_bytes / 2**20:7.1f} MiB KV):"
                 f" tensor cores {tensor_cores * 1e3:7.1f} µs ({kv_bytes / tensor_cores / 1e9:5.2f} TB/s),"
-                f" CUDA cores {cuda_cores * 1e3:7.1f} µs ({tensor_cores / cuda_cores:4.2f}× tensor cores)"
+                f" CUDA cores {cuda_cores * 1e3:7.1f} µs ({tensor_cores / cuda_cores:4.2f}×),"
+                f" Triton {triton_kernel * 1e3:7.1f} µs ({tensor_cores / triton_kernel:4.2f}×,"
+                f" {kv_bytes / triton_kernel / 1e9:5.2f} TB/s)",
+                flush=True,
             )
 
 

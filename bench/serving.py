@@ -60,6 +60,7 @@ class Variant:
     cuda_graphs: bool = True
     prompt_graphs: bool = True
     fused_kernels: bool = True
+    decode_kernel: bool = False
     pt2_compile: bool = False
     hf_paged_cache: bool = True  # hf_transformers on the paged cache where the model allows
     # The router's budget of a step in which requests decode (None: its default); the engine alone ignores it.
@@ -80,6 +81,8 @@ VARIANTS = {
     "no-prompt-graphs": Variant(prompt_graphs=False),
     "no-fused-kernels": Variant(fused_kernels=False),
     "pt2-compile": Variant(pt2_compile=True),
+    # Steps of decodes through tgis's Triton kernel instead of FlashInfer's.
+    "decode-kernel": Variant(decode_kernel=True),
     # Prompt chunks beside the decodes smaller (256, 384) or as large as a step's (2048, as before the
     # router's default of 512): how long mixed steps are against ITL p99 and throughput.
     "decoding-step-tokens-256": Variant(max_step_tokens_while_decoding=256),
@@ -223,6 +226,7 @@ def in_process_decode_steps(
         estimate_memory="off",
         cuda_graphs=variant.cuda_graphs,
         prompt_graphs=variant.prompt_graphs,
+        decode_kernel=variant.decode_kernel,
         hf_paged=variant.hf_paged_cache,
         pt2_compile=variant.pt2_compile,
     )
@@ -507,7 +511,8 @@ def _describe(variant: Variant, device: torch.device) -> str:
         + (" (prompt steps too)" if variant.cuda_graphs and variant.prompt_graphs and on_gpu else "")
         + ", "
         f"fused kernels {'on' if variant.fused_kernels and on_gpu else 'off'}, "
-        f"PT2_COMPILE {'on' if variant.pt2_compile else 'off'}"
+        + ("decode kernel on, " if variant.decode_kernel and on_gpu else "")
+        + f"PT2_COMPILE {'on' if variant.pt2_compile else 'off'}"
         + (
             f", MAX_STEP_TOKENS_WHILE_DECODING {variant.max_step_tokens_while_decoding}"
             if variant.max_step_tokens_while_decoding is not None

@@ -185,6 +185,7 @@ def native_engine(
     pt2_compile: bool = False,
     kv_cache_blocks: int | None = None,
     engine: str = "tgis_native",
+    decode_kernel: bool = False,
 ) -> Engine:
     """The tgis_native engine (or another paged ``engine``: hf_transformers on a GPU) as one rank
     of ``world_size`` (process group on ``port``)."""
@@ -206,6 +207,7 @@ def native_engine(
         cuda_graphs=cuda_graphs,
         prompt_graphs=prompt_graphs,
         pt2_compile=pt2_compile,
+        decode_kernel=decode_kernel,
         kv_cache_blocks=kv_cache_blocks or (GPU_TEST_CACHE_BLOCKS if on_gpu else None),
     )
     return resolve(ctx.registry.engine(engine).target)(ctx)

@@ -42,9 +42,9 @@ def test_buckets_pad_by_at_most_seven_rows_up_to_256_and_a_sixteenth_past_it():
     assert len(buckets) < 100  # multiples of 8: 515 graphs, 101 s of capture on an H100
 
 
-def _decode_tokens(model_dir, prompt_ids, backend: str, dtype: torch.dtype, graphs: bool):
+def _decode_tokens(model_dir, prompt_ids, backend: str, dtype: torch.dtype, graphs: bool, decode_kernel: bool):
     """Every token of three rows (one row of padding in the 4-row graph), then two, then one;
-    the outputs; the graph sizes replayed."""
+    the outputs; the graph sizes replayed. ``decode_kernel``: decodes through ``paged_decode``."""
     device = torch.device("cuda", 0)
     engine = native_engine(
         0,
@@ -56,7 +56,9 @@ def _decode_tokens(model_dir, prompt_ids, backend: str, dtype: torch.dtype, grap
         attention_backend=backend,
         cuda_graphs=graphs,
         prompt_graphs=graphs,
+        decode_kernel=decode_kernel,
     )
+    assert engine.cache.decode_kernel == decode_kernel
     engine.warm_up()
     replayed: list[int] = []
     if graphs:
@@ -98,16 +100,21 @@ def _decode_tokens(model_dir, prompt_ids, backend: str, dtype: torch.dtype, grap
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(
-    ("backend", "dtype"),
+    ("backend", "dtype", "decode_kernel"),
     [
-        ("flex", torch.float32),
-        ("torch", torch.float32),
-        pytest.param("flashinfer", torch.bfloat16, marks=NEEDS_FLASHINFER),  # FlashInfer runs half precision
+        ("flex", torch.float32, False),
+        ("torch", torch.float32, False),
+        pytest.param("flashinfer", torch.bfloat16, False, marks=NEEDS_FLASHINFER),  # FlashInfer runs half precision
+        # tgis's Triton decode kernel (half precision) beside either backend's prompt steps.
+        pytest.param("flashinfer", torch.bfloat16, True, marks=NEEDS_FLASHINFER),
+        ("flex", torch.bfloat16, True),
     ],
 )
-def test_graph_replays_equal_eager_steps_and_transformers(model_dir, prompt_ids, expected, backend, dtype):
-    graph_tokens, outputs, replayed = _decode_tokens(model_dir, prompt_ids, backend, dtype, graphs=True)
-    eager_tokens, _, _ = _decode_tokens(model_dir, prompt_ids, backend, dtype, graphs=False)
+def test_graph_replays_equal_eager_steps_and_transformers(
+    model_dir, prompt_ids, expected, backend, dtype, decode_kernel
+):
+    graph_tokens, outputs, replayed = _decode_tokens(model_dir, prompt_ids, backend, dtype, True, decode_kernel)
+    eager_tokens, _, _ = _decode_tokens(model_dir, prompt_ids, backend, dtype, False, decode_kernel)
     assert {b for b in replayed if b > 0} == {1, 2, 4}
     # Request 0's prompt alone, then 1's and 2's beside its decode.
     assert len([b for b in replayed if b < 0]) == 2

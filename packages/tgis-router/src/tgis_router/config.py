@@ -109,6 +109,7 @@ class LauncherConfig:
     cuda_graphs: bool = True
     prompt_graphs: bool = True
     fused_kernels: bool = True
+    decode_kernel: bool = False
     hf_paged_cache: bool = True
     estimate_memory: str = "auto"
     tgis_plugins: str | None = None
@@ -197,6 +198,11 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "fused_kernels", parse_bool, "fuse norms, rotary and activations into one kernel each on GPUs (torch.compile)"
+    ),
+    Option(
+        "decode_kernel",
+        parse_bool,
+        "steps of decodes attend through tgis's Triton kernel, planned on the GPU, instead of the backend's",
     ),
     Option(
         "hf_paged_cache",

@@ -202,6 +202,7 @@ def shard_serve_args(config: LauncherConfig, model_dir: str, max_sequence_length
         args.append("--no-prompt-graphs")
     if not config.fused_kernels:
         args.append("--no-fused-kernels")
+    args.append("--decode-kernel" if config.decode_kernel else "--no-decode-kernel")
     if not config.hf_paged_cache:
         args.append("--no-hf-paged-cache")
     if config.pt2_compile:

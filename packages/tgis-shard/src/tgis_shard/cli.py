@@ -84,6 +84,12 @@ def _parser() -> argparse.ArgumentParser:
         help="run norms, rotary and activations as eager PyTorch ops on GPUs instead of one compiled kernel each",
     )
     serve.add_argument(
+        "--decode-kernel",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="steps of decodes attend through tgis's Triton decode kernel (half precision, GPU), not the backend's",
+    )
+    serve.add_argument(
         "--pt2-compile",
         action="store_true",
         help="run the model's forward pass through torch.compile (tgis_native; hf_transformers causal LMs)",
@@ -190,6 +196,7 @@ def _serve(args: argparse.Namespace) -> None:
         kv_cache_blocks=args.kv_cache_blocks,
         cuda_graphs=args.cuda_graphs,
         prompt_graphs=args.prompt_graphs,
+        decode_kernel=args.decode_kernel,
         hf_paged=args.hf_paged,
         pt2_compile=args.pt2_compile,
         cache_dir=args.cache_dir,

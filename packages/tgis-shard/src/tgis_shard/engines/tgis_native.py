@@ -637,6 +637,7 @@ def paged_engine(
         ctx.device,
         backend,
         num_heads=model.num_heads,
+        decode_kernel=ctx.decode_kernel,
     )
     log.info(
         "rank %d/%d: %s KV cache of %d blocks × %d tokens (%s attention)",

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tgis_shard.layers import fused, kv_write
+from tgis_shard.layers import fused, kv_write, paged_decode
 from tgis_shard.staging import to_device
 
 if TYPE_CHECKING:
@@ -80,8 +80,11 @@ class PagedKVCache:
         device: torch.device | str,
         backend: str = "torch",
         num_heads: int | None = None,
+        decode_kernel: bool = False,
     ) -> None:
-        """``num_heads``: query heads per layer (on this rank), which the flashinfer backend plans with."""
+        """``num_heads``: query heads per layer (on this rank), which the flashinfer backend plans
+        with. ``decode_kernel``: steps of decodes only run ``paged_decode``'s kernel instead of the
+        backend's, where it serves this cache (half precision on a GPU)."""
         if backend not in BLOCK_SIZES:
             raise ValueError(f"unknown attention backend {backend!r}; one of {sorted(BLOCK_SIZES)}")
         if backend == "flash" and block_size % BLOCK_SIZES["flash"] != 0:
@@ -97,6 +100,7 @@ class PagedKVCache:
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.decode_kernel = decode_kernel and paged_decode.serves(self.device, dtype)
         self.planner: FlashInferPlanner | None = None
         if backend == "flashinfer":
             if num_heads is None:
@@ -309,8 +313,9 @@ def _flashinfer_serves(head_dim: int) -> bool:
 
 def plan_attention(cache: PagedKVCache, meta: AttentionMetadata, graph_rows: int | None = None) -> None:
     """The host's share of a step's attention, outside any CUDA graph and before the forward pass
-    (or the replay of the decode graph of ``graph_rows`` rows): FlashInfer's plan."""
-    if cache.planner is not None:
+    (or the replay of the decode graph of ``graph_rows`` rows): FlashInfer's plan. A step of
+    decodes on the cache's decode kernel needs none."""
+    if cache.planner is not None and not (cache.decode_kernel and meta.max_q == 1):
         cache.planner.plan(meta, graph_rows)
 
 
@@ -346,6 +351,9 @@ def paged_attention(
     if heads % cache.num_kv_heads != 0:
         raise ValueError(f"{heads} query heads are not a multiple of {cache.num_kv_heads} kv heads")
     name = backend or cache.backend
+    if backend is None and cache.decode_kernel and meta.max_q == 1 and alibi_slopes is None and sliding_window is None:
+        keys, values = cache.keys[layer], cache.values[layer]
+        return paged_decode.attend(query, keys, values, meta.block_tables, meta.context_lens, scale)
     if name == "flashinfer":
         # Runs the plan made for this step, which lives with the cache (plan_attention).
         if cache.planner is None:
