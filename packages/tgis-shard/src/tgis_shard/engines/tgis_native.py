@@ -640,12 +640,13 @@ def paged_engine(
         decode_kernel=ctx.decode_kernel,
     )
     log.info(
-        "rank %d/%d: %s KV cache of %d blocks × %d tokens (%s attention)",
+        "rank %d/%d: %s KV cache of %d blocks × %d tokens (%s attention%s)",
         tp.rank,
         tp.world_size,
         description,
         blocks,
         block_size,
         backend,
+        ", decodes on tgis's decode kernel" if cache.decode_kernel else "",
     )
     return NativeEngine(model, ctx, tp, config, cache, eos_token_ids(ctx.model_dir, config), name, capture_hint)

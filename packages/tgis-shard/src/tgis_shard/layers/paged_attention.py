@@ -111,6 +111,11 @@ class PagedKVCache:
                 num_heads, num_kv_heads, head_dim, block_size, num_blocks, dtype, self.device
             )
 
+    def decodes_on_kernel(self, meta: AttentionMetadata) -> bool:
+        """Whether the step ``meta`` describes attends through ``paged_decode``'s kernel: a step of
+        decodes only on a cache made with ``decode_kernel`` where it serves."""
+        return self.decode_kernel and meta.max_q == 1
+
     def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> None:
         """Writes this step's ``[T, kv_heads, head_dim]`` keys and values at ``slots`` ``[T]``
         (one kernel on GPUs: ``kv_write``)."""
@@ -315,7 +320,7 @@ def plan_attention(cache: PagedKVCache, meta: AttentionMetadata, graph_rows: int
     """The host's share of a step's attention, outside any CUDA graph and before the forward pass
     (or the replay of the decode graph of ``graph_rows`` rows): FlashInfer's plan. A step of
     decodes on the cache's decode kernel needs none."""
-    if cache.planner is not None and not (cache.decode_kernel and meta.max_q == 1):
+    if cache.planner is not None and not cache.decodes_on_kernel(meta):
         cache.planner.plan(meta, graph_rows)
 
 
@@ -351,7 +356,7 @@ def paged_attention(
     if heads % cache.num_kv_heads != 0:
         raise ValueError(f"{heads} query heads are not a multiple of {cache.num_kv_heads} kv heads")
     name = backend or cache.backend
-    if backend is None and cache.decode_kernel and meta.max_q == 1 and alibi_slopes is None and sliding_window is None:
+    if backend is None and cache.decodes_on_kernel(meta) and alibi_slopes is None and sliding_window is None:
         keys, values = cache.keys[layer], cache.values[layer]
         return paged_decode.attend(query, keys, values, meta.block_tables, meta.context_lens, scale)
     if name == "flashinfer":
