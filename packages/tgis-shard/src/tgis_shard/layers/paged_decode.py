@@ -186,10 +186,13 @@ def attend(
         splits = splits_for(rows, kv_heads, _multiprocessors(query.device))
     group = heads // kv_heads
     dim_pad = triton.next_power_of_2(head_dim)
-    parts = (rows * splits * heads,) if splits > 1 else (1,)
-    part_out = torch.empty((*parts, dim_pad), dtype=torch.float32, device=query.device)
-    part_max = torch.empty(parts, dtype=torch.float32, device=query.device)
-    part_sum = torch.empty(parts, dtype=torch.float32, device=query.device)
+    if splits > 1:
+        parts = rows * splits * heads
+        part_out = torch.empty((parts, dim_pad), dtype=torch.float32, device=query.device)
+        part_max = torch.empty(parts, dtype=torch.float32, device=query.device)
+        part_sum = torch.empty(parts, dtype=torch.float32, device=query.device)
+    else:
+        part_out = part_max = part_sum = out  # unread: one part writes ``out`` itself
     _attend_kernel[(rows, kv_heads, splits)](
         query,
         key_cache,
