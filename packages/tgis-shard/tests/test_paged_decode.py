@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+from tgis_shard.engines.cuda_graphs import DecodeGraphs
 from tgis_shard.layers import paged_decode
 from tgis_shard.layers.paged_attention import AttentionMetadata, PagedKVCache, blocks_for, paged_attention
 
@@ -78,18 +79,16 @@ def test_replayed_from_a_graph_captured_over_padding_it_attends_the_steps_contex
     tables = torch.full((rows, width), spare, dtype=torch.int32, device="cuda")
     lengths = torch.ones(rows, dtype=torch.int32, device="cuda")
     scale = head_dim**-0.5
-    warm = torch.cuda.Stream()
-    warm.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(warm):  # Triton compiles outside the capture
-        paged_decode.attend(query, cache.keys[0], cache.values[0], tables, lengths, scale)
-    torch.cuda.current_stream().wait_stream(warm)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = paged_decode.attend(query, cache.keys[0], cache.values[0], tables, lengths, scale)
+    # Captured by the engine's own capture (its warm runs compile the kernel outside the graph).
+    graphs = DecodeGraphs.capture(
+        lambda _rows: paged_decode.attend(query, cache.keys[0], cache.values[0], tables, lengths, scale),
+        [rows],
+        query.device,
+    )
 
     tables.copy_(meta.block_tables)
     lengths.copy_(meta.context_lens)
-    graph.replay()
+    out = graphs.replay(rows)
     torch.testing.assert_close(out.double(), _reference(cache, meta, query, scale), **TOLERANCE[torch.bfloat16])
 
 
