@@ -130,7 +130,7 @@ def run_step(
     meta = AttentionMetadata.build(query_lens, contexts, tables, block_size, "cuda")
     torch.cuda.synchronize()
     started = time.perf_counter()
-    if cache.planner is not None and not cache.decode_kernel:
+    if cache.planner is not None and not cache.decodes_on_kernel(meta):
         cache.planner.tensor_core_graph_rows = 0 if tensor_cores else batch + 1
         cache.planner.plan(meta, graph_rows, decodes_apart=decodes_apart)
     else:
