@@ -203,7 +203,8 @@ def main() -> None:
 
 def graph_decodes(args: argparse.Namespace, contexts: list[int]) -> None:
     """A CUDA graph's decode per batch size and context, replayed: FlashInfer's tensor-core kernel
-    (the engine's default) against its CUDA-core one and tgis's Triton kernel (DECODE_KERNEL)."""
+    (the engine's with DECODE_KERNEL off) against its CUDA-core one and tgis's Triton kernel (the
+    engine's default)."""
     print(f"{torch.cuda.get_device_name()} | {args.dtype} | heads {args.heads}/{args.kv_heads} × {args.head_dim}")
     for context in contexts:
         for batch in args.batch:

@@ -60,7 +60,7 @@ class Variant:
     cuda_graphs: bool = True
     prompt_graphs: bool = True
     fused_kernels: bool = True
-    decode_kernel: bool = False
+    decode_kernel: bool = True
     pt2_compile: bool = False
     hf_paged_cache: bool = True  # hf_transformers on the paged cache where the model allows
     # The router's budget of a step in which requests decode (None: its default); the engine alone ignores it.
@@ -81,8 +81,8 @@ VARIANTS = {
     "no-prompt-graphs": Variant(prompt_graphs=False),
     "no-fused-kernels": Variant(fused_kernels=False),
     "pt2-compile": Variant(pt2_compile=True),
-    # Steps of decodes through tgis's Triton kernel instead of FlashInfer's.
-    "decode-kernel": Variant(decode_kernel=True),
+    # Steps of decodes through the attention backend's kernel (FlashInfer's) instead of tgis's Triton one.
+    "no-decode-kernel": Variant(decode_kernel=False),
     # Prompt chunks beside the decodes smaller (256, 384) or as large as a step's (2048, as before the
     # router's default of 512): how long mixed steps are against ITL p99 and throughput.
     "decoding-step-tokens-256": Variant(max_step_tokens_while_decoding=256),
@@ -511,7 +511,7 @@ def _describe(variant: Variant, device: torch.device) -> str:
         + (" (prompt steps too)" if variant.cuda_graphs and variant.prompt_graphs and on_gpu else "")
         + ", "
         f"fused kernels {'on' if variant.fused_kernels and on_gpu else 'off'}, "
-        + ("decode kernel on, " if variant.decode_kernel and on_gpu else "")
+        + ("" if variant.decode_kernel or not on_gpu else "decode kernel off, ")
         + f"PT2_COMPILE {'on' if variant.pt2_compile else 'off'}"
         + (
             f", MAX_STEP_TOKENS_WHILE_DECODING {variant.max_step_tokens_while_decoding}"

@@ -185,7 +185,7 @@ def native_engine(
     pt2_compile: bool = False,
     kv_cache_blocks: int | None = None,
     engine: str = "tgis_native",
-    decode_kernel: bool = False,
+    decode_kernel: bool = ShardContext.decode_kernel,
 ) -> Engine:
     """The tgis_native engine (or another paged ``engine``: hf_transformers on a GPU) as one rank
     of ``world_size`` (process group on ``port``)."""

@@ -77,7 +77,7 @@ def test_engine_options_reach_every_shard_s_serve_command():
     assert "--no-prompt-graphs" not in plain
     assert "--no-fused-kernels" not in plain
     assert "--no-hf-paged-cache" not in plain
-    assert "--no-decode-kernel" in plain
+    assert "--decode-kernel" in plain
     assert plain[plain.index("--uds-path") + 1].endswith("-1")
     environ = {
         "PT2_COMPILE": "true",
@@ -85,7 +85,7 @@ def test_engine_options_reach_every_shard_s_serve_command():
         "PROMPT_GRAPHS": "false",
         "FUSED_KERNELS": "false",
         "HF_PAGED_CACHE": "false",
-        "DECODE_KERNEL": "true",
+        "DECODE_KERNEL": "false",
         "KV_CACHE_MANAGER_NUM_GPU_BLOCKS": "64",
     }
     args = shard_serve_args(parse_config([], environ=environ), "/model", 256, rank=0)
@@ -95,7 +95,7 @@ def test_engine_options_reach_every_shard_s_serve_command():
         "--no-prompt-graphs",
         "--no-fused-kernels",
         "--no-hf-paged-cache",
-        "--decode-kernel",
+        "--no-decode-kernel",
     } <= set(args)
     assert args[args.index("--kv-cache-blocks") + 1] == "64"
 

@@ -109,7 +109,7 @@ class LauncherConfig:
     cuda_graphs: bool = True
     prompt_graphs: bool = True
     fused_kernels: bool = True
-    decode_kernel: bool = False
+    decode_kernel: bool = True
     hf_paged_cache: bool = True
     estimate_memory: str = "auto"
     tgis_plugins: str | None = None

@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--decode-kernel",
         action=argparse.BooleanOptionalAction,
-        default=False,
+        default=True,
         help="steps of decodes attend through tgis's Triton decode kernel (half precision, GPU), not the backend's",
     )
     serve.add_argument(

@@ -58,7 +58,7 @@ class ShardContext:
     """With ``cuda_graphs``, steps with prompt chunks replay in pieces too (PROMPT_GRAPHS)."""
     pt2_compile: bool = False
     """The model's forward pass runs through torch.compile (PT2_COMPILE), on engines that can."""
-    decode_kernel: bool = False
+    decode_kernel: bool = True
     """Paged engines' steps of decodes attend through ``layers.paged_decode`` (DECODE_KERNEL)."""
 
     def prefix_store(self, width: int, encoder_decoder: bool = False) -> PrefixStore:
