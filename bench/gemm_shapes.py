@@ -1,5 +1,6 @@
-"""A decode step's matrix products on one GPU: cuBLAS's default choice against what PyTorch's
-TunableOp finds by timing every cuBLAS / cuBLASLt algorithm for the shape.
+"""A decode step's matrix products on one GPU: cuBLAS's default choice against cuBLASLt's
+(PyTorch's TORCH_BLAS_PREFER_CUBLASLT) and what PyTorch's TunableOp finds by timing every
+cuBLAS / cuBLASLt algorithm for the shape.
 
 At these row counts each product is bound by reading its weight, so the printed rate is weight
 bytes over time (compare with the device's copy bandwidth). Weights rotate over copies larger
@@ -69,10 +70,14 @@ def main() -> None:
         weight_sets[name] = [
             torch.randn(out_features, in_features, dtype=dtype, device="cuda") / in_features**0.5 for _ in range(copies)
         ]
-    for name, weights in weight_sets.items():
-        for rows in args.rows:
-            x = torch.randn(rows, weights[0].shape[1], dtype=dtype, device="cuda")
-            measured[name, rows] = time_us(x, weights)
+    lt_measured: dict[tuple[str, int], float] = {}
+    for library, times in (("cublas", measured), ("cublaslt", lt_measured)):
+        torch.backends.cuda.preferred_blas_library(library)
+        for name, weights in weight_sets.items():
+            for rows in args.rows:
+                x = torch.randn(rows, weights[0].shape[1], dtype=dtype, device="cuda")
+                times[name, rows] = time_us(x, weights)
+    torch.backends.cuda.preferred_blas_library("cublas")
 
     with tempfile.TemporaryDirectory() as folder:
         torch.cuda.tunable.set_filename(str(Path(folder) / "tunableop.csv"))
@@ -84,11 +89,11 @@ def main() -> None:
                 x = torch.randn(rows, weights[0].shape[1], dtype=dtype, device="cuda")
                 F.linear(x, weights[0])  # tunes this shape
                 tuned = time_us(x, weights)
-                default = measured[name, rows]
+                default, lt = measured[name, rows], lt_measured[name, rows]
                 print(
                     f"{name:8s} {rows:4d} rows × {tuple(weights[0].shape)}: default {default:7.1f} µs"
-                    f" ({nbytes / default / 1e6:5.2f} TB/s), TunableOp {tuned:7.1f} µs"
-                    f" ({nbytes / tuned / 1e6:5.2f} TB/s): {default / tuned:4.2f}× default"
+                    f" ({nbytes / default / 1e6:5.2f} TB/s), cuBLASLt {lt:7.1f} µs ({default / lt:4.2f}×),"
+                    f" TunableOp {tuned:7.1f} µs ({nbytes / tuned / 1e6:5.2f} TB/s): {default / tuned:4.2f}× default"
                 )
         torch.cuda.tunable.tuning_enable(False)
         print("chosen (op, shape, solution, ms):", *torch.cuda.tunable.get_results(), sep="\n  ")

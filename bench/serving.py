@@ -54,7 +54,8 @@ DECODING_STEP_TOKENS = LauncherConfig.max_step_tokens_while_decoding
 
 @dataclass(frozen=True)
 class Variant:
-    """An engine configuration the bench serves (each field a launcher option of that name)."""
+    """An engine configuration the bench serves (each field a launcher option of that name, but
+    ``cublaslt``)."""
 
     deployment_framework: str = "tgis_native"
     cuda_graphs: bool = True
@@ -65,12 +66,15 @@ class Variant:
     hf_paged_cache: bool = True  # hf_transformers on the paged cache where the model allows
     # The router's budget of a step in which requests decode (None: its default); the engine alone ignores it.
     max_step_tokens_while_decoding: int | None = None
+    # PyTorch's own choice of BLAS library (TORCH_BLAS_PREFER_CUBLASLT in the shards' environment):
+    # cuBLASLt's heuristics instead of cuBLAS's for every product.
+    cublaslt: bool = False
 
     def launcher_options(self) -> list[str]:
         return [
             arg
             for name, value in asdict(self).items()
-            if value is not None
+            if value is not None and name != "cublaslt"
             for arg in (f"--{name.replace('_', '-')}", value if isinstance(value, str) else str(value).lower())
         ]
 
@@ -83,6 +87,8 @@ VARIANTS = {
     "pt2-compile": Variant(pt2_compile=True),
     # Steps of decodes through the attention backend's kernel (FlashInfer's) instead of tgis's Triton one.
     "no-decode-kernel": Variant(decode_kernel=False),
+    # Every product through cuBLASLt's choice of kernel (bench/gemm_shapes.py: faster for down-proj at 32-128 rows).
+    "cublaslt": Variant(cublaslt=True),
     # Prompt chunks beside the decodes smaller (256, 384) or as large as a step's (2048, as before the
     # router's default of 512): how long mixed steps are against ITL p99 and throughput.
     "decoding-step-tokens-256": Variant(max_step_tokens_while_decoding=256),
@@ -212,6 +218,7 @@ def in_process_decode_steps(
     steps = max(1, min(IN_PROCESS_DECODE_STEPS, new - 2))
     registry = shard_registry(None)
     fused.enable(variant.fused_kernels)  # what the shard's command line sets for its process
+    torch.backends.cuda.preferred_blas_library("cublaslt" if variant.cublaslt else "cublas")  # its environment
     joining = max(1, DECODING_STEP_TOKENS // prompt)  # the most prompts a mixed step takes
     ctx = ShardContext(
         model_dir=model_dir,
@@ -403,7 +410,7 @@ def serve(model_dir: Path, args: argparse.Namespace, dtype_name: str, variant: V
         *("--max-new-tokens", str(args.new_tokens), "--max-concurrent-requests", str(4 * max(args.concurrency))),
         *variant.launcher_options(),
     ]
-    env = {"SHARD_TORCH_THREADS": str(args.shard_threads)}
+    env = {"SHARD_TORCH_THREADS": str(args.shard_threads), "TORCH_BLAS_PREFER_CUBLASLT": str(int(variant.cublaslt))}
     # An 8B model's PT2_COMPILE warm-up on hf_transformers compiles the whole model four times;
     # other starts keep the usual wait, so a hung one leaves the device call time for the rest.
     ready_timeout_s = 900.0 if variant.pt2_compile else READY_TIMEOUT_S
@@ -512,6 +519,7 @@ def _describe(variant: Variant, device: torch.device) -> str:
         + ", "
         f"fused kernels {'on' if variant.fused_kernels and on_gpu else 'off'}, "
         + ("" if variant.decode_kernel or not on_gpu else "decode kernel off, ")
+        + ("cuBLASLt, " if variant.cublaslt and on_gpu else "")
         + f"PT2_COMPILE {'on' if variant.pt2_compile else 'off'}"
         + (
             f", MAX_STEP_TOKENS_WHILE_DECODING {variant.max_step_tokens_while_decoding}"
