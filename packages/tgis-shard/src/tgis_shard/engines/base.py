@@ -200,20 +200,32 @@ class Engine(ABC):
         return [() for _ in lengths]
 
     def run_synthetic(
-        self, prompt_lengths: Sequence[int], decode_steps: int, before_decode: Callable[[], None] | None = None
+        self,
+        prompt_lengths: Sequence[int],
+        decode_steps: int,
+        before_decode: Callable[[], None] | None = None,
+        joining: Sequence[int] = (),
     ) -> None:
         """Runs a batch of placeholder prompts of these lengths, decodes it ``decode_steps`` times
-        and drops it: the engine's own start-up work (measuring, compiling) on an empty batch."""
-        ids = [SYNTHETIC_REQUEST_ID + i for i in range(len(prompt_lengths))]
-        blocks = self.synthetic_blocks([n + decode_steps for n in prompt_lengths])
+        and drops it: the engine's own start-up work (measuring, compiling) on an empty batch.
+        ``joining``: prompts of these lengths join in the first decode step, after the batch's
+        decodes, as requests arriving while others decode do (then they decode along)."""
+        if joining and decode_steps < 1:
+            raise ValueError("prompts join in a decode step: decode_steps must be at least 1")
+        lengths = [*prompt_lengths, *joining]
+        ids = [SYNTHETIC_REQUEST_ID + i for i in range(len(lengths))]
+        first, later = ids[: len(prompt_lengths)], ids[len(prompt_lengths) :]
+        blocks = self.synthetic_blocks([n + decode_steps for n in lengths])
+        prompts = [ScheduledWork(rid, n, b) for rid, n, b in zip(ids, lengths, blocks, strict=True)]
         try:
-            for rid, n in zip(ids, prompt_lengths, strict=True):
+            for rid, n in zip(ids, lengths, strict=True):
                 self.join(pb.Request(id=rid, input_ids=[0] * n, max_new_tokens=decode_steps + 1))
-            self.step([ScheduledWork(rid, n, b) for rid, n, b in zip(ids, prompt_lengths, blocks, strict=True)])
+            self.step(prompts[: len(first)])
             if before_decode is not None:
                 before_decode()
-            for _ in range(decode_steps):
-                self.step([ScheduledWork(rid, 1) for rid in ids])
+            for i in range(decode_steps):
+                joined = prompts[len(first) :] if i == 0 else [ScheduledWork(rid, 1) for rid in later]
+                self.step([*(ScheduledWork(rid, 1) for rid in first), *joined])
         finally:
             self.leave(ids)
 
