@@ -2,15 +2,8 @@
 # One device call (the device tool's `run`, from the repository root) for what the CPU cannot
 # show: the CUDA tests of the step pipeline and the serving table on the 8B shape.
 #
-# Here, first: build the wheels the device image lacks into .whl/ (git-ignored through
-# .git/info/exclude, carried with `carry: [".whl"]`):
-#   pip wheel --no-deps -w .whl packages/tgis-proto packages/tgis-shard packages/tgis-router packages/tgis-models-*
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_17_x86_64 -d .whl protobuf==7.36.2 grpcio==1.85.3 grpcio-health-checking grpcio-reflection
-# and FlashInfer with what it needs beyond the device image (../shared/notes/gpu-kernels.md):
-#   pip download ... --platform manylinux_2_28_x86_64 -d .whl flashinfer-python==0.6.12 apache-tvm-ffi==0.1.15.post2 \
-#     cuda-tile==1.7.0 einops==0.8.2 nvidia-cudnn-frontend==1.32.0 nvidia-cutlass-dsl==4.8.1 \
-#     nvidia-cutlass-dsl-libs-base==4.8.1 nvidia-ml-py==13.615.71 tabulate==0.10.0
+# Here, first: `bash bench/gpu_wheels.sh` builds the wheels the device image lacks into .whl/
+# (git-ignored, carried with `carry: [".whl"]`).
 # FlashInfer JIT-compiles its kernels into .fi-cache/ (FLASHINFER_WORKSPACE_BASE); the compiled
 # ones come back as $OUT/fi-cache.txz: copied to .fi-cache.txz here and carried
 # (`carry: [".whl", ".fi-cache.txz", ".torch-cache.txz"]`), the next call skips the compilation
