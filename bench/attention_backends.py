@@ -10,8 +10,8 @@ serving cache's free list would after a while.
 
 A mixed step (``--mixed``: decodes over ``--mixed-context`` tokens each, then prompts joining
 them, as the engine lays out a step in which requests join running ones) is timed too; for
-FlashInfer both ways: the decodes through its decode kernel apart from the prompts (what the
-engine does) and everything through its prefill kernel.
+FlashInfer three ways: the decodes apart from the prompts through tgis's decode kernel (what the
+engine does, DECODE_KERNEL) or FlashInfer's, and everything through its prefill kernel.
 
 FlashInfer (where installed) plans each step on the host once, before its layers run; the plan is
 made outside the timed call, as the engine makes it once per step for every layer, and its host
@@ -223,18 +223,23 @@ def graph_decodes(args: argparse.Namespace, contexts: list[int]) -> None:
 
 
 def mixed_step(args: argparse.Namespace, backends: list[str]) -> None:
-    """A step of decodes with prompts joining them, each backend (FlashInfer both ways)."""
+    """A step of decodes with prompts joining them, each backend (FlashInfer three ways: the decodes
+    apart through its decode kernel or tgis's (DECODE_KERNEL, the default), or in one prefill call)."""
     decodes, prompts = args.mixed
     query_lens = [1] * decodes + [args.mixed_prompt] * prompts
     contexts = [args.mixed_context] * decodes + [args.mixed_prompt] * prompts
     title = f"mixed {decodes} decodes × {args.mixed_context} + {prompts} prompts × {args.mixed_prompt}"
-    ways = [(backend, True) for backend in backends]
+    ways = [(backend, True, False, "") for backend in backends]
     if "flashinfer" in backends:
-        ways.append(("flashinfer", False))
-    for backend, apart in ways:
-        took, plan = run_step(backend, args, query_lens, contexts, decodes_apart=apart)
-        how = "" if backend != "flashinfer" else (" (decodes apart)" if apart else " (one prefill call)")
-        print(f"{title} {backend + how:32s} {took * 1e3:8.1f} µs | host preparation {plan * 1e3:7.1f} µs")
+        ways = [way for way in ways if way[0] != "flashinfer"]
+        ways += [
+            ("flashinfer", True, False, " (decodes apart)"),
+            ("flashinfer", True, True, " (decodes on tgis's kernel)"),
+            ("flashinfer", False, False, " (one prefill call)"),
+        ]
+    for backend, apart, kernel, how in ways:
+        took, plan = run_step(backend, args, query_lens, contexts, decodes_apart=apart, decode_kernel=kernel)
+        print(f"{title} {backend + how:40s} {took * 1e3:8.1f} µs | host preparation {plan * 1e3:7.1f} µs")
 
 
 if __name__ == "__main__":

@@ -96,16 +96,26 @@ class Engine:
         seed: int = 0,
         head_dim: int = HEAD_DIM,
         scale: float | None = None,
+        decode_kernel: bool = False,
     ) -> None:
         self.heads, self.kv_heads, self.block_size, self.head_dim = heads, kv_heads, block_size, head_dim
-        self.dtype, self.device, self.backend = dtype, device, backend
+        self.dtype, self.device = dtype, device
         self.sliding_window = sliding_window
         self.generator = torch.Generator().manual_seed(seed)
         # A free list in random order, so block tables are scattered, not 0, 1, 2...
         self.free_blocks = list(range(num_blocks))
         random.Random(seed).shuffle(self.free_blocks)
         self.cache = PagedKVCache(
-            NUM_LAYERS, num_blocks, block_size, kv_heads, head_dim, dtype, device, backend or "torch", num_heads=heads
+            NUM_LAYERS,
+            num_blocks,
+            block_size,
+            kv_heads,
+            head_dim,
+            dtype,
+            device,
+            backend or "torch",
+            num_heads=heads,
+            decode_kernel=decode_kernel,
         )
         self.alibi_slopes = torch.tensor([2 ** (-(i + 1) / 2) for i in range(heads)]) if alibi else None
         self.scale = head_dim**-0.5 if scale is None else scale
@@ -148,7 +158,6 @@ class Engine:
                 self.scale,
                 alibi_slopes=slopes,
                 sliding_window=self.sliding_window,
-                backend=self.backend,
             ).cpu()
             assert out.shape == query.shape
             start = 0
@@ -404,9 +413,13 @@ def test_a_decode_graphs_workspace_holds_what_flashinfer_asked_for_at_4096_rows(
 @pytest.mark.skipif(not torch.cuda.is_available() or not flashinfer_available(), reason="needs CUDA and flashinfer")
 @pytest.mark.parametrize(("heads", "kv_heads"), [(8, 2), (4, 4), (8, 1)], ids=["gqa", "mha", "mqa"])
 @pytest.mark.parametrize("scale", [None, 0.05], ids=["default-scale", "own-scale"])
-def test_flashinfer_backend_on_cuda_matches_reference(heads: int, kv_heads: int, scale: float | None) -> None:
+@pytest.mark.parametrize("decode_kernel", [False, True], ids=["flashinfer-decodes", "decode-kernel"])
+def test_flashinfer_backend_on_cuda_matches_reference(
+    heads: int, kv_heads: int, scale: float | None, decode_kernel: bool
+) -> None:
     # bfloat16 at head size 128 only: each dtype and head size is a kernel FlashInfer compiles
-    # (a minute or more each); the served models' shape is this one.
+    # (a minute or more each); the served models' shape is this one. With the decode kernel, the
+    # decodes leading a step with prompts go to it too, the prompts to FlashInfer.
     engine = Engine(
         heads=heads,
         kv_heads=kv_heads,
@@ -417,10 +430,12 @@ def test_flashinfer_backend_on_cuda_matches_reference(heads: int, kv_heads: int,
         device="cuda",
         backend="flashinfer",
         scale=scale,
+        decode_kernel=decode_kernel,
     )
     # Prefills over many pages, a prefill joining decodes (the prefill kernel), then decodes alone.
     engine.step({"a": 300, "b": 1, "c": 700}, atol=2e-2)
     engine.step({"a": 1, "b": 1, "c": 1, "d": 40}, atol=2e-2)
+    assert engine.cache.planner.kernel_rows == (3 if decode_kernel else 0)
     engine.finish("b")
     for _ in range(3):
         engine.step({"a": 1, "c": 1, "d": 1}, atol=2e-2)

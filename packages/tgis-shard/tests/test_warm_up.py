@@ -1,7 +1,7 @@
 """The paged engines' warm-up runs every kind of step the router schedules before the shard
 serves, so that no request waits for a compilation: among them steps in which prompts join
-requests that are decoding (the decodes first, then the prompts), which attend the decodes apart
-through kernels no other kind of step runs (FlashInfer's eager decode beside DECODE_KERNEL's)."""
+requests that are decoding (the decodes first, then the prompts), whose decodes the attention
+runs apart from the prompt chunks."""
 
 from __future__ import annotations
 

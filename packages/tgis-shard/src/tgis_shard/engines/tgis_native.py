@@ -75,8 +75,9 @@ WARM_UP_PROMPT_LENGTHS = (
     [2 * QUERY_TILE + 3, 5, 1, 1],
 )
 # Steps of decodes with prompts joining them (the batch's prompts, then those joining beside its
-# first decodes): a mixed step attends its leading decodes apart from the prompt chunks, through
-# kernels (FlashInfer's eager decode) that no other kind of step may run, as with DECODE_KERNEL on.
+# first decodes), a kind of step of its own: FlashInfer's backend attends its leading decodes apart
+# from the prompt chunks, so what those run first (the decode kernel over a slice of the step's
+# block tables, or FlashInfer's eager decode with DECODE_KERNEL off) is built before serving too.
 WARM_UP_JOINING = (
     ([2], [QUERY_TILE + 2]),
     ([2, 3], [5, 1]),

@@ -112,11 +112,14 @@ def split_pages(
 @dataclass(frozen=True)
 class _Plan:
     """The wrappers planned for the current step: ``wrapper`` runs its queries, or with
-    ``decodes`` set, the queries after the first ``decode_rows`` (which ``decodes`` runs)."""
+    ``decodes`` set, the queries after the first ``decode_rows`` (which ``decodes`` runs).
+    ``kernel_rows``: the step's leading decodes, left to ``paged_decode``'s kernel; ``wrapper``
+    then runs the rows after them, and only those are passed to ``attend``."""
 
     wrapper: Any
     decodes: Any = None
     decode_rows: int = 0
+    kernel_rows: int = 0
 
 
 class FlashInferPlanner:
@@ -131,7 +134,10 @@ class FlashInferPlanner:
         num_blocks: int,
         dtype: torch.dtype,
         device: torch.device,
+        decodes_on_kernel: bool = False,
     ):
+        """``decodes_on_kernel``: the cache's decodes attend through ``paged_decode``'s kernel
+        (DECODE_KERNEL), so a step's leading decodes beside prompt chunks are left to it too."""
         import flashinfer
 
         self._flashinfer = flashinfer
@@ -151,6 +157,7 @@ class FlashInferPlanner:
         # (graphs are captured largest first); a graph captured with an older one keeps it alive.
         self._graph_workspace = self._workspace
         self._active: _Plan | None = None
+        self.decodes_on_kernel = decodes_on_kernel
 
     def plan(self, meta: AttentionMetadata, graph_rows: int | None = None, decodes_apart: bool = True) -> None:
         """Plans the step ``meta`` describes; ``graph_rows``: for the decode graph of that many
@@ -168,11 +175,20 @@ class FlashInferPlanner:
             raise ValueError("only decode steps replay from CUDA graphs")
         decodes = leading_decodes(meta.host.cu_seqlens_q) if decodes_apart else 0
         decode_pages, prompt_pages = split_pages(pages, decodes)
-        if decodes:
-            self._plan_decode(self._decode, decode_pages)
         cu_seqlens_q = meta.host.cu_seqlens_q[decodes:] - meta.host.cu_seqlens_q[decodes]
         self._plan_prefill(cu_seqlens_q, meta.host.context_lens[decodes:], prompt_pages)
+        if self.decodes_on_kernel:
+            self._active = _Plan(self._prefill, kernel_rows=decodes)
+            return
+        if decodes:
+            self._plan_decode(self._decode, decode_pages)
         self._active = _Plan(self._prefill, self._decode if decodes else None, decodes)
+
+    @property
+    def kernel_rows(self) -> int:
+        """The current step's leading decodes that ``paged_decode``'s kernel attends; ``attend``
+        takes the rows after them."""
+        return 0 if self._active is None else self._active.kernel_rows
 
     def _staged(self, pages: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[torch.Tensor | int, ...]:
         """A plan's page lists and the geometry after them: host arrays in pinned memory, the
@@ -198,8 +214,16 @@ class FlashInferPlanner:
             seq_lens=torch.from_numpy(context_lens.astype(np.int32)).pin_memory(),
         )
 
-    def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
-        """This layer's attention under the current plan."""
+    def attend(
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        scale: float,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """This layer's attention under the current plan (of the rows after ``kernel_rows``),
+        into ``out`` when given."""
         plan = self._active
         if plan is None:
             raise RuntimeError("the flashinfer backend attends only after plan_attention planned the step")
@@ -207,8 +231,9 @@ class FlashInferPlanner:
         default = 1.0 / math.sqrt(self.head_dim)
         q_scale = None if math.isclose(scale, default) else scale / default
         if plan.decodes is None:
-            return plan.wrapper.run(query, (keys, values), q_scale=q_scale)
-        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)  # contiguous, as FlashInfer's own
+            return plan.wrapper.run(query, (keys, values), q_scale=q_scale, out=out)
+        if out is None:
+            out = torch.empty(query.shape, dtype=query.dtype, device=query.device)  # contiguous, as FlashInfer's own
         rows = plan.decode_rows
         plan.decodes.run(query[:rows], (keys, values), q_scale=q_scale, out=out[:rows])
         plan.wrapper.run(query[rows:], (keys, values), q_scale=q_scale, out=out[rows:])

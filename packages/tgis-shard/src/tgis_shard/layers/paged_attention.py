@@ -84,7 +84,8 @@ class PagedKVCache:
     ) -> None:
         """``num_heads``: query heads per layer (on this rank), which the flashinfer backend plans
         with. ``decode_kernel``: steps of decodes only run ``paged_decode``'s kernel instead of the
-        backend's, where it serves this cache (half precision on a GPU)."""
+        backend's, where it serves this cache (half precision on a GPU); on FlashInfer, which
+        attends a step's leading decodes apart from its prompt chunks, those decodes too."""
         if backend not in BLOCK_SIZES:
             raise ValueError(f"unknown attention backend {backend!r}; one of {sorted(BLOCK_SIZES)}")
         if backend == "flash" and block_size % BLOCK_SIZES["flash"] != 0:
@@ -108,7 +109,7 @@ class PagedKVCache:
             from tgis_shard.layers.flashinfer_paged import FlashInferPlanner
 
             self.planner = FlashInferPlanner(
-                num_heads, num_kv_heads, head_dim, block_size, num_blocks, dtype, self.device
+                num_heads, num_kv_heads, head_dim, block_size, num_blocks, dtype, self.device, self.decode_kernel
             )
 
     def decodes_on_kernel(self, meta: AttentionMetadata) -> bool:
@@ -365,7 +366,16 @@ def paged_attention(
             raise ValueError("the flashinfer backend runs on a cache created for it")
         if alibi_slopes is not None or sliding_window is not None:
             raise ValueError("the flashinfer backend serves neither ALiBi nor sliding windows")
-        return cache.planner.attend(query, cache.keys[layer], cache.values[layer], scale)
+        keys, values = cache.keys[layer], cache.values[layer]
+        rows = cache.planner.kernel_rows
+        if not rows:
+            return cache.planner.attend(query, keys, values, scale)
+        out = torch.empty_like(query)
+        decodes = slice(0, rows)
+        tables, lens = meta.block_tables[decodes], meta.context_lens[decodes]
+        paged_decode.attend(query[decodes], keys, values, tables, lens, scale, out=out[decodes])
+        cache.planner.attend(query[rows:], keys, values, scale, out=out[rows:])
+        return out
     attend = _backends().get(name)
     if attend is None:
         raise ValueError(f"unknown attention backend {name!r}")

@@ -168,18 +168,23 @@ def attend(
     context_lens: torch.Tensor,
     scale: float,
     splits: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per sequence, ``query`` ``[B, heads, head_dim]``, over each
     sequence's ``context_lens[b]`` cached tokens (its own included) in the blocks
     ``block_tables[b]`` of ``key_cache`` / ``value_cache`` ``[blocks, block_size, kv_heads,
-    head_dim]``. ``splits``: parts per sequence (default: ``splits_for`` this device)."""
+    head_dim]``. ``splits``: parts per sequence (default: ``splits_for`` this device). ``out``:
+    where the result goes (rows of a larger step's output, say); a new tensor by default."""
     rows, heads, head_dim = query.shape
     _, block_size, kv_heads, _ = key_cache.shape
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} kv heads")
     if key_cache.stride() != value_cache.stride() or key_cache.stride(-1) != 1 or query.stride(-1) != 1:
         raise ValueError("keys and values need one layout, contiguous in the head dimension")
-    out = torch.empty_like(query)
+    if out is None:
+        out = torch.empty_like(query)
+    elif out.shape != query.shape or out.stride(-1) != 1:
+        raise ValueError("the output takes the query's shape, contiguous in the head dimension")
     if rows == 0:
         return out
     if splits is None:
