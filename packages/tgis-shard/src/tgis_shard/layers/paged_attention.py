@@ -370,7 +370,7 @@ def paged_attention(
         rows = cache.planner.kernel_rows
         if not rows:
             return cache.planner.attend(query, keys, values, scale)
-        out = torch.empty_like(query)
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)  # contiguous, as FlashInfer writes
         decodes = slice(0, rows)
         tables, lens = meta.block_tables[decodes], meta.context_lens[decodes]
         paged_decode.attend(query[decodes], keys, values, tables, lens, scale, out=out[decodes])
