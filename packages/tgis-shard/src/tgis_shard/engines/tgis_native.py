@@ -82,6 +82,8 @@ WARM_UP_JOINING = (
     ([2], [QUERY_TILE + 2]),
     ([2, 3], [5, 1]),
 )
+# Every warm-up batch: its prompts, and those joining it in its first decode step.
+WARM_UP_BATCHES = [(lengths, []) for lengths in WARM_UP_PROMPT_LENGTHS] + list(WARM_UP_JOINING)
 WARM_UP_DECODE_STEPS = 2
 # Share of the memory left after loading the weights that the KV cache may take on a GPU.
 GPU_CACHE_FRACTION = 0.85
@@ -177,11 +179,7 @@ class NativeEngine(Engine):
         self.eos_token_ids = eos_token_ids
         self._takes_prefixes = supports_prompt_prefixes(model)
         self.prefixes = ctx.prefix_store(model.hidden_size if self._takes_prefixes else 0)
-        capacity = max(
-            ctx.max_batch_size,
-            *(len(lengths) for lengths in WARM_UP_PROMPT_LENGTHS),
-            *(len(lengths) + len(joining) for lengths, joining in WARM_UP_JOINING),
-        )
+        capacity = max(ctx.max_batch_size, *(len(lengths) + len(joining) for lengths, joining in WARM_UP_BATCHES))
         self.sampler = Sampler(capacity, config.vocab_size, eos_token_ids, ctx.device)
         # Per sampler slot, the last token chosen: the input of the request's next decode, kept on
         # the device so that a step never waits for the previous one's tokens to reach the host.
@@ -528,19 +526,21 @@ class NativeEngine(Engine):
         if self.ctx.device.type == "cuda" or self.ctx.pt2_compile:
             started = time.monotonic()
             longest = self.ctx.max_sequence_length - WARM_UP_DECODE_STEPS - 1
-            batches = [(lengths, []) for lengths in WARM_UP_PROMPT_LENGTHS] + list(WARM_UP_JOINING)
             kinds = progress(
-                len(batches),
+                len(WARM_UP_BATCHES),
                 f"rank {self.tp.rank}: warm-up, kinds of step compiled",
                 "steps",
                 disable=self.tp.rank != 0,
-                iterable=batches,
+                iterable=WARM_UP_BATCHES,
             )
             for lengths, joining in kinds:
                 fit = [min(n, longest) for n in lengths]
                 self.run_synthetic(fit, WARM_UP_DECODE_STEPS, joining=[min(n, longest) for n in joining])
             log.info(
-                "rank %d: %d kinds of step compiled in %.1f s", self.tp.rank, len(batches), time.monotonic() - started
+                "rank %d: %d kinds of step compiled in %.1f s",
+                self.tp.rank,
+                len(WARM_UP_BATCHES),
+                time.monotonic() - started,
             )
         # Tensor parallel steps stay eager: their all-reduces are not captured yet.
         if self.ctx.cuda_graphs and self.ctx.device.type == "cuda" and self.tp.world_size == 1:
