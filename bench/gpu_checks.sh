@@ -46,7 +46,7 @@ if [[ $stage == tests || $stage == all ]]; then
     packages/tgis-shard/tests/test_memory_gpu.py packages/tgis-shard/tests/test_cuda_graphs.py packages/tgis-shard/tests/test_prompt_graphs.py
     packages/tgis-shard/tests/test_pt2_compile.py packages/tgis-shard/tests/test_fused.py
     packages/tgis-shard/tests/test_launch_ahead.py packages/tgis-shard/tests/test_hf_paged.py
-    packages/tgis-shard/tests/test_kv_write.py packages/tgis-shard/tests/test_logits.py"
+    packages/tgis-shard/tests/test_kv_write.py packages/tgis-shard/tests/test_logits.py packages/tgis-shard/tests/test_gated_act.py"
   select=()
   [[ -n ${GPU_TESTS_K:-} ]] && select=(-k "$GPU_TESTS_K")
   # shellcheck disable=SC2086  # the list splits into files on purpose

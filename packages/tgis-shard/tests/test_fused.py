@@ -34,7 +34,7 @@ def _chains(tokens: int, device: str) -> dict[str, tuple]:
         "rms_norm": (fused.rms_norm, (rand(tokens, HIDDEN), rand(HIDDEN), 1e-5)),
         "add_rms_norm": (fused.add_rms_norm, (rand(tokens, HIDDEN), rand(tokens, HIDDEN), rand(HIDDEN), 1e-6)),
         "rotate": (fused.rotate, (q, k, angles.cos().bfloat16(), angles.sin().bfloat16())),
-        "silu_and_mul": (fused._gated("silu"), (rand(tokens, 2 * HIDDEN),)),
+        "silu_and_mul": (fused.gated("silu"), (rand(tokens, 2 * HIDDEN),)),
     }
 
 

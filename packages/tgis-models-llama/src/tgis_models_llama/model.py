@@ -9,7 +9,7 @@ from torch import nn
 from transformers import LlamaConfig
 
 from tgis_shard.families import SupportsPromptPrefixes
-from tgis_shard.layers import fused
+from tgis_shard.layers import gated_act
 from tgis_shard.layers.attention_heads import AttentionHeads
 from tgis_shard.layers.distributed import TensorParallel
 from tgis_shard.layers.embedding import EmbeddingOverrides, ParallelLMHead, VocabParallelEmbedding, embed
@@ -61,7 +61,7 @@ class LlamaMLP(nn.Module):
         self.activation = config.hidden_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(fused.act_and_mul(self.activation, self.gate_up(x)))
+        return self.down(gated_act.act_and_mul(self.activation, self.gate_up(x)))
 
 
 class LlamaDecoderLayer(nn.Module):

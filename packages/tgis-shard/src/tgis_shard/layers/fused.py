@@ -101,7 +101,10 @@ def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
 
 @functools.cache
-def _gated(activation: str) -> _FusedOnCuda[[torch.Tensor], torch.Tensor]:
+def gated(activation: str) -> _FusedOnCuda[[torch.Tensor], torch.Tensor]:
+    """A gated MLP's middle, ``act(gate) * up`` from ``[tokens, 2 × width]`` laid out [gate | up],
+    for a transformers activation name (``silu``, ``gelu_new``, ...); ``gated_act.act_and_mul``
+    picks between it and a hand-written kernel."""
     act = ACT2FN[activation]
 
     def act_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -109,9 +112,3 @@ def _gated(activation: str) -> _FusedOnCuda[[torch.Tensor], torch.Tensor]:
         return act(gate) * up
 
     return _FusedOnCuda(act_and_mul)
-
-
-def act_and_mul(activation: str, gate_up: torch.Tensor) -> torch.Tensor:
-    """A gated MLP's middle: ``act(gate) * up`` from ``[tokens, 2 × width]`` laid out [gate | up];
-    ``activation`` is a transformers activation name (``silu``, ``gelu_new``, ...)."""
-    return _gated(activation)(gate_up)

@@ -1,0 +1,86 @@
+"""A layer's elementwise kernels on one GPU, at the row counts of decode, mixed and prompt steps:
+SiLU × up through Inductor's compiled chain (``fused.gated``) and through tgis's Triton kernel
+(``gated_act``), beside the residual add + RMSNorm and the cache write with rotary, which the
+same steps run.
+
+Each call is replayed from a CUDA graph (the device's time, as a step's graph or a step launched
+ahead of the device runs it). The rate is the bytes each kernel must read and write over its time:
+compare it with the device's copy bandwidth.
+
+    python3 bench/elementwise.py [--rows 1 8 32 128 512 2048 4096]   # the 8B shape; --hidden, ... for others
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from bench.attention_backends import replayed_ms
+from tgis_shard.layers import fused, gated_act
+from tgis_shard.layers.paged_attention import PagedKVCache
+
+BLOCK_SIZE = 16
+
+
+def silu_ways(rows: int, args: argparse.Namespace) -> str:
+    gate_up = torch.randn(rows, 2 * args.intermediate, device="cuda", dtype=torch.bfloat16)
+    moved = gate_up.numel() * 2 * 1.5  # read gate and up, write half as many
+    chain = fused.gated("silu")
+    inductor = replayed_ms(lambda: chain(gate_up)) * 1e3
+    kernel = replayed_ms(lambda: gated_act.silu_and_mul(gate_up)) * 1e3
+    return (
+        f"silu × up  {rows:5d} rows: Inductor {inductor:7.1f} µs ({moved / inductor / 1e6:5.2f} TB/s), "
+        f"Triton {kernel:7.1f} µs ({moved / kernel / 1e6:5.2f} TB/s): {inductor / kernel:4.2f}×"
+    )
+
+
+def add_rms_norm(rows: int, args: argparse.Namespace) -> str:
+    x, residual = (torch.randn(rows, args.hidden, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    weight = torch.randn(args.hidden, device="cuda", dtype=torch.bfloat16)
+    took = replayed_ms(lambda: fused.add_rms_norm(x, residual, weight, 1e-5)) * 1e3
+    moved = x.numel() * 2 * 4  # read x and the residual, write the sum and the norm
+    return f"add + norm {rows:5d} rows: {took:7.1f} µs ({moved / took / 1e6:5.2f} TB/s)"
+
+
+def cache_write(rows: int, args: argparse.Namespace) -> str:
+    """The rotary cache write (``rotate_and_store``) of one layer's step of ``rows`` tokens."""
+    head_dim = args.hidden // args.heads
+    cache = PagedKVCache(1, -(-rows // BLOCK_SIZE) + 1, BLOCK_SIZE, args.kv_heads, head_dim, torch.bfloat16, "cuda")
+    qkv = torch.randn(rows, (args.heads + 2 * args.kv_heads) * head_dim, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv.split([args.heads * head_dim, args.kv_heads * head_dim, args.kv_heads * head_dim], dim=-1)
+    q, k, v = q.view(rows, args.heads, head_dim), k.view(rows, -1, head_dim), v.view(rows, -1, head_dim)
+    angles = torch.rand(rows, head_dim, device="cuda") * 100
+    rotary = (angles.cos().bfloat16(), angles.sin().bfloat16())
+    slots = torch.randperm(rows, device="cuda")
+    took = replayed_ms(lambda: cache.rotate_and_store(0, q, k, v, rotary, slots)) * 1e3
+    moved = qkv.numel() * 2 * 2 + 2 * rotary[0].numel() * 2  # read q, k, v, cos, sin; write as much
+    return f"cache write{rows:5d} rows: {took:7.1f} µs ({moved / took / 1e6:5.2f} TB/s)"
+
+
+def compile_for_any_rows(args: argparse.Namespace) -> None:
+    """Compiles the chains as a serving shard runs them: its warm-up's second size of step makes
+    torch.compile recompile with the row count dynamic, and that kernel serves every later size."""
+    for rows in (2, 3):
+        fused.gated("silu")(torch.randn(rows, 2 * args.intermediate, device="cuda", dtype=torch.bfloat16))
+        x = torch.randn(rows, args.hidden, device="cuda", dtype=torch.bfloat16)
+        fused.add_rms_norm(x, x, x[0], 1e-5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 128, 512, 2048, 4096])
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--intermediate", type=int, default=14336)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    args = parser.parse_args()
+    print(torch.cuda.get_device_name(), "| bfloat16 | hidden", args.hidden, "| intermediate", args.intermediate)
+    compile_for_any_rows(args)
+    for bench in (silu_ways, add_rms_norm, cache_write):
+        for rows in args.rows:
+            print(bench(rows, args), flush=True)
+
+
+if __name__ == "__main__":
+    main()
