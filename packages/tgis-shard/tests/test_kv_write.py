@@ -55,6 +55,14 @@ def test_the_gpu_kernel_writes_the_bits_of_the_plain_ops(tokens, head_dim, dtype
     assert torch.equal(got.keys[0], expected.keys[0])
     assert torch.equal(got.values[0], expected.values[0])
 
+    # Into a buffer (a step captured in pieces hands the queries over in one): the same bits.
+    buffer = torch.zeros(tokens + 3, *q.shape[1:], dtype=dtype, device="cuda")
+    into = _cache(head_dim, dtype, "cuda")
+    assert into.rotate_and_store(0, q, k, v, rotary, slots, buffer[:tokens]).data_ptr() == buffer.data_ptr()
+    assert torch.equal(buffer[:tokens], want)
+    assert buffer[tokens:].count_nonzero() == 0
+    assert torch.equal(into.keys[0], expected.keys[0])
+
     unrotated, plain = _cache(head_dim, dtype, "cuda"), _cache(head_dim, dtype, "cuda")
     _plain(q, k, v, None, slots, plain)
     unrotated.store(0, k, v, slots)
@@ -83,3 +91,13 @@ def test_on_a_cpu_the_write_rotates_and_stores_with_the_plain_ops():
     assert not torch.equal(have, q)
     assert torch.equal(got.keys[0], expected.keys[0])
     assert torch.equal(got.values[0], expected.values[0])
+    buffer = torch.zeros_like(q)
+    assert got.rotate_and_store(0, q, k, v, rotary, slots, buffer) is buffer
+    assert torch.equal(buffer, want)
+
+
+@needs_cuda
+def test_the_rotated_queries_buffer_must_fit_the_queries():
+    q, k, v, rotary, slots = _step(3, 64, torch.bfloat16, "cuda")
+    with pytest.raises(ValueError, match="contiguous, of the queries' shape"):
+        _cache(64, torch.bfloat16, "cuda").rotate_and_store(0, q, k, v, rotary, slots, torch.empty_like(q)[:2])

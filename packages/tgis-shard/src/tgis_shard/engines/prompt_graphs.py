@@ -34,7 +34,7 @@ import torch
 
 from tgis_shard.engines.cuda_graphs import WARM_RUNS, smallest_bucket
 from tgis_shard.layers import attention_heads
-from tgis_shard.layers.attention_heads import AttentionHeads
+from tgis_shard.layers.attention_heads import AttentionHeads, Rotary
 from tgis_shard.layers.embedding import EmbeddingOverrides
 from tgis_shard.layers.paged_attention import AttentionMetadata, PagedKVCache
 from tgis_shard.progress import progress
@@ -137,12 +137,24 @@ class PromptGraphs:
             raise ValueError("these prompt graphs were captured for a model without prompt prefixes")
 
     def _hand_over(
-        self, heads: AttentionHeads, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bucket: int
+        self,
+        heads: AttentionHeads,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        rotary: Rotary | None,
+        bucket: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The end of a piece: keys and values into the cache, the queries into their buffer."""
-        self._cache.store(heads.layer, keys, values, self._slots[:bucket])
+        """The end of a piece: keys and values into the cache, the queries into their buffer (a
+        rotary cache write rotates both on the way: one kernel)."""
         buffer = self._buffer("queries", queries)
-        buffer[:bucket].copy_(queries)
+        if rotary is None:
+            self._cache.store(heads.layer, keys, values, self._slots[:bucket])
+            buffer[:bucket].copy_(queries)
+        else:
+            self._cache.rotate_and_store(
+                heads.layer, queries, keys, values, rotary, self._slots[:bucket], buffer[:bucket]
+            )
         return buffer, self._buffer("output", queries)
 
     def _attend_between(self, call: _Attention, meta: AttentionMetadata, tokens: int) -> None:
@@ -176,8 +188,8 @@ class PromptGraphs:
         tokens = input_ids.shape[0]
         self._fill(input_ids, meta, bucket, overrides)
 
-        def attend(heads, q, k, v, cache, step_meta, alibi_slopes):
-            call = _Attention(heads, alibi_slopes, *self._hand_over(heads, q, k, v, bucket))
+        def attend(heads, q, k, v, rotary, cache, step_meta, alibi_slopes):
+            call = _Attention(heads, alibi_slopes, *self._hand_over(heads, q, k, v, rotary, bucket))
             self._attend_between(call, meta, tokens)
             return call.output[:bucket]
 
@@ -201,8 +213,8 @@ class PromptGraphs:
         pieces = [torch.cuda.CUDAGraph()]
         calls: list[_Attention] = []
 
-        def attend(heads, q, k, v, cache, step_meta, alibi_slopes):
-            queries, output = self._hand_over(heads, q, k, v, bucket)
+        def attend(heads, q, k, v, rotary, cache, step_meta, alibi_slopes):
+            queries, output = self._hand_over(heads, q, k, v, rotary, bucket)
             pieces[-1].capture_end()
             calls.append(_Attention(heads, alibi_slopes, queries, output))
             pieces.append(torch.cuda.CUDAGraph())

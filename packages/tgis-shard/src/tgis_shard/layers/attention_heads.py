@@ -15,7 +15,8 @@ from tgis_shard.layers.paged_attention import AttentionMetadata, PagedKVCache, p
 
 Rotary = tuple[torch.Tensor, torch.Tensor]
 # What a layer's attention call becomes while a step runs in captured pieces
-# (``engines.prompt_graphs``): (heads, q, k, v, cache, meta, alibi_slopes) -> attention's output.
+# (``engines.prompt_graphs``): (heads, q, k, v, rotary, cache, meta, alibi_slopes) -> attention's
+# output. ``rotary`` is the cache write's to apply (None: q and k are rotated already, or unrotated).
 AttentionSplit = Callable[..., torch.Tensor]
 _split: AttentionSplit | None = None
 
@@ -67,9 +68,10 @@ class AttentionHeads:
     ) -> torch.Tensor:
         """Rotates q and k (when given cos/sin), writes k and v to the cache, attends over it:
         ``[tokens, heads × head_dim]``, ready for the row-parallel output projection."""
-        # On GPUs the cache write rotates (one kernel); a step captured in pieces writes in its
-        # own piece, and a PT2_COMPILE graph compiles the rotation with the layer around it.
-        if rotary is not None and (not kv_write.applies(k, v, q, cos=rotary[0]) or _split is not None):
+        # On GPUs the cache write rotates (one kernel), in a step captured in pieces too (at the
+        # end of the piece before attention); a PT2_COMPILE graph compiles the rotation with the
+        # layer around it.
+        if rotary is not None and not kv_write.applies(k, v, q, cos=rotary[0]):
             q, k = fused.rotate(q, k, *rotary)
             rotary = None
         out = self._store_and_attend(q, k, v, cache, meta, rotary, alibi_slopes)
@@ -90,7 +92,7 @@ class AttentionHeads:
         alibi_slopes: torch.Tensor | None,
     ) -> torch.Tensor:
         if _split is not None:
-            return _split(self, q, k, v, cache, meta, alibi_slopes)
+            return _split(self, q, k, v, rotary, cache, meta, alibi_slopes)
         if rotary is None:
             cache.store(self.layer, k, v, meta.slots)
         else:

@@ -106,11 +106,13 @@ def write(
     slots: torch.Tensor,
     queries: torch.Tensor | None = None,
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    rotated_out: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Writes ``keys`` and ``values`` ``[T, kv_heads, head_dim]`` at cache ``slots`` ``[T]`` of
     ``key_cache`` / ``value_cache`` (contiguous ``[blocks, block_size, kv_heads, head_dim]``).
     With ``rotary`` (cos, sin ``[T, head_dim]``), the keys are rotated first and the rotated
-    ``queries`` ``[T, heads, head_dim]`` are returned (a new contiguous tensor)."""
+    ``queries`` ``[T, heads, head_dim]`` are returned: in ``rotated_out`` where given (contiguous,
+    of the queries' shape), else in a new contiguous tensor."""
     tokens, kv_heads, head_dim = keys.shape
     if rotary is None:
         cos = sin = out = keys  # unread: the kernel's rotation is compiled out
@@ -120,7 +122,11 @@ def write(
             raise ValueError("a rotary write rotates the queries too")
         cos, sin = rotary
         query_heads, source = queries.shape[1], queries
-        out = torch.empty((tokens, query_heads, head_dim), dtype=queries.dtype, device=queries.device)
+        out = rotated_out
+        if out is None:
+            out = torch.empty((tokens, query_heads, head_dim), dtype=queries.dtype, device=queries.device)
+        elif out.shape != queries.shape or not out.is_contiguous():
+            raise ValueError("the rotated queries' buffer must be contiguous, of the queries' shape")
     if tokens:
         _write_kernel[(tokens, query_heads + kv_heads)](
             source,

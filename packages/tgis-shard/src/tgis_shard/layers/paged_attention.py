@@ -135,16 +135,20 @@ class PagedKVCache:
         values: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor],
         slots: torch.Tensor,
+        rotated_out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``store`` of the keys rotated by ``rotary`` (cos, sin ``[T, head_dim]``); returns the
-        queries rotated the same way. One kernel on GPUs, with the rotation of ``fused.rotate``."""
+        queries rotated the same way, in ``rotated_out`` where given (contiguous, the queries'
+        shape). One kernel on GPUs, with the rotation of ``fused.rotate``."""
         if kv_write.applies(keys, values, queries, cos=rotary[0]):
-            rotated = kv_write.write(keys, values, self.keys[layer], self.values[layer], slots, queries, rotary)
+            rotated = kv_write.write(
+                keys, values, self.keys[layer], self.values[layer], slots, queries, rotary, rotated_out
+            )
             assert rotated is not None
             return rotated
         queries, keys = fused.rotate(queries, keys, *rotary)
         self.store(layer, keys, values, slots)
-        return queries
+        return queries if rotated_out is None else rotated_out.copy_(queries)
 
 
 @dataclass(eq=False)
