@@ -1,25 +1,31 @@
 """A decode step's matrix products on one GPU: cuBLAS's default choice against cuBLASLt's
-(PyTorch's TORCH_BLAS_PREFER_CUBLASLT) and what PyTorch's TunableOp finds by timing every
-cuBLAS / cuBLASLt algorithm for the shape.
+(PyTorch's TORCH_BLAS_PREFER_CUBLASLT), what PyTorch's TunableOp finds by timing every
+cuBLAS / cuBLASLt algorithm for the shape, and (``--autotune``) Inductor's max-autotune, which
+times its Triton GEMM templates against cuBLAS and keeps the faster.
 
 At these row counts each product is bound by reading its weight, so the printed rate is weight
 bytes over time (compare with the device's copy bandwidth). Weights rotate over copies larger
-together than the L2 cache, as a step's 32 layers would.
+together than the L2 cache, as a step's 32 layers would. Each way is replayed from a CUDA graph,
+as a decode step runs it: the device's time, without the host's launches.
 
     python3 bench/gemm_shapes.py [--rows 1 8 32 128]   # the 8B shape; --hidden, --heads, ... for others
+    python3 bench/gemm_shapes.py --rows 32 128 --autotune   # + Inductor's max-autotune (minutes)
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from bench.attention_backends import replayed_ms
+
 L2_BYTES = 64 * 2**20  # above an H100's 50 MiB and an H200's 60 MiB
+Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def shapes(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
@@ -34,20 +40,14 @@ def shapes(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
     }
 
 
-def time_us(x: torch.Tensor, weights: list[torch.Tensor], repeats: int = 50) -> float:
-    """Median microseconds of one product, over ``repeats`` runs of all ``weights`` in turn."""
-    for w in weights:
-        F.linear(x, w)
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+def time_us(x: torch.Tensor, weights: list[torch.Tensor], linear: Linear = F.linear) -> float:
+    """Microseconds of one product, replayed from a graph of one pass over all ``weights``."""
+
+    def every_weight() -> None:
         for w in weights:
-            F.linear(x, w)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(weights))
-    return statistics.median(times)
+            linear(x, w)
+
+    return replayed_ms(every_weight, calls=1) * 1e3 / len(weights)
 
 
 def main() -> None:
@@ -59,10 +59,10 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--autotune", action="store_true", help="also Inductor's max-autotune for each shape")
     args = parser.parse_args()
     dtype = torch.bfloat16
     print(f"{torch.cuda.get_device_name()} | {dtype} | torch {torch.__version__}")
-    measured: dict[tuple[str, int], float] = {}
     weight_sets = {}
     for name, (out_features, in_features) in shapes(args).items():
         nbytes = out_features * in_features * dtype.itemsize
@@ -70,33 +70,46 @@ def main() -> None:
         weight_sets[name] = [
             torch.randn(out_features, in_features, dtype=dtype, device="cuda") / in_features**0.5 for _ in range(copies)
         ]
-    lt_measured: dict[tuple[str, int], float] = {}
-    for library, times in (("cublas", measured), ("cublaslt", lt_measured)):
+    inputs = {
+        (name, rows): torch.randn(rows, weights[0].shape[1], dtype=dtype, device="cuda")
+        for name, weights in weight_sets.items()
+        for rows in args.rows
+    }
+    ways: dict[str, dict[tuple[str, int], float]] = {"cuBLAS": {}, "cuBLASLt": {}, "TunableOp": {}}
+    for library, way in (("cublas", "cuBLAS"), ("cublaslt", "cuBLASLt")):
         torch.backends.cuda.preferred_blas_library(library)
-        for name, weights in weight_sets.items():
-            for rows in args.rows:
-                x = torch.randn(rows, weights[0].shape[1], dtype=dtype, device="cuda")
-                times[name, rows] = time_us(x, weights)
+        for (name, rows), x in inputs.items():
+            ways[way][name, rows] = time_us(x, weight_sets[name])
     torch.backends.cuda.preferred_blas_library("cublas")
 
     with tempfile.TemporaryDirectory() as folder:
         torch.cuda.tunable.set_filename(str(Path(folder) / "tunableop.csv"))
         torch.cuda.tunable.enable(True)
         torch.cuda.tunable.tuning_enable(True)
-        for name, weights in weight_sets.items():
-            nbytes = weights[0].numel() * dtype.itemsize
-            for rows in args.rows:
-                x = torch.randn(rows, weights[0].shape[1], dtype=dtype, device="cuda")
-                F.linear(x, weights[0])  # tunes this shape
-                tuned = time_us(x, weights)
-                default, lt = measured[name, rows], lt_measured[name, rows]
-                print(
-                    f"{name:8s} {rows:4d} rows × {tuple(weights[0].shape)}: default {default:7.1f} µs"
-                    f" ({nbytes / default / 1e6:5.2f} TB/s), cuBLASLt {lt:7.1f} µs ({default / lt:4.2f}×),"
-                    f" TunableOp {tuned:7.1f} µs ({nbytes / tuned / 1e6:5.2f} TB/s): {default / tuned:4.2f}× default"
-                )
+        for (name, _rows), x in inputs.items():
+            F.linear(x, weight_sets[name][0])  # tunes this shape; the capture then uses its choice
         torch.cuda.tunable.tuning_enable(False)
-        print("chosen (op, shape, solution, ms):", *torch.cuda.tunable.get_results(), sep="\n  ")
+        for (name, rows), x in inputs.items():
+            ways["TunableOp"][name, rows] = time_us(x, weight_sets[name])
+        chosen = torch.cuda.tunable.get_results()
+        torch.cuda.tunable.enable(False)
+
+    if args.autotune:
+        # One compiled product per shape (sizes static, as in a decode graph of one bucket).
+        autotuned = torch.compile(F.linear, mode="max-autotune-no-cudagraphs", dynamic=False)
+        ways["Inductor max-autotune"] = {
+            (name, rows): time_us(x, weight_sets[name], autotuned) for (name, rows), x in inputs.items()
+        }
+
+    for name, rows in inputs:
+        nbytes = weight_sets[name][0].numel() * dtype.itemsize
+        default = ways["cuBLAS"][name, rows]
+        cells = [f"cuBLAS {default:7.1f} µs ({nbytes / default / 1e6:5.2f} TB/s)"]
+        for way, times in ways.items():
+            if way != "cuBLAS":
+                cells.append(f"{way} {times[name, rows]:7.1f} µs ({default / times[name, rows]:4.2f}×)")
+        print(f"{name:8s} {rows:4d} rows × {tuple(weight_sets[name][0].shape)}: " + ", ".join(cells))
+    print("TunableOp's choices (op, shape, solution, ms):", *chosen, sep="\n  ")
 
 
 if __name__ == "__main__":
