@@ -11,7 +11,7 @@ import torch
 from tgis_shard.layers import fused, kv_write
 from tgis_shard.layers.paged_attention import PagedKVCache
 
-HEADS, KV_HEADS, BLOCKS, BLOCK_SIZE = 4, 2, 8, 4
+HEADS, KV_HEADS, BLOCKS, BLOCK_SIZE = 4, 2, 64, 4
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -44,7 +44,7 @@ def _plain(q, k, v, rotary, slots, cache: PagedKVCache) -> torch.Tensor:
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("head_dim", [64, 128, 80])
-@pytest.mark.parametrize("tokens", [1, 13, 32])
+@pytest.mark.parametrize("tokens", [1, 13, 32, 200])  # 200: programs of several heads
 def test_the_gpu_kernel_writes_the_bits_of_the_plain_ops(tokens, head_dim, dtype):
     q, k, v, rotary, slots = _step(tokens, head_dim, dtype, "cuda")
     assert kv_write.applies(k, v, q, cos=rotary[0])

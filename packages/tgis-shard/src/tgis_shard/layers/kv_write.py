@@ -4,8 +4,9 @@ rotary embedding of queries and keys in the same kernel where the layer has one.
 Eagerly (and through ``fused.rotate``) an attention layer spends four small kernels before the
 attention itself: rotary for the queries, rotary for the keys, and one ``index_copy_`` each for
 keys and values. On an H200 at one stream they were 7 µs a layer (2 × 1.1 + 2 × 2.4), 0.22 ms of
-a 4.79 ms decode step. Here one Triton program per (token, head) rotates a query head, or rotates
-a key head and writes it and its value head to the token's cache slot.
+a 4.79 ms decode step. Here one Triton program per token and head (or group of heads) rotates the
+query heads, or rotates the key heads and writes them and their value heads to the token's cache
+slot.
 
 Rounding is eager's: in half precision each product of the rotation and their sum are rounded
 as PyTorch rounds them, so the cache holds the same bits as ``fused.rotate`` + ``index_copy_``.
@@ -36,6 +37,13 @@ def applies(*heads: torch.Tensor, cos: torch.Tensor | None = None) -> bool:
         return False
     return cos is None or (cos.shape[-1] == heads[0].shape[-1] and cos.stride(-1) == 1)
 
+
+# A program per token and head while the step's tokens are few (a decode step's 40 heads spread
+# over 40 multiprocessors); from this many tokens on, a program per token and 8 heads. One-warp
+# programs for every head of a 4,096-token prefill were 164k of them and took 100 µs a layer on an
+# H100 (~1 TB/s); ~32 such programs fit on a multiprocessor at a time, each waiting on a few
+# memory round trips, which would explain it.
+_HEADS_TOGETHER_FROM_TOKENS, _HEADS_TOGETHER = 128, 8
 
 if triton is not None:
 
@@ -72,30 +80,31 @@ if triton is not None:
         KV_HEADS: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BLOCK: tl.constexpr,
+        HEADS: tl.constexpr,  # heads a program takes: query heads first, then key-value heads
     ):
         token = tl.program_id(0).to(tl.int64)
-        head = tl.program_id(1)
-        d = tl.arange(0, BLOCK)
+        head = tl.program_id(1) * HEADS + tl.arange(0, HEADS)[:, None]
+        d = tl.arange(0, BLOCK)[None, :]
         inside = d < HEAD_DIM
+        kv_head = head - QUERY_HEADS
+        kv_inside = (kv_head >= 0) & (kv_head < KV_HEADS) & inside
         slot = tl.load(slots + token)
-        value_ptr = values + token * value_row + (head - QUERY_HEADS) * value_head
-        key_ptr = keys + token * key_row + (head - QUERY_HEADS) * key_head
-        target = slot * (KV_HEADS * HEAD_DIM) + (head - QUERY_HEADS) * HEAD_DIM + d
+        value_ptr = values + token * value_row + kv_head * value_head
+        key_ptr = keys + token * key_row + kv_head * key_head
+        target = slot * (KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + d
         if QUERY_HEADS == 0:
-            tl.store(key_cache + target, tl.load(key_ptr + d, mask=inside), mask=inside)
-            tl.store(value_cache + target, tl.load(value_ptr + d, mask=inside), mask=inside)
+            tl.store(key_cache + target, tl.load(key_ptr + d, mask=kv_inside), mask=kv_inside)
         else:
             HALF: tl.constexpr = HEAD_DIM // 2
             partner = tl.where(d < HALF, d + HALF, d - HALF)
             cos = tl.load(cos_table + token * table_row + d, mask=inside, other=0.0).to(tl.float32)
             sin = tl.load(sin_table + token * table_row + d, mask=inside, other=0.0).to(tl.float32)
-            if head < QUERY_HEADS:
-                out = _rotated(queries + token * query_row + head * query_head, d, partner, inside, cos, sin, HALF)
-                tl.store(rotated_queries + (token * QUERY_HEADS + head) * HEAD_DIM + d, out, mask=inside)
-            else:
-                key = _rotated(key_ptr, d, partner, inside, cos, sin, HALF)
-                tl.store(key_cache + target, key, mask=inside)
-                tl.store(value_cache + target, tl.load(value_ptr + d, mask=inside), mask=inside)
+            query_inside = (head < QUERY_HEADS) & inside
+            query = _rotated(queries + token * query_row + head * query_head, d, partner, query_inside, cos, sin, HALF)
+            tl.store(rotated_queries + (token * QUERY_HEADS + head) * HEAD_DIM + d, query, mask=query_inside)
+            key = _rotated(key_ptr, d, partner, kv_inside, cos, sin, HALF)
+            tl.store(key_cache + target, key, mask=kv_inside)
+        tl.store(value_cache + target, tl.load(value_ptr + d, mask=kv_inside), mask=kv_inside)
 
 
 def write(
@@ -128,7 +137,8 @@ def write(
         elif out.shape != queries.shape or not out.is_contiguous():
             raise ValueError("the rotated queries' buffer must be contiguous, of the queries' shape")
     if tokens:
-        _write_kernel[(tokens, query_heads + kv_heads)](
+        heads = 1 if tokens < _HEADS_TOGETHER_FROM_TOKENS else _HEADS_TOGETHER
+        _write_kernel[(tokens, triton.cdiv(query_heads + kv_heads, heads))](
             source,
             keys,
             values,
@@ -149,7 +159,8 @@ def write(
             KV_HEADS=kv_heads,
             HEAD_DIM=head_dim,
             BLOCK=triton.next_power_of_2(head_dim),
-            num_warps=1 if head_dim <= 128 else 2,
+            HEADS=heads,
+            num_warps=4 if heads > 1 else 1 if head_dim <= 128 else 2,
             enable_fp_fusion=False,  # eager's roundings (see the module's docstring)
         )
     return None if rotary is None else out
