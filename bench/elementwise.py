@@ -8,6 +8,12 @@ ahead of the device runs it). The rate is the bytes each kernel must read and wr
 compare it with the device's copy bandwidth.
 
     python3 bench/elementwise.py [--rows 1 8 32 128 512 2048 4096]   # the 8B shape; --hidden, ... for others
+    python3 bench/elementwise.py --flashinfer   # + FlashInfer's norm, SiLU and rotary kernels beside ours
+
+FlashInfer's kernels (its fused add + RMSNorm, ``silu_and_mul`` and rotary with a cos/sin cache)
+are the library's candidates for the same chains; each JIT-compiles on its first call (~1 min).
+They round differently from eager (the norm uses the sum before rounding it, the product is
+rounded once), so they would replace ours only for a clear gain.
 """
 
 from __future__ import annotations
@@ -58,13 +64,48 @@ def cache_write(rows: int, args: argparse.Namespace) -> str:
     return f"cache write{rows:5d} rows: {took:7.1f} µs ({moved / took / 1e6:5.2f} TB/s)"
 
 
+def flashinfer_ways(rows: int, args: argparse.Namespace) -> str:
+    """FlashInfer's kernels for the same chains: in place, each timed beside ours."""
+    from flashinfer.activation import silu_and_mul
+    from flashinfer.norm import fused_add_rmsnorm
+    from flashinfer.rope import apply_rope_with_cos_sin_cache_inplace
+
+    x, residual = (torch.randn(rows, args.hidden, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    weight = torch.randn(args.hidden, device="cuda", dtype=torch.bfloat16)
+    norm = replayed_ms(lambda: fused_add_rmsnorm(x, residual, weight, 1e-5)) * 1e3
+    ours_norm = replayed_ms(lambda: fused.add_rms_norm(x, residual, weight, 1e-5)) * 1e3
+    gate_up = torch.randn(rows, 2 * args.intermediate, device="cuda", dtype=torch.bfloat16)
+    silu = replayed_ms(lambda: silu_and_mul(gate_up)) * 1e3
+    ours_silu = replayed_ms(lambda: gated_act.silu_and_mul(gate_up)) * 1e3
+    head_dim = args.hidden // args.heads
+    q = torch.randn(rows, args.heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(rows, args.kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    positions = torch.randint(0, 4096, (rows,), device="cuda")
+    angles = torch.rand(4096, head_dim // 2, device="cuda") * 100
+    cos_sin = torch.cat((angles.cos(), angles.sin()), dim=-1)
+    flat_q, flat_k = q.view(rows, -1), k.view(rows, -1)
+    rope = (
+        replayed_ms(lambda: apply_rope_with_cos_sin_cache_inplace(positions, flat_q, flat_k, head_dim, cos_sin)) * 1e3
+    )
+    table = torch.cat((angles, angles), dim=-1)[positions]
+    cos, sin = table.cos().bfloat16(), table.sin().bfloat16()
+    ours_rope = replayed_ms(lambda: fused.rotate(q, k, cos, sin)) * 1e3
+    return (
+        f"FlashInfer {rows:5d} rows: add + norm {norm:6.1f} µs (ours {ours_norm:6.1f}), silu × up {silu:6.1f} µs "
+        f"(ours {ours_silu:6.1f}), rotary {rope:6.1f} µs (Inductor's {ours_rope:6.1f}; ours rotates in the cache write)"
+    )
+
+
 def compile_for_any_rows(args: argparse.Namespace) -> None:
     """Compiles the chains as a serving shard runs them: its warm-up's second size of step makes
     torch.compile recompile with the row count dynamic, and that kernel serves every later size."""
+    head_dim = args.hidden // args.heads
     for rows in (2, 3):
         fused.gated("silu")(torch.randn(rows, 2 * args.intermediate, device="cuda", dtype=torch.bfloat16))
         x = torch.randn(rows, args.hidden, device="cuda", dtype=torch.bfloat16)
         fused.add_rms_norm(x, x, x[0], 1e-5)
+        q = torch.randn(rows, args.heads, head_dim, device="cuda", dtype=torch.bfloat16)
+        fused.rotate(q, q[:, : args.kv_heads], q[:, 0], q[:, 0])
 
 
 def main() -> None:
@@ -74,10 +115,12 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=14336)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--flashinfer", action="store_true", help="also FlashInfer's kernels for the same chains")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), "| bfloat16 | hidden", args.hidden, "| intermediate", args.intermediate)
     compile_for_any_rows(args)
-    for bench in (silu_ways, add_rms_norm, cache_write):
+    benches = [silu_ways, add_rms_norm, cache_write] + ([flashinfer_ways] if args.flashinfer else [])
+    for bench in benches:
         for rows in args.rows:
             print(bench(rows, args), flush=True)
 
