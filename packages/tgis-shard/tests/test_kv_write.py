@@ -96,8 +96,11 @@ def test_on_a_cpu_the_write_rotates_and_stores_with_the_plain_ops():
     assert torch.equal(buffer, want)
 
 
-@needs_cuda
-def test_the_rotated_queries_buffer_must_fit_the_queries():
-    q, k, v, rotary, slots = _step(3, 64, torch.bfloat16, "cuda")
-    with pytest.raises(ValueError, match="contiguous, of the queries' shape"):
-        _cache(64, torch.bfloat16, "cuda").rotate_and_store(0, q, k, v, rotary, slots, torch.empty_like(q)[:2])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_the_rotated_queries_buffer_must_fit_the_queries(device):
+    q, k, v, rotary, slots = _step(3, 64, torch.bfloat16, device)
+    cache = _cache(64, torch.bfloat16, device)
+    strided = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=device).transpose(0, 1)
+    for wrong in (torch.empty_like(q)[:2], torch.empty_like(q)[:1], strided):
+        with pytest.raises(ValueError, match="contiguous, of the queries' shape"):
+            cache.rotate_and_store(0, q, k, v, rotary, slots, wrong)

@@ -134,8 +134,6 @@ def write(
         out = rotated_out
         if out is None:
             out = torch.empty((tokens, query_heads, head_dim), dtype=queries.dtype, device=queries.device)
-        elif out.shape != queries.shape or not out.is_contiguous():
-            raise ValueError("the rotated queries' buffer must be contiguous, of the queries' shape")
     if tokens:
         heads = 1 if tokens < _HEADS_TOGETHER_FROM_TOKENS else _HEADS_TOGETHER
         _write_kernel[(tokens, triton.cdiv(query_heads + kv_heads, heads))](

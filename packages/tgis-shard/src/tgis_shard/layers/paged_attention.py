@@ -140,6 +140,8 @@ class PagedKVCache:
         """``store`` of the keys rotated by ``rotary`` (cos, sin ``[T, head_dim]``); returns the
         queries rotated the same way, in ``rotated_out`` where given (contiguous, the queries'
         shape). One kernel on GPUs, with the rotation of ``fused.rotate``."""
+        if rotated_out is not None and (rotated_out.shape != queries.shape or not rotated_out.is_contiguous()):
+            raise ValueError("the rotated queries' buffer must be contiguous, of the queries' shape")
         if kv_write.applies(keys, values, queries, cos=rotary[0]):
             rotated = kv_write.write(
                 keys, values, self.keys[layer], self.values[layer], slots, queries, rotary, rotated_out
