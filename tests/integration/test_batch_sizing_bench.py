@@ -50,6 +50,31 @@ def test_router_alone_bench_streams_through_the_real_router() -> None:
     assert all(int(row[2]) > 0 for row in rows)  # calls completed
 
 
+def test_router_alone_bench_runs_the_serving_bench_s_rounds_against_a_device_s_step_cost() -> None:
+    out = _bench(
+        "router_alone.py",
+        *("--streams", "3", "--rounds", "2", "--max-new-tokens", "6", "--prompt-tokens", "16"),
+        *("--step-ms", "2", "--decode-row-ms", "0.1", "--knee-rows", "8", "--prompt-token-ms", "0.05"),
+    )
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("|")][2:]
+    assert len(rows) == 1
+    assert int(rows[0][2]) == 6  # 3 streams × 2 requests each, then the run ends
+    step_p50 = float(rows[0][6].split()[0])
+    assert step_p50 >= 2.0  # no fake step is shorter than its base
+    ttft_p50 = float(rows[0][8].split()[0])
+    assert ttft_p50 > 0
+
+
+def test_a_fake_step_costs_rows_past_the_knee_only() -> None:
+    from bench.router_alone import StepCost
+
+    knee = StepCost(base=1.0, per_decode=0.01, per_prompt_token=0.1, knee_rows=100)
+    assert knee.seconds(decodes=50, prompt_tokens=50) == 1.0 + 0.5  # at the knee: prompt rows ride along
+    assert knee.seconds(decodes=50, prompt_tokens=60) == 1.0 + 0.5 + 0.1 * 10
+    linear = StepCost(base=1.0, per_decode=0.01, per_prompt_token=0.1)
+    assert linear.seconds(decodes=50, prompt_tokens=50) == 1.0 + 0.5 + 5.0
+
+
 def test_serving_bench_measures_the_server_beside_its_baselines() -> None:
     out = _bench(
         "serving.py", "--shape", "tiny", "--concurrency", "1", "2", "--prompt-tokens", "16", "--new-tokens", "8"
