@@ -23,6 +23,7 @@ import argparse
 import torch
 
 from bench.attention_backends import replayed_ms
+from bench.random_model import add_shape_arguments
 from tgis_shard.layers import fused, gated_act
 from tgis_shard.layers.paged_attention import PagedKVCache
 
@@ -51,7 +52,7 @@ def add_rms_norm(rows: int, args: argparse.Namespace) -> str:
 
 def cache_write(rows: int, args: argparse.Namespace) -> str:
     """The rotary cache write (``rotate_and_store``) of one layer's step of ``rows`` tokens."""
-    head_dim = args.hidden // args.heads
+    head_dim = args.head_dim
     cache = PagedKVCache(1, -(-rows // BLOCK_SIZE) + 1, BLOCK_SIZE, args.kv_heads, head_dim, torch.bfloat16, "cuda")
     qkv = torch.randn(rows, (args.heads + 2 * args.kv_heads) * head_dim, device="cuda", dtype=torch.bfloat16)
     q, k, v = qkv.split([args.heads * head_dim, args.kv_heads * head_dim, args.kv_heads * head_dim], dim=-1)
@@ -84,7 +85,7 @@ def flashinfer_ways(rows: int, args: argparse.Namespace) -> str:
     gate_up = torch.randn(rows, 2 * args.intermediate, device="cuda", dtype=torch.bfloat16)
     silu = us(lambda: silu_and_mul(gate_up))
     ours_silu = us(lambda: gated_act.silu_and_mul(gate_up))
-    head_dim = args.hidden // args.heads
+    head_dim = args.head_dim
     q = torch.randn(rows, args.heads, head_dim, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(rows, args.kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
     positions = torch.randint(0, 4096, (rows,), device="cuda", dtype=torch.int32)
@@ -104,7 +105,7 @@ def flashinfer_ways(rows: int, args: argparse.Namespace) -> str:
 def compile_for_any_rows(args: argparse.Namespace) -> None:
     """Compiles the chains as a serving shard runs them: its warm-up's second size of step makes
     torch.compile recompile with the row count dynamic, and that kernel serves every later size."""
-    head_dim = args.hidden // args.heads
+    head_dim = args.head_dim
     for rows in (2, 3):
         fused.gated("silu")(torch.randn(rows, 2 * args.intermediate, device="cuda", dtype=torch.bfloat16))
         x = torch.randn(rows, args.hidden, device="cuda", dtype=torch.bfloat16)
@@ -116,10 +117,7 @@ def compile_for_any_rows(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 128, 512, 2048, 4096])
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--intermediate", type=int, default=14336)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=8)
+    add_shape_arguments(parser)
     parser.add_argument("--flashinfer", action="store_true", help="also FlashInfer's kernels for the same chains")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), "| bfloat16 | hidden", args.hidden, "| intermediate", args.intermediate)

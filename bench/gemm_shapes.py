@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.attention_backends import replayed_ms
+from bench.random_model import add_shape_arguments
 
 L2_BYTES = 64 * 2**20  # above an H100's 50 MiB and an H200's 60 MiB
 Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -53,12 +54,7 @@ def time_us(x: torch.Tensor, weights: list[torch.Tensor], linear: Linear = F.lin
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 128])
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--intermediate", type=int, default=14336)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--vocab", type=int, default=128256)
+    add_shape_arguments(parser)
     parser.add_argument("--autotune", action="store_true", help="also Inductor's max-autotune for each shape")
     args = parser.parse_args()
     dtype = torch.bfloat16

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import shutil
 from pathlib import Path
 
@@ -35,6 +36,19 @@ SHAPES = {
         "vocab_size": 512,
     },
 }
+
+
+def add_shape_arguments(parser: argparse.ArgumentParser, shape: str = "8b") -> None:
+    """A bench's options for a layer's sizes, defaulting to ``SHAPES[shape]``: --hidden,
+    --intermediate, --heads, --kv-heads, --head-dim, --vocab."""
+    config = SHAPES[shape]
+    heads = config["num_attention_heads"]
+    parser.add_argument("--hidden", type=int, default=config["hidden_size"])
+    parser.add_argument("--intermediate", type=int, default=config["intermediate_size"])
+    parser.add_argument("--heads", type=int, default=heads)
+    parser.add_argument("--kv-heads", type=int, default=config["num_key_value_heads"])
+    parser.add_argument("--head-dim", type=int, default=config["hidden_size"] // heads)
+    parser.add_argument("--vocab", type=int, default=config["vocab_size"])
 
 
 def build_random_model(dest: Path, shape: dict, max_sequence_length: int, device: torch.device) -> Path:
