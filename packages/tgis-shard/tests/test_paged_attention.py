@@ -438,7 +438,12 @@ def test_flashinfer_backend_on_cuda_matches_reference(
     assert engine.cache.planner.kernel_rows == (3 if decode_kernel else 0)
     engine.finish("b")
     for _ in range(3):
-        engine.step({"a": 1, "c": 1, "d": 1}, atol=2e-2)
+        meta = engine.step({"a": 1, "c": 1, "d": 1}, atol=2e-2)
+    # Naming the cache's own backend runs the step as planned (on the kernel: no FlashInfer plan).
+    query = torch.randn(3, heads, 128, device="cuda", dtype=torch.bfloat16)
+    planned = paged_attention(query, engine.cache, 0, meta, engine.scale)
+    named = paged_attention(query, engine.cache, 0, meta, engine.scale, backend="flashinfer")
+    assert torch.equal(named, planned)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not flashinfer_available(), reason="needs CUDA and flashinfer")

@@ -357,13 +357,16 @@ def paged_attention(
     its own sequence's keys up to that position (the last ``sliding_window`` of them, itself
     included, when given). ``heads`` must be a multiple of the cache's kv heads (GQA/MQA).
     ``alibi_slopes`` ``[heads]`` adds ``slope * (key_pos - query_pos)`` to the scores.
-    Call after ``cache.store`` for this layer. ``backend`` overrides the cache's.
+    Call after ``cache.store`` for this layer. ``backend`` overrides the cache's (naming the
+    cache's own is the same as leaving it out: the step runs as planned).
     """
     heads = query.shape[1]
     if heads % cache.num_kv_heads != 0:
         raise ValueError(f"{heads} query heads are not a multiple of {cache.num_kv_heads} kv heads")
     name = backend or cache.backend
-    if backend is None and cache.decodes_on_kernel(meta) and alibi_slopes is None and sliding_window is None:
+    # A decode-only step on the cache's kernel has no FlashInfer plan (plan_attention skips it).
+    own = name == cache.backend
+    if own and cache.decodes_on_kernel(meta) and alibi_slopes is None and sliding_window is None:
         keys, values = cache.keys[layer], cache.values[layer]
         return paged_decode.attend(query, keys, values, meta.block_tables, meta.context_lens, scale)
     if name == "flashinfer":
