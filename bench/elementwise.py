@@ -36,9 +36,12 @@ def silu_ways(rows: int, args: argparse.Namespace) -> str:
     chain = fused.gated("silu")
     inductor = replayed_ms(lambda: chain(gate_up)) * 1e3
     kernel = replayed_ms(lambda: gated_act.silu_and_mul(gate_up)) * 1e3
+    gate, up = gate_up.chunk(2, dim=-1)
+    unequal = (gated_act.silu_and_mul(gate_up) != torch.nn.functional.silu(gate) * up).sum().item()
     return (
         f"silu × up  {rows:5d} rows: Inductor {inductor:7.1f} µs ({moved / inductor / 1e6:5.2f} TB/s), "
-        f"Triton {kernel:7.1f} µs ({moved / kernel / 1e6:5.2f} TB/s): {inductor / kernel:4.2f}×"
+        f"Triton {kernel:7.1f} µs ({moved / kernel / 1e6:5.2f} TB/s): {inductor / kernel:4.2f}×; "
+        f"{unequal} of {gate.numel()} elements unequal to eager"
     )
 
 
