@@ -12,6 +12,10 @@
 # 3.4 MB as xz).
 # Then on the device: bash bench/gpu_checks.sh [tests|families|serving [serving.py options]]   (tests and serving by
 # default; results land in $OUT). Each stage fits one call's 10 minutes on its own.
+# `bash bench/gpu_checks.sh run COMMAND...` runs any command (a bench script, say) the same way:
+# wheels installed, caches unpacked before and packed after, its output in $OUT/run.log. A bench
+# run outside this script starts with no compiled kernels (the device's copy of the tree does not
+# keep them between calls) and compiles for a minute or more first.
 # STAGE_SECONDS=N stops each stage's Python after N seconds, where the call's own limit would cut
 # the script: the compiled caches still come back (without them the next call compiles again).
 set -uo pipefail
@@ -67,6 +71,10 @@ if [[ $stage == families ]]; then
   "${limit[@]}" python3 -m pytest -q -p no:cacheprovider -rs -s --show-capture=no packages/tgis-models-*/tests/*_gpu.py \
     > "$out/family-tests.log" 2>&1
   grep -v '^$' "$out/family-tests.log" | tail -40
+fi
+if [[ $stage == run ]]; then
+  "${limit[@]}" "${@:2}" >> "$out/run.log" 2>&1
+  grep -v "it/s]" "$out/run.log" | tail -60
 fi
 # serving: the table; anything after the stage goes to serving.py instead (e.g. --variants default pt2-compile).
 serving_args=("${@:2}")
