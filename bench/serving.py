@@ -10,6 +10,7 @@ results file (bench/RESULTS.md).
     python3 bench/serving.py --shape 8b --concurrency 1 128 --variants default no-fused-kernels   # A/B, one run
     python3 bench/serving.py --shape 8b --variants hf-transformers hf-transformers-pt2   # × generate()
     python3 bench/serving.py --shape tiny --concurrency 1 2 --prompt-tokens 16 --new-tokens 8   # CPU smoke run
+    python3 bench/serving.py --shape 8b --variants default tp2   # two GPUs: TP=2 against TP=1, one run
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ class Variant:
     # PyTorch's own choice of BLAS library (TORCH_BLAS_PREFER_CUBLASLT in the shards' environment):
     # cuBLASLt's heuristics instead of cuBLAS's for every product.
     cublaslt: bool = False
+    # Tensor-parallel ranks, one a device (given always: unset, the launcher takes every visible GPU).
+    num_shard: int = 1
 
     def launcher_options(self) -> list[str]:
         return [
@@ -94,6 +97,8 @@ VARIANTS = {
     "decoding-step-tokens-256": Variant(max_step_tokens_while_decoding=256),
     "decoding-step-tokens-384": Variant(max_step_tokens_while_decoding=384),
     "decoding-step-tokens-2048": Variant(max_step_tokens_while_decoding=2048),
+    # Tensor parallel on two devices (issue 15: TP=2 against TP=1 in one run); its in-process part is left out.
+    "tp2": Variant(num_shard=2),
     # The engine for any transformers model (issue: ≥ 1.5× generate()), eager and compiled.
     "hf-transformers": Variant(deployment_framework="hf_transformers"),
     "hf-transformers-pt2": Variant(deployment_framework="hf_transformers", pt2_compile=True),
@@ -521,6 +526,7 @@ def _describe(variant: Variant, device: torch.device) -> str:
         + ("" if variant.decode_kernel or not on_gpu else "decode kernel off, ")
         + ("cuBLASLt, " if variant.cublaslt and on_gpu else "")
         + f"PT2_COMPILE {'on' if variant.pt2_compile else 'off'}"
+        + (f", TP={variant.num_shard}" if variant.num_shard > 1 else "")
         + (
             f", MAX_STEP_TOKENS_WHILE_DECODING {variant.max_step_tokens_while_decoding}"
             if variant.max_step_tokens_while_decoding is not None
@@ -560,6 +566,22 @@ def _table(
             + (_in_process_cells(step, _quantile(itl, 50)) if step is not None else "| – | – | – |")
         )
     return lines
+
+
+def _against_one_device(
+    name: str, variant: Variant, served: dict[int, dict], served_by: dict[Variant, dict[int, dict]]
+) -> list[str]:
+    """A tensor-parallel variant's tokens/s as a multiple of the same configuration on one device,
+    where this run served that one before it."""
+    one = served_by.get(replace(variant, num_shard=1))
+    if variant.num_shard == 1 or one is None:
+        return []
+    ratios = [
+        f"{streams} streams {result['tokens_per_s'] / one[streams]['tokens_per_s']:.2f}×"
+        for streams, result in served.items()
+        if streams in one
+    ]
+    return ["", f"{name}: TP={variant.num_shard} against TP=1 (tok/s): " + ", ".join(ratios)]
 
 
 def _mixed_steps(steps: list[InProcessStep], prompt: int) -> list[str]:
@@ -642,12 +664,13 @@ def main() -> None:
         print(lines[0], flush=True)
         context = args.prompt_tokens + args.new_tokens / 2
         engine_steps: dict[Variant, list[InProcessStep]] = {}  # variants differing in router options share one
+        served_by: dict[Variant, dict[int, dict]] = {}
         for name in args.variants:
             variant = VARIANTS[name]
             if args.decoding_step_tokens:
                 variant = replace(variant, max_step_tokens_while_decoding=args.decoding_step_tokens)
             engine = replace(variant, max_step_tokens_while_decoding=None)
-            if args.no_in_process:
+            if args.no_in_process or variant.num_shard > 1:  # the in-process engine is one rank
                 engine_steps[engine] = []
             if engine not in engine_steps:
                 engine_steps[engine] = in_process_decode_steps(
@@ -673,7 +696,12 @@ def main() -> None:
                 + (f"; device kernels and copies per decode step: {kernels}" if kernels else ""),
                 "",
             ]
-            section += _table(served, {s.rows: s for s in steps}, cost, bandwidth, context, generate_rates)
+            # Each rank reads its share of the weights and cache at its own device's bandwidth.
+            section += _table(
+                served, {s.rows: s for s in steps}, cost, variant.num_shard * bandwidth, context, generate_rates
+            )
+            section += _against_one_device(name, variant, served, served_by)
+            served_by[variant] = served
             section += ["", "Steps the server ran (the router's metrics):", *step_breakdown(served)]
             section += _mixed_steps(steps, args.prompt_tokens)
             print("\n".join(section), flush=True)  # each variant as it ends: a cut-off run keeps the rest

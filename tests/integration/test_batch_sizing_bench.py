@@ -101,3 +101,17 @@ def test_the_serving_bench_sums_the_device_s_idle_gaps_by_what_surrounds_them() 
         ("copy", 22.5, 23.0),
     ]
     assert idle_gaps(spans) == {"overlapping → copy": [3.0], "graph kernel → copy": [2.5]}
+
+
+def test_serving_bench_sets_tensor_parallel_against_one_device_in_one_run() -> None:
+    out = _bench(
+        "serving.py",
+        *("--shape", "tiny", "--concurrency", "1", "--prompt-tokens", "16", "--new-tokens", "8"),
+        *("--variants", "default", "tp2", "--no-generate", "--no-in-process"),
+    )
+    assert "**tp2** (" in out
+    assert "TP=2" in out.split("**tp2** (")[1].splitlines()[0]
+    ratio_lines = [line for line in out.splitlines() if line.startswith("tp2: TP=2 against TP=1 (tok/s): ")]
+    assert len(ratio_lines) == 1
+    ratio = float(ratio_lines[0].split("1 streams ")[1].rstrip("×"))
+    assert ratio > 0
