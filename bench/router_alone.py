@@ -24,7 +24,7 @@ by the tensor cores). ``--rounds N`` runs the serving bench's closed loop instea
 each stream sends N requests, one after the other, and the run lasts until the last one ends.
 
     python3 bench/router_alone.py --streams 128 --rounds 2 --prompt-tokens 128 --max-new-tokens 128 \
-        --step-ms 5.05 --decode-row-ms 0.016 --knee-rows 257 --prompt-token-ms 0.0223   # an H200, 8B shape
+        --step-ms 5.02 --decode-row-ms 0.0194 --knee-rows 270 --prompt-token-ms 0.02235   # an H200, 8B shape
 """
 
 from __future__ import annotations
