@@ -14,8 +14,8 @@
 # default; results land in $OUT). Each stage fits one call's 10 minutes on its own.
 # `bash bench/gpu_checks.sh run COMMAND...` runs any command (a bench script, say) the same way:
 # wheels installed, caches unpacked before and packed after, its output in $OUT/run.log. A bench
-# run outside this script starts with no compiled kernels (the device's copy of the tree does not
-# keep them between calls) and compiles for a minute or more first.
+# run outside this script finds no carried cache unpacked: in one such call (2026-12-07 (6)) every
+# run compiled for its whole minute.
 # STAGE_SECONDS=N stops each stage's Python after N seconds, where the call's own limit would cut
 # the script: the compiled caches still come back (without them the next call compiles again).
 set -uo pipefail

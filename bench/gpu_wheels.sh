@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .git/info .whl
-for ignored in /.whl/ /.fi-cache.txz /.torch-cache.txz; do
+for ignored in /.whl/ /.fi-cache.txz /.torch-cache.txz /.fi-cache/ /.torch-cache/; do
   grep -qxF "$ignored" .git/info/exclude 2>/dev/null || echo "$ignored" >> .git/info/exclude
 done
 rm -f .whl/tgis_*.whl

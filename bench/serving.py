@@ -90,7 +90,8 @@ VARIANTS = {
     "pt2-compile": Variant(pt2_compile=True),
     # Steps of decodes through the attention backend's kernel (FlashInfer's) instead of tgis's Triton one.
     "no-decode-kernel": Variant(decode_kernel=False),
-    # Every product through cuBLASLt's choice of kernel (bench/gemm_shapes.py: faster for down-proj at 32-128 rows).
+    # Every product through cuBLASLt's choice of kernel (bench/gemm_shapes.py on an H100: faster for down-proj at
+    # 128 rows, slower for most other shapes; the A/B through the server is still to run).
     "cublaslt": Variant(cublaslt=True),
     # Prompt chunks beside the decodes smaller (256, 384) or as large as a step's (2048, as before the
     # router's default of 512): how long mixed steps are against ITL p99 and throughput.
