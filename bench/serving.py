@@ -44,7 +44,7 @@ from tests.support.server import READY_TIMEOUT_S, launcher  # noqa: E402
 from tgis_proto.plugins import resolve  # noqa: E402
 from tgis_router.config import LauncherConfig  # noqa: E402
 from tgis_shard.engines.base import ShardContext  # noqa: E402
-from tgis_shard.layers import fused  # noqa: E402
+from tgis_shard.layers import fused, split_k_matmul  # noqa: E402
 from tgis_shard.registry import shard_registry  # noqa: E402
 
 IN_PROCESS_DECODE_STEPS = 20
@@ -56,7 +56,7 @@ DECODING_STEP_TOKENS = LauncherConfig.max_step_tokens_while_decoding
 @dataclass(frozen=True)
 class Variant:
     """An engine configuration the bench serves (each field a launcher option of that name, but
-    ``cublaslt``)."""
+    those set in the shards' environment: ``cublaslt``, ``split_k``)."""
 
     deployment_framework: str = "tgis_native"
     cuda_graphs: bool = True
@@ -70,6 +70,8 @@ class Variant:
     # PyTorch's own choice of BLAS library (TORCH_BLAS_PREFER_CUBLASLT in the shards' environment):
     # cuBLASLt's heuristics instead of cuBLAS's for every product.
     cublaslt: bool = False
+    # A decode step's products through tgis's split-K Triton kernel (SPLIT_K_MATMUL in the shards' environment).
+    split_k: bool = False
     # Tensor-parallel ranks, one a device (given always: unset, the launcher takes every visible GPU).
     num_shard: int = 1
 
@@ -77,10 +79,12 @@ class Variant:
         return [
             arg
             for name, value in asdict(self).items()
-            if value is not None and name != "cublaslt"
+            if value is not None and name not in ENVIRONMENT_ONLY
             for arg in (f"--{name.replace('_', '-')}", value if isinstance(value, str) else str(value).lower())
         ]
 
+
+ENVIRONMENT_ONLY = ("cublaslt", "split_k")
 
 VARIANTS = {
     "default": Variant(),
@@ -93,6 +97,8 @@ VARIANTS = {
     # Every product through cuBLASLt's choice of kernel (bench/gemm_shapes.py on an H100: faster for down-proj at
     # 128 rows, slower for most other shapes; the A/B through the server is still to run).
     "cublaslt": Variant(cublaslt=True),
+    # Products of up to 128 rows through layers/split_k_matmul.py (bench/split_k_matmul.py: per shape against cuBLAS).
+    "split-k": Variant(split_k=True),
     # Prompt chunks beside the decodes smaller (256, 384) or as large as a step's (2048, as before the
     # router's default of 512): how long mixed steps are against ITL p99 and throughput.
     "decoding-step-tokens-256": Variant(max_step_tokens_while_decoding=256),
@@ -225,6 +231,7 @@ def in_process_decode_steps(
     registry = shard_registry(None)
     fused.enable(variant.fused_kernels)  # what the shard's command line sets for its process
     torch.backends.cuda.preferred_blas_library("cublaslt" if variant.cublaslt else "cublas")  # its environment
+    split_k_matmul.ENABLED = variant.split_k  # likewise
     joining = max(1, DECODING_STEP_TOKENS // prompt)  # the most prompts a mixed step takes
     ctx = ShardContext(
         model_dir=model_dir,
@@ -416,7 +423,11 @@ def serve(model_dir: Path, args: argparse.Namespace, dtype_name: str, variant: V
         *("--max-new-tokens", str(args.new_tokens), "--max-concurrent-requests", str(4 * max(args.concurrency))),
         *variant.launcher_options(),
     ]
-    env = {"SHARD_TORCH_THREADS": str(args.shard_threads), "TORCH_BLAS_PREFER_CUBLASLT": str(int(variant.cublaslt))}
+    env = {
+        "SHARD_TORCH_THREADS": str(args.shard_threads),
+        "TORCH_BLAS_PREFER_CUBLASLT": str(int(variant.cublaslt)),
+        "SPLIT_K_MATMUL": str(int(variant.split_k)),
+    }
     # An 8B model's PT2_COMPILE warm-up on hf_transformers compiles the whole model four times;
     # other starts keep the usual wait, so a hung one leaves the device call time for the rest.
     ready_timeout_s = 900.0 if variant.pt2_compile else READY_TIMEOUT_S
@@ -526,6 +537,7 @@ def _describe(variant: Variant, device: torch.device) -> str:
         f"fused kernels {'on' if variant.fused_kernels and on_gpu else 'off'}, "
         + ("" if variant.decode_kernel or not on_gpu else "decode kernel off, ")
         + ("cuBLASLt, " if variant.cublaslt and on_gpu else "")
+        + ("split-K products, " if variant.split_k and on_gpu else "")
         + f"PT2_COMPILE {'on' if variant.pt2_compile else 'off'}"
         + (f", TP={variant.num_shard}" if variant.num_shard > 1 else "")
         + (

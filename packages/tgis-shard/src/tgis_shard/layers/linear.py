@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tgis_shard.layers import split_k_matmul
 from tgis_shard.layers.distributed import TensorParallel
 from tgis_shard.weights import Weights
 
@@ -26,7 +27,11 @@ class ParallelLinear(nn.Module):
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        tiles = split_k_matmul.tiles_for(x, self.weight)
+        if tiles is None:
+            return F.linear(x, self.weight, self.bias)
+        out = split_k_matmul.matmul(x, self.weight, tiles)
+        return out if self.bias is None else out + self.bias
 
 
 class ColumnParallelLinear(ParallelLinear):
@@ -90,7 +95,7 @@ class RowParallelLinear(ParallelLinear):
     def partial(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's share of the output: no all-reduce, no bias. Blocks that add several
         row-parallel outputs (parallel attention and MLP) sum the shares and reduce once."""
-        return F.linear(x, self.weight)
+        return super().forward(x)  # no bias on this rank: ``full_bias`` is added after the sum
 
     def add_bias(self, reduced: torch.Tensor) -> torch.Tensor:
         return reduced + self.full_bias if self.full_bias is not None else reduced
