@@ -107,14 +107,20 @@ def flashinfer_ways(rows: int, args: argparse.Namespace) -> str:
 
 def compile_for_any_rows(args: argparse.Namespace) -> None:
     """Compiles the chains as a serving shard runs them: its warm-up's second size of step makes
-    torch.compile recompile with the row count dynamic, and that kernel serves every later size."""
+    torch.compile recompile with the row count dynamic, and that kernel serves every later size.
+    Each input its own tensor, as in a step: with one tensor passed as several inputs (aliased),
+    torch 2.11's dynamo failed building the recompiled norm's guards (an IndexError for a size
+    with no source, H100 run of 2026-12-07 (7)); the shards never pass aliased inputs."""
     head_dim = args.head_dim
+
+    def new(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+
     for rows in (2, 3):
-        fused.gated("silu")(torch.randn(rows, 2 * args.intermediate, device="cuda", dtype=torch.bfloat16))
-        x = torch.randn(rows, args.hidden, device="cuda", dtype=torch.bfloat16)
-        fused.add_rms_norm(x, x, x[0], 1e-5)
-        q = torch.randn(rows, args.heads, head_dim, device="cuda", dtype=torch.bfloat16)
-        fused.rotate(q, q[:, : args.kv_heads], q[:, 0], q[:, 0])
+        fused.gated("silu")(new(rows, 2 * args.intermediate))
+        fused.add_rms_norm(new(rows, args.hidden), new(rows, args.hidden), new(args.hidden), 1e-5)
+        rotary = (new(rows, head_dim), new(rows, head_dim))
+        fused.rotate(new(rows, args.heads, head_dim), new(rows, args.kv_heads, head_dim), *rotary)
 
 
 def main() -> None:

@@ -1,8 +1,8 @@
 """tgis's split-K Triton product (``layers/split_k_matmul.py``) against cuBLAS at a decode step's
 shapes and row counts on one GPU: for each product and row count, cuBLAS's time and the fastest
-tiles of a sweep, both replayed from CUDA graphs over weights that rotate past the L2 cache (as
-``gemm_shapes.py`` times them), and the fastest tiles' largest difference from cuBLAS's output
-and whether two runs give the same bits.
+of the tiles the engine's warm-up times (``split_k_matmul.candidates``), both replayed from CUDA
+graphs over weights that rotate past the L2 cache (as ``gemm_shapes.py`` times them), and the
+fastest tiles' largest difference from cuBLAS's output and whether two runs give the same bits.
 
     python3 bench/split_k_matmul.py [--rows 1 32 128] [--products qkv o_proj down gate_up]
 
@@ -12,7 +12,6 @@ Each cell prints as soon as it is timed, so a run cut short keeps what it measur
 from __future__ import annotations
 
 import argparse
-import itertools
 import time
 
 import torch
@@ -21,29 +20,6 @@ import torch.nn.functional as F
 from bench.gemm_shapes import L2_BYTES, shapes, time_us
 from bench.random_model import add_shape_arguments
 from tgis_shard.layers import split_k_matmul
-from tgis_shard.layers.split_k_matmul import Tiles
-
-SHARED_MEMORY_BYTES = 200 * 1024  # under an H100's / H200's 227 KB a block
-
-
-def candidates(rows: int, features: int, depth: int, multiprocessors: int) -> list[Tiles]:
-    """Tiles worth timing: every output-tile width and K step, cut into as many parts as keep at
-    least one program per multiprocessor and at most ~8 (and uncut), pipelined as deep as
-    shared memory allows."""
-    block_m = max(16, 1 << (rows - 1).bit_length())
-    found = []
-    # Wide K steps keep more bytes in flight; at 128 rows a step's rows of x fill shared memory.
-    for block_n, block_k in itertools.product((32, 64, 128), (128, 256) if block_m < 128 else (64, 128)):
-        tiles = -(-features // block_n)
-        for splits in (1, 2, 4, 8, 16):
-            if splits > 1 and not multiprocessors <= tiles * splits <= 8 * multiprocessors:
-                continue
-            stage_bytes = (block_m + block_n) * block_k * 2
-            stages = min(4, SHARED_MEMORY_BYTES // stage_bytes)
-            option = Tiles(block_n, block_k, splits, stages, warps=8 if block_m * block_n >= 128 * 64 else 4)
-            if stages >= 2 and option.fits(features, depth):
-                found.append(option)
-    return found
 
 
 def main() -> None:
@@ -67,7 +43,7 @@ def main() -> None:
             x = torch.randn(rows, in_features, dtype=dtype, device="cuda")
             cublas = time_us(x, weights)
             timed = []
-            for tiles in candidates(rows, out_features, in_features, multiprocessors):
+            for tiles in split_k_matmul.candidates(rows, out_features, in_features, multiprocessors):
                 try:
                     timed.append((time_us(x, weights, lambda a, w, t=tiles: split_k_matmul.matmul(a, w, t)), tiles))
                 except Exception as error:  # a tile shape the compiler or device refuses: skip it

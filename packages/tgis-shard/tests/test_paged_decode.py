@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from tgis_shard.engines.cuda_graphs import DecodeGraphs
+from tgis_shard.engines.cuda_graphs import DecodeGraphs, graph_buckets
 from tgis_shard.layers import paged_decode
 from tgis_shard.layers.paged_attention import AttentionMetadata, PagedKVCache, blocks_for, paged_attention
 
@@ -95,9 +95,31 @@ def test_replayed_from_a_graph_captured_over_padding_it_attends_the_steps_contex
 def test_sequences_are_cut_into_parts_only_where_rows_cannot_fill_the_device() -> None:
     sms, kv_heads = 132, 8
     assert paged_decode.splits_for(1, kv_heads, sms) == paged_decode.MAX_SPLITS
-    assert paged_decode.splits_for(8, kv_heads, sms) == 5  # 264 programs wanted over 64 pairs
+    assert paged_decode.splits_for(8, kv_heads, sms) == 8  # 264 programs wanted over 64 pairs: 5, rounded up
+    assert paged_decode.splits_for(24, kv_heads, sms) == 2
     assert paged_decode.splits_for(33, kv_heads, sms) == 1
     assert paged_decode.splits_for(128, kv_heads, sms) == 1
+
+
+@pytest.mark.parametrize("max_batch_size", [1, 3, 8, 20, 128, 4096])
+@pytest.mark.parametrize(("kv_heads", "sms"), [(8, 132), (1, 132), (4, 114), (32, 108)])
+def test_every_part_count_a_step_can_ask_for_is_compiled_by_the_graphs_captured_at_start(
+    max_batch_size, kv_heads, sms
+) -> None:
+    """The part count is a compile-time constant: a count no decode graph's bucket compiled would
+    be compiled inside a request's step (a mixed step's leading decodes come in any number)."""
+    captured = {paged_decode.splits_for(rows, kv_heads, sms) for rows in graph_buckets(max_batch_size)}
+    asked = {paged_decode.splits_for(rows, kv_heads, sms) for rows in range(1, max_batch_size + 1)}
+    assert asked <= captured
+
+
+@pytest.mark.parametrize("max_rows", [1, 5, 40, 4096])
+def test_the_warm_up_rows_reach_every_part_count_once(max_rows) -> None:
+    sms, kv_heads = 132, 8
+    rows = paged_decode.rows_for_each_part_count(max_rows, kv_heads, sms)
+    counts = [paged_decode.splits_for(n, kv_heads, sms) for n in rows]
+    assert len(set(counts)) == len(counts)
+    assert set(counts) == {paged_decode.splits_for(n, kv_heads, sms) for n in range(1, max_rows + 1)}
 
 
 def test_the_kernel_serves_half_precision_caches_on_a_gpu_only() -> None:

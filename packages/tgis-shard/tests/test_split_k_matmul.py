@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tgis_shard.layers import split_k_matmul
+from tgis_shard.layers.linear import ParallelLinear
 from tgis_shard.layers.split_k_matmul import Tiles
 
 needs_triton_gpu = pytest.mark.skipif(
@@ -80,19 +81,39 @@ def test_refuses_what_it_does_not_compute():
         assert not split_k_matmul.serves(gpu_x.expand(300, 256).contiguous(), gpu_weight, Tiles(64, 128, 2))
 
 
-@pytest.mark.parametrize("rows", [1, 8, 32, 64, 65, 128])
+@pytest.mark.parametrize("rows", [1, 16, 17, 64, 65, 128])
 @pytest.mark.parametrize(("features", "depth"), [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)])
-def test_the_chosen_tiles_fit_and_give_every_multiprocessor_a_program(rows, features, depth):
-    tiles = split_k_matmul.choose(rows, features, depth, multiprocessors=132)
-    assert tiles is not None
-    assert tiles.fits(features, depth)
-    programs = -(-features // tiles.block_n) * tiles.splits
-    assert programs >= 132 or tiles.splits == 16
-    if tiles.splits > 1:  # no more parts than needed: one fewer would leave multiprocessors idle
-        assert -(-features // tiles.block_n) * (tiles.splits // 2) < 132
+def test_every_candidate_fits_and_a_cut_gives_every_multiprocessor_a_program(rows, features, depth):
+    found = split_k_matmul.candidates(rows, features, depth, multiprocessors=132)
+    assert any(t.splits == 1 for t in found)
+    assert any(t.splits > 1 for t in found)
+    for tiles in found:
+        assert tiles.fits(features, depth)
+        assert tiles.stages >= 2
+        if tiles.splits > 1:
+            assert -(-features // tiles.block_n) * tiles.splits >= 132
 
 
-def test_nothing_is_chosen_past_the_rows_or_where_k_does_not_divide():
-    assert split_k_matmul.choose(split_k_matmul.MAX_ROWS + 1, 4096, 4096, 132) is None
-    assert split_k_matmul.choose(0, 4096, 4096, 132) is None
-    assert split_k_matmul.choose(1, 4096, 4000, 132) is None  # 4,000 is no whole number of 256-wide steps
+def test_row_classes_and_what_is_left_to_cublas():
+    assert [split_k_matmul.row_class(n) for n in (1, 16, 17, 33, 128, 129)] == [16, 16, 32, 64, 128, None]
+    assert split_k_matmul.candidates(split_k_matmul.MAX_ROWS + 1, 4096, 4096, 132) == []
+    # Nothing tuned (SPLIT_K_MATMUL unset, or a CPU): every product runs F.linear.
+    x, weight = torch.randn(4, 256), torch.randn(64, 256)
+    split_k_matmul.tune([weight])
+    assert split_k_matmul.tiles_for(x, weight) is None
+
+
+@needs_triton_gpu
+def test_tuning_keeps_the_fastest_per_row_class_and_products_follow_it(monkeypatch):
+    monkeypatch.setattr(split_k_matmul, "ENABLED", True)
+    monkeypatch.setattr(split_k_matmul, "_chosen", {})
+    x, weight = _operands(1, 4096, 4096, torch.bfloat16)
+    split_k_matmul.tune([weight, weight.clone()])  # one shape: timed once
+    chosen = split_k_matmul.chosen()
+    assert sorted(key[2] for key in chosen) == list(split_k_matmul.ROW_CLASSES)
+    for rows in (1, 20, 128):
+        x = x.new_empty(rows, 4096).normal_()
+        tiles = chosen[x.device, torch.bfloat16, split_k_matmul.row_class(rows), 4096, 4096]
+        assert split_k_matmul.tiles_for(x, weight) == tiles
+        linear = ParallelLinear(weight, None)
+        torch.testing.assert_close(linear(x).double(), x.double() @ weight.double().T, rtol=0.03, atol=0.03)

@@ -40,9 +40,11 @@ from tgis_shard.engines.hf_transformers import eos_token_ids
 from tgis_shard.engines.prompt_graphs import PromptGraphs, token_buckets
 from tgis_shard.engines.seq2seq import Seq2SeqLMEngine
 from tgis_shard.families import NativeCausalLM, supports_prompt_prefixes
+from tgis_shard.layers import paged_decode, split_k_matmul
 from tgis_shard.layers.distributed import TensorParallel, agree_with_rank0, init_tensor_parallel
 from tgis_shard.layers.embedding import EmbeddingOverrides
 from tgis_shard.layers.flex_paged import QUERY_TILE
+from tgis_shard.layers.linear import ParallelLinear
 from tgis_shard.layers.paged_attention import (
     BLOCK_SIZES,
     AttentionMetadata,
@@ -522,7 +524,10 @@ class NativeEngine(Engine):
         FlashInfer's kernels one per kind of step (its JIT) or FlexAttention a graph per new kind of
         shape; PT2_COMPILE the forward pass. Steps of each kind here build them and turn the sizes
         dynamic, so requests rarely wait for a compilation later. Then, on one GPU, the decode
-        steps are captured as CUDA graphs."""
+        steps are captured as CUDA graphs. First, with SPLIT_K_MATMUL, each product's shape is timed
+        against cuBLAS (``layers.split_k_matmul``), so that the steps compile what they run."""
+        if self.ctx.device.type == "cuda":
+            split_k_matmul.tune(m.weight for m in self.model.modules() if isinstance(m, ParallelLinear))
         if self.ctx.device.type == "cuda" or self.ctx.pt2_compile:
             started = time.monotonic()
             longest = self.ctx.max_sequence_length - WARM_UP_DECODE_STEPS - 1
@@ -536,6 +541,15 @@ class NativeEngine(Engine):
             for lengths, joining in kinds:
                 fit = [min(n, longest) for n in lengths]
                 self.run_synthetic(fit, WARM_UP_DECODE_STEPS, joining=[min(n, longest) for n in joining])
+            if self.cache.decode_kernel:
+                # Each part count is a variant of the decode kernel: built here, not in a request's
+                # step (the graphs' capture builds them too, but tensor-parallel or graph-less
+                # shards capture none).
+                sms = torch.cuda.get_device_properties(self.ctx.device).multi_processor_count
+                for rows in paged_decode.rows_for_each_part_count(
+                    self.ctx.max_batch_size, self.model.num_kv_heads, sms
+                ):
+                    self.run_synthetic([1] * rows, 1)
             log.info(
                 "rank %d: %d kinds of step compiled in %.1f s",
                 self.tp.rank,

@@ -33,7 +33,7 @@ except ImportError:  # CPU installs: FlashInfer's decode and the other backends 
 TILE = 64
 # Programs per multiprocessor a step's grid aims for before sequences are cut into parts.
 PROGRAMS_PER_SM = 2
-# The most parts a sequence is cut into (the merge reads every part of every row).
+# The most parts a sequence is cut into (the merge reads every part of every row); a power of two.
 MAX_SPLITS = 32
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -49,14 +49,31 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def splits_for(rows: int, kv_heads: int, multiprocessors: int) -> int:
-    """Parts each sequence's keys are cut into: enough programs to fill the device."""
-    wanted = PROGRAMS_PER_SM * multiprocessors
-    return max(1, min(MAX_SPLITS, -(-wanted // (rows * kv_heads))))
+    """Parts each sequence's keys are cut into: enough programs to fill the device, rounded up to
+    a power of two. The count is a compile-time constant of the kernels, so it takes few values,
+    and the decode graphs' buckets (1, 2, 4, 8, then multiples of 8), each captured at start-up,
+    compile every one of them: halving the rows at most halves the rounded count. A mixed step's
+    3 or 5 decodes once asked for 11 or 7 parts, a compilation of ~0.5 s inside a request's step."""
+    wanted = -(-PROGRAMS_PER_SM * multiprocessors // (rows * kv_heads))
+    return min(MAX_SPLITS, 1 << max(0, wanted - 1).bit_length())
+
+
+def rows_for_each_part_count(max_rows: int, kv_heads: int, multiprocessors: int) -> list[int]:
+    """The fewest rows of a step that take each part count ``splits_for`` gives for 1 to
+    ``max_rows`` rows: steps of these sizes compile every variant of the kernel a step can run."""
+    first: dict[int, int] = {}
+    for rows in range(1, max_rows + 1):
+        first.setdefault(splits_for(rows, kv_heads, multiprocessors), rows)
+        if first.get(1):
+            break  # past the first uncut count, every larger step is uncut too
+    return sorted(first.values())
 
 
 if triton is not None:
-
-    @triton.jit
+    # The block tables' row stride (as wide as a step's longest context needs, in eager steps)
+    # is a plain argument: specialised, it compiled a new kernel whenever it first met a multiple
+    # of 16 or 1 in a request's step.
+    @triton.jit(do_not_specialize=["table_row"])
     def _attend_kernel(
         query,
         key_cache,
