@@ -99,11 +99,10 @@ VARIANTS = {
     "cublaslt": Variant(cublaslt=True),
     # Products of up to 128 rows through layers/split_k_matmul.py (bench/split_k_matmul.py: per shape against cuBLAS).
     "split-k": Variant(split_k=True),
-    # Prompt chunks beside the decodes smaller (256), larger (512: the router's default before
-    # 2026-12-07 (7), now 384) or as large as a step's (2048): how long mixed steps are against
-    # ITL p99 and throughput.
+    # Prompt chunks beside the decodes smaller (256, 384) or as large as a step's (2048, as before the
+    # router's default of 512): how long mixed steps are against ITL p99 and throughput.
     "decoding-step-tokens-256": Variant(max_step_tokens_while_decoding=256),
-    "decoding-step-tokens-512": Variant(max_step_tokens_while_decoding=512),
+    "decoding-step-tokens-384": Variant(max_step_tokens_while_decoding=384),
     "decoding-step-tokens-2048": Variant(max_step_tokens_while_decoding=2048),
     # Tensor parallel on two devices (issue 15: TP=2 against TP=1 in one run); its in-process part is left out.
     "tp2": Variant(num_shard=2),

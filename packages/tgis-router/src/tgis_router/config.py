@@ -91,7 +91,7 @@ class LauncherConfig:
     batch_safety_margin: int = 20
     max_waiting_tokens: int = 24
     max_step_tokens: int = 2048
-    max_step_tokens_while_decoding: int = 384
+    max_step_tokens_while_decoding: int = 512
     kv_cache_manager_num_gpu_blocks: int | None = None
     port: int = 3000
     grpc_port: int = 8033
