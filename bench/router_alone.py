@@ -172,7 +172,7 @@ async def _serve(tokenizer_file: Path, step_ms: float, args: argparse.Namespace)
         max_new_tokens=1024,
         eos_token_ids=frozenset({2}),  # SmolLM2's <|im_end|>; the fake shard never sends it
         step_tokens=args.step_tokens,
-        decoding_step_tokens=args.decoding_step_tokens,
+        prompt_tokens_while_decoding=args.prompt_tokens_while_decoding,
     )
     async with router:
         client = await asyncio.create_subprocess_exec(
@@ -216,10 +216,10 @@ def main() -> None:
         help="the router's MAX_STEP_TOKENS, a step's budget where nothing decodes (its default unless given)",
     )
     parser.add_argument(
-        "--decoding-step-tokens",
+        "--prompt-tokens-while-decoding",
         type=int,
-        default=LauncherConfig.max_step_tokens_while_decoding,
-        help="the router's MAX_STEP_TOKENS_WHILE_DECODING (its default unless given)",
+        default=LauncherConfig.max_prompt_tokens_while_decoding,
+        help="the router's MAX_PROMPT_TOKENS_WHILE_DECODING (its default unless given)",
     )
     parser.add_argument("--client", metavar="ADDRESS", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -245,8 +245,8 @@ def main() -> None:
         )
     print(
         f"{args.streams} streaming clients, {prompts}, {args.max_new_tokens} tokens each, {length}, "
-        f"{scheduler} scheduler of at most {args.max_batch_size} rows (at most {args.decoding_step_tokens} "
-        f"tokens a step beside decodes); a step takes {cost}"
+        f"{scheduler} scheduler of at most {args.max_batch_size} rows (at most "
+        f"{args.prompt_tokens_while_decoding} prompt tokens a step beside decodes); a step takes {cost}"
     )
     print(
         "| shard step | tokens/s | calls | steps | steps/s | shard idle between steps p50 / p90 "

@@ -50,7 +50,7 @@ from tgis_shard.registry import shard_registry  # noqa: E402
 IN_PROCESS_DECODE_STEPS = 20
 IN_PROCESS_MIXED_STEPS = 5
 # The router's budget of prompt tokens beside running decodes (its default), for the in-process mixed step.
-DECODING_STEP_TOKENS = LauncherConfig.max_step_tokens_while_decoding
+PROMPT_TOKENS_WHILE_DECODING = LauncherConfig.max_prompt_tokens_while_decoding
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,8 @@ class Variant:
     decode_kernel: bool = True
     pt2_compile: bool = False
     hf_paged_cache: bool = True  # hf_transformers on the paged cache where the model allows
-    # The router's budget of a step in which requests decode (None: its default); the engine alone ignores it.
-    max_step_tokens_while_decoding: int | None = None
+    # The router's budget of prompt tokens beside a step's decodes (None: its default); the engine alone ignores it.
+    max_prompt_tokens_while_decoding: int | None = None
     # PyTorch's own choice of BLAS library (TORCH_BLAS_PREFER_CUBLASLT in the shards' environment):
     # cuBLASLt's heuristics instead of cuBLAS's for every product.
     cublaslt: bool = False
@@ -99,11 +99,12 @@ VARIANTS = {
     "cublaslt": Variant(cublaslt=True),
     # Products of up to 128 rows through layers/split_k_matmul.py (bench/split_k_matmul.py: per shape against cuBLAS).
     "split-k": Variant(split_k=True),
-    # Prompt chunks beside the decodes smaller (256, 384) or as large as a step's (2048, as before the
-    # router's default of 512): how long mixed steps are against ITL p99 and throughput.
-    "decoding-step-tokens-256": Variant(max_step_tokens_while_decoding=256),
-    "decoding-step-tokens-384": Variant(max_step_tokens_while_decoding=384),
-    "decoding-step-tokens-2048": Variant(max_step_tokens_while_decoding=2048),
+    # Prompt chunks beside the decodes smaller than the default 256 (128), larger (384: at 128 decodes
+    # what the budget of 512 counting decodes left, the default before 2026-12-07 (7)) or as large as a
+    # step's (2048): how long mixed steps are against ITL p99, TTFT and throughput.
+    "decoding-prompt-tokens-128": Variant(max_prompt_tokens_while_decoding=128),
+    "decoding-prompt-tokens-384": Variant(max_prompt_tokens_while_decoding=384),
+    "decoding-prompt-tokens-2048": Variant(max_prompt_tokens_while_decoding=2048),
     # Tensor parallel on two devices (issue 15: TP=2 against TP=1 in one run); its in-process part is left out.
     "tp2": Variant(num_shard=2),
     # The engine for any transformers model (issue: ≥ 1.5× generate()), eager and compiled.
@@ -209,7 +210,7 @@ class InProcessStep:
     prefill_seconds: float  # wall time of one step prefilling every row's prompt, first token on the host
     prefill_device_seconds: float | None  # the device busy inside such a step
     # A step in which prompts join the ``rows`` decodes, as many as the router's budget beside
-    # decodes takes (MAX_STEP_TOKENS_WHILE_DECODING): its wall time one by one and its device busy.
+    # decodes takes (MAX_PROMPT_TOKENS_WHILE_DECODING): its wall time one by one and its device busy.
     mixed_prompts: int = 0
     mixed_seconds: float | None = None
     mixed_device_seconds: float | None = None
@@ -232,7 +233,7 @@ def in_process_decode_steps(
     fused.enable(variant.fused_kernels)  # what the shard's command line sets for its process
     torch.backends.cuda.preferred_blas_library("cublaslt" if variant.cublaslt else "cublas")  # its environment
     split_k_matmul.ENABLED = variant.split_k  # likewise
-    joining = max(1, DECODING_STEP_TOKENS // prompt)  # the most prompts a mixed step takes
+    joining = _prompts_beside(prompt)  # the most prompts a mixed step takes
     ctx = ShardContext(
         model_dir=model_dir,
         model_type="llama",
@@ -255,7 +256,7 @@ def in_process_decode_steps(
     measured = []
     for rows in batch_sizes:
         first_id = 3 * len(measured) * max(batch_sizes) + 1
-        step = _measure_decode(engine, rows, prompt, steps, _prompts_beside(rows, prompt), first_id)
+        step = _measure_decode(engine, rows, prompt, steps, _prompts_beside(prompt), first_id)
         measured.append(step)
         print(f"in process, {variant}: {measured[-1]}", flush=True)  # a run cut off later keeps it
     # The server's shard needs the device's memory: nothing may hold the engine on.
@@ -267,9 +268,9 @@ def in_process_decode_steps(
     return measured
 
 
-def _prompts_beside(decodes: int, prompt: int) -> int:
-    """Prompts the router's step takes beside ``decodes``: its budget counts the decodes too."""
-    return max(1, (DECODING_STEP_TOKENS - decodes) // prompt)
+def _prompts_beside(prompt: int) -> int:
+    """Prompts of ``prompt`` tokens the router's step takes beside its decodes, however many."""
+    return max(1, PROMPT_TOKENS_WHILE_DECODING // prompt)
 
 
 def _measure_decode(engine, rows: int, prompt: int, steps: int, joining: int, first_id: int) -> InProcessStep:
@@ -541,8 +542,8 @@ def _describe(variant: Variant, device: torch.device) -> str:
         + f"PT2_COMPILE {'on' if variant.pt2_compile else 'off'}"
         + (f", TP={variant.num_shard}" if variant.num_shard > 1 else "")
         + (
-            f", MAX_STEP_TOKENS_WHILE_DECODING {variant.max_step_tokens_while_decoding}"
-            if variant.max_step_tokens_while_decoding is not None
+            f", MAX_PROMPT_TOKENS_WHILE_DECODING {variant.max_prompt_tokens_while_decoding}"
+            if variant.max_prompt_tokens_while_decoding is not None
             else ""
         )
     )
@@ -637,9 +638,9 @@ def main() -> None:
         help="engine configurations to serve one after the other, beside the same baselines",
     )
     parser.add_argument(
-        "--decoding-step-tokens",
+        "--prompt-tokens-while-decoding",
         type=int,
-        help="every variant's MAX_STEP_TOKENS_WHILE_DECODING (larger: a larger batch, up to the KV cache's limit)",
+        help="every variant's MAX_PROMPT_TOKENS_WHILE_DECODING (larger: prompts join a large batch faster)",
     )
     # A call that compares variants can leave out what they share, to fit the device's time.
     parser.add_argument("--no-generate", action="store_true", help="leave out the generate() baseline")
@@ -680,9 +681,9 @@ def main() -> None:
         served_by: dict[Variant, dict[int, dict]] = {}
         for name in args.variants:
             variant = VARIANTS[name]
-            if args.decoding_step_tokens:
-                variant = replace(variant, max_step_tokens_while_decoding=args.decoding_step_tokens)
-            engine = replace(variant, max_step_tokens_while_decoding=None)
+            if args.prompt_tokens_while_decoding:
+                variant = replace(variant, max_prompt_tokens_while_decoding=args.prompt_tokens_while_decoding)
+            engine = replace(variant, max_prompt_tokens_while_decoding=None)
             if args.no_in_process or variant.num_shard > 1:  # the in-process engine is one rank
                 engine_steps[engine] = []
             if engine not in engine_steps:

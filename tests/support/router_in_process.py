@@ -42,7 +42,7 @@ class RouterInProcess:
         max_new_tokens: int = 100,
         eos_token_ids: frozenset[int] = frozenset({EOS_ID}),
         step_tokens: int = 2048,
-        decoding_step_tokens: int | None = None,
+        prompt_tokens_while_decoding: int | None = None,
     ):
         self.shards = shards
         self.max_concurrent = max_concurrent
@@ -60,7 +60,7 @@ class RouterInProcess:
         scheduler: Scheduler
         if shards.kv_cache is not None:
             blocks = BlockPool(shards.kv_cache.num_blocks, shards.kv_cache.block_size)
-            scheduler = PagedScheduler(queue, max_batch_size, blocks, step_tokens, decoding_step_tokens)
+            scheduler = PagedScheduler(queue, max_batch_size, blocks, step_tokens, prompt_tokens_while_decoding)
         else:
             scheduler = PaddedScheduler(queue, Admission(ROOMY, AdmissionConfig(max_batch_size=max_batch_size)))
         self.batcher = Batcher(shards, queue, scheduler, GenerationHealth(shards))  # type: ignore[arg-type]

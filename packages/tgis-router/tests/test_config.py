@@ -136,6 +136,13 @@ def test_the_readme_table_lists_every_option_with_its_default():
     assert options_markdown() in readme  # regenerate it with tgis_router.config.options_markdown()
 
 
+def test_a_removed_option_stops_the_launcher_naming_its_replacement():
+    replaced_by = "MAX_STEP_TOKENS_WHILE_DECODING is gone: set MAX_PROMPT_TOKENS_WHILE_DECODING"
+    with pytest.raises(ConfigError, match=replaced_by):
+        parse_config([], environ={"MAX_STEP_TOKENS_WHILE_DECODING": "512"})
+    assert parse_config([], environ={"MAX_PROMPT_TOKENS_WHILE_DECODING": "128"}).max_prompt_tokens_while_decoding == 128
+
+
 def test_dtype_is_tgis_s_other_name_for_dtype_str_and_both_must_agree():
     assert parse_config([], environ={"DTYPE": "float16"}).dtype_str == "float16"
     assert parse_config([], environ={"DTYPE": "float16", "DTYPE_STR": "float16"}).dtype_str == "float16"

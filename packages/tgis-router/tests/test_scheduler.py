@@ -39,10 +39,16 @@ class Requests:
 
 
 def paged(
-    tokenizer, num_blocks: int, max_batch_size: int = 8, step_tokens: int = 64, decoding_step_tokens: int | None = None
+    tokenizer,
+    num_blocks: int,
+    max_batch_size: int = 8,
+    step_tokens: int = 64,
+    prompt_tokens_while_decoding: int | None = None,
 ):
     queue = RequestQueue()
-    scheduler = PagedScheduler(queue, max_batch_size, BlockPool(num_blocks, BLOCK), step_tokens, decoding_step_tokens)
+    scheduler = PagedScheduler(
+        queue, max_batch_size, BlockPool(num_blocks, BLOCK), step_tokens, prompt_tokens_while_decoding
+    )
     return scheduler, Requests(tokenizer, queue)
 
 
@@ -109,8 +115,10 @@ def test_a_prompt_longer_than_the_step_budget_is_prefilled_in_chunks_after_the_d
     check_blocks(scheduler)
 
 
-def test_beside_decodes_a_step_takes_the_smaller_budget_and_alone_the_whole_one(tokenizer):
-    scheduler, requests = paged(tokenizer, num_blocks=64, max_batch_size=4, step_tokens=40, decoding_step_tokens=12)
+def test_beside_decodes_prompts_take_their_own_budget_and_alone_the_whole_step(tokenizer):
+    scheduler, requests = paged(
+        tokenizer, num_blocks=64, max_batch_size=8, step_tokens=40, prompt_tokens_while_decoding=11
+    )
     first = requests.add(30)
     assert work_of(run_step(scheduler)) == {first.id: 30}  # nothing decodes: the whole budget
     second = requests.add(30)
@@ -119,8 +127,19 @@ def test_beside_decodes_a_step_takes_the_smaller_budget_and_alone_the_whole_one(
         assert sum(work_of(step).values()) <= 12
         chunks.append(work_of(step).get(second.id))
     assert chunks == [11, 11, 8]  # beside one decode
-    # Three decodes and a budget of 4 (one block): the prompt still moves on by a block a step.
-    scheduler, requests = paged(tokenizer, num_blocks=64, max_batch_size=4, step_tokens=40, decoding_step_tokens=4)
+    # The decodes do not count against the prompts' share: beside six of them a prompt still
+    # takes its 20 tokens a step (a budget counting them would leave it a block).
+    scheduler, requests = paged(
+        tokenizer, num_blocks=64, max_batch_size=8, step_tokens=40, prompt_tokens_while_decoding=20
+    )
+    running = [requests.add(2) for _ in range(6)]
+    run_step(scheduler)
+    late = requests.add(50)
+    assert work_of(run_step(scheduler)) == {**{r.id: 1 for r in running}, late.id: 20}
+    # A share under a block: the prompt still moves on by a block a step.
+    scheduler, requests = paged(
+        tokenizer, num_blocks=64, max_batch_size=4, step_tokens=40, prompt_tokens_while_decoding=1
+    )
     running = [requests.add(2) for _ in range(3)]
     run_step(scheduler)
     late = requests.add(20)

@@ -91,7 +91,7 @@ class LauncherConfig:
     batch_safety_margin: int = 20
     max_waiting_tokens: int = 24
     max_step_tokens: int = 2048
-    max_step_tokens_while_decoding: int = 512
+    max_prompt_tokens_while_decoding: int = 256
     kv_cache_manager_num_gpu_blocks: int | None = None
     port: int = 3000
     grpc_port: int = 8033
@@ -162,10 +162,10 @@ OPTIONS: tuple[Option, ...] = (
         "steps (tgis_native)",
     ),
     Option(
-        "max_step_tokens_while_decoding",
+        "max_prompt_tokens_while_decoding",
         _positive_int,
-        "tokens of a step in which requests decode: prompt chunks beside the decodes stay this small so "
-        "that the decoding requests' tokens keep an even pace (tgis_native)",
+        "prompt tokens a step takes beside its decodes, however many: chunks stay this small so that the "
+        "decoding requests' tokens keep an even pace (tgis_native)",
     ),
     Option(
         "kv_cache_manager_num_gpu_blocks",
@@ -261,9 +261,19 @@ def _arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Options that are gone, with what replaced them: set, they stop the launcher with this message.
+REMOVED_OPTIONS = {
+    "MAX_STEP_TOKENS_WHILE_DECODING": "MAX_STEP_TOKENS_WHILE_DECODING is gone: set MAX_PROMPT_TOKENS_WHILE_DECODING, "
+    "the prompt tokens a step takes beside its decodes (the decodes no longer count against it)",
+}
+
+
 def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> LauncherConfig:
     """Flags win over env vars, env vars over defaults; each value is checked here, once."""
     environ = os.environ if environ is None else environ
+    for name, message in REMOVED_OPTIONS.items():
+        if name in environ:
+            raise ConfigError(message)
     args = _arg_parser().parse_args(argv)
     values: dict[str, Any] = {}
     for option in OPTIONS:

@@ -72,7 +72,7 @@ def create_scheduler(config: LauncherConfig, info: shard_pb.InfoResponse, queue:
             config.max_batch_size,
             blocks,
             step_token_budget(config, info),
-            config.max_step_tokens_while_decoding,
+            config.max_prompt_tokens_while_decoding,
         )
     admission = Admission(memory_model(info), admission_config(config))
     metrics.batch_weight_limit.set(admission.model.limit)

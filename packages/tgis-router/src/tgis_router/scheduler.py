@@ -270,15 +270,15 @@ class PagedScheduler(Scheduler):
         max_batch_size: int,
         blocks: BlockPool,
         step_tokens: int,
-        decoding_step_tokens: int | None = None,
+        prompt_tokens_while_decoding: int | None = None,
     ):
-        """``step_tokens``: a step's budget; ``decoding_step_tokens``: the smaller one of a step in
-        which requests decode (None: the same)."""
+        """``step_tokens``: a step's budget; ``prompt_tokens_while_decoding``: the prompt tokens a
+        step in which requests decode takes beside them (None: what the step's budget leaves)."""
         super().__init__(queue, max_batch_size)
         self.blocks = blocks
         # Every running request must be able to decode in one step, and a prompt must move on.
         self.step_tokens = max(step_tokens, max_batch_size + 1)
-        self.decoding_step_tokens = min(self.step_tokens, decoding_step_tokens or self.step_tokens)
+        self.prompt_tokens_while_decoding = prompt_tokens_while_decoding or self.step_tokens
         self._watermark = int(blocks.num_blocks * WATERMARK_FRACTION)
         self._preempted: dict[int, ScheduledRequest] = {}  # requeued requests, by id
 
@@ -296,10 +296,13 @@ class PagedScheduler(Scheduler):
     def _step_budget(self, decodes: int) -> int:
         """Tokens a step may process. Beside decodes, prompt chunks stay small: the step's time is
         how long every decoding request waits for its next token, and a long mixed step is the
-        inter-token latency's tail. Yet a prompt always moves on by a block at least."""
+        inter-token latency's tail. The decodes do not count against the prompts' share: when
+        they did (a budget of 512 for both), prompts joined a large batch by a block a step and
+        the batch settled at half the budget's rows, or, with a smaller budget, lost throughput
+        (the router model, bench/RESULTS.md 2026-12-07 (7)). A prompt moves on by a block at least."""
         if not decodes:
             return self.step_tokens
-        return min(self.step_tokens, max(self.decoding_step_tokens, decodes + self.blocks.block_size))
+        return min(self.step_tokens, decodes + max(self.prompt_tokens_while_decoding, self.blocks.block_size))
 
     def _plan(self, leaves: list[int], joins: list[ScheduledRequest]) -> list[Work]:
         work: dict[int, Work] = {}
