@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from bench.gemm_shapes import L2_BYTES, shapes, time_us
 from bench.random_model import add_shape_arguments
-from tgis_shard.layers import split_k_matmul
+from tgis_shard.layers import gpu, split_k_matmul
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
     add_shape_arguments(parser)
     args = parser.parse_args()
     dtype = torch.bfloat16
-    multiprocessors = torch.cuda.get_device_properties(0).multi_processor_count
+    multiprocessors = gpu.multiprocessors(torch.device("cuda", torch.cuda.current_device()))
     print(f"{torch.cuda.get_device_name()} ({multiprocessors} SMs) | {dtype} | torch {torch.__version__}")
     for name in args.products:
         out_features, in_features = shapes(args)[name]

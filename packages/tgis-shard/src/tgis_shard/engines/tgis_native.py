@@ -40,7 +40,7 @@ from tgis_shard.engines.hf_transformers import eos_token_ids
 from tgis_shard.engines.prompt_graphs import PromptGraphs, token_buckets
 from tgis_shard.engines.seq2seq import Seq2SeqLMEngine
 from tgis_shard.families import NativeCausalLM, supports_prompt_prefixes
-from tgis_shard.layers import paged_decode, split_k_matmul
+from tgis_shard.layers import gpu, paged_decode, split_k_matmul
 from tgis_shard.layers.distributed import TensorParallel, agree_with_rank0, init_tensor_parallel
 from tgis_shard.layers.embedding import EmbeddingOverrides
 from tgis_shard.layers.flex_paged import QUERY_TILE
@@ -528,6 +528,8 @@ class NativeEngine(Engine):
         against cuBLAS (``layers.split_k_matmul``), so that the steps compile what they run."""
         if self.ctx.device.type == "cuda":
             split_k_matmul.tune(m.weight for m in self.model.modules() if isinstance(m, ParallelLinear))
+        # Tensor parallel steps stay eager: their all-reduces are not captured yet.
+        captures = self.ctx.cuda_graphs and self.ctx.device.type == "cuda" and self.tp.world_size == 1
         if self.ctx.device.type == "cuda" or self.ctx.pt2_compile:
             started = time.monotonic()
             longest = self.ctx.max_sequence_length - WARM_UP_DECODE_STEPS - 1
@@ -541,11 +543,10 @@ class NativeEngine(Engine):
             for lengths, joining in kinds:
                 fit = [min(n, longest) for n in lengths]
                 self.run_synthetic(fit, WARM_UP_DECODE_STEPS, joining=[min(n, longest) for n in joining])
-            if self.cache.decode_kernel:
-                # Each part count is a variant of the decode kernel: built here, not in a request's
-                # step (the graphs' capture builds them too, but tensor-parallel or graph-less
-                # shards capture none).
-                sms = torch.cuda.get_device_properties(self.ctx.device).multi_processor_count
+            if self.cache.decode_kernel and not captures:
+                # Each part count is a variant of the decode kernel, built before serving, not in a
+                # request's step: the decode graphs' buckets build every one where they are captured.
+                sms = gpu.multiprocessors(self.ctx.device)
                 for rows in paged_decode.rows_for_each_part_count(
                     self.ctx.max_batch_size, self.model.num_kv_heads, sms
                 ):
@@ -556,8 +557,7 @@ class NativeEngine(Engine):
                 len(WARM_UP_BATCHES),
                 time.monotonic() - started,
             )
-        # Tensor parallel steps stay eager: their all-reduces are not captured yet.
-        if self.ctx.cuda_graphs and self.ctx.device.type == "cuda" and self.tp.world_size == 1:
+        if captures:
             try:
                 self.capture_graphs()
             except Exception as e:

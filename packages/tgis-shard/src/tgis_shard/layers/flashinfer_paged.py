@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from tgis_shard.layers import gpu
 from tgis_shard.staging import to_device
 
 if TYPE_CHECKING:
@@ -250,7 +251,7 @@ class FlashInferPlanner:
         0.6.12: scheduler.cuh PrefillPlan; prefill.cuh reads ``block_valid_mask`` only when split).
         """
         if rows not in self._graph_decodes:
-            sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+            sms = gpu.multiprocessors(self.device)
             needed = decode_graph_workspace_bytes(self.num_heads, self.num_kv_heads, self.head_dim, rows, sms)
             tensor_cores = rows >= self.tensor_core_graph_rows
             if tensor_cores and needed > self._graph_workspace.numel():

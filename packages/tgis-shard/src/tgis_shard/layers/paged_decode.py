@@ -19,9 +19,9 @@ probabilities in the cache's dtype before the product with the values, accumulat
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from tgis_shard.layers import gpu
 
 try:
     import triton
@@ -41,11 +41,6 @@ _HALF = (torch.float16, torch.bfloat16)
 def serves(device: torch.device | str, dtype: torch.dtype) -> bool:
     """Whether the kernel runs for a cache of ``dtype`` on ``device``: a GPU, Triton, half precision."""
     return triton is not None and torch.device(device).type == "cuda" and dtype in _HALF
-
-
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def splits_for(rows: int, kv_heads: int, multiprocessors: int) -> int:
@@ -205,7 +200,7 @@ def attend(
     if rows == 0:
         return out
     if splits is None:
-        splits = splits_for(rows, kv_heads, _multiprocessors(query.device))
+        splits = splits_for(rows, kv_heads, gpu.multiprocessors(query.device))
     group = heads // kv_heads
     dim_pad = triton.next_power_of_2(head_dim)
     if splits > 1:

@@ -23,7 +23,6 @@ The counters are shared by every launch on a device, so launches must not overla
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import os
@@ -34,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from tgis_shard.layers import gpu
 
 try:
     import triton
@@ -118,16 +119,10 @@ def tiles_for(x: torch.Tensor, weight: torch.Tensor) -> Tiles | None:
     """The tiles ``tune`` measured fastest for this product's shape and row class, where the
     kernel serves it (SPLIT_K_MATMUL set, outside torch.compile); None: the caller runs cuBLAS
     (``F.linear``), as it does for every shape and row class not tuned."""
-    if not (ENABLED and _chosen) or not x.is_cuda or x.dim() != 2 or torch.compiler.is_compiling():
+    if not (ENABLED and _chosen) or torch.compiler.is_compiling():
         return None
-    size = row_class(x.shape[0])
-    tiles = _chosen.get((x.device, x.dtype, size, weight.shape[0], weight.shape[1])) if size else None
+    tiles = _chosen.get((x.device, x.dtype, row_class(x.shape[0]), *weight.shape))
     return tiles if tiles is not None and serves(x, weight, tiles) else None
-
-
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _device_us(run: Callable[[], object], flush: torch.Tensor) -> float:
@@ -149,7 +144,7 @@ def _device_us(run: Callable[[], object], flush: torch.Tensor) -> float:
 def _fastest(x: torch.Tensor, weight: torch.Tensor, flush: torch.Tensor) -> Tiles | None:
     """The candidate tiles that beat cuBLAS by the most for ``x @ weight.T``; None if none does."""
     best_us, best = _device_us(lambda: F.linear(x, weight), flush), None
-    for tiles in candidates(x.shape[0], weight.shape[0], weight.shape[1], _multiprocessors(x.device)):
+    for tiles in candidates(x.shape[0], weight.shape[0], weight.shape[1], gpu.multiprocessors(x.device)):
         took = _device_us(lambda t=tiles: matmul(x, weight, t), flush)
         if took < best_us:
             best_us, best = took, tiles
@@ -166,8 +161,8 @@ def tune(weights: Iterable[torch.Tensor]) -> None:
     if not shapes:
         return
     started, won = time.monotonic(), 0
-    device = next(iter(shapes.values())).device
-    flush = torch.empty(2 * torch.cuda.get_device_properties(device).L2_cache_size, dtype=torch.uint8, device=device)
+    first = next(iter(shapes.values())).device  # a shard's weights share its one device
+    flush = torch.empty(2 * torch.cuda.get_device_properties(first).L2_cache_size, dtype=torch.uint8, device=first)
     for (device, dtype, features, depth), weight in shapes.items():
         for size in ROW_CLASSES:
             best = _fastest(torch.randn(size, depth, dtype=dtype, device=device), weight, flush)
